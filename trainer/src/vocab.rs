@@ -1,0 +1,1 @@
+pub const VOCAB_SIZE: usize = 32;
