@@ -1,4 +1,13 @@
 //! charlm-trainer: data preparation, the GPT model, its optimizers, the training loop, checkpoints,
 //! distributed launch, sampling and benchmarks. Knows nothing of Kubernetes.
 
+pub mod bench;
+pub mod dataset;
+pub mod error;
+pub mod generate;
+pub mod launch;
+pub mod prepare;
+pub mod rng;
+pub mod sample;
+pub mod train;
 pub mod vocab;

@@ -1,1 +1,2 @@
+//! Placeholder.
 pub const VOCAB_SIZE: usize = 32;
