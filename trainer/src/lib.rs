@@ -2,11 +2,15 @@
 //! distributed launch, sampling and benchmarks. Knows nothing of Kubernetes.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod dataset;
 pub mod error;
 pub mod generate;
 pub mod launch;
+pub mod model;
+pub mod optim;
 pub mod prepare;
+pub mod progress;
 pub mod rng;
 pub mod sample;
 pub mod train;

@@ -1,0 +1,361 @@
+//! Checkpoints: one directory per save, `step-<9 digits>/{model,optimizer}.safetensors + manifest.json`,
+//! written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
+//! that looks whole. The manifest records each file's size and sha256; a checkpoint that fails the
+//! check is reported, renamed aside (never deleted) and the previous one is used.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::user_bail;
+
+const FORMAT: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const MANIFEST_FILE: &str = "manifest.json";
+pub const BEST_DIR: &str = "best";
+pub const COMPLETE_FILE: &str = "COMPLETE.json";
+
+/// Everything besides tensors that a resume needs, plus what a reader wants to know.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: u32,
+    pub step: i64,
+    pub model: crate::model::GptConfig,
+    /// The training settings that shaped this state (batch sizes, seed, schedule).
+    pub settings: serde_json::Value,
+    /// Sequences of the training stream consumed so far: the data position.
+    pub sequences_consumed: u64,
+    pub epoch: f64,
+    /// Data order and initialisation are pure functions of this seed; no other RNG state exists.
+    pub seed: u64,
+    pub elapsed_s: f64,
+    pub val_bpc: Option<f64>,
+    pub world_size: usize,
+    pub adamw_step: i64,
+    pub files: BTreeMap<String, FileCheck>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileCheck {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// A checkpoint read back from disk, verified.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub model: BTreeMap<String, Tensor>,
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+pub fn step_dir_name(step: i64) -> String {
+    format!("step-{step:09}")
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, format!("{:x}", hasher.finalize())))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.detach().to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
+        .collect();
+    Tensor::write_safetensors(&cpu, path).with_context(|| format!("write {}", path.display()))?;
+    fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes a checkpoint into `root/<name>` atomically and returns its path. An older directory of
+/// the same name (a re-save of the same step, or `best/`) is replaced only once the new one is whole.
+pub fn save(
+    root: &Path,
+    name: &str,
+    mut manifest: Manifest,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+) -> Result<PathBuf> {
+    fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir(&tmp)?;
+    write_tensors(&tmp.join(MODEL_FILE), model)?;
+    write_tensors(&tmp.join(OPTIMIZER_FILE), optimizer)?;
+    manifest.format = FORMAT;
+    manifest.files.clear();
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let (bytes, sha256) = sha256_file(&tmp.join(file))?;
+        manifest
+            .files
+            .insert(file.to_string(), FileCheck { bytes, sha256 });
+    }
+    let mut f = fs::File::create(tmp.join(MANIFEST_FILE))?;
+    f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    f.sync_all()?;
+    fsync_dir(&tmp)?;
+    let dest = root.join(name);
+    if dest.exists() {
+        let old = root.join(format!(".{name}.old-{}", std::process::id()));
+        fs::rename(&dest, &old)?;
+        fs::rename(&tmp, &dest)?;
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&tmp, &dest)?;
+    }
+    fsync_dir(root)?;
+    Ok(dest)
+}
+
+/// Rolling checkpoints in `root`, newest first.
+pub fn list(root: &Path) -> Result<Vec<(i64, PathBuf)>> {
+    let mut out = Vec::new();
+    if !root.exists() {
+        return Ok(out);
+    }
+    for entry in fs::read_dir(root).with_context(|| format!("read {}", root.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("step-")) else {
+            continue;
+        };
+        if let Ok(step) = step.parse::<i64>() {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(out)
+}
+
+/// Deletes all but the newest `keep` rolling checkpoints; `best/` is not among them.
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    for (_, dir) in list(root)?.into_iter().skip(keep.max(1)) {
+        fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads and verifies one checkpoint directory.
+pub fn load_dir(dir: &Path) -> Result<Loaded> {
+    let text = fs::read_to_string(dir.join(MANIFEST_FILE))
+        .with_context(|| format!("read {}", dir.join(MANIFEST_FILE).display()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("parse {}", dir.join(MANIFEST_FILE).display()))?;
+    if manifest.format != FORMAT {
+        anyhow::bail!(
+            "format {} (this trainer reads format {FORMAT})",
+            manifest.format
+        );
+    }
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let want = manifest
+            .files
+            .get(file)
+            .with_context(|| format!("manifest lacks {file}"))?;
+        let (bytes, sha256) = sha256_file(&dir.join(file))?;
+        if bytes != want.bytes {
+            anyhow::bail!(
+                "{file} has {bytes} bytes, the manifest says {} (truncated?)",
+                want.bytes
+            );
+        }
+        if sha256 != want.sha256 {
+            anyhow::bail!("{file} fails its sha256 check (corrupted)");
+        }
+    }
+    let read = |file: &str| -> Result<BTreeMap<String, Tensor>> {
+        let path = dir.join(file);
+        let tensors =
+            Tensor::read_safetensors(&path).with_context(|| format!("read {}", path.display()))?;
+        Ok(tensors.into_iter().collect())
+    };
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        model: read(MODEL_FILE)?,
+        optimizer: read(OPTIMIZER_FILE)?,
+        manifest,
+    })
+}
+
+/// The newest checkpoint in `root` that passes its checks. Damaged ones are reported and renamed
+/// to `<name>.damaged` so that new saves of the same step cannot collide with them. Checkpoints
+/// that all fail are an error: starting over silently would throw away the training.
+pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
+    let candidates = list(root)?;
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut failures = Vec::new();
+    for (_, dir) in &candidates {
+        match load_dir(dir) {
+            Ok(loaded) => return Ok(Some(loaded)),
+            Err(err) => {
+                eprintln!(
+                    "warning: checkpoint {} is damaged ({err:#}); using the previous one",
+                    dir.display()
+                );
+                let aside = dir.with_extension("damaged");
+                if let Err(e) = fs::rename(dir, &aside) {
+                    eprintln!("warning: could not move {} aside: {e}", dir.display());
+                }
+                failures.push(format!("{}: {err:#}", dir.display()));
+            }
+        }
+    }
+    user_bail!(
+        "no usable checkpoint in {}: every one fails its check ({}). They were renamed to \
+         *.damaged; move them out of the directory to start training from scratch",
+        root.display(),
+        failures.join("; ")
+    )
+}
+
+/// Whether training in `root` already finished (the budget was spent).
+pub fn read_complete(root: &Path) -> Result<Option<serde_json::Value>> {
+    let path = root.join(COMPLETE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path)?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?,
+    ))
+}
+
+pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
+    let tmp = root.join(format!(".{COMPLETE_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(summary)?.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, root.join(COMPLETE_FILE))?;
+    fsync_dir(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(step: i64) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            step,
+            model: crate::model::GptConfig::new(1, 8),
+            settings: serde_json::json!({}),
+            sequences_consumed: 0,
+            epoch: 0.0,
+            seed: 0,
+            elapsed_s: 0.0,
+            val_bpc: None,
+            world_size: 1,
+            adamw_step: step,
+            files: BTreeMap::new(),
+        }
+    }
+
+    fn tensors(v: f32) -> Vec<(String, Tensor)> {
+        vec![("w".to_string(), Tensor::from_slice(&[v, v + 1.0]))]
+    }
+
+    #[test]
+    fn truncated_newest_falls_back_to_previous_and_is_kept_aside() {
+        let root = tempfile::tempdir().unwrap();
+        save(
+            root.path(),
+            &step_dir_name(10),
+            manifest(10),
+            &tensors(1.0),
+            &tensors(2.0),
+        )
+        .unwrap();
+        let newest = save(
+            root.path(),
+            &step_dir_name(20),
+            manifest(20),
+            &tensors(3.0),
+            &tensors(4.0),
+        )
+        .unwrap();
+        let model = newest.join(MODEL_FILE);
+        let len = fs::metadata(&model).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&model)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+
+        let loaded = load_latest(root.path()).unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, 10);
+        assert_eq!(loaded.model["w"].double_value(&[0]), 1.0);
+        assert!(root.path().join("step-000000020.damaged").exists());
+    }
+
+    #[test]
+    fn all_damaged_is_an_error_not_a_fresh_start() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = save(
+            root.path(),
+            &step_dir_name(5),
+            manifest(5),
+            &tensors(1.0),
+            &tensors(2.0),
+        )
+        .unwrap();
+        fs::write(dir.join(OPTIMIZER_FILE), b"garbage").unwrap();
+        let err = load_latest(root.path()).err().expect("must fail");
+        assert_eq!(crate::error::exit_code(&err), 2, "{err:#}");
+    }
+
+    #[test]
+    fn prune_keeps_newest() {
+        let root = tempfile::tempdir().unwrap();
+        for step in [1, 2, 3, 4] {
+            save(
+                root.path(),
+                &step_dir_name(step),
+                manifest(step),
+                &tensors(0.0),
+                &tensors(0.0),
+            )
+            .unwrap();
+        }
+        prune(root.path(), 2).unwrap();
+        let steps: Vec<i64> = list(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, vec![4, 3]);
+    }
+}

@@ -1,0 +1,329 @@
+//! nanochat's GPT (November 2025), readable top to bottom: token embedding, RMSNorm without weights,
+//! blocks of (rotary + QK-norm attention, ReLU² MLP), untied lm_head with a tanh logit softcap.
+//!
+//! Parameters are plain fp32 tensors; `forward` casts the matrices to the compute kind (bf16 on CUDA),
+//! which is what autocast does in the reference and keeps fp32 master weights for the optimizers.
+
+use tch::{Device, Kind, Tensor};
+
+/// Logits are squashed into (-15, 15) by `15 * tanh(logits / 15)`.
+const SOFTCAP: f64 = 15.0;
+const HEAD_DIM: i64 = 128;
+const ROPE_BASE: f64 = 10_000.0;
+
+/// The architecture, derived from the depth alone (nanochat's "aspect ratio 64").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GptConfig {
+    pub depth: i64,
+    pub vocab_size: i64,
+    /// Longest sequence the rotary table covers during training.
+    pub seq_len: i64,
+}
+
+impl GptConfig {
+    pub fn new(depth: i64, seq_len: i64) -> Self {
+        Self {
+            depth,
+            vocab_size: crate::vocab::VOCAB_SIZE as i64,
+            seq_len,
+        }
+    }
+
+    pub fn width(&self) -> i64 {
+        64 * self.depth
+    }
+
+    /// ceil(width / 128): every head is 128 wide, so an odd depth gets a slightly wider attention.
+    pub fn heads(&self) -> i64 {
+        (self.width() + HEAD_DIM - 1) / HEAD_DIM
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        HEAD_DIM
+    }
+
+    fn attn_dim(&self) -> i64 {
+        self.heads() * HEAD_DIM
+    }
+
+    /// Parameters of one block: q, k, v, the attention output and the two MLP matrices.
+    pub fn block_params(&self) -> i64 {
+        let (w, a) = (self.width(), self.attn_dim());
+        4 * w * a + 8 * w * w
+    }
+
+    pub fn embedding_params(&self) -> i64 {
+        self.vocab_size * self.width()
+    }
+
+    pub fn total_params(&self) -> i64 {
+        2 * self.embedding_params() + self.depth * self.block_params()
+    }
+
+    /// nanochat's estimate: 6 FLOPs per matmul parameter (forward + backward) plus attention's
+    /// 12·layers·heads·head_dim·seq_len; the embedding lookup is free.
+    pub fn flops_per_token(&self) -> f64 {
+        let matmul = (self.total_params() - self.embedding_params()) as f64;
+        6.0 * matmul + 12.0 * (self.depth * self.heads() * HEAD_DIM * self.seq_len) as f64
+    }
+}
+
+/// One transformer block's matrices, stored `[out, in]` like `nn.Linear`.
+pub struct Block {
+    pub c_q: Tensor,
+    pub c_k: Tensor,
+    pub c_v: Tensor,
+    pub attn_proj: Tensor,
+    pub c_fc: Tensor,
+    pub mlp_proj: Tensor,
+}
+
+pub struct Gpt {
+    pub config: GptConfig,
+    pub wte: Tensor,
+    pub blocks: Vec<Block>,
+    pub lm_head: Tensor,
+}
+
+/// Keys and values of earlier positions, for sampling one token at a time.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pos: i64,
+}
+
+impl KvCache {
+    pub fn new(depth: i64) -> Self {
+        Self {
+            layers: (0..depth).map(|_| None).collect(),
+            pos: 0,
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+}
+
+fn norm(x: &Tensor) -> Tensor {
+    let last = *x.size().last().expect("norm of a scalar");
+    x.rms_norm([last], None::<Tensor>, None)
+}
+
+/// Rotary embedding on `[B, T, H, D]`: rotate the two halves of each head by position-dependent angles.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let d = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, d);
+    let x2 = x.narrow(3, d, d);
+    let y1 = &x1 * cos + &x2 * sin;
+    let y2 = -(&x1 * sin) + &x2 * cos;
+    Tensor::cat(&[y1, y2], 3)
+}
+
+/// cos and sin tables `[1, T, 1, D/2]` for positions `start..start+len`, in `kind`.
+fn rotary_tables(start: i64, len: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+    let channels = Tensor::arange_start_step(0, HEAD_DIM, 2, (Kind::Float, device));
+    let inv_freq = (channels / HEAD_DIM as f64 * ROPE_BASE.ln())
+        .exp()
+        .reciprocal();
+    let t = Tensor::arange_start(start, start + len, (Kind::Float, device));
+    let freqs = t.outer(&inv_freq);
+    let shape = [1, len, 1, HEAD_DIM / 2];
+    (
+        freqs.cos().to_kind(kind).view(shape),
+        freqs.sin().to_kind(kind).view(shape),
+    )
+}
+
+impl Gpt {
+    /// A freshly initialised model, as nanochat's `init_weights`: normal matrices with
+    /// std = 1/sqrt(fan_in)·min(1, sqrt(fan_out/fan_in)), a unit-normal embedding, and zeros for
+    /// lm_head and both output projections so every block starts as the identity.
+    pub fn new(config: GptConfig, device: Device, seed: u64) -> Self {
+        tch::manual_seed(seed as i64);
+        let (w, a) = (config.width(), config.attn_dim());
+        let linear = |out: i64, inp: i64| {
+            let std = (1.0 / (inp as f64).sqrt()) * (out as f64 / inp as f64).sqrt().min(1.0);
+            (Tensor::randn([out, inp], (Kind::Float, Device::Cpu)) * std).to_device(device)
+        };
+        let zeros = |out: i64, inp: i64| Tensor::zeros([out, inp], (Kind::Float, device));
+        let wte =
+            Tensor::randn([config.vocab_size, w], (Kind::Float, Device::Cpu)).to_device(device);
+        let blocks = (0..config.depth)
+            .map(|_| Block {
+                c_q: linear(a, w),
+                c_k: linear(a, w),
+                c_v: linear(a, w),
+                attn_proj: zeros(w, a),
+                c_fc: linear(4 * w, w),
+                mlp_proj: zeros(w, 4 * w),
+            })
+            .collect();
+        let model = Self {
+            config,
+            wte,
+            blocks,
+            lm_head: zeros(config.vocab_size, w),
+        };
+        for (_, p) in model.named_parameters() {
+            let _ = p.set_requires_grad(true);
+        }
+        model
+    }
+
+    /// Every parameter with nanochat's state-dict name, in a fixed order.
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("transformer.wte.weight".to_string(), &self.wte)];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = |n: &str| format!("transformer.h.{i}.{n}.weight");
+            out.push((p("attn.c_q"), &b.c_q));
+            out.push((p("attn.c_k"), &b.c_k));
+            out.push((p("attn.c_v"), &b.c_v));
+            out.push((p("attn.c_proj"), &b.attn_proj));
+            out.push((p("mlp.c_fc"), &b.c_fc));
+            out.push((p("mlp.c_proj"), &b.mlp_proj));
+        }
+        out.push(("lm_head.weight".to_string(), &self.lm_head));
+        out
+    }
+
+    pub fn device(&self) -> Device {
+        self.wte.device()
+    }
+
+    /// bf16 on CUDA, as nanochat's autocast; fp32 elsewhere.
+    pub fn compute_kind(&self) -> Kind {
+        if self.device().is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }
+    }
+
+    /// Logits `[B, T, vocab]` in fp32 for token ids `[B, T]`, optionally continuing a KV cache.
+    pub fn forward(&self, idx: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let kind = self.compute_kind();
+        let (b, t) = idx.size2().expect("idx must be [B, T]");
+        let start = cache.as_ref().map_or(0, |c| c.pos);
+        let (cos, sin) = rotary_tables(start, t, idx.device(), kind);
+        let (h, d) = (self.config.heads(), HEAD_DIM);
+        let mut x = norm(&Tensor::embedding(
+            &self.wte.to_kind(kind),
+            idx,
+            -1,
+            false,
+            false,
+        ));
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let xn = norm(&x);
+            let q = xn.matmul(&blk.c_q.to_kind(kind).tr()).view([b, t, h, d]);
+            let k = xn.matmul(&blk.c_k.to_kind(kind).tr()).view([b, t, h, d]);
+            let v = xn.matmul(&blk.c_v.to_kind(kind).tr()).view([b, t, h, d]);
+            let q = norm(&apply_rotary(&q, &cos, &sin)).transpose(1, 2);
+            let k = norm(&apply_rotary(&k, &cos, &sin)).transpose(1, 2);
+            let v = v.transpose(1, 2);
+            let (k, v, causal) = match cache.as_deref_mut() {
+                None => (k, v, true),
+                Some(c) => {
+                    let (k, v) = match c.layers[layer].take() {
+                        None => (k, v),
+                        Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    };
+                    c.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+                    // A prompt attends causally; a single new token attends to everything cached.
+                    (k, v, t > 1)
+                }
+            };
+            let y = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                causal,
+                None,
+                false,
+            );
+            let y = y.transpose(1, 2).contiguous().view([b, t, h * d]);
+            x = x + y.matmul(&blk.attn_proj.to_kind(kind).tr());
+            let hidden = norm(&x)
+                .matmul(&blk.c_fc.to_kind(kind).tr())
+                .relu()
+                .square();
+            x = x + hidden.matmul(&blk.mlp_proj.to_kind(kind).tr());
+        }
+        if let Some(c) = cache {
+            c.pos += t;
+        }
+        let logits = norm(&x)
+            .matmul(&self.lm_head.to_kind(kind).tr())
+            .to_kind(Kind::Float);
+        (logits / SOFTCAP).tanh() * SOFTCAP
+    }
+
+    /// Mean cross-entropy over targets that are not `ignore` (nats), as nanochat's training loss.
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        self.loss_with(idx, targets, tch::Reduction::Mean, -1)
+    }
+
+    /// Cross-entropy with a chosen reduction; targets equal to `ignore_index` do not count.
+    pub fn loss_with(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        reduction: tch::Reduction,
+        ignore_index: i64,
+    ) -> Tensor {
+        let logits = self.forward(idx, None);
+        let v = self.config.vocab_size;
+        logits.view([-1, v]).cross_entropy_loss(
+            &targets.view([-1]),
+            None::<Tensor>,
+            reduction,
+            ignore_index,
+            0.0,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_depth() {
+        let c = GptConfig::new(24, 2048);
+        assert_eq!((c.width(), c.heads()), (1536, 12));
+        assert_eq!(c.block_params(), 12 * 1536 * 1536);
+        // Width 64 still gets one full 128-wide head.
+        assert_eq!(GptConfig::new(1, 64).heads(), 1);
+        assert_eq!(GptConfig::new(3, 64).heads(), 2);
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward() {
+        let model = Gpt::new(GptConfig::new(2, 32), Device::Cpu, 7);
+        // Perturb the zero-initialised projections so attention actually mixes positions.
+        tch::no_grad(|| {
+            for (_, p) in model.named_parameters() {
+                let _ = p.shallow_clone().g_add_(&(p.randn_like() * 0.02));
+            }
+        });
+        let idx = Tensor::from_slice(&[17i64, 1, 2, 10, 3, 16, 4, 5]).view([1, 8]);
+        let full = tch::no_grad(|| model.forward(&idx, None));
+        let mut cache = KvCache::new(2);
+        let prompt = tch::no_grad(|| model.forward(&idx.narrow(1, 0, 5), Some(&mut cache)));
+        let mut steps = vec![prompt];
+        for i in 5..8 {
+            steps.push(tch::no_grad(|| {
+                model.forward(&idx.narrow(1, i, 1), Some(&mut cache))
+            }));
+        }
+        let cached = Tensor::cat(&steps, 1);
+        let diff = (full - cached).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "cached decoding differs by {diff}");
+    }
+}
