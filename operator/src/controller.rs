@@ -1,0 +1,468 @@
+//! The kube-runtime glue: watch trainings and their pods, gather the facts for `reconcile::decide`
+//! from the API server, carry out its decision with server-side apply, write the status, and report
+//! every transition as an Event. A finalizer runs the cleanup on deletion.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::conditions;
+use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
+use crate::metrics::{Metrics, PhaseLabel, ReasonLabel};
+use crate::progress::ProgressClient;
+use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
+use crate::resources::{
+    checkpoint_pvc, pvc_name, service_name, worker_pod, workers_selector, workers_service,
+    PodSettings, PROGRESS_PORT, TRAINING_LABEL,
+};
+use crate::workers::{observe, Worker, WorkerState};
+
+pub const FIELD_MANAGER: &str = "charlm-operator";
+pub const FINALIZER: &str = "charlm.dev/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("serialising {0}: {1}")]
+    Serde(&'static str, #[source] serde_json::Error),
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub settings: PodSettings,
+    pub metrics: Arc<Metrics>,
+    pub progress: ProgressClient,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        settings: PodSettings,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: Some(identity.to_string()),
+        };
+        Ok(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            progress: ProgressClient::new(Duration::from_secs(3))?,
+        })
+    }
+}
+
+/// Checks that the CRD is installed, so a missing one is a clear error at start instead of a
+/// watch that retries forever.
+pub async fn check_crd(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CharLMTraining> = Api::all(client.clone());
+    api.list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot list charlmtrainings.charlm.dev ({e}); install the CRD with \
+             `kubectl apply -f crds/charlmtrainings.charlm.dev.yaml` (the Helm chart does it too) \
+             and check the operator's RBAC"
+            )
+        })?;
+    Ok(())
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let trainings: Api<CharLMTraining> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client);
+    Controller::new(trainings, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(TRAINING_LABEL))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile request not completed");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(training: Arc<CharLMTraining>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<CharLMTraining> = Api::namespaced(
+        ctx.client.clone(),
+        &training.namespace().unwrap_or_default(),
+    );
+    let result = finalizer(&api, FINALIZER, training, |event| async {
+        match event {
+            Finalizer::Apply(t) => apply(&t, &ctx).await,
+            Finalizer::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(result.is_ok(), started.elapsed());
+    result
+}
+
+fn error_policy(training: Arc<CharLMTraining>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(training = %training.name_any(), namespace = ?training.namespace(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}
+
+async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> {
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    let trainings: Api<CharLMTraining> = Api::namespaced(ctx.client.clone(), &ns);
+    // Decide on the stored status, not the cache's: a status written by the previous reconcile
+    // may not have reached the watch yet, and acting on an older one would repeat its actions.
+    let Some(training) = trainings.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    if training.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    pvcs.patch(
+        &pvc_name(&name),
+        &pp,
+        &Patch::Apply(&checkpoint_pvc(&training)),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    services
+        .patch(
+            &service_name(&name),
+            &pp,
+            &Patch::Apply(&workers_service(&training)),
+        )
+        .await?;
+
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let listed = pods
+        .list(&ListParams::default().labels(&workers_selector(&name)))
+        .await?;
+    let uid = training.uid();
+    let workers: Vec<Worker> = listed
+        .items
+        .iter()
+        .map(|pod| {
+            let mut w = observe(pod);
+            // A pod of an earlier training of the same name is not ours to keep.
+            let owned = pod
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref());
+            if !owned {
+                w.attempt = None;
+            }
+            w
+        })
+        .collect();
+
+    let dataset = check_dataset(&training, ctx).await?;
+    let progress = poll_progress(&training, &workers, ctx).await;
+    let decision = decide(&Observed {
+        training: &training,
+        workers,
+        dataset,
+        progress,
+        now: Timestamp::now(),
+    });
+
+    for pod_name in &decision.delete {
+        match pods.delete(pod_name, &DeleteParams::default()).await {
+            Ok(_) => {
+                ctx.metrics.pods_deleted.inc();
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for &index in &decision.create {
+        let pod = worker_pod(&training, index, decision.status.attempt, &ctx.settings);
+        pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod))
+            .await?;
+        ctx.metrics.pods_created.inc();
+    }
+
+    write_status(&trainings, &name, &decision.status).await?;
+    report(&training, &decision, ctx).await;
+
+    Ok(match decision.requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+async fn write_status(
+    api: &Api<CharLMTraining>,
+    name: &str,
+    status: &CharLMTrainingStatus,
+) -> Result<(), Error> {
+    let status = serde_json::to_value(status).map_err(|e| Error::Serde("status", e))?;
+    let patch = json!({
+        "apiVersion": CharLMTraining::api_version(&()),
+        "kind": CharLMTraining::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Does the dataset's source object exist? Missing ones block pod creation with a message.
+async fn check_dataset(training: &CharLMTraining, ctx: &Context) -> Result<DatasetCheck, Error> {
+    let ns = training.namespace().unwrap_or_default();
+    let dataset = &training.spec.dataset;
+    if let Some(pvc) = &dataset.pvc {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        if api.get_opt(&pvc.claim_name).await?.is_none() {
+            return Ok(DatasetCheck::Missing(format!(
+                "PersistentVolumeClaim {} (spec.dataset.pvc.claimName) does not exist in namespace {ns}; \
+                 create it with the .txt files, or fix the name",
+                pvc.claim_name
+            )));
+        }
+    } else if let Some(cm) = &dataset.config_map {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        if api.get_metadata_opt(&cm.name).await?.is_none() {
+            return Ok(DatasetCheck::Missing(format!(
+                "ConfigMap {} (spec.dataset.configMap.name) does not exist in namespace {ns}; \
+                 create it (kubectl create configmap {} --from-file=<dir of .txt files>), or fix the name",
+                cm.name, cm.name
+            )));
+        }
+    }
+    Ok(DatasetCheck::Available)
+}
+
+/// Reads rank 0's `/progress` while worker 0 of the current attempt runs.
+async fn poll_progress(
+    training: &CharLMTraining,
+    workers: &[Worker],
+    ctx: &Context,
+) -> Option<crate::progress::TrainerReport> {
+    let attempt = training.status.as_ref().map_or(0, |s| s.attempt);
+    let worker0 = workers.iter().find(|w| {
+        w.index == Some(0)
+            && w.attempt == Some(attempt)
+            && !w.terminating
+            && w.state == WorkerState::Running
+    })?;
+    let ip = worker0.pod_ip.as_deref()?;
+    ctx.progress.fetch(ip, PROGRESS_PORT).await
+}
+
+/// Publishes an Event for every condition that changed and for pods created or deleted, and counts
+/// the transitions. Events are informative: a failure to publish one is logged, not retried.
+async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
+    let reference = training.object_ref(&());
+    let before: Vec<Condition> = training
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut events = Vec::new();
+    for c in conditions::transitions(&before, &decision.status.conditions) {
+        let warning = c.status == conditions::TRUE
+            && (c.type_ == cond::FAILED || c.type_ == cond::RESTARTING);
+        let note = if c.message.is_empty() {
+            format!("{} is {}", c.type_, c.status)
+        } else {
+            format!("{} is {}: {}", c.type_, c.status, c.message)
+        };
+        events.push((
+            if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            c.reason.clone(),
+            note,
+        ));
+        if warning && c.type_ == cond::RESTARTING {
+            ctx.metrics
+                .gang_restarts
+                .get_or_create(&ReasonLabel {
+                    reason: c.reason.clone(),
+                })
+                .inc();
+        }
+    }
+    let old_phase = training.status.as_ref().and_then(|s| s.phase);
+    if let Some(phase) = decision.status.phase.filter(|p| Some(*p) != old_phase) {
+        ctx.metrics
+            .phase_changes
+            .get_or_create(&PhaseLabel {
+                phase: phase.as_str().to_string(),
+            })
+            .inc();
+        tracing::info!(training = %training.name_any(), namespace = ?training.namespace(),
+            phase = phase.as_str(), message = ?decision.status.message, "phase changed");
+    }
+    if !decision.create.is_empty() {
+        events.push((
+            EventType::Normal,
+            "CreatedWorkers".to_string(),
+            format!(
+                "created worker pods {:?} of attempt {}",
+                decision.create, decision.status.attempt
+            ),
+        ));
+    }
+    if !decision.delete.is_empty() {
+        events.push((
+            EventType::Normal,
+            "DeletedWorkers".to_string(),
+            format!("deleted worker pods {}", decision.delete.join(", ")),
+        ));
+    }
+    for (type_, reason, note) in events {
+        publish(ctx, &reference, type_, &reason, note).await;
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(truncate_note(note)),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %err, reason, "could not publish an event");
+    }
+}
+
+/// Events carry at most 1 kB of note.
+fn truncate_note(note: String) -> String {
+    if note.len() <= 1000 {
+        return note;
+    }
+    let mut cut = 1000;
+    while !note.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &note[..cut])
+}
+
+/// Deletion: remove the workers and the Service; keep the checkpoint volume if asked to, else
+/// delete it. Idempotent: it may run several times, or after an `apply` that never finished.
+async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Error> {
+    let ns = training.namespace().unwrap_or_default();
+    let name = training.name_any();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = training.uid();
+    for pod in pods
+        .list(&ListParams::default().labels(&workers_selector(&name)))
+        .await?
+        .items
+    {
+        let owned = pod
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref());
+        if owned && pod.metadata.deletion_timestamp.is_none() {
+            ignore_not_found(pods.delete(&pod.name_any(), &DeleteParams::default()).await)?;
+        }
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    ignore_not_found(
+        services
+            .delete(&service_name(&name), &DeleteParams::default())
+            .await,
+    )?;
+
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let pvc = pvc_name(&name);
+    let reference = training.object_ref(&());
+    if training.spec.checkpoint.retain_on_delete {
+        if let Some(existing) = pvcs.get_opt(&pvc).await? {
+            // Drop our owner reference so the garbage collector leaves the volume alone.
+            let owners: Vec<_> = existing
+                .owner_references()
+                .iter()
+                .filter(|o| Some(&o.uid) != uid.as_ref())
+                .cloned()
+                .collect();
+            if owners.len() != existing.owner_references().len() {
+                let patch = json!({"metadata": {"ownerReferences": owners}});
+                pvcs.patch(&pvc, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
+            }
+            publish(
+                ctx,
+                &reference,
+                EventType::Normal,
+                "CheckpointRetained",
+                format!("kept PersistentVolumeClaim {pvc} (checkpoint.retainOnDelete)"),
+            )
+            .await;
+        }
+    } else {
+        let owned = pvcs.get_opt(&pvc).await?.is_some_and(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        });
+        if owned {
+            ignore_not_found(pvcs.delete(&pvc, &DeleteParams::default()).await)?;
+        }
+    }
+    tracing::info!(training = %name, namespace = %ns, "cleaned up after deletion");
+    Ok(Action::await_change())
+}
+
+fn ignore_not_found<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_are_cut_on_a_char_boundary() {
+        let note = "é".repeat(800);
+        let cut = truncate_note(note);
+        assert!(cut.len() <= 1003 && cut.ends_with("..."));
+        assert_eq!(truncate_note("short".into()), "short");
+    }
+}

@@ -1,0 +1,569 @@
+//! The `CharLMTraining` resource: the one source of truth for the CRD schema. Every rule the API
+//! server can check on its own lives here as a CEL rule with a message that names the fix, so a bad
+//! spec is rejected at `kubectl apply` instead of turning into a failed pod an hour later.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "charlm.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "CharLMTraining";
+
+/// One training run of a character-level GPT: the model size, the hardware, the budget and the
+/// data. The operator turns it into worker pods, a headless Service and a checkpoint volume.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "charlm.dev",
+    version = "v1alpha1",
+    kind = "CharLMTraining",
+    plural = "charlmtrainings",
+    shortname = "clt",
+    namespaced,
+    status = "CharLMTrainingStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Depth", type_ = "integer", json_path = ".spec.depth"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpus"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
+    printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.trainLoss"),
+    printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Restarts",
+        type_ = "integer",
+        json_path = ".status.restarts",
+        priority = 1
+    ),
+    printcolumn(
+        name = "ValBPC",
+        type_ = "number",
+        json_path = ".status.progress.valBpc",
+        priority = 1
+    ),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40")
+        .message("metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.gpus <= self.gpusPerNode || self.gpus % self.gpusPerNode == 0")
+        .message("gpus must be a multiple of gpusPerNode when it is above it (e.g. 8, 16 or 32 with gpusPerNode 8): each worker pod takes a whole node"),
+    validation = Rule::new("!has(self.cpuWorkers) || self.gpus == 0")
+        .message("cpuWorkers applies only to CPU training (gpus: 0); with GPUs the number of worker pods is gpus / gpusPerNode"),
+    validation = Rule::new("has(self.hours) || has(self.maxSteps)")
+        .message("set spec.hours (the training budget in hours) or spec.maxSteps"),
+    validation = Rule::new("!has(self.totalBatchSize) || !has(self.deviceBatchSize) || !has(self.seqLen) || self.totalBatchSize % (self.deviceBatchSize * self.seqLen * (self.gpus > 0 ? self.gpus : (has(self.cpuWorkers) ? self.cpuWorkers : 1))) == 0")
+        .message("totalBatchSize (tokens per optimizer step) must be a multiple of deviceBatchSize x seqLen x the number of workers (gpus, or cpuWorkers when gpus is 0)"),
+)]
+pub struct CharLMTrainingSpec {
+    /// Number of transformer layers; the width is 64 x depth.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("depth must be between 1 and 128"))]
+    pub depth: i32,
+
+    /// Total GPUs across all worker pods; 0 trains on CPUs (for laptops and tests).
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 4096").message("gpus must be between 0 and 4096 (0 trains on CPUs)"))]
+    pub gpus: i32,
+
+    /// GPUs of one node; a training with more GPUs than this gets one worker pod per node.
+    #[serde(default = "default_gpus_per_node")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("gpusPerNode must be between 1 and 64"))]
+    pub gpus_per_node: i32,
+
+    /// Worker pods of a CPU training (gpus: 0), one process each. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("cpuWorkers must be between 1 and 64"))]
+    pub cpu_workers: Option<i32>,
+
+    /// Training budget in wall-clock hours of training (resumes included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10000.0").message("hours must be greater than 0 (and at most 10000)"))]
+    pub hours: Option<f64>,
+
+    /// Stop after this many optimizer steps, even if hours remain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxSteps must be at least 1"))]
+    pub max_steps: Option<i64>,
+
+    /// Sequences per GPU per micro-step; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message("deviceBatchSize must be between 1 and 4096"))]
+    pub device_batch_size: Option<i32>,
+
+    /// Tokens per optimizer step across all workers; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("totalBatchSize must be at least 1"))]
+    pub total_batch_size: Option<i64>,
+
+    /// Context length in characters; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 8 && self <= 65536").message("seqLen must be between 8 and 65536"))]
+    pub seq_len: Option<i32>,
+
+    /// Evaluate on the validation split every this many steps; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("evalEvery must be at least 1"))]
+    pub eval_every: Option<i64>,
+
+    /// Random seed of the initialisation and data order; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("seed must not be negative"))]
+    pub seed: Option<i64>,
+
+    /// Where the training text comes from: exactly one source.
+    pub dataset: DatasetSpec,
+
+    /// Trainer image; the operator's default (chart value `trainerImage`) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+
+    /// Resources of the trainer container. `nvidia.com/gpu` is always set from `gpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Replaces the default node selector (H100 nodes when gpus > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Replaces the default tolerations (the `nvidia.com/gpu` taint when gpus > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// The checkpoint volume and how often it is written.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+
+    /// How failures are retried.
+    #[serde(default)]
+    pub restart_policy: RestartPolicySpec,
+
+    /// True deletes the worker pods and keeps the checkpoint; false resumes from it. Kueue sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+
+    /// Extra environment of the trainer container; wins over the operator's variables of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+fn default_gpus_per_node() -> i32 {
+    8
+}
+
+/// The training text: `.txt` files, documents separated by a blank line.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.pvc) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.synthetic) ? 1 : 0) == 1")
+    .message("set exactly one of dataset.pvc, dataset.configMap or dataset.synthetic"))]
+pub struct DatasetSpec {
+    /// A directory of .txt files on an existing PersistentVolumeClaim (mounted read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcDataset>,
+    /// A ConfigMap whose keys are .txt files (small datasets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapDataset>,
+    /// A generated dataset for demos and tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticDataset>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcDataset {
+    /// Name of the PersistentVolumeClaim in the training's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory of the .txt files, relative to the root of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("dataset.pvc.path must be relative to the root of the volume, without '..'"))]
+    pub path: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapDataset {
+    /// Name of the ConfigMap in the training's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyntheticDataset {
+    /// Characters of text to generate.
+    #[serde(default = "default_synthetic_chars")]
+    #[x_kube(validation = Rule::new("self >= 1000 && self <= 2000000000").message("dataset.synthetic.chars must be between 1000 and 2000000000"))]
+    pub chars: i64,
+    /// Seed of the generator.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("dataset.synthetic.seed must not be negative"))]
+    pub seed: i64,
+}
+
+fn default_synthetic_chars() -> i64 {
+    1_000_000
+}
+
+impl Default for SyntheticDataset {
+    fn default() -> Self {
+        Self {
+            chars: default_synthetic_chars(),
+            seed: 0,
+        }
+    }
+}
+
+/// The checkpoint PersistentVolumeClaim, mounted at /checkpoints in worker 0.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// StorageClass of the checkpoint volume; the cluster default when unset. Fixed at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpoint.storageClassName cannot change: the checkpoint volume already exists"))]
+    pub storage_class_name: Option<String>,
+    /// Size of the checkpoint volume. Fixed at creation.
+    #[serde(default = "default_checkpoint_size")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpoint.size cannot change: the checkpoint volume already exists"))]
+    pub size: Quantity,
+    /// Minutes between checkpoints; unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("checkpoint.intervalMinutes must be greater than 0"))]
+    pub interval_minutes: Option<f64>,
+    /// Rolling checkpoints kept (the best one is kept apart); unset lets the trainer choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("checkpoint.keep must be at least 1"))]
+    pub keep: Option<i32>,
+    /// Keep the checkpoint volume when the training is deleted.
+    #[serde(default)]
+    pub retain_on_delete: bool,
+}
+
+fn default_checkpoint_size() -> Quantity {
+    Quantity("10Gi".to_string())
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            storage_class_name: None,
+            size: default_checkpoint_size(),
+            interval_minutes: None,
+            keep: None,
+            retain_on_delete: false,
+        }
+    }
+}
+
+/// Gang restarts after a worker fails: all workers are replaced and resume from the last checkpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartPolicySpec {
+    /// Gang restarts before the training is marked Failed.
+    #[serde(default = "default_max_restarts")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("restartPolicy.maxRestarts must be between 0 and 1000"))]
+    pub max_restarts: i32,
+    /// Wait before the first restart; doubled for each further one, up to 10 minutes.
+    #[serde(default = "default_backoff_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
+    pub backoff_seconds: i32,
+}
+
+fn default_max_restarts() -> i32 {
+    3
+}
+
+fn default_backoff_seconds() -> i32 {
+    10
+}
+
+impl Default for RestartPolicySpec {
+    fn default() -> Self {
+        Self {
+            max_restarts: default_max_restarts(),
+            backoff_seconds: default_backoff_seconds(),
+        }
+    }
+}
+
+/// Where a training stands; conditions carry the detail.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Waiting for the dataset, the volume or the pods.
+    Pending,
+    /// All workers run.
+    Running,
+    /// A worker failed or stopped; all workers are being replaced.
+    Restarting,
+    /// `spec.suspend` is true: no workers, the checkpoint is kept.
+    Suspended,
+    /// The budget is done.
+    Succeeded,
+    /// Out of restarts, or bad input.
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Restarting => "Restarting",
+            Phase::Suspended => "Suspended",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// The condition types of a training.
+pub mod condition {
+    pub const DATASET_READY: &str = "DatasetReady";
+    pub const PODS_READY: &str = "PodsReady";
+    pub const RUNNING: &str = "Running";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const RESTARTING: &str = "Restarting";
+    pub const ALL: [&str; 7] = [
+        DATASET_READY,
+        PODS_READY,
+        RUNNING,
+        SUCCEEDED,
+        FAILED,
+        SUSPENDED,
+        RESTARTING,
+    ];
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CharLMTrainingStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// One line on why the training is in its phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Worker pods of the current attempt.
+    #[serde(default)]
+    pub workers: i32,
+    /// Worker pods of the current attempt that run.
+    #[serde(default)]
+    pub running_workers: i32,
+    /// Gang restarts so far (counted against restartPolicy.maxRestarts).
+    #[serde(default)]
+    pub restarts: i32,
+    /// Increases each time a new set of worker pods is started after a failure or a fix of the
+    /// spec; worker pods carry it as the `charlm.dev/attempt` label.
+    #[serde(default)]
+    pub attempt: i64,
+    /// The attempt whose worker pods have all been created; a worker missing from it was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_attempt: Option<i64>,
+    /// Generation of the spec whose failure ended the last attempt; a newer spec starts afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_generation: Option<i64>,
+    /// Earliest time of the next gang start after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_after: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_pvc: Option<String>,
+    /// Path of the newest checkpoint inside the checkpoint volume's mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    /// What rank 0 of the trainer last reported (its /progress endpoint or its termination message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressStatus>,
+    /// Human-readable time left, from progress.etaS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Validation bits per character when the training succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_val_bpc: Option<f64>,
+}
+
+/// The trainer's progress report (docs/contract.md), in the API's camelCase.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressStatus {
+    pub step: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps_estimate: Option<i64>,
+    #[serde(default)]
+    pub tokens: i64,
+    #[serde(default)]
+    pub epoch: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_bpc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_bpc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    #[serde(default)]
+    pub elapsed_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    #[serde(default)]
+    pub world_size: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_gib: Option<f64>,
+    #[serde(default)]
+    pub complete: bool,
+    /// When the operator read this report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<Time>,
+}
+
+/// The CRD as YAML, exactly as `charlm-operator crd` prints it and `crds/` stores it.
+pub fn crd_yaml() -> String {
+    let crd = CharLMTraining::crd();
+    let body = serde_yaml::to_string(&crd).expect("the CRD serialises to YAML");
+    format!(
+        "# Generated by `charlm-operator crd` from operator/src/crd.rs; do not edit.\n\
+         # Regenerate: cargo run -p charlm-operator -- crd > crds/charlmtrainings.charlm.dev.yaml\n{body}"
+    )
+}
+
+impl CharLMTrainingSpec {
+    /// Worker pods of this training: one per node with GPUs, `cpuWorkers` on CPU.
+    pub fn worker_count(&self) -> i32 {
+        if self.gpus == 0 {
+            self.cpu_workers.unwrap_or(1).max(1)
+        } else if self.gpus <= self.gpus_per_node {
+            1
+        } else {
+            self.gpus / self.gpus_per_node
+        }
+    }
+
+    /// GPUs of each worker pod (0 on CPU).
+    pub fn gpus_per_worker(&self) -> i32 {
+        if self.gpus == 0 {
+            0
+        } else {
+            self.gpus / self.worker_count()
+        }
+    }
+
+    pub fn suspended(&self) -> bool {
+        self.suspend.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_json() -> serde_json::Value {
+        serde_json::json!({
+            "depth": 4, "gpus": 16, "hours": 1.5,
+            "dataset": {"synthetic": {"chars": 5000}}
+        })
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: CharLMTrainingSpec = serde_json::from_value(spec_json()).unwrap();
+        assert_eq!(spec.gpus_per_node, 8);
+        assert_eq!(spec.checkpoint.size.0, "10Gi");
+        assert_eq!(spec.restart_policy, RestartPolicySpec::default());
+        assert_eq!(spec.dataset.synthetic.as_ref().unwrap().seed, 0);
+        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (2, 8));
+    }
+
+    #[test]
+    fn worker_count_follows_gpus_and_cpu_workers() {
+        let mut spec: CharLMTrainingSpec = serde_json::from_value(spec_json()).unwrap();
+        spec.gpus = 4;
+        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (1, 4));
+        spec.gpus = 0;
+        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (1, 0));
+        spec.cpu_workers = Some(3);
+        assert_eq!(spec.worker_count(), 3);
+    }
+
+    #[test]
+    fn crd_carries_names_columns_and_rules() {
+        let crd = serde_json::to_value(CharLMTraining::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "charlmtrainings.charlm.dev");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "clt");
+        let version = &crd["spec"]["versions"][0];
+        assert!(version["subresources"]["status"].is_object());
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Phase", "Depth", "GPUs", "Step", "Loss", "ETA", "Age", "Restarts", "ValBPC"]
+        );
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let rules = spec["x-kubernetes-validations"].as_array().unwrap();
+        assert_eq!(rules.len(), 4);
+        assert!(rules.iter().all(|r| r["message"].is_string()));
+        let depth_rule = &spec["properties"]["depth"]["x-kubernetes-validations"][0];
+        assert_eq!(depth_rule["message"], "depth must be between 1 and 128");
+        let dataset = &spec["properties"]["dataset"];
+        assert!(dataset["x-kubernetes-validations"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exactly one"));
+        assert_eq!(spec["properties"]["gpusPerNode"]["default"], 8);
+        let mut required: Vec<&str> = spec["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        required.sort();
+        assert_eq!(required, ["dataset", "depth", "gpus"]);
+    }
+
+    #[test]
+    fn progress_round_trips_in_camel_case() {
+        let p = ProgressStatus {
+            step: 3,
+            train_loss: Some(1.5),
+            tokens_per_s: Some(10.0),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["trainLoss"], 1.5);
+        assert_eq!(v["tokensPerS"], 10.0);
+        assert!(v.get("valBpc").is_none());
+    }
+}

@@ -1,0 +1,916 @@
+//! The reconciler's one decision: from what is observed (the training, its worker pods, whether its
+//! dataset exists, rank 0's latest report) to what should be done (pods to create or delete) and the
+//! status to write. No I/O happens here; `controller` gathers the facts and carries out the result.
+//!
+//! Gang semantics: the workers of an attempt start together and end together. Any worker that fails
+//! (or stops before the budget is done, or disappears) ends the attempt: all its pods are deleted and,
+//! after a backoff, a new attempt starts from the last checkpoint, up to `restartPolicy.maxRestarts`.
+//! Bad input (exit code 2) fails the training at once. Pods carry their attempt as a label, so a
+//! decision never depends on which of several reconciles saw a pod first.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+
+use crate::conditions::{self, FALSE, TRUE, UNKNOWN};
+use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus, Phase};
+use crate::progress::{human_duration, TrainerReport};
+use crate::resources::{pod_name, pvc_name};
+use crate::workers::{Worker, WorkerState};
+
+/// Longest wait between gang restarts, however many there were.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// How often a running training is looked at again (and its progress read).
+pub const RUNNING_REQUEUE: Duration = Duration::from_secs(30);
+const STARTING_REQUEUE: Duration = Duration::from_secs(15);
+const STOPPING_REQUEUE: Duration = Duration::from_secs(2);
+const DATASET_REQUEUE: Duration = Duration::from_secs(30);
+
+/// Whether the training's dataset source exists (a synthetic one always does).
+#[derive(Clone, Debug, PartialEq)]
+pub enum DatasetCheck {
+    Available,
+    /// The message names the missing object and how to provide it.
+    Missing(String),
+}
+
+pub struct Observed<'a> {
+    pub training: &'a CharLMTraining,
+    /// Every pod labelled with the training's name, whatever its attempt.
+    pub workers: Vec<Worker>,
+    pub dataset: DatasetCheck,
+    /// Rank 0's `/progress`, read just now if the training runs.
+    pub progress: Option<TrainerReport>,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// The complete status to write.
+    pub status: CharLMTrainingStatus,
+    /// Worker indices to create, for attempt `status.attempt`.
+    pub create: Vec<i32>,
+    /// Names of pods to delete.
+    pub delete: Vec<String>,
+    pub requeue: Option<Duration>,
+}
+
+pub fn decide(o: &Observed) -> Decision {
+    let mut d = Decider::new(o);
+    d.run();
+    d.decision
+}
+
+struct Decider<'a> {
+    o: &'a Observed<'a>,
+    now: Time,
+    generation: Option<i64>,
+    decision: Decision,
+}
+
+impl<'a> Decider<'a> {
+    fn new(o: &'a Observed<'a>) -> Self {
+        let t = o.training;
+        let mut status = t.status.clone().unwrap_or_default();
+        status.observed_generation = t.metadata.generation;
+        status.workers = t.spec.worker_count();
+        status.checkpoint_pvc = Some(pvc_name(&t.name_any()));
+        Decider {
+            o,
+            now: Time(o.now),
+            generation: t.metadata.generation,
+            decision: Decision {
+                status,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn st(&mut self) -> &mut CharLMTrainingStatus {
+        &mut self.decision.status
+    }
+
+    fn set(&mut self, type_: &str, status: &str, reason: &str, message: impl Into<String>) {
+        let (generation, now) = (self.generation, self.now.clone());
+        conditions::set(
+            &mut self.decision.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            &now,
+        );
+    }
+
+    fn phase(&mut self, phase: Phase, message: impl Into<String>) {
+        self.st().phase = Some(phase);
+        self.st().message = Some(message.into());
+    }
+
+    fn is(&self, type_: &str) -> bool {
+        conditions::is_true(&self.decision.status.conditions, type_)
+    }
+
+    fn delete(&mut self, workers: &[&Worker], active_only: bool) {
+        for w in workers {
+            if !w.terminating && (!active_only || w.is_active()) {
+                self.decision.delete.push(w.name.clone());
+            }
+        }
+    }
+
+    /// Every condition exists from the first reconcile on, so `kubectl wait` has something to read.
+    fn initial_conditions(&mut self) {
+        let initial = [
+            (cond::DATASET_READY, UNKNOWN, "Pending"),
+            (cond::PODS_READY, FALSE, "Pending"),
+            (cond::RUNNING, FALSE, "Pending"),
+            (cond::SUCCEEDED, FALSE, "Pending"),
+            (cond::FAILED, FALSE, "Pending"),
+            (cond::SUSPENDED, FALSE, "Pending"),
+            (cond::RESTARTING, FALSE, "Pending"),
+        ];
+        for (type_, status, reason) in initial {
+            if conditions::get(&self.decision.status.conditions, type_).is_none() {
+                self.set(type_, status, reason, "");
+            }
+        }
+        if self.decision.status.phase.is_none() {
+            self.phase(
+                Phase::Pending,
+                "waiting for the first reconcile to create the workers",
+            );
+        }
+    }
+
+    fn run(&mut self) {
+        self.initial_conditions();
+        let o = self.o;
+        let spec = &o.training.spec;
+
+        // A spec changed after a failure (e.g. a fixed dataset) gets a fresh attempt.
+        if self.decision.status.phase == Some(Phase::Failed)
+            && self.generation > self.decision.status.failed_generation
+        {
+            let st = self.st();
+            st.attempt += 1;
+            st.restarts = 0;
+            st.failed_generation = None;
+            st.completion_time = None;
+            st.restart_after = None;
+            st.launched_attempt = None;
+            self.set(
+                cond::FAILED,
+                FALSE,
+                "SpecChanged",
+                "the spec changed after the failure; starting again",
+            );
+            self.phase(
+                Phase::Pending,
+                "the spec changed after the failure; starting again",
+            );
+        }
+
+        let attempt = self.decision.status.attempt;
+        let wanted = spec.worker_count();
+        let (current, stale): (Vec<&Worker>, Vec<&Worker>) = o.workers.iter().partition(|w| {
+            w.attempt == Some(attempt) && w.index.is_some_and(|i| (0..wanted).contains(&i))
+        });
+        self.delete(&stale, false);
+        self.st().running_workers = current
+            .iter()
+            .filter(|w| w.state == WorkerState::Running)
+            .count() as i32;
+
+        if let Some(phase) = self.decision.status.phase.filter(|p| p.is_terminal()) {
+            // Finished trainings keep their ended pods for `kubectl logs` and free the rest.
+            self.delete(&current, true);
+            self.set(cond::RUNNING, FALSE, phase.as_str(), "");
+            return;
+        }
+
+        if spec.suspended() {
+            self.suspend(&current);
+            return;
+        }
+        if self.is(cond::SUSPENDED) {
+            self.set(
+                cond::SUSPENDED,
+                FALSE,
+                "Resumed",
+                "spec.suspend is false: the workers start again from the last checkpoint",
+            );
+        }
+
+        if let Some(report) = self.success(&current) {
+            self.succeed(&current, report);
+            return;
+        }
+        if let Some((reason, message, bad_input)) = self.failure(&current, wanted) {
+            if let Some(report) = current.iter().find_map(|w| worker_report(w)) {
+                self.take_progress(&report);
+            }
+            let max = spec.restart_policy.max_restarts;
+            if bad_input {
+                self.fail(&current, "InvalidInput", message);
+            } else if self.decision.status.restarts >= max {
+                self.fail(
+                    &current,
+                    "RestartLimitExceeded",
+                    format!("{message}; all {max} restarts used (restartPolicy.maxRestarts)"),
+                );
+            } else {
+                self.restart(&current, reason, message);
+            }
+            return;
+        }
+
+        let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
+        let missing: Vec<i32> = (0..wanted).filter(|i| !present.contains(i)).collect();
+        if !missing.is_empty() {
+            self.start(&current, &stale, missing);
+            return;
+        }
+        self.observe_gang(&current);
+    }
+
+    fn suspend(&mut self, current: &[&Worker]) {
+        self.delete(current, false);
+        self.st().launched_attempt = None;
+        self.st().running_workers = 0;
+        let msg = "spec.suspend is true: the workers are deleted and the checkpoint volume is kept";
+        self.set(cond::SUSPENDED, TRUE, "Suspended", msg);
+        self.set(cond::RUNNING, FALSE, "Suspended", msg);
+        self.set(cond::PODS_READY, FALSE, "Suspended", msg);
+        self.phase(Phase::Suspended, msg);
+        self.decision.requeue = (!current.is_empty()).then_some(STOPPING_REQUEUE);
+    }
+
+    /// Worker 0 exited 0 and says the budget is done.
+    fn success(&self, current: &[&Worker]) -> Option<TrainerReport> {
+        current.iter().find_map(|w| match &w.state {
+            WorkerState::Succeeded { report: Some(r) } if w.index == Some(0) && r.complete => {
+                Some(r.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// Why the current attempt has ended without success: (reason, message, bad input).
+    fn failure(&self, current: &[&Worker], wanted: i32) -> Option<(&'static str, String, bool)> {
+        for w in current {
+            if let WorkerState::Failed(f) = &w.state {
+                return Some(("WorkerFailed", f.describe(&w.name), f.is_bad_input()));
+            }
+        }
+        for w in current {
+            if let WorkerState::Succeeded { report } = &w.state {
+                if w.index == Some(0) && !report.as_ref().is_some_and(|r| r.complete) {
+                    return Some((
+                        "WorkerStopped",
+                        format!(
+                            "{}: the trainer stopped before its budget was done (complete: false)",
+                            w.name
+                        ),
+                        false,
+                    ));
+                }
+            }
+        }
+        for w in current {
+            if w.terminating && w.is_active() {
+                return Some((
+                    "WorkerLost",
+                    format!("{}: deleted while the training ran", w.name),
+                    false,
+                ));
+            }
+        }
+        // A worker missing after the whole gang was created has been deleted by someone else.
+        if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
+            let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
+            if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
+                return Some((
+                    "WorkerLost",
+                    format!(
+                        "{}: disappeared while the training ran",
+                        pod_name(&self.o.training.name_any(), i)
+                    ),
+                    false,
+                ));
+            }
+        }
+        None
+    }
+
+    fn succeed(&mut self, current: &[&Worker], report: TrainerReport) {
+        self.delete(current, true);
+        self.take_progress(&report);
+        let now = self.now.clone();
+        let st = self.st();
+        st.final_val_bpc = report.val_bpc.or(report.best_val_bpc);
+        st.completion_time = Some(now);
+        st.eta = None;
+        st.restart_after = None;
+        let bpc = report
+            .val_bpc
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "not measured".into());
+        let msg = format!(
+            "training complete at step {}; validation bits per character {bpc}; checkpoint {}",
+            report.step,
+            report.checkpoint.as_deref().unwrap_or("none")
+        );
+        self.set(cond::SUCCEEDED, TRUE, "BudgetDone", msg.clone());
+        self.set(cond::RUNNING, FALSE, "Succeeded", "");
+        self.set(cond::PODS_READY, FALSE, "Completed", "");
+        self.set(cond::RESTARTING, FALSE, "Succeeded", "");
+        self.phase(Phase::Succeeded, msg);
+    }
+
+    fn fail(&mut self, current: &[&Worker], reason: &str, message: String) {
+        self.delete(current, true);
+        let (now, generation) = (self.now.clone(), self.generation);
+        let st = self.st();
+        st.failed_generation = generation;
+        st.completion_time = Some(now);
+        st.restart_after = None;
+        st.eta = None;
+        self.set(cond::FAILED, TRUE, reason, message.clone());
+        self.set(cond::RUNNING, FALSE, "Failed", "");
+        self.set(cond::PODS_READY, FALSE, "Failed", "");
+        self.set(cond::RESTARTING, FALSE, "Failed", "");
+        self.phase(Phase::Failed, message);
+    }
+
+    fn restart(&mut self, current: &[&Worker], reason: &str, message: String) {
+        // The attempt's pods go now; the new attempt's pods come after the backoff.
+        self.delete(current, false);
+        let policy = &self.o.training.spec.restart_policy;
+        let (max, base) = (policy.max_restarts, policy.backoff_seconds);
+        let now = self.o.now;
+        let st = self.st();
+        st.restarts += 1;
+        st.attempt += 1;
+        st.launched_attempt = None;
+        st.running_workers = 0;
+        let n = st.restarts;
+        let backoff = backoff(base, n);
+        st.restart_after = Some(Time(
+            now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
+        ));
+        let msg = format!(
+            "{message}; gang restart {n} of {max} from the last checkpoint in {}s",
+            backoff.as_secs()
+        );
+        self.set(cond::RESTARTING, TRUE, reason, msg.clone());
+        self.set(cond::RUNNING, FALSE, "Restarting", "");
+        self.set(cond::PODS_READY, FALSE, "Restarting", "");
+        self.phase(Phase::Restarting, msg);
+        self.decision.requeue = Some(backoff.max(STOPPING_REQUEUE));
+    }
+
+    /// Creates the missing workers of the current attempt, once the previous attempt's pods are gone,
+    /// the backoff is over and the dataset exists.
+    fn start(&mut self, current: &[&Worker], stale: &[&Worker], missing: Vec<i32>) {
+        let restarting = self.is(cond::RESTARTING);
+        let waiting_phase = if restarting {
+            Phase::Restarting
+        } else {
+            Phase::Pending
+        };
+        if let Some(after) = self.decision.status.restart_after.clone() {
+            if after.0 > self.o.now {
+                let wait = after.0.duration_since(self.o.now).unsigned_abs();
+                let msg = format!("waiting {}s before the gang restart", wait.as_secs().max(1));
+                self.phase(waiting_phase, msg);
+                self.decision.requeue = Some(Duration::from_secs(wait.as_secs() + 1));
+                return;
+            }
+        }
+        if !stale.is_empty() {
+            self.phase(waiting_phase, "waiting for the previous workers to stop");
+            self.decision.requeue = Some(STOPPING_REQUEUE);
+            return;
+        }
+        if current.is_empty() {
+            if let DatasetCheck::Missing(msg) = &self.o.dataset {
+                self.set(cond::DATASET_READY, FALSE, "DatasetNotFound", msg.clone());
+                self.phase(waiting_phase, msg.clone());
+                self.decision.requeue = Some(DATASET_REQUEUE);
+                return;
+            }
+        }
+        let n = self.o.training.spec.worker_count();
+        let msg = format!("creating {} of {n} workers", missing.len());
+        self.decision.create = missing;
+        let attempt = self.decision.status.attempt;
+        let st = self.st();
+        st.launched_attempt = Some(attempt);
+        st.restart_after = None;
+        if !self.is(cond::DATASET_READY) {
+            self.set(
+                cond::DATASET_READY,
+                UNKNOWN,
+                "Preparing",
+                "the workers prepare the dataset",
+            );
+        }
+        self.set(cond::PODS_READY, FALSE, "Creating", msg.clone());
+        self.phase(waiting_phase, msg);
+        self.decision.requeue = Some(STARTING_REQUEUE);
+    }
+
+    /// All workers of the attempt exist: are they running yet?
+    fn observe_gang(&mut self, current: &[&Worker]) {
+        let n = current.len();
+        let running = current
+            .iter()
+            .filter(|w| w.state == WorkerState::Running)
+            .count();
+        // Workers other than 0 may finish a moment before worker 0 writes the final report.
+        let settled = current.iter().all(|w| {
+            w.state == WorkerState::Running
+                || (w.index != Some(0) && matches!(w.state, WorkerState::Succeeded { .. }))
+        });
+        if settled {
+            let msg = format!("{running}/{n} workers running");
+            self.set(
+                cond::DATASET_READY,
+                TRUE,
+                "Prepared",
+                "every worker prepared the dataset",
+            );
+            self.set(cond::PODS_READY, TRUE, "AllWorkersRunning", msg.clone());
+            self.set(cond::RUNNING, TRUE, "Training", msg.clone());
+            if self.is(cond::RESTARTING) {
+                let restarts = self.decision.status.restarts;
+                self.set(
+                    cond::RESTARTING,
+                    FALSE,
+                    "Recovered",
+                    format!("all workers run again after {restarts} restart(s)"),
+                );
+            }
+            let now = self.now.clone();
+            self.st().start_time.get_or_insert(now);
+            if let Some(report) = &self.o.progress {
+                self.take_progress(report);
+            }
+            let msg = match &self.decision.status.progress {
+                Some(p) => format!(
+                    "training: step {} of ~{}",
+                    p.step,
+                    p.total_steps_estimate.map_or("?".into(), |t| t.to_string())
+                ),
+                None => "training".to_string(),
+            };
+            self.phase(Phase::Running, msg);
+            self.decision.requeue = Some(RUNNING_REQUEUE);
+            return;
+        }
+
+        let unschedulable = current.iter().find_map(|w| match &w.state {
+            WorkerState::Pending {
+                unschedulable: Some(why),
+                ..
+            } => Some(format!("{}: {why}", w.name)),
+            _ => None,
+        });
+        let preparing = current
+            .iter()
+            .filter(|w| {
+                matches!(
+                    w.state,
+                    WorkerState::Pending {
+                        preparing: true,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let (reason, msg) = if let Some(why) = unschedulable {
+            ("Unschedulable", why)
+        } else if preparing > 0 {
+            (
+                "Initializing",
+                format!("{preparing}/{n} workers prepare the dataset"),
+            )
+        } else {
+            ("Starting", format!("{running}/{n} workers running"))
+        };
+        if preparing > 0 {
+            self.set(
+                cond::DATASET_READY,
+                UNKNOWN,
+                "Preparing",
+                format!("{preparing}/{n} workers prepare the dataset"),
+            );
+        }
+        self.set(cond::PODS_READY, FALSE, reason, msg.clone());
+        self.set(cond::RUNNING, FALSE, reason, msg.clone());
+        let phase = if self.is(cond::RESTARTING) {
+            Phase::Restarting
+        } else {
+            Phase::Pending
+        };
+        self.phase(phase, msg);
+        self.decision.requeue = Some(STARTING_REQUEUE);
+    }
+
+    fn take_progress(&mut self, report: &TrainerReport) {
+        let mut progress = report.to_status();
+        progress.observed_time = Some(self.now.clone());
+        let st = self.st();
+        st.eta = progress.eta_s.map(human_duration);
+        if progress.checkpoint.is_some() {
+            st.latest_checkpoint = progress.checkpoint.clone();
+        }
+        st.progress = Some(progress);
+    }
+}
+
+fn worker_report(w: &Worker) -> Option<TrainerReport> {
+    match &w.state {
+        WorkerState::Succeeded { report } => report.clone(),
+        WorkerState::Failed(f) => f.report.clone(),
+        _ => None,
+    }
+}
+
+/// `base` seconds before the first restart, doubling for each further one, at most `MAX_BACKOFF`.
+pub fn backoff(base_seconds: i32, restart: i32) -> Duration {
+    let base = u64::try_from(base_seconds).unwrap_or(0);
+    let factor = 1u64 << (restart.clamp(1, 20) - 1);
+    Duration::from_secs(base.saturating_mul(factor)).min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::condition as c;
+    use crate::resources::testing::{cpu_spec, gpu_spec, training};
+    use crate::resources::TRAINER_CONTAINER;
+    use crate::workers::observe;
+    use crate::workers::testing::{deleting, pod, running, terminated, unschedulable};
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + s).unwrap()
+    }
+
+    fn decide_at(t: &CharLMTraining, pods: &[Pod], now: i64) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: None,
+            now: at(now),
+        })
+    }
+
+    /// The training after its status was written.
+    fn with(mut t: CharLMTraining, d: &Decision) -> CharLMTraining {
+        t.status = Some(d.status.clone());
+        t
+    }
+
+    fn condition<'a>(d: &'a Decision, type_: &str) -> (&'a str, &'a str) {
+        let c = conditions::get(&d.status.conditions, type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    /// A GPU training of two workers whose pods both run.
+    fn running_gpu_training() -> (CharLMTraining, Vec<Pod>) {
+        let t = training(gpu_spec());
+        let d = decide_at(&t, &[], 0);
+        let t = with(t, &d);
+        let pods = vec![
+            running(pod(&t, 0, 0), "10.0.0.1"),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        (with(t, &d), pods)
+    }
+
+    #[test]
+    fn a_new_training_creates_all_workers() {
+        let t = training(gpu_spec());
+        let d = decide_at(&t, &[], 0);
+        assert_eq!(d.create, [0, 1]);
+        assert!(d.delete.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(d.status.workers, 2);
+        assert_eq!(d.status.launched_attempt, Some(0));
+        assert_eq!(d.status.checkpoint_pvc.as_deref(), Some("demo-checkpoints"));
+        assert_eq!(d.status.observed_generation, Some(1));
+        assert_eq!(d.status.conditions.len(), 7);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "Creating"));
+    }
+
+    #[test]
+    fn running_gang_reports_running_and_progress() {
+        let (t, pods) = running_gpu_training();
+        let d = decide(&Observed {
+            training: &t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: TrainerReport::parse(
+                r#"{"step": 1200, "total_steps_estimate": 9000, "train_loss": 0.92, "eta_s": 51600.0, "checkpoint": "/checkpoints/step-000001200", "complete": false}"#,
+            ),
+            now: at(40),
+        });
+        assert!(d.create.is_empty() && d.delete.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(d.status.running_workers, 2);
+        assert_eq!(condition(&d, c::RUNNING), ("True", "Training"));
+        assert_eq!(condition(&d, c::PODS_READY), ("True", "AllWorkersRunning"));
+        assert_eq!(condition(&d, c::DATASET_READY), ("True", "Prepared"));
+        let p = d.status.progress.as_ref().unwrap();
+        assert_eq!(p.step, 1200);
+        assert_eq!(d.status.eta.as_deref(), Some("14h20m"));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000001200")
+        );
+        assert_eq!(d.status.start_time, Some(Time(at(5))));
+        assert_eq!(d.requeue, Some(RUNNING_REQUEUE));
+    }
+
+    #[test]
+    fn a_failed_worker_restarts_the_whole_gang_after_a_backoff() {
+        let (t, mut pods) = running_gpu_training();
+        pods[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 137, "killed");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.attempt), (1, 1));
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert!(d.create.is_empty());
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerFailed"));
+        assert_eq!(condition(&d, c::RUNNING).0, "False");
+        let msg = d.status.message.clone().unwrap();
+        assert!(
+            msg.contains("demo-worker-1: container trainer exited with code 137"),
+            "{msg}"
+        );
+        assert!(msg.contains("gang restart 1 of 3"), "{msg}");
+        assert_eq!(d.status.restart_after, Some(Time(at(110))));
+        let t = with(t, &d);
+
+        // The old pods are still terminating: nothing new is created, nothing counted twice.
+        let terminating: Vec<Pod> = pods.iter().cloned().map(deleting).collect();
+        let d = decide_at(&t, &terminating, 111);
+        assert!(d.create.is_empty() && d.delete.is_empty());
+        assert_eq!((d.status.restarts, d.status.attempt), (1, 1));
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+
+        // Gone, but the backoff is not over yet.
+        let d = decide_at(&t, &[], 105);
+        assert!(d.create.is_empty());
+        assert_eq!(d.requeue, Some(Duration::from_secs(6)));
+
+        // Backoff over: a new attempt of all workers.
+        let d = decide_at(&t, &[], 110);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        let t = with(t, &d);
+        let pods = vec![
+            running(pod(&t, 0, 1), "10.0.0.3"),
+            running(pod(&t, 1, 1), "10.0.0.4"),
+        ];
+        let d = decide_at(&t, &pods, 120);
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(condition(&d, c::RESTARTING), ("False", "Recovered"));
+        assert_eq!(d.status.restarts, 1);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        assert_eq!(backoff(10, 1), Duration::from_secs(10));
+        assert_eq!(backoff(10, 3), Duration::from_secs(40));
+        assert_eq!(backoff(10, 30), MAX_BACKOFF);
+        assert_eq!(backoff(0, 2), Duration::ZERO);
+    }
+
+    #[test]
+    fn out_of_restarts_fails_with_the_reason() {
+        let mut spec = gpu_spec();
+        spec["restartPolicy"] = serde_json::json!({"maxRestarts": 1, "backoffSeconds": 0});
+        let t = training(spec);
+        let mut status = CharLMTrainingStatus {
+            restarts: 1,
+            attempt: 1,
+            ..Default::default()
+        };
+        status.launched_attempt = Some(1);
+        let mut t = t;
+        t.status = Some(status);
+        let pods = vec![
+            running(pod(&t, 0, 1), "10.0.0.1"),
+            terminated(pod(&t, 1, 1), TRAINER_CONTAINER, 1, "panic: NCCL timeout"),
+        ];
+        let d = decide_at(&t, &pods, 0);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "RestartLimitExceeded"));
+        assert_eq!(
+            d.delete,
+            ["demo-worker-0"],
+            "the running peer is freed, the failed pod kept"
+        );
+        let msg = d.status.message.unwrap();
+        assert!(
+            msg.contains("NCCL timeout") && msg.contains("all 1 restarts used"),
+            "{msg}"
+        );
+        assert_eq!(d.status.failed_generation, Some(1));
+    }
+
+    #[test]
+    fn bad_input_fails_at_once() {
+        let t = training(cpu_spec());
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![terminated(
+            pod(&t, 0, 0),
+            "prepare",
+            2,
+            "error: no .txt files in /work/raw",
+        )];
+        let d = decide_at(&t, &pods, 3);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidInput"));
+        assert_eq!(d.status.restarts, 0);
+        assert!(d.delete.is_empty() && d.create.is_empty());
+        let t = with(t, &d);
+
+        // Failed stays failed while the spec is unchanged...
+        let d2 = decide_at(&t, &pods, 10);
+        assert_eq!(d2.status.phase, Some(Phase::Failed));
+        assert!(d2.create.is_empty());
+
+        // ...and a new generation starts a fresh attempt, replacing the failed pod.
+        let mut t = t;
+        t.metadata.generation = Some(2);
+        let d3 = decide_at(&t, &pods, 20);
+        assert_eq!(d3.status.attempt, 1);
+        assert_eq!(condition(&d3, c::FAILED), ("False", "SpecChanged"));
+        assert_eq!(d3.delete, ["demo-worker-0"]);
+        assert!(d3.create.is_empty(), "waits for the old pod to go");
+        let d4 = decide_at(&with(t, &d3), &[], 21);
+        assert_eq!(d4.create, [0]);
+    }
+
+    #[test]
+    fn worker_zero_complete_means_succeeded() {
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 9000, "val_bpc": 1.2345, "checkpoint": "/checkpoints/step-000009000", "complete": true}"#,
+        );
+        let d = decide_at(&t, &pods, 500);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert_eq!(condition(&d, c::SUCCEEDED), ("True", "BudgetDone"));
+        assert_eq!(d.status.final_val_bpc, Some(1.2345));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000009000")
+        );
+        assert_eq!(d.status.completion_time, Some(Time(at(500))));
+        assert_eq!(d.delete, ["demo-worker-1"]);
+        // Terminal: later reconciles change nothing.
+        let t = with(t, &d);
+        let d2 = decide_at(&t, &pods[..1], 600);
+        assert_eq!(d2.status.phase, Some(Phase::Succeeded));
+        assert!(d2.create.is_empty() && d2.delete.is_empty());
+        assert_eq!(d2.requeue, None);
+    }
+
+    #[test]
+    fn an_incomplete_exit_restarts() {
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 300, "checkpoint": "/checkpoints/step-000000300", "complete": false}"#,
+        );
+        let d = decide_at(&t, &pods, 50);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerStopped"));
+        assert_eq!(d.status.progress.as_ref().unwrap().step, 300);
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000300")
+        );
+    }
+
+    #[test]
+    fn a_deleted_or_vanished_worker_restarts_the_gang() {
+        let (t, pods) = running_gpu_training();
+        let d = decide_at(&t, &[pods[0].clone()], 50);
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
+        assert!(d
+            .status
+            .message
+            .unwrap()
+            .contains("demo-worker-1: disappeared"));
+
+        let d = decide_at(&t, &[pods[0].clone(), deleting(pods[1].clone())], 50);
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
+    }
+
+    #[test]
+    fn a_gang_cut_short_by_a_crash_is_completed_not_restarted() {
+        // The operator created worker 0 and died before worker 1 and before writing the status.
+        let t = training(gpu_spec());
+        let pods = vec![running(pod(&t, 0, 0), "10.0.0.1")];
+        let d = decide_at(&t, &pods, 0);
+        assert_eq!(d.create, [1]);
+        assert_eq!(d.status.restarts, 0);
+    }
+
+    #[test]
+    fn suspend_deletes_workers_and_resume_recreates_them() {
+        let (mut t, pods) = running_gpu_training();
+        t.spec.suspend = Some(true);
+        let d = decide_at(&t, &pods, 50);
+        assert_eq!(d.status.phase, Some(Phase::Suspended));
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::SUSPENDED), ("True", "Suspended"));
+        assert_eq!(d.status.restarts, 0);
+        let mut t = with(t, &d);
+        let d = decide_at(&t, &[], 60);
+        assert!(d.create.is_empty() && d.delete.is_empty());
+        assert_eq!(d.requeue, None);
+
+        t.spec.suspend = Some(false);
+        let d = decide_at(&t, &[], 70);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(condition(&d, c::SUSPENDED), ("False", "Resumed"));
+        assert_eq!((d.status.restarts, d.status.attempt), (0, 0));
+    }
+
+    #[test]
+    fn a_missing_dataset_blocks_creation_with_a_message() {
+        let t = training(gpu_spec());
+        let d = decide(&Observed {
+            training: &t,
+            workers: vec![],
+            dataset: DatasetCheck::Missing(
+                "PersistentVolumeClaim texts (spec.dataset.pvc.claimName) not found in namespace team-a".into(),
+            ),
+            progress: None,
+            now: at(0),
+        });
+        assert!(d.create.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("False", "DatasetNotFound")
+        );
+        assert!(d.status.message.unwrap().contains("claimName"));
+        assert_eq!(d.requeue, Some(DATASET_REQUEUE));
+    }
+
+    #[test]
+    fn unschedulable_workers_say_why() {
+        let t = training(gpu_spec());
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![
+            unschedulable(
+                pod(&t, 0, 0),
+                "0/6 nodes are available: 6 Insufficient nvidia.com/gpu.",
+            ),
+            pod(&t, 1, 0),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "Unschedulable"));
+        assert!(d
+            .status
+            .message
+            .unwrap()
+            .contains("Insufficient nvidia.com/gpu"));
+        assert!(d.create.is_empty() && d.delete.is_empty());
+    }
+
+    #[test]
+    fn pods_of_other_attempts_or_shapes_are_removed_first() {
+        let t = training(cpu_spec());
+        let mut t2 = t.clone();
+        t2.status = Some(CharLMTrainingStatus {
+            attempt: 2,
+            ..Default::default()
+        });
+        // A leftover of attempt 1 and a pod of index 5 that the spec no longer has.
+        let pods = vec![pod(&t, 0, 1), pod(&t, 5, 2)];
+        let d = decide_at(&t2, &pods, 0);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-5"]);
+        assert!(d.create.is_empty());
+    }
+}

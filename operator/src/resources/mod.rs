@@ -1,0 +1,148 @@
+//! Pure functions from a `CharLMTraining` to the objects that run it. Nothing here talks to the API
+//! server, so every field of every object is checked by unit tests.
+
+mod pod;
+mod pvc;
+mod service;
+
+pub use pod::{worker_pod, PodSettings, TRAINER_CONTAINER};
+pub use pvc::checkpoint_pvc;
+pub use service::workers_service;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::CharLMTraining;
+
+/// Label on every object the operator creates for a training: its name.
+pub const TRAINING_LABEL: &str = "charlm.dev/training";
+/// Label of a worker pod: its index (= NODE_RANK).
+pub const WORKER_INDEX_LABEL: &str = "charlm.dev/worker-index";
+/// Label of a worker pod: the attempt it belongs to (status.attempt when it was created).
+pub const ATTEMPT_LABEL: &str = "charlm.dev/attempt";
+/// The rendezvous port of the trainer's TCPStore on worker 0 (MASTER_PORT).
+pub const RENDEZVOUS_PORT: i32 = 29500;
+/// The trainer's progress and metrics port (CHARLM_METRICS_PORT).
+pub const PROGRESS_PORT: i32 = 9090;
+
+pub fn pod_name(training: &str, index: i32) -> String {
+    format!("{training}-worker-{index}")
+}
+
+pub fn service_name(training: &str) -> String {
+    format!("{training}-workers")
+}
+
+pub fn pvc_name(training: &str) -> String {
+    format!("{training}-checkpoints")
+}
+
+/// DNS name of worker 0 through the headless Service (the contract's MASTER_ADDR).
+pub fn master_addr(training: &str, namespace: &str) -> String {
+    format!(
+        "{}.{}.{namespace}.svc",
+        pod_name(training, 0),
+        service_name(training)
+    )
+}
+
+/// The labels shared by every object of a training; selecting on `TRAINING_LABEL` finds them all.
+pub fn common_labels(training: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "charlm-trainer".to_string(),
+        ),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            training.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "charlm-operator".to_string(),
+        ),
+        (TRAINING_LABEL.to_string(), training.to_string()),
+    ])
+}
+
+/// The label selector of a training's worker pods.
+pub fn workers_selector(training: &str) -> String {
+    format!("{TRAINING_LABEL}={training}")
+}
+
+/// The controller reference that makes the training own (and garbage-collect) an object.
+pub fn owner_reference(training: &CharLMTraining) -> OwnerReference {
+    training
+        .controller_owner_ref(&())
+        .expect("a training read from the API server has a name and uid")
+}
+
+/// The namespace of a training read from the API server.
+pub fn namespace_of(training: &CharLMTraining) -> String {
+    training
+        .namespace()
+        .unwrap_or_else(|| "default".to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use kube::api::ObjectMeta;
+
+    use crate::crd::{CharLMTraining, CharLMTrainingSpec};
+
+    /// A training as the API server would return it: defaults applied, name, namespace and uid set.
+    pub fn training(spec: serde_json::Value) -> CharLMTraining {
+        let spec: CharLMTrainingSpec = serde_json::from_value(spec).expect("a valid test spec");
+        let mut t = CharLMTraining::new("demo", spec);
+        t.metadata = ObjectMeta {
+            name: Some("demo".into()),
+            namespace: Some("team-a".into()),
+            uid: Some("0c5f6f8e-1111-2222-3333-444455556666".into()),
+            generation: Some(1),
+            ..Default::default()
+        };
+        t
+    }
+
+    pub fn gpu_spec() -> serde_json::Value {
+        serde_json::json!({
+            "depth": 24, "gpus": 16, "hours": 2.0,
+            "dataset": {"pvc": {"claimName": "texts", "path": "corpus/v1"}}
+        })
+    }
+
+    pub fn cpu_spec() -> serde_json::Value {
+        serde_json::json!({
+            "depth": 2, "gpus": 0, "maxSteps": 50,
+            "dataset": {"synthetic": {"chars": 20000, "seed": 7}}
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_contract() {
+        assert_eq!(pod_name("demo", 3), "demo-worker-3");
+        assert_eq!(service_name("demo"), "demo-workers");
+        assert_eq!(pvc_name("demo"), "demo-checkpoints");
+        assert_eq!(
+            master_addr("demo", "ns"),
+            "demo-worker-0.demo-workers.ns.svc"
+        );
+    }
+
+    #[test]
+    fn owner_reference_is_a_controller_reference() {
+        let t = testing::training(testing::cpu_spec());
+        let owner = owner_reference(&t);
+        assert_eq!(owner.kind, "CharLMTraining");
+        assert_eq!(owner.api_version, "charlm.dev/v1alpha1");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(owner.uid, t.metadata.uid.unwrap());
+    }
+}

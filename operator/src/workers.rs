@@ -1,0 +1,404 @@
+//! What a worker pod says about itself, read from its labels and status into plain data, so the
+//! reconciler decides on facts instead of digging through `PodStatus`.
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::ResourceExt;
+
+use crate::progress::TrainerReport;
+use crate::resources::{ATTEMPT_LABEL, TRAINER_CONTAINER, WORKER_INDEX_LABEL};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Worker {
+    pub name: String,
+    /// `charlm.dev/worker-index`; `None` on a pod without it (not ours to keep).
+    pub index: Option<i32>,
+    /// `charlm.dev/attempt`; `None` on a pod without it.
+    pub attempt: Option<i64>,
+    /// Being deleted.
+    pub terminating: bool,
+    pub pod_ip: Option<String>,
+    pub state: WorkerState,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum WorkerState {
+    /// Not running yet: unscheduled, pulling, or in its init containers.
+    Pending {
+        /// The scheduler's reason when it cannot place the pod.
+        unschedulable: Option<String>,
+        /// The init containers (generate, prepare) have started but not all finished.
+        preparing: bool,
+    },
+    Running,
+    /// The trainer exited 0.
+    Succeeded {
+        report: Option<TrainerReport>,
+    },
+    /// A container failed, or the pod was evicted or lost.
+    Failed(Failure),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// The container that failed (`trainer`, `prepare`, `generate`), if Kubernetes says.
+    pub container: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Kubernetes' reason: `Error`, `OOMKilled`, `Evicted`, ...
+    pub reason: Option<String>,
+    /// The termination message: the trainer's report, or the tail of its log.
+    pub message: Option<String>,
+    pub report: Option<TrainerReport>,
+}
+
+/// The trainer's "bad input" exit code (docs/contract.md): retrying cannot help.
+pub const EXIT_BAD_INPUT: i32 = 2;
+
+impl Failure {
+    pub fn is_bad_input(&self) -> bool {
+        self.exit_code == Some(EXIT_BAD_INPUT)
+    }
+
+    /// One line for a condition message: which container, how it ended, and why.
+    pub fn describe(&self, pod: &str) -> String {
+        let mut out = match (&self.container, self.exit_code) {
+            (Some(c), Some(code)) => format!("{pod}: container {c} exited with code {code}"),
+            (Some(c), None) => format!("{pod}: container {c} failed"),
+            (None, _) => format!("{pod} failed"),
+        };
+        if let Some(reason) = self.reason.as_deref().filter(|r| *r != "Error") {
+            out.push_str(&format!(" ({reason})"));
+        }
+        let detail = match &self.report {
+            Some(r) => r
+                .error
+                .clone()
+                .or_else(|| Some(format!("last report at step {}", r.step))),
+            None => self.message.as_deref().and_then(last_line),
+        };
+        if let Some(detail) = detail {
+            out.push_str(": ");
+            out.push_str(&truncate(&detail, 400));
+        }
+        out
+    }
+}
+
+impl Worker {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.state,
+            WorkerState::Pending { .. } | WorkerState::Running
+        )
+    }
+
+    /// Has begun its work (past scheduling): a later absence of a peer means it was lost.
+    pub fn has_started(&self) -> bool {
+        match &self.state {
+            WorkerState::Pending { preparing, .. } => *preparing,
+            _ => true,
+        }
+    }
+}
+
+pub fn observe(pod: &Pod) -> Worker {
+    let labels = pod.labels();
+    let status = pod.status.clone().unwrap_or_default();
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    let init_statuses = status.init_container_statuses.clone().unwrap_or_default();
+    let statuses = status.container_statuses.clone().unwrap_or_default();
+    let trainer = statuses.iter().find(|s| s.name == TRAINER_CONTAINER);
+    let report = trainer
+        .and_then(terminated_message)
+        .and_then(TrainerReport::parse);
+
+    let state = match phase {
+        "Running" => WorkerState::Running,
+        "Succeeded" => WorkerState::Succeeded { report },
+        "Failed" => WorkerState::Failed(failure(&status, &init_statuses, &statuses, report)),
+        _ => {
+            // A failed init container of a `restartPolicy: Never` pod fails the pod; kubelets set
+            // the phase a moment later, so the container status decides first.
+            if let Some(f) = failed_container(&init_statuses) {
+                WorkerState::Failed(f)
+            } else {
+                let unschedulable = status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .find(|c| {
+                        c.type_ == "PodScheduled"
+                            && c.status == "False"
+                            && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                    .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
+                let preparing = init_statuses.iter().any(|s| {
+                    s.state
+                        .as_ref()
+                        .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
+                });
+                WorkerState::Pending {
+                    unschedulable,
+                    preparing,
+                }
+            }
+        }
+    };
+
+    Worker {
+        name: pod.name_any(),
+        index: labels.get(WORKER_INDEX_LABEL).and_then(|v| v.parse().ok()),
+        attempt: labels.get(ATTEMPT_LABEL).and_then(|v| v.parse().ok()),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        pod_ip: status.pod_ip.clone(),
+        state,
+    }
+}
+
+fn failure(
+    status: &k8s_openapi::api::core::v1::PodStatus,
+    init: &[ContainerStatus],
+    main: &[ContainerStatus],
+    report: Option<TrainerReport>,
+) -> Failure {
+    if let Some(f) = failed_container(init) {
+        return f;
+    }
+    if let Some(mut f) = failed_container(main) {
+        f.report = report;
+        return f;
+    }
+    // No container explains it: evicted, deleted node, or a status written by hand.
+    Failure {
+        container: None,
+        exit_code: None,
+        reason: status.reason.clone(),
+        message: status.message.clone(),
+        report,
+    }
+}
+
+fn failed_container(statuses: &[ContainerStatus]) -> Option<Failure> {
+    statuses.iter().find_map(|s| {
+        let t = s.state.as_ref()?.terminated.as_ref()?;
+        (t.exit_code != 0).then(|| Failure {
+            container: Some(s.name.clone()),
+            exit_code: Some(t.exit_code),
+            reason: t.reason.clone(),
+            message: t.message.clone(),
+            report: None,
+        })
+    })
+}
+
+fn terminated_message(s: &ContainerStatus) -> Option<&str> {
+    s.state.as_ref()?.terminated.as_ref()?.message.as_deref()
+}
+
+fn last_line(text: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}...")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Pods in the states kubelets put them in, for the reconciler's tests.
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
+        PodCondition, PodStatus,
+    };
+
+    use super::*;
+    use crate::crd::CharLMTraining;
+    use crate::resources::{worker_pod, PodSettings};
+
+    pub fn settings() -> PodSettings {
+        PodSettings {
+            default_image: "charlm-trainer:test".into(),
+            image_pull_policy: None,
+        }
+    }
+
+    pub fn pod(t: &CharLMTraining, index: i32, attempt: i64) -> Pod {
+        worker_pod(t, index, attempt, &settings())
+    }
+
+    pub fn running(mut pod: Pod, ip: &str) -> Pod {
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: TRAINER_CONTAINER.into(),
+                state: Some(ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        pod
+    }
+
+    pub fn terminated(mut pod: Pod, container: &str, code: i32, message: &str) -> Pod {
+        let status = ContainerStatus {
+            name: container.into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: code,
+                    reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+                    message: Some(message.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let init = container != TRAINER_CONTAINER;
+        pod.status = Some(PodStatus {
+            phase: Some(if code == 0 { "Succeeded" } else { "Failed" }.into()),
+            init_container_statuses: init.then(|| vec![status.clone()]),
+            container_statuses: (!init).then(|| vec![status]),
+            ..Default::default()
+        });
+        pod
+    }
+
+    pub fn unschedulable(mut pod: Pod, message: &str) -> Pod {
+        pod.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some(message.into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        pod
+    }
+
+    pub fn deleting(mut pod: Pod) -> Pod {
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+            ));
+        pod
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::resources::testing::{cpu_spec, training};
+
+    #[test]
+    fn reads_labels_and_running_state() {
+        let t = training(cpu_spec());
+        let w = observe(&running(pod(&t, 0, 3), "10.0.0.5"));
+        assert_eq!((w.index, w.attempt), (Some(0), Some(3)));
+        assert_eq!(w.state, WorkerState::Running);
+        assert_eq!(w.pod_ip.as_deref(), Some("10.0.0.5"));
+        assert!(!w.terminating);
+    }
+
+    #[test]
+    fn a_fresh_pod_is_pending() {
+        let t = training(cpu_spec());
+        let w = observe(&pod(&t, 1, 0));
+        assert_eq!(
+            w.state,
+            WorkerState::Pending {
+                unschedulable: None,
+                preparing: false
+            }
+        );
+        assert!(!w.has_started());
+        let w = observe(&unschedulable(pod(&t, 1, 0), "0/6 nodes are available"));
+        assert!(
+            matches!(w.state, WorkerState::Pending { unschedulable: Some(m), .. } if m.contains("0/6"))
+        );
+    }
+
+    #[test]
+    fn failures_explain_themselves() {
+        let t = training(cpu_spec());
+        let w = observe(&terminated(
+            pod(&t, 1, 0),
+            "prepare",
+            2,
+            "loading\nerror: /dataset has no .txt files; put the text there\n",
+        ));
+        let WorkerState::Failed(f) = w.state else {
+            panic!("expected a failure")
+        };
+        assert!(f.is_bad_input());
+        assert_eq!(
+            f.describe("demo-worker-1"),
+            "demo-worker-1: container prepare exited with code 2: error: /dataset has no .txt files; put the text there"
+        );
+
+        let w = observe(&terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            137,
+            r#"{"step": 40, "complete": false}"#,
+        ));
+        let WorkerState::Failed(f) = w.state else {
+            panic!("expected a failure")
+        };
+        assert!(!f.is_bad_input());
+        assert_eq!(f.report.as_ref().unwrap().step, 40);
+        assert_eq!(
+            f.describe("demo-worker-0"),
+            "demo-worker-0: container trainer exited with code 137: last report at step 40"
+        );
+    }
+
+    #[test]
+    fn success_carries_the_report() {
+        let t = training(cpu_spec());
+        let w = observe(&terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 50, "val_bpc": 1.2, "complete": true}"#,
+        ));
+        let WorkerState::Succeeded { report: Some(r) } = w.state else {
+            panic!("expected success with a report")
+        };
+        assert!(r.complete);
+    }
+
+    #[test]
+    fn evicted_pod_without_containers_is_a_failure() {
+        let t = training(cpu_spec());
+        let mut p = pod(&t, 0, 0);
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some("Evicted".into()),
+            message: Some("The node was low on resource: memory.".into()),
+            ..Default::default()
+        });
+        let WorkerState::Failed(f) = observe(&p).state else {
+            panic!("expected a failure")
+        };
+        assert_eq!(
+            f.describe("demo-worker-0"),
+            "demo-worker-0 failed (Evicted): The node was low on resource: memory."
+        );
+    }
+}
