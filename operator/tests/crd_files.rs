@@ -1,0 +1,24 @@
+//! The CRD files in the repository are generated from `operator/src/crd.rs`; this fails when
+//! someone changed the types and forgot to regenerate them.
+
+use std::path::Path;
+
+const REGENERATE: &str = "regenerate them with:\n  cargo run -p charlm-operator -- crd > crds/charlmtrainings.charlm.dev.yaml\n  cp crds/charlmtrainings.charlm.dev.yaml charts/charlm-operator/crds/";
+
+#[test]
+fn crd_files_are_up_to_date() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let expected = charlm_operator::crd::crd_yaml();
+    for file in [
+        "crds/charlmtrainings.charlm.dev.yaml",
+        "charts/charlm-operator/crds/charlmtrainings.charlm.dev.yaml",
+    ] {
+        let path = root.join(file);
+        let actual = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {file} ({e}); {REGENERATE}"));
+        assert!(
+            actual == expected,
+            "{file} is stale: it differs from `charlm-operator crd`; {REGENERATE}"
+        );
+    }
+}
