@@ -72,8 +72,11 @@ impl Context {
 
 /// Checks that the CRD is installed, so a missing one is a clear error at start instead of a
 /// watch that retries forever.
-pub async fn check_crd(client: &Client) -> anyhow::Result<()> {
-    let api: Api<CharLMTraining> = Api::all(client.clone());
+pub async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let api: Api<CharLMTraining> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     api.list(&ListParams::default().limit(1))
         .await
         .map_err(|e| {
@@ -86,14 +89,20 @@ pub async fn check_crd(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves, over all namespaces or only `namespace`.
 pub async fn run(
     ctx: Arc<Context>,
+    namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let trainings: Api<CharLMTraining> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client);
+    let (trainings, pods): (Api<CharLMTraining>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
     Controller::new(trainings, watcher::Config::default().any_semantic())
         .owns(pods, watcher::Config::default().labels(TRAINING_LABEL))
         .graceful_shutdown_on(shutdown)

@@ -61,6 +61,9 @@ struct RunArgs {
     /// Name of this replica in the lease and in events; the pod name in a cluster.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Watch only this namespace instead of all (the ClusterRole still grants all).
+    #[arg(long, env = "CHARLM_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CHARLM_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -106,7 +109,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics::router(metrics.clone(), health.clone()),
     ));
 
-    controller::check_crd(&client).await?;
+    controller::check_crd(&client, args.watch_namespace.as_deref()).await?;
     // A standby replica is healthy and ready: it is waiting, as it should.
     health.set_ready(true);
 
@@ -143,7 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let ctx = Arc::new(Context::new(client, &identity, settings, metrics.clone())?);
     tracing::info!(%identity, "controller starting");
-    let controller = controller::run(ctx, stopped(stop_rx));
+    let controller = controller::run(ctx, args.watch_namespace.clone(), stopped(stop_rx));
     match &elector {
         Some(elector) => {
             tokio::select! {

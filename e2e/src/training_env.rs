@@ -1,0 +1,287 @@
+//! One operator test's world: its namespace, the operator process(es) running under the chart's
+//! ServiceAccount and watching only that namespace, and typed access to what the operator made.
+//! Cleaned up at the end of a passing test; after a failing one, left for inspection except for
+//! finalizers and the operator process.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+
+use charlm_operator::crd::{CharLMTraining, Phase};
+
+use crate::cluster::{
+    self, admin_client, create_namespace, install_chart, run_dir, service_account_kubeconfig,
+    Operator, OperatorOptions,
+};
+
+pub struct TestEnv {
+    pub admin: Client,
+    pub ns: String,
+    pub dir: PathBuf,
+    pub options: OperatorOptions,
+    pub operators: Vec<Operator>,
+    finished: bool,
+}
+
+impl TestEnv {
+    /// A fresh namespace with the chart installed; no operator runs yet.
+    pub async fn new(test: &str) -> TestEnv {
+        let admin = admin_client().await;
+        tokio::task::spawn_blocking(install_chart).await.unwrap();
+        let ns = create_namespace(&admin, test)
+            .await
+            .expect("a test namespace");
+        let dir = run_dir().join("e2e").join(&ns);
+        let kubeconfig = service_account_kubeconfig(&admin, &dir)
+            .await
+            .expect("a kubeconfig for the chart's ServiceAccount");
+        let options = OperatorOptions {
+            kubeconfig,
+            namespace: ns.clone(),
+            lease_name: format!("charlm-{ns}"),
+            lease_duration_seconds: 4,
+            identity: "operator-1".into(),
+            log_dir: dir.clone(),
+            extra_args: vec![],
+        };
+        TestEnv {
+            admin,
+            ns,
+            dir,
+            options,
+            operators: vec![],
+            finished: false,
+        }
+    }
+
+    /// Starts an operator process named `identity` and waits until it answers /readyz.
+    pub async fn start_operator(&mut self, identity: &str) -> usize {
+        let mut options = self.options.clone();
+        options.identity = identity.to_string();
+        let op = Operator::start(&options);
+        self.operators.push(op);
+        let i = self.operators.len() - 1;
+        let port = self.operators[i].metrics_port;
+        cluster::wait_for(
+            &format!("operator {identity} to answer /readyz on port {port}"),
+            Duration::from_secs(30),
+            || {
+                let op = &self.operators[i];
+                async move {
+                    match op.get("/readyz").await {
+                        Ok((200, _)) => Ok(Some(())),
+                        Ok((code, body)) => Err(format!("{code} {body}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            },
+        )
+        .await;
+        i
+    }
+
+    pub fn trainings(&self) -> Api<CharLMTraining> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn pvcs(&self) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn services(&self) -> Api<Service> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    /// Applies a manifest (an example file or a variant of one) into the test namespace.
+    pub async fn apply(&self, yaml: &str) -> CharLMTraining {
+        let v = cluster::apply_yaml(&self.admin, &self.ns, yaml)
+            .await
+            .unwrap_or_else(|e| panic!("applying a training: {e}"));
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Worker pods of a training, sorted by name.
+    pub async fn workers(&self, training: &str) -> Vec<Pod> {
+        let mut pods = self
+            .pods()
+            .list(&ListParams::default().labels(&format!("charlm.dev/training={training}")))
+            .await
+            .unwrap()
+            .items;
+        pods.sort_by_key(|p| p.name_any());
+        pods
+    }
+
+    /// Waits for the checkpoint claim of `training` and binds a volume to it.
+    pub async fn provide_checkpoint_volume(&self, training: &str) {
+        let claim = format!("{training}-checkpoints");
+        let pvcs = self.pvcs();
+        self.wait(&format!("PVC {claim}"), Duration::from_secs(30), || {
+            let pvcs = pvcs.clone();
+            let claim = claim.clone();
+            async move {
+                match pvcs.get_opt(&claim).await {
+                    Ok(Some(_)) => Ok(Some(())),
+                    Ok(None) => Err("absent".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        cluster::provide_volume(&self.admin, &self.ns, &claim)
+            .await
+            .expect("a volume for the checkpoint claim");
+    }
+
+    /// Waits until `check` accepts the training; on timeout the failure shows its status and the
+    /// operators' logs.
+    pub async fn wait_training<F>(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: F,
+    ) -> CharLMTraining
+    where
+        F: Fn(&CharLMTraining) -> bool,
+    {
+        let api = self.trainings();
+        let check = &check;
+        self.wait(&format!("{name}: {what}"), timeout, || {
+            let api = api.clone();
+            async move {
+                match api.get_opt(name).await {
+                    Ok(Some(t)) if check(&t) => Ok(Some(t)),
+                    Ok(Some(t)) => Err(serde_json::to_string(&t.status).unwrap()),
+                    Ok(None) => Err("the training does not exist".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: Phase, timeout: Duration) -> CharLMTraining {
+        self.wait_training(name, &format!("phase {phase:?}"), timeout, |t| {
+            t.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        })
+        .await
+    }
+
+    /// `cluster::wait_for` that adds the operators' log tails to a timeout.
+    pub async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, String>>,
+    {
+        let waiting = std::panic::AssertUnwindSafe(cluster::wait_for(what, timeout, probe));
+        match futures::FutureExt::catch_unwind(waiting).await {
+            Ok(v) => v,
+            Err(panic) => {
+                eprintln!("{}", self.log_tails());
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// The last lines of every operator's log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for op in &self.operators {
+            let text = op.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            out.push_str(&format!(
+                "--- last lines of {} ({}):\n{}\n",
+                op.identity,
+                op.log.display(),
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Patches a pod's status through the status subresource, as a kubelet would report it.
+    pub async fn set_pod_status(&self, pod: &str, status: serde_json::Value) {
+        self.pods()
+            .patch_status(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": status })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patching the status of pod {pod}: {e}"));
+    }
+
+    /// Deletes every training (the operator's finalizer cleans up), stops the operators, and removes
+    /// the namespace and the test's volumes.
+    pub async fn finish(mut self) {
+        let api = self.trainings();
+        for t in api.list(&ListParams::default()).await.unwrap() {
+            let _ = api.delete(&t.name_any(), &DeleteParams::default()).await;
+        }
+        let list_api = api.clone();
+        self.wait(
+            "all trainings to be deleted",
+            Duration::from_secs(60),
+            || {
+                let api = list_api.clone();
+                async move {
+                    match api.list(&ListParams::default()).await {
+                        Ok(l) if l.items.is_empty() => Ok(Some(())),
+                        Ok(l) => Err(format!("{} left", l.items.len())),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            },
+        )
+        .await;
+        for op in &mut self.operators {
+            op.terminate();
+        }
+        cluster::delete_volumes(&self.admin, &self.ns)
+            .await
+            .unwrap();
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.admin.clone());
+        let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
+        self.finished = true;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        for op in &mut self.operators {
+            op.kill();
+        }
+        // Without an operator the finalizers would hold the namespace forever.
+        let kubectl = cluster::bin_dir().join("kubectl");
+        let _ = Command::new(&kubectl)
+            .env("KUBECONFIG", cluster::kubeconfig_path())
+            .args([
+                "-n",
+                &self.ns,
+                "patch",
+                "charlmtrainings",
+                "--all",
+                "--type=merge",
+            ])
+            .args(["-p", r#"{"metadata":{"finalizers":null}}"#])
+            .output();
+        eprintln!(
+            "test namespace {} kept for inspection; operator logs in {}",
+            self.ns,
+            self.dir.display()
+        );
+    }
+}

@@ -1,0 +1,1005 @@
+//! The operator on the real control plane of `e2e/controlplane/` (kube-apiserver, etcd,
+//! controller-manager, scheduler, kwok nodes): the chart installs, the operator binary runs under the
+//! chart's ServiceAccount token (so its RBAC is proven enough), and every behaviour of issue 3 is
+//! checked against what the API server actually holds. Needs `e2e/controlplane/up`; fails without it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, ResourceQuota};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{json, Value};
+
+use charlm_e2e::cluster::{self, repo_root, tool, CHART_NAMESPACE};
+use charlm_e2e::training_env::TestEnv;
+use charlm_operator::crd::{CharLMTraining, Phase};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn example(file: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+/// A small CPU training of `workers` pods with cheap requests, for behaviour tests.
+fn small_cpu(name: &str, workers: i32) -> Value {
+    json!({
+        "apiVersion": "charlm.dev/v1alpha1",
+        "kind": "CharLMTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "depth": 2, "gpus": 0, "cpuWorkers": workers, "maxSteps": 100,
+            "dataset": {"synthetic": {"chars": 100000}},
+            "checkpoint": {"size": "1Gi"},
+            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        }
+    })
+}
+
+fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+    pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
+fn condition(t: &CharLMTraining, type_: &str) -> (String, String) {
+    let c = t
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no condition {type_} in {:?}", t.status));
+    (c.status.clone(), c.reason.clone())
+}
+
+fn phase(t: &CharLMTraining) -> Option<Phase> {
+    t.status.as_ref().and_then(|s| s.phase)
+}
+
+async fn nodes_by_name(env: &TestEnv) -> BTreeMap<String, Node> {
+    let nodes: Api<Node> = Api::all(env.admin.clone());
+    nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|n| (n.name_any(), n))
+        .collect()
+}
+
+fn is_h100(node: &Node) -> bool {
+    node.labels()
+        .get("nvidia.com/gpu.product")
+        .map(String::as_str)
+        == Some("NVIDIA-H100-80GB-HBM3")
+}
+
+async fn events_of(env: &TestEnv, training: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(env.admin.clone(), &env.ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(training))
+        .collect()
+}
+
+/// Runs a CPU training until all its workers run (binding its checkpoint volume on the way).
+async fn start_cpu_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
+    let name = manifest["metadata"]["name"].as_str().unwrap();
+    env.apply(&manifest.to_string()).await;
+    env.provide_checkpoint_volume(name).await;
+    env.wait_phase(name, Phase::Running, MINUTE).await
+}
+
+/// A change that makes a valid manifest invalid.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
+/// A terminated trainer container, as a kubelet reports it.
+fn terminated(container: &str, code: i32, reason: &str, message: &str) -> Value {
+    json!([{
+        "name": container, "image": "charlm-trainer:e2e", "imageID": "", "ready": false,
+        "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_lints_and_refuses_unsafe_values() {
+    cluster::require_kubeconfig();
+    let chart = repo_root().join("charts/charlm-operator");
+    let chart = chart.to_str().unwrap();
+    let lint = tool("helm", &["lint", "--strict", chart]).expect("helm lint --strict is clean");
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let rendered = tool("helm", &["template", "t", chart, "--set", "replicaCount=2"]).unwrap();
+    assert!(rendered.contains("--leader-elect=true"));
+    assert!(rendered.contains("kind: ClusterRole"));
+    let err = tool(
+        "helm",
+        &[
+            "template",
+            "t",
+            chart,
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+    )
+    .expect_err("two replicas without leader election must not render");
+    assert!(
+        err.to_string()
+            .contains("needs leaderElection.enabled=true"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
+    let mut env = TestEnv::new("gpu").await;
+    let op = env.start_operator("operator-1").await;
+
+    // The example reads .txt files from the claim `charlm-texts`, which the user provides.
+    let texts: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "charlm-texts"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap();
+    env.pvcs()
+        .create(&PostParams::default(), &texts)
+        .await
+        .unwrap();
+    cluster::provide_volume(&env.admin, &env.ns, "charlm-texts")
+        .await
+        .unwrap();
+
+    let manifest = example("gpu-training.yaml");
+    env.apply(&manifest.to_string()).await;
+    env.provide_checkpoint_volume("charlm-d24").await;
+    let t = env.wait_phase("charlm-d24", Phase::Running, MINUTE).await;
+
+    let status = t.status.clone().unwrap();
+    assert_eq!((status.workers, status.running_workers), (2, 2));
+    assert_eq!(
+        status.checkpoint_pvc.as_deref(),
+        Some("charlm-d24-checkpoints")
+    );
+    assert_eq!(status.observed_generation, t.metadata.generation);
+    for (type_, want) in [
+        ("PodsReady", "True"),
+        ("Running", "True"),
+        ("DatasetReady", "True"),
+    ] {
+        assert_eq!(condition(&t, type_).0, want, "{type_}");
+    }
+    assert_eq!(condition(&t, "Failed").0, "False");
+
+    let nodes = nodes_by_name(&env).await;
+    let pods = env.workers("charlm-d24").await;
+    let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["charlm-d24-worker-0", "charlm-d24-worker-1"]);
+    let mut used_nodes = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let spec = pod.spec.as_ref().unwrap();
+        let node = spec.node_name.clone().expect("the pod is scheduled");
+        assert!(
+            is_h100(&nodes[&node]),
+            "{} landed on {node}, not an H100 node",
+            pod.name_any()
+        );
+        used_nodes.push(node);
+        assert_eq!(spec.hostname.as_deref(), Some(pod.name_any().as_str()));
+        assert_eq!(spec.subdomain.as_deref(), Some("charlm-d24-workers"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(
+            spec.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
+
+        let trainer = &spec.containers[0];
+        let resources = trainer.resources.as_ref().unwrap();
+        assert_eq!(resources.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "8");
+        assert_eq!(
+            resources.requests.as_ref().unwrap()["nvidia.com/gpu"].0,
+            "8"
+        );
+        assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "200Gi");
+        assert_eq!(
+            trainer.args.as_ref().unwrap().join(" "),
+            "launch -- train",
+            "the contract's command"
+        );
+
+        let env_vars = env_of(pod);
+        assert_eq!(env_vars["NNODES"], "2");
+        assert_eq!(env_vars["NODE_RANK"], i.to_string());
+        assert_eq!(env_vars["NPROC_PER_NODE"], "8");
+        assert_eq!(
+            env_vars["MASTER_ADDR"],
+            format!("charlm-d24-worker-0.charlm-d24-workers.{}.svc", env.ns)
+        );
+        assert_eq!(env_vars["MASTER_PORT"], "29500");
+        assert_eq!(env_vars["CHARLM_DEPTH"], "24");
+        assert_eq!(env_vars["CHARLM_HOURS"], "16");
+        assert_eq!(env_vars["CHARLM_DEVICE_BATCH_SIZE"], "8");
+        assert_eq!(env_vars["CHARLM_TOTAL_BATCH_SIZE"], "524288");
+        assert_eq!(env_vars["CHARLM_DEVICE"], "cuda");
+        assert_eq!(env_vars["CHARLM_CHECKPOINT_EVERY_MINUTES"], "30");
+
+        let volumes = spec.volumes.as_ref().unwrap();
+        let shm = volumes.iter().find(|v| v.name == "dshm").unwrap();
+        assert_eq!(
+            shm.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        let claims: Vec<&str> = volumes
+            .iter()
+            .filter_map(|v| v.persistent_volume_claim.as_ref())
+            .map(|c| c.claim_name.as_str())
+            .collect();
+        if i == 0 {
+            assert_eq!(claims, ["charlm-d24-checkpoints", "charlm-texts"]);
+        } else {
+            assert_eq!(
+                claims,
+                ["charlm-texts"],
+                "only worker 0 mounts the checkpoints"
+            );
+        }
+        let prepare = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            prepare.args.as_ref().unwrap().join(" "),
+            "prepare --input /dataset/corpus --output /work/data"
+        );
+    }
+    used_nodes.sort();
+    used_nodes.dedup();
+    assert_eq!(used_nodes.len(), 2, "one worker per node");
+
+    let svc = env.services().get("charlm-d24-workers").await.unwrap();
+    assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+
+    let events = events_of(&env, "charlm-d24").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("CreatedWorkers")),
+        "events: {events:?}"
+    );
+
+    let table = tool("kubectl", &["get", "clt", "-n", &env.ns]).unwrap();
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "DEPTH", "GPUS", "STEP", "LOSS", "ETA", "AGE"]
+    );
+    assert!(
+        table.contains("charlm-d24   Running   24      16"),
+        "{table}"
+    );
+
+    let (code, metrics) = env.operators[op].get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(r#"charlm_operator_reconciliations_total{result="ok"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("charlm_operator_leader 1"), "{metrics}");
+    let log = env.operators[op].log_text();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC denied something:\n{log}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_example_runs_on_cpu_nodes() {
+    let mut env = TestEnv::new("cpu").await;
+    env.start_operator("operator-1").await;
+    let t = start_cpu_training(&env, &example("cpu-training.yaml")).await;
+    assert_eq!(condition(&t, "PodsReady").0, "True");
+
+    let nodes = nodes_by_name(&env).await;
+    let pods = env.workers("charlm-cpu-demo").await;
+    assert_eq!(pods.len(), 1);
+    let spec = pods[0].spec.as_ref().unwrap();
+    let node = spec.node_name.clone().unwrap();
+    assert!(
+        !is_h100(&nodes[&node]),
+        "a CPU training landed on the GPU node {node}"
+    );
+    assert!(
+        spec.node_selector.is_none()
+            && spec
+                .tolerations
+                .iter()
+                .flatten()
+                .all(|t| t.key.as_deref() != Some("nvidia.com/gpu"))
+    );
+    let resources = spec.containers[0].resources.as_ref().unwrap();
+    assert!(resources
+        .limits
+        .iter()
+        .flatten()
+        .all(|(k, _)| k != "nvidia.com/gpu"));
+    let env_vars = env_of(&pods[0]);
+    assert_eq!(env_vars["CHARLM_DEVICE"], "cpu");
+    assert_eq!(env_vars["NPROC_PER_NODE"], "1");
+    assert_eq!(env_vars["CHARLM_MAX_STEPS"], "200");
+    let inits: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.args.as_ref().unwrap().join(" "))
+        .collect();
+    assert_eq!(
+        inits,
+        [
+            "generate --output /work/raw --chars 2000000 --seed 1",
+            "prepare --input /work/raw --output /work/data"
+        ]
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_with_their_messages() {
+    let env = TestEnv::new("invalid").await;
+    let base = small_cpu("bad", 1);
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        (
+            "depth 0",
+            Box::new(|v| v["spec"]["depth"] = json!(0)),
+            "depth must be between 1 and 128",
+        ),
+        (
+            "depth 129",
+            Box::new(|v| v["spec"]["depth"] = json!(129)),
+            "depth must be between 1 and 128",
+        ),
+        (
+            "hours 0",
+            Box::new(|v| v["spec"]["hours"] = json!(0)),
+            "hours must be greater than 0",
+        ),
+        (
+            "gpus 12 on 8-GPU nodes",
+            Box::new(|v| {
+                v["spec"]["gpus"] = json!(12);
+                v["spec"].as_object_mut().unwrap().remove("cpuWorkers");
+            }),
+            "gpus must be a multiple of gpusPerNode",
+        ),
+        (
+            "two dataset sources",
+            Box::new(|v| v["spec"]["dataset"]["configMap"] = json!({"name": "texts"})),
+            "set exactly one of dataset.pvc, dataset.configMap or dataset.synthetic",
+        ),
+        (
+            "no dataset source",
+            Box::new(|v| v["spec"]["dataset"] = json!({})),
+            "set exactly one of dataset.pvc, dataset.configMap or dataset.synthetic",
+        ),
+        (
+            "cpuWorkers with GPUs",
+            Box::new(|v| v["spec"]["gpus"] = json!(8)),
+            "cpuWorkers applies only to CPU training",
+        ),
+        (
+            "no budget",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("maxSteps");
+            }),
+            "set spec.hours",
+        ),
+        (
+            "indivisible batch",
+            Box::new(|v| {
+                v["spec"]["deviceBatchSize"] = json!(4);
+                v["spec"]["seqLen"] = json!(256);
+                v["spec"]["totalBatchSize"] = json!(1000);
+            }),
+            "totalBatchSize (tokens per optimizer step) must be a multiple",
+        ),
+        (
+            "dataset path escaping the volume",
+            Box::new(|v| {
+                v["spec"]["dataset"] = json!({"pvc": {"claimName": "t", "path": "../etc"}})
+            }),
+            "dataset.pvc.path must be relative",
+        ),
+        (
+            "name too long for pod hostnames",
+            Box::new(|v| {
+                v["metadata"]["name"] = json!("a-name-that-is-much-too-long-for-worker-pods")
+            }),
+            "metadata.name must be at most 40 characters",
+        ),
+    ];
+    for (what, mutate, message) in &cases {
+        let mut manifest = base.clone();
+        mutate(&mut manifest);
+        let err = cluster::apply_yaml(&env.admin, &env.ns, &manifest.to_string())
+            .await
+            .expect_err(&format!("the API server accepted a spec with {what}"));
+        let text = err.to_string();
+        assert!(
+            text.contains(message),
+            "{what}: expected {message:?} in {text:?}"
+        );
+    }
+    // Nothing was stored.
+    assert!(env
+        .trainings()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+
+    // The checkpoint volume's size is fixed once created.
+    cluster::apply_yaml(&env.admin, &env.ns, &base.to_string())
+        .await
+        .unwrap();
+    let mut grown = base.clone();
+    grown["spec"]["checkpoint"]["size"] = json!("5Gi");
+    let err = cluster::apply_yaml(&env.admin, &env.ns, &grown.to_string())
+        .await
+        .expect_err("checkpoint.size changed after creation");
+    assert!(
+        err.to_string().contains("checkpoint.size cannot change"),
+        "{err}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_worker_restarts_the_gang() {
+    let mut env = TestEnv::new("restart").await;
+    env.start_operator("operator-1").await;
+    let t = start_cpu_training(&env, &small_cpu("gang", 2)).await;
+    assert_eq!(t.status.as_ref().unwrap().restarts, 0);
+    let before: Vec<String> = env
+        .workers("gang")
+        .await
+        .iter()
+        .map(|p| p.uid().unwrap())
+        .collect();
+
+    env.set_pod_status(
+        "gang-worker-1",
+        json!({"phase": "Failed", "containerStatuses": terminated("trainer", 137, "OOMKilled", "killed")}),
+    )
+    .await;
+
+    let t = env
+        .wait_phase("gang", Phase::Restarting, Duration::from_secs(30))
+        .await;
+    let status = t.status.clone().unwrap();
+    assert_eq!((status.restarts, status.attempt), (1, 1));
+    assert_eq!(
+        condition(&t, "Restarting"),
+        ("True".into(), "WorkerFailed".into())
+    );
+    let message = status.message.unwrap();
+    assert!(
+        message.contains("gang-worker-1: container trainer exited with code 137 (OOMKilled)"),
+        "{message}"
+    );
+
+    let t = env.wait_phase("gang", Phase::Running, MINUTE).await;
+    assert_eq!(
+        condition(&t, "Restarting"),
+        ("False".into(), "Recovered".into())
+    );
+    assert_eq!(t.status.as_ref().unwrap().restarts, 1);
+    let pods = env.workers("gang").await;
+    assert_eq!(pods.len(), 2);
+    for pod in &pods {
+        assert!(
+            !before.contains(&pod.uid().unwrap()),
+            "{} was not replaced",
+            pod.name_any()
+        );
+        assert_eq!(pod.labels()["charlm.dev/attempt"], "1");
+    }
+    let events = events_of(&env, "gang").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("WorkerFailed")
+                && e.type_.as_deref() == Some("Warning")),
+        "events: {events:?}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_at_once_and_restarts_run_out() {
+    let mut env = TestEnv::new("fail").await;
+    env.start_operator("operator-1").await;
+
+    // Exit code 2 from prepare: the input is wrong, retrying cannot help.
+    start_cpu_training(&env, &small_cpu("badinput", 1)).await;
+    env.set_pod_status(
+        "badinput-worker-0",
+        json!({
+            "phase": "Failed",
+            "initContainerStatuses": terminated("prepare", 2, "Error", "error: /work/raw has no .txt files; check spec.dataset")
+        }),
+    )
+    .await;
+    let t = env
+        .wait_phase("badinput", Phase::Failed, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        condition(&t, "Failed"),
+        ("True".into(), "InvalidInput".into())
+    );
+    let status = t.status.unwrap();
+    assert_eq!(status.restarts, 0);
+    assert!(status.message.unwrap().contains("has no .txt files"));
+    assert_eq!(
+        env.workers("badinput").await.len(),
+        1,
+        "the failed pod stays for its logs"
+    );
+
+    // Out of restarts: maxRestarts 0 fails on the first crash.
+    let mut manifest = small_cpu("norestart", 1);
+    manifest["spec"]["restartPolicy"]["maxRestarts"] = json!(0);
+    start_cpu_training(&env, &manifest).await;
+    env.set_pod_status(
+        "norestart-worker-0",
+        json!({"phase": "Failed", "containerStatuses": terminated("trainer", 1, "Error", "panicked at NCCL")}),
+    )
+    .await;
+    let t = env
+        .wait_phase("norestart", Phase::Failed, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        condition(&t, "Failed"),
+        ("True".into(), "RestartLimitExceeded".into())
+    );
+    assert!(t
+        .status
+        .unwrap()
+        .message
+        .unwrap()
+        .contains("all 0 restarts used"));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_report_from_worker_zero_succeeds() {
+    let mut env = TestEnv::new("succeed").await;
+    env.start_operator("operator-1").await;
+    start_cpu_training(&env, &small_cpu("done", 2)).await;
+    let report = r#"{"step": 100, "tokens": 102400, "epoch": 3.1, "train_loss": 0.8, "val_bpc": 1.2345, "best_val_bpc": 1.2, "best_step": 90, "elapsed_s": 60.0, "eta_s": 0.0, "checkpoint": "/checkpoints/step-000000100", "world_size": 2, "complete": true}"#;
+    env.set_pod_status(
+        "done-worker-0",
+        json!({"phase": "Succeeded", "containerStatuses": terminated("trainer", 0, "Completed", report)}),
+    )
+    .await;
+    let t = env
+        .wait_phase("done", Phase::Succeeded, Duration::from_secs(30))
+        .await;
+    let status = t.status.clone().unwrap();
+    assert_eq!(status.final_val_bpc, Some(1.2345));
+    assert_eq!(
+        status.latest_checkpoint.as_deref(),
+        Some("/checkpoints/step-000000100")
+    );
+    assert_eq!(status.progress.as_ref().unwrap().step, 100);
+    assert!(status.completion_time.is_some());
+    assert_eq!(
+        condition(&t, "Succeeded"),
+        ("True".into(), "BudgetDone".into())
+    );
+    // The still-running peer is released; worker 0 stays for its logs.
+    env.wait(
+        "worker 1 deleted after success",
+        Duration::from_secs(30),
+        || async {
+            let names: Vec<String> = env
+                .workers("done")
+                .await
+                .iter()
+                .map(|p| p.name_any())
+                .collect();
+            if names == ["done-worker-0"] {
+                Ok(Some(()))
+            } else {
+                Err(format!("{names:?}"))
+            }
+        },
+    )
+    .await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_deletes_workers_and_keeps_the_checkpoint_volume() {
+    let mut env = TestEnv::new("suspend").await;
+    env.start_operator("operator-1").await;
+    start_cpu_training(&env, &small_cpu("pausable", 2)).await;
+    let pvc_uid = env.pvcs().get("pausable-checkpoints").await.unwrap().uid();
+
+    let mut suspended = small_cpu("pausable", 2);
+    suspended["spec"]["suspend"] = json!(true);
+    env.apply(&suspended.to_string()).await;
+    let t = env
+        .wait_phase("pausable", Phase::Suspended, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        condition(&t, "Suspended"),
+        ("True".into(), "Suspended".into())
+    );
+    env.wait(
+        "workers deleted while suspended",
+        Duration::from_secs(30),
+        || async {
+            let n = env.workers("pausable").await.len();
+            if n == 0 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{n} pods left"))
+            }
+        },
+    )
+    .await;
+    let pvc = env.pvcs().get("pausable-checkpoints").await.unwrap();
+    assert_eq!(
+        pvc.uid(),
+        pvc_uid,
+        "the checkpoint volume survives a suspend"
+    );
+    assert!(pvc.metadata.deletion_timestamp.is_none());
+
+    env.apply(&small_cpu("pausable", 2).to_string()).await;
+    let t = env.wait_phase("pausable", Phase::Running, MINUTE).await;
+    assert_eq!(
+        condition(&t, "Suspended"),
+        ("False".into(), "Resumed".into())
+    );
+    assert_eq!(
+        t.status.as_ref().unwrap().restarts,
+        0,
+        "a resume is not a restart"
+    );
+    assert_eq!(env.workers("pausable").await.len(), 2);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_cleans_up_and_retain_on_delete_keeps_the_volume() {
+    let mut env = TestEnv::new("delete").await;
+    env.start_operator("operator-1").await;
+    start_cpu_training(&env, &small_cpu("gone", 2)).await;
+    let mut kept = small_cpu("kept", 1);
+    kept["spec"]["checkpoint"]["retainOnDelete"] = json!(true);
+    start_cpu_training(&env, &kept).await;
+
+    for name in ["gone", "kept"] {
+        env.trainings()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    env.wait("both trainings deleted", MINUTE, || async {
+        let left = env
+            .trainings()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        if left == 0 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{left} left"))
+        }
+    })
+    .await;
+    env.wait("workers and Services gone", MINUTE, || async {
+        let pods = env
+            .pods()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        let svcs = env
+            .services()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        if pods == 0 && svcs == 0 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{pods} pods, {svcs} services"))
+        }
+    })
+    .await;
+    env.wait(
+        "the unretained checkpoint volume deleted",
+        MINUTE,
+        || async {
+            match env.pvcs().get_opt("gone-checkpoints").await {
+                Ok(None) => Ok(Some(())),
+                Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => Ok(Some(())),
+                Ok(Some(_)) => Err("still there".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+    let retained = env.pvcs().get("kept-checkpoints").await.unwrap();
+    assert!(
+        retained.metadata.deletion_timestamp.is_none(),
+        "retainOnDelete kept nothing"
+    );
+    assert!(
+        retained.owner_references().is_empty(),
+        "the garbage collector would take it"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dataset_is_reported_and_then_picked_up() {
+    let mut env = TestEnv::new("dataset").await;
+    env.start_operator("operator-1").await;
+    let mut manifest = small_cpu("fromcm", 1);
+    manifest["spec"]["dataset"] = json!({"configMap": {"name": "texts"}});
+    env.apply(&manifest.to_string()).await;
+    let t = env
+        .wait_training("fromcm", "DatasetNotFound", Duration::from_secs(30), |t| {
+            t.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "DatasetReady" && c.reason == "DatasetNotFound")
+            })
+        })
+        .await;
+    assert_eq!(phase(&t), Some(Phase::Pending));
+    assert!(t
+        .status
+        .unwrap()
+        .message
+        .unwrap()
+        .contains("ConfigMap texts (spec.dataset.configMap.name) does not exist"));
+    assert!(env.workers("fromcm").await.is_empty());
+
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("texts".into()),
+            ..Default::default()
+        },
+        data: Some([("a.txt".to_string(), "1+1=2\n\n2+2=4\n".to_string())].into()),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(env.admin.clone(), &env.ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    env.provide_checkpoint_volume("fromcm").await;
+    env.wait_phase("fromcm", Phase::Running, MINUTE).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_operator_mid_reconcile_creates_no_duplicates() {
+    let mut env = TestEnv::new("crash").await;
+
+    // A quota of two pods stops the first reconcile after two of four workers, for certain.
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "two-pods"},
+        "spec": {"hard": {"pods": "2"}}
+    }))
+    .unwrap();
+    let quotas: Api<ResourceQuota> = Api::namespaced(env.admin.clone(), &env.ns);
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    env.wait(
+        "the quota to be counted",
+        Duration::from_secs(30),
+        || async {
+            let q = quotas.get("two-pods").await.map_err(|e| e.to_string())?;
+            if q.status.and_then(|s| s.hard).is_some() {
+                Ok(Some(()))
+            } else {
+                Err("no status".into())
+            }
+        },
+    )
+    .await;
+
+    let first = env.start_operator("operator-1").await;
+    env.apply(&small_cpu("crashy", 4).to_string()).await;
+    env.provide_checkpoint_volume("crashy").await;
+    env.wait(
+        "two workers created, the third refused",
+        Duration::from_secs(30),
+        || async {
+            let n = env.workers("crashy").await.len();
+            if n == 2 && env.operators[first].log_contains("exceeded quota") {
+                Ok(Some(()))
+            } else {
+                Err(format!("{n} pods"))
+            }
+        },
+    )
+    .await;
+    env.operators[first].kill();
+    quotas
+        .delete("two-pods", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // Later replicas die at arbitrary moments; each must take over the lease from a dead holder.
+    for (i, delay_ms) in [0u64, 150, 600].into_iter().enumerate() {
+        let k = env.start_operator(&format!("operator-{}", i + 2)).await;
+        env.wait(
+            "the new replica to lead",
+            Duration::from_secs(30),
+            || async {
+                if env.operators[k].log_contains("acquired leadership") {
+                    Ok(Some(()))
+                } else {
+                    Err("standing by".into())
+                }
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        env.operators[k].kill();
+    }
+    env.start_operator("operator-last").await;
+    let t = env.wait_phase("crashy", Phase::Running, MINUTE).await;
+    let status = t.status.clone().unwrap();
+    assert_eq!(
+        (status.restarts, status.attempt),
+        (0, 0),
+        "a crash of the operator is not a restart"
+    );
+
+    let pods = env.workers("crashy").await;
+    let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(
+        names,
+        [
+            "crashy-worker-0",
+            "crashy-worker-1",
+            "crashy-worker-2",
+            "crashy-worker-3"
+        ]
+    );
+    assert!(pods.iter().all(|p| p.labels()["charlm.dev/attempt"] == "0"));
+    let uids: Vec<String> = pods.iter().map(|p| p.uid().unwrap()).collect();
+    let pvcs = env.pvcs().list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(pvcs.len(), 1);
+    assert_eq!(
+        env.services()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // Settled: nothing is recreated behind our back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later: Vec<String> = env
+        .workers("crashy")
+        .await
+        .iter()
+        .map(|p| p.uid().unwrap())
+        .collect();
+    assert_eq!(uids, later);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_acts_and_a_standby_takes_over() {
+    let mut env = TestEnv::new("leader").await;
+    let a = env.start_operator("replica-a").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.admin.clone(), CHART_NAMESPACE);
+    let lease_name = env.options.lease_name.clone();
+    let holder = || async {
+        leases
+            .get_opt(&lease_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    env.wait("replica-a to lead", Duration::from_secs(30), || async {
+        match holder().await.as_deref() {
+            Some("replica-a") => Ok(Some(())),
+            other => Err(format!("holder {other:?}")),
+        }
+    })
+    .await;
+    let b = env.start_operator("replica-b").await;
+    start_cpu_training(&env, &small_cpu("first", 1)).await;
+    assert!(env.operators[a].log_contains("controller starting"));
+    assert!(env.operators[b].log_contains("standing by"));
+    assert!(
+        !env.operators[b].log_contains("controller starting"),
+        "the standby acted"
+    );
+    let (_, metrics_b) = env.operators[b].get("/metrics").await.unwrap();
+    assert!(
+        metrics_b.contains("charlm_operator_leader 0"),
+        "{metrics_b}"
+    );
+
+    env.operators[a].kill();
+    env.wait(
+        "replica-b to take over",
+        Duration::from_secs(30),
+        || async {
+            match holder().await.as_deref() {
+                Some("replica-b") => Ok(Some(())),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+    start_cpu_training(&env, &small_cpu("second", 1)).await;
+    assert!(env.operators[b].log_contains("controller starting"));
+
+    // A graceful stop hands the lease over at once.
+    env.operators[b].terminate();
+    env.wait(
+        "the lease released on SIGTERM",
+        Duration::from_secs(10),
+        || async {
+            match holder().await {
+                None => Ok(Some(())),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+    env.start_operator("replica-c").await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_accepts_the_examples_as_written() {
+    let env = TestEnv::new("examples").await;
+    for file in ["gpu-training.yaml", "cpu-training.yaml"] {
+        let v = example(file);
+        let trainings: Api<CharLMTraining> = env.trainings();
+        let t: CharLMTraining = serde_json::from_value(v.clone()).unwrap();
+        let created = trainings
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &t,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{file} is rejected: {e}"));
+        assert_eq!(
+            created.spec.depth,
+            v["spec"]["depth"].as_i64().unwrap() as i32
+        );
+    }
+    env.finish().await;
+}
