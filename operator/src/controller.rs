@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -23,8 +23,8 @@ use crate::metrics::{Metrics, PhaseLabel, ReasonLabel};
 use crate::progress::ProgressClient;
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
-    checkpoint_pvc, pvc_name, service_name, worker_pod, workers_selector, workers_service,
-    PodSettings, PROGRESS_PORT, TRAINING_LABEL,
+    checkpoint_pvc, owner_reference, pvc_name, pvc_owner_update, service_name, worker_pod,
+    workers_selector, workers_service, PodSettings, PROGRESS_PORT, TRAINING_LABEL,
 };
 use crate::workers::{observe, Worker, WorkerState};
 
@@ -152,13 +152,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
 
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    pvcs.patch(
-        &pvc_name(&name),
-        &pp,
-        &Patch::Apply(&checkpoint_pvc(&training)),
-    )
-    .await?;
+    ensure_checkpoint_pvc(&training, ctx).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     services
         .patch(
@@ -223,6 +217,38 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// Creates the checkpoint claim once; afterwards only its owner references follow
+/// `retainOnDelete`. (Server-side apply would fight the fields Kubernetes fills in on creation,
+/// such as the default StorageClass, which cannot change later.)
+async fn ensure_checkpoint_pvc(training: &CharLMTraining, ctx: &Context) -> Result<(), Error> {
+    let ns = training.namespace().unwrap_or_default();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let desired = checkpoint_pvc(training);
+    let name = desired.name_any();
+    match pvcs.get_opt(&name).await? {
+        None => {
+            let pp = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_string()),
+                ..Default::default()
+            };
+            match pvcs.create(&pp, &desired).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Some(existing) => {
+            let owned = !training.spec.checkpoint.retain_on_delete;
+            if let Some(owners) = pvc_owner_update(&existing, &owner_reference(training), owned) {
+                let patch = json!({"metadata": {"ownerReferences": owners}});
+                pvcs.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn write_status(

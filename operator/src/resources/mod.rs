@@ -6,7 +6,7 @@ mod pvc;
 mod service;
 
 pub use pod::{worker_pod, PodSettings, TRAINER_CONTAINER};
-pub use pvc::checkpoint_pvc;
+pub use pvc::{checkpoint_pvc, pvc_owner_update};
 pub use service::workers_service;
 
 use std::collections::BTreeMap;

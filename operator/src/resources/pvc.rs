@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
 
@@ -43,6 +44,31 @@ pub fn checkpoint_pvc(training: &CharLMTraining) -> PersistentVolumeClaim {
     }
 }
 
+/// The owner references `existing` should have so that it follows `checkpoint.retainOnDelete`
+/// (`owned`: the training owns it); `None` when it already does. The claim's spec is never touched
+/// after creation (Kubernetes forbids most changes to it), so this is all that is kept in shape.
+pub fn pvc_owner_update(
+    existing: &PersistentVolumeClaim,
+    owner: &OwnerReference,
+    owned: bool,
+) -> Option<Vec<OwnerReference>> {
+    let have = existing
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    let mut next: Vec<OwnerReference> = have
+        .iter()
+        .filter(|o| o.uid != owner.uid)
+        .cloned()
+        .collect();
+    if owned {
+        next.push(owner.clone());
+    }
+    let same = have.len() == next.len() && have.iter().all(|h| next.iter().any(|n| n.uid == h.uid));
+    (!same).then_some(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +85,31 @@ mod tests {
         assert_eq!(s.storage_class_name.as_deref(), Some("fast"));
         assert_eq!(s.resources.unwrap().requests.unwrap()["storage"].0, "3Gi");
         assert_eq!(pvc.metadata.owner_references.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn owner_references_follow_retain_on_delete() {
+        let t = training(cpu_spec());
+        let owner = crate::resources::owner_reference(&t);
+        let owned = checkpoint_pvc(&t);
+        let mut bare = owned.clone();
+        bare.metadata.owner_references = None;
+        assert_eq!(pvc_owner_update(&owned, &owner, true), None);
+        assert_eq!(pvc_owner_update(&bare, &owner, false), None);
+        assert_eq!(pvc_owner_update(&owned, &owner, false), Some(vec![]));
+        assert_eq!(
+            pvc_owner_update(&bare, &owner, true),
+            Some(vec![owner.clone()])
+        );
+        // Someone else's reference is kept.
+        let mut other = owner.clone();
+        other.uid = "other".into();
+        other.controller = None;
+        bare.metadata.owner_references = Some(vec![other.clone()]);
+        assert_eq!(
+            pvc_owner_update(&bare, &owner, true),
+            Some(vec![other, owner])
+        );
     }
 
     #[test]
