@@ -30,6 +30,8 @@ use crate::workers::{observe, Worker, WorkerState};
 
 pub const FIELD_MANAGER: &str = "charlm-operator";
 pub const FINALIZER: &str = "charlm.dev/cleanup";
+/// Shortest time between two reads of rank 0's progress.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -297,12 +299,25 @@ async fn check_dataset(training: &CharLMTraining, ctx: &Context) -> Result<Datas
     Ok(DatasetCheck::Available)
 }
 
-/// Reads rank 0's `/progress` while worker 0 of the current attempt runs.
+/// Reads rank 0's `/progress` while worker 0 of the current attempt runs, at most once per
+/// `PROGRESS_INTERVAL`. The limit matters: the status write that records a report wakes the
+/// controller again, and that reconcile must find nothing new to write.
 async fn poll_progress(
     training: &CharLMTraining,
     workers: &[Worker],
     ctx: &Context,
 ) -> Option<crate::progress::TrainerReport> {
+    let last = training
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .and_then(|p| p.observed_time.as_ref());
+    if let Some(last) = last {
+        let age = Timestamp::now().duration_since(last.0);
+        if age.unsigned_abs() < PROGRESS_INTERVAL {
+            return None;
+        }
+    }
     let attempt = training.status.as_ref().map_or(0, |s| s.attempt);
     let worker0 = workers.iter().find(|w| {
         w.index == Some(0)

@@ -386,7 +386,8 @@ impl<'a> Decider<'a> {
         if let Some(after) = self.decision.status.restart_after.clone() {
             if after.0 > self.o.now {
                 let wait = after.0.duration_since(self.o.now).unsigned_abs();
-                let msg = format!("waiting {}s before the gang restart", wait.as_secs().max(1));
+                // A fixed message: the status must not change while nothing happens.
+                let msg = format!("waiting until {} before the gang restart", after.0);
                 self.phase(waiting_phase, msg);
                 self.decision.requeue = Some(Duration::from_secs(wait.as_secs() + 1));
                 return;
