@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod dataset;
+pub mod dist;
 pub mod error;
 pub mod generate;
 pub mod launch;

@@ -1,0 +1,253 @@
+// The part of libtorch's distributed engine (c10d) that the trainer uses, behind a C ABI for Rust:
+// the TCPStore (rendezvous, and the key-value transport of the CPU collective in src/dist/store.rs)
+// and ProcessGroupNCCL (GPU collectives). Every function catches C++ exceptions and returns them as
+// a malloc'd message (NULL on success) that Rust frees with charlm_free, so no exception ever
+// unwinds into Rust.
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#ifdef CHARLM_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+char* copy_message(const std::string& message) {
+  char* out = static_cast<char*>(std::malloc(message.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, message.c_str(), message.size() + 1);
+  }
+  return out;
+}
+
+// Runs `body`; returns NULL, or the exception's message. c10::Error's what() carries a C++
+// backtrace; what_without_backtrace() is the part a user can act on.
+template <typename F>
+char* guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return copy_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception");
+  }
+}
+
+struct Store {
+  c10::intrusive_ptr<c10d::Store> inner;
+};
+
+std::vector<at::Tensor> tensors_from(void* const* ptrs, size_t n) {
+  // Each pointer is a tch `C_tensor`, which is an `at::Tensor*`; the copies share storage, so
+  // in-place collectives write into the caller's tensors.
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(*static_cast<const at::Tensor*>(ptrs[i]));
+  }
+  return out;
+}
+
+#ifdef CHARLM_WITH_NCCL
+struct Nccl {
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;
+};
+
+struct Work {
+  c10::intrusive_ptr<c10d::Work> inner;
+};
+#endif
+
+}  // namespace
+
+extern "C" {
+
+void charlm_free(void* p) { std::free(p); }
+
+int charlm_have_nccl() {
+#ifdef CHARLM_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// ---- TCPStore ----
+
+char* charlm_store_connect(const char* host, uint16_t port, int is_server, int64_t timeout_ms,
+                           void** out) {
+  return guarded([&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = port;
+    opts.isServer = is_server != 0;
+    // Rust runs its own arrival count (dist/mod.rs) so that a missing rank is named in the error.
+    opts.numWorkers = std::nullopt;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *out = new Store{store};
+  });
+}
+
+void charlm_store_free(void* store) { delete static_cast<Store*>(store); }
+
+char* charlm_store_set_timeout(void* store, int64_t timeout_ms) {
+  return guarded(
+      [&] { static_cast<Store*>(store)->inner->setTimeout(std::chrono::milliseconds(timeout_ms)); });
+}
+
+char* charlm_store_set(void* store, const char* key, const uint8_t* data, size_t len) {
+  return guarded([&] {
+    std::vector<uint8_t> value(data, data + len);
+    static_cast<Store*>(store)->inner->set(std::string(key), value);
+  });
+}
+
+// Blocks until `key` exists (or the store's timeout passes), then returns its value in a malloc'd
+// buffer that Rust frees with charlm_free.
+char* charlm_store_get(void* store, const char* key, uint8_t** data, size_t* len) {
+  return guarded([&] {
+    std::vector<uint8_t> value = static_cast<Store*>(store)->inner->get(std::string(key));
+    *len = value.size();
+    *data = static_cast<uint8_t*>(std::malloc(value.empty() ? 1 : value.size()));
+    if (*data == nullptr) {
+      throw std::bad_alloc();
+    }
+    if (!value.empty()) {
+      std::memcpy(*data, value.data(), value.size());
+    }
+  });
+}
+
+char* charlm_store_add(void* store, const char* key, int64_t delta, int64_t* out) {
+  return guarded([&] { *out = static_cast<Store*>(store)->inner->add(std::string(key), delta); });
+}
+
+char* charlm_store_wait(void* store, const char* const* keys, size_t n, int64_t timeout_ms) {
+  return guarded([&] {
+    std::vector<std::string> names(keys, keys + n);
+    static_cast<Store*>(store)->inner->wait(names, std::chrono::milliseconds(timeout_ms));
+  });
+}
+
+char* charlm_store_delete(void* store, const char* key, int* existed) {
+  return guarded([&] { *existed = static_cast<Store*>(store)->inner->deleteKey(std::string(key)); });
+}
+
+char* charlm_store_num_keys(void* store, int64_t* out) {
+  return guarded([&] { *out = static_cast<Store*>(store)->inner->getNumKeys(); });
+}
+
+// ---- ProcessGroupNCCL ----
+
+#ifdef CHARLM_WITH_NCCL
+
+// Creates the group on `device` and connects its communicator now, so that a failure shows up at
+// start-up rather than in the first gradient all-reduce. Its keys live under `prefix` in the store.
+char* charlm_nccl_new(void* store, const char* prefix, int rank, int size, int device,
+                      int64_t timeout_ms, void** out) {
+  return guarded([&] {
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    auto prefixed =
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), static_cast<Store*>(store)->inner);
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    // The watchdog aborts a collective that runs longer than this (TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    // default 3: tear the process down), so a dead or hung peer never blocks a rank forever.
+    opts->timeout = std::chrono::milliseconds(timeout_ms);
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, opts);
+    pg->eagerConnectSingleDevice(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    *out = new Nccl{pg};
+  });
+}
+
+void charlm_nccl_free(void* nccl) {
+  auto* group = static_cast<Nccl*>(nccl);
+  try {
+    group->pg->shutdown();
+  } catch (...) {
+    // Shutting down after an error: the communicator may already be aborted.
+  }
+  delete group;
+}
+
+// op: 0 = sum, 1 = average. One grouped NCCL launch for all tensors (of any dtypes).
+char* charlm_nccl_all_reduce(void* nccl, void* const* tensors, size_t n, int op, void** work) {
+  return guarded([&] {
+    auto group = static_cast<Nccl*>(nccl)->pg;
+    std::vector<at::Tensor> ts = tensors_from(tensors, n);
+    c10::intrusive_ptr<c10d::Work> w;
+    const auto reduce = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
+    if (ts.size() == 1) {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = reduce;
+      w = group->allreduce(ts, opts);
+    } else {
+      c10d::AllreduceCoalescedOptions opts;
+      opts.reduceOp = reduce;
+      w = group->allreduce_coalesced(ts, opts);
+    }
+    *work = new Work{w};
+  });
+}
+
+char* charlm_nccl_broadcast(void* nccl, void* const* tensors, size_t n, int root, void** work) {
+  return guarded([&] {
+    auto group = static_cast<Nccl*>(nccl)->pg;
+    std::vector<at::Tensor> ts = tensors_from(tensors, n);
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    c10::intrusive_ptr<c10d::Work> w;
+    if (ts.size() == 1) {
+      w = group->broadcast(ts, opts);
+    } else {
+      group->startCoalescing();
+      for (auto& t : ts) {
+        std::vector<at::Tensor> one{t};
+        group->broadcast(one, opts);
+      }
+      w = group->endCoalescing();
+    }
+    *work = new Work{w};
+  });
+}
+
+// Makes the current CUDA stream wait for the collective (the host does not block); errors the
+// watchdog recorded surface here.
+char* charlm_work_wait(void* work) {
+  return guarded([&] { static_cast<Work*>(work)->inner->wait(); });
+}
+
+void charlm_work_free(void* work) { delete static_cast<Work*>(work); }
+
+#else  // built against a libtorch without CUDA: the Rust side checks charlm_have_nccl() first.
+
+char* charlm_nccl_new(void*, const char*, int, int, int, int64_t, void**) {
+  return copy_message("this charlm-trainer was built against a libtorch without CUDA/NCCL");
+}
+void charlm_nccl_free(void*) {}
+char* charlm_nccl_all_reduce(void*, void* const*, size_t, int, void**) {
+  return copy_message("built without NCCL");
+}
+char* charlm_nccl_broadcast(void*, void* const*, size_t, int, void**) {
+  return copy_message("built without NCCL");
+}
+char* charlm_work_wait(void*) { return copy_message("built without NCCL"); }
+void charlm_work_free(void*) {}
+
+#endif
+
+}  // extern "C"

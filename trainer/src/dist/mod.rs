@@ -1,0 +1,442 @@
+//! Data-parallel process groups over libtorch's c10d, reached through csrc/c10d_bridge.cpp.
+//!
+//! Every rank meets the others at a c10d `TCPStore` that rank 0 hosts at MASTER_ADDR:MASTER_PORT.
+//! On GPUs the collectives are `ProcessGroupNCCL`'s; on CPUs they go through the store itself
+//! (store.rs), since the PyPI wheel cannot build gloo. A world of one needs neither: its collectives
+//! are no-ops. docs/distributed.md tells the whole story.
+
+mod ffi;
+mod store;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::UserError;
+use store::StoreGroup;
+
+/// Where this process sits in the job, from the variables torchrun (and `charlm-trainer launch`,
+/// and Kubeflow's PyTorchJob) set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// What was wrong with the variables; [`ProcessGroup::init`] reports it.
+    problem: Option<String>,
+}
+
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+impl DistEnv {
+    /// A single process: rank 0 of 1.
+    pub fn single() -> Self {
+        Self::new(0, 1, 0, 1, "127.0.0.1", DEFAULT_MASTER_PORT)
+    }
+
+    pub fn new(
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        local_world_size: usize,
+        master_addr: &str,
+        master_port: u16,
+    ) -> Self {
+        let mut env = Self {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr: master_addr.to_string(),
+            master_port,
+            problem: None,
+        };
+        env.problem = env.inconsistency();
+        env
+    }
+
+    /// Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without
+    /// WORLD_SIZE this is a single process. Malformed values do not fail here (the caller may not
+    /// be distributed at all) but in [`ProcessGroup::init`] and [`DistEnv::check`].
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`DistEnv::from_env`] over any source of variables.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        match Self::parse(&var) {
+            Ok(env) => env,
+            Err(problem) => Self {
+                problem: Some(problem),
+                ..Self::single()
+            },
+        }
+    }
+
+    fn parse(var: &impl Fn(&str) -> Option<String>) -> std::result::Result<Self, String> {
+        let number = |name: &str| -> std::result::Result<Option<usize>, String> {
+            match var(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .map(Some)
+                    .map_err(|_| format!("{name}={v:?} is not a non-negative integer")),
+            }
+        };
+        let Some(world_size) = number("WORLD_SIZE")? else {
+            if var("RANK").is_some() {
+                return Err(
+                    "RANK is set but WORLD_SIZE is not: set both (or neither, for one process)"
+                        .into(),
+                );
+            }
+            return Ok(Self::single());
+        };
+        let rank =
+            number("RANK")?.ok_or("WORLD_SIZE is set but RANK is not: set both (or neither)")?;
+        let local_rank = number("LOCAL_RANK")?.unwrap_or(0);
+        let local_world_size = number("LOCAL_WORLD_SIZE")?.unwrap_or(1);
+        let master_addr =
+            match var("MASTER_ADDR") {
+                Some(a) if !a.trim().is_empty() => a.trim().to_string(),
+                _ if world_size > 1 => return Err(format!(
+                    "WORLD_SIZE={world_size} but MASTER_ADDR is not set: set it to rank 0's host"
+                )),
+                _ => "127.0.0.1".to_string(),
+            };
+        let master_port = match var("MASTER_PORT") {
+            None => DEFAULT_MASTER_PORT,
+            Some(p) => match p.trim().parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(format!("MASTER_PORT={p:?} is not a TCP port (1-65535)")),
+            },
+        };
+        let env = Self::new(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            &master_addr,
+            master_port,
+        );
+        match env.problem {
+            Some(problem) => Err(problem),
+            None => Ok(env),
+        }
+    }
+
+    fn inconsistency(&self) -> Option<String> {
+        if self.world_size == 0 {
+            Some("WORLD_SIZE must be at least 1".into())
+        } else if self.rank >= self.world_size {
+            Some(format!(
+                "RANK={} is not below WORLD_SIZE={}",
+                self.rank, self.world_size
+            ))
+        } else if self.local_world_size == 0 || self.local_rank >= self.local_world_size {
+            Some(format!(
+                "LOCAL_RANK={} is not below LOCAL_WORLD_SIZE={}",
+                self.local_rank, self.local_world_size
+            ))
+        } else if self.local_world_size > self.world_size {
+            Some(format!(
+                "LOCAL_WORLD_SIZE={} exceeds WORLD_SIZE={}",
+                self.local_world_size, self.world_size
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Fails (as a user error) when the variables were malformed or inconsistent.
+    pub fn check(&self) -> Result<()> {
+        match &self.problem {
+            Some(problem) => Err(UserError(format!("distributed environment: {problem}")).into()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the world size; floating-point tensors only.
+    Avg,
+}
+
+/// How long to wait, and whether a world of one still builds the real machinery.
+#[derive(Clone, Debug)]
+pub struct GroupOptions {
+    /// For all ranks to reach the store (rank 0 included): a rank that never arrives fails the rest.
+    pub rendezvous_timeout: Duration,
+    /// For one collective: a peer that died or hangs fails the others after this long.
+    pub collective_timeout: Duration,
+    /// Build the store (and NCCL on a GPU) even for a world of one: for checks of the machinery.
+    pub connect_single: bool,
+    /// The CPU collective splits values larger than this over several store keys.
+    pub store_message_bytes: usize,
+}
+
+impl GroupOptions {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            rendezvous_timeout: timeout,
+            collective_timeout: timeout,
+            connect_single: false,
+            store_message_bytes: 64 << 20,
+        }
+    }
+}
+
+enum Backend {
+    Single,
+    Store(StoreGroup),
+    // Field order is drop order: the NCCL group shuts down before the store it rendezvoused on.
+    Nccl { nccl: ffi::Nccl, store: StoreGroup },
+}
+
+/// The ranks of one training job, and their collectives. All ranks must call the same collectives
+/// in the same order with tensors of the same shapes and kinds.
+pub struct ProcessGroup {
+    rank: usize,
+    world_size: usize,
+    device: Device,
+    backend: Backend,
+}
+
+/// A collective in flight; [`Pending::wait`] ends it. For NCCL the wait orders the current CUDA
+/// stream after the collective without blocking the host; the CPU and single-rank collectives
+/// complete before the handle is returned.
+#[must_use = "wait() on it before the tensors are used"]
+pub struct Pending {
+    work: Option<ffi::NcclWork>,
+    what: &'static str,
+    rank: usize,
+}
+
+impl Pending {
+    fn done(what: &'static str, rank: usize) -> Self {
+        Self {
+            work: None,
+            what,
+            rank,
+        }
+    }
+
+    pub fn wait(mut self) -> Result<()> {
+        match self.work.take() {
+            Some(work) => work
+                .wait()
+                .with_context(|| format!("rank {}: NCCL {} failed", self.rank, self.what)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Never leave the stream unordered with a collective that still writes into its tensors.
+        if let Some(work) = self.work.take() {
+            if let Err(err) = work.wait() {
+                eprintln!("rank {}: NCCL {} failed: {err:#}", self.rank, self.what);
+            }
+        }
+    }
+}
+
+impl ProcessGroup {
+    /// The group of `env` on `device`, with `timeout` for the rendezvous and for each collective.
+    pub fn init(env: &DistEnv, device: Device, timeout: Duration) -> Result<Self> {
+        Self::init_with(env, device, &GroupOptions::new(timeout))
+    }
+
+    pub fn init_with(env: &DistEnv, device: Device, options: &GroupOptions) -> Result<Self> {
+        env.check()?;
+        let (rank, world_size) = (env.rank, env.world_size);
+        let backend = if world_size == 1 && !options.connect_single {
+            Backend::Single
+        } else {
+            let cuda = match device {
+                Device::Cpu => None,
+                Device::Cuda(i) => Some(i),
+                other => bail!("distributed training runs on CPU or CUDA devices, not {other:?}"),
+            };
+            if cuda.is_some() && !ffi::have_nccl() {
+                bail!("this charlm-trainer was built against a libtorch without NCCL: it cannot train on several GPUs");
+            }
+            let store = StoreGroup::rendezvous(
+                &env.master_addr,
+                env.master_port,
+                rank,
+                world_size,
+                options,
+            )?;
+            match cuda {
+                None => Backend::Store(store),
+                Some(i) => {
+                    let nccl =
+                        ffi::Nccl::new(store.store(), "nccl", rank, world_size, i, options.collective_timeout)
+                            .with_context(|| {
+                                format!(
+                                    "rank {rank}: NCCL could not connect on cuda:{i} (rendezvous at {}, timeout {} s)",
+                                    store.endpoint(),
+                                    options.collective_timeout.as_secs_f64()
+                                )
+                            })?;
+                    Backend::Nccl { nccl, store }
+                }
+            }
+        };
+        Ok(Self {
+            rank,
+            world_size,
+            device,
+            backend,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// "single", "tcpstore" (the CPU collective) or "nccl".
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Single => "single",
+            Backend::Store(_) => "tcpstore",
+            Backend::Nccl { .. } => "nccl",
+        }
+    }
+
+    /// Sums (or averages) each tensor over all ranks, in place.
+    pub fn all_reduce(&self, tensors: &[Tensor], op: ReduceOp) -> Result<()> {
+        self.all_reduce_async(tensors, op)?.wait()
+    }
+
+    /// Starts [`ProcessGroup::all_reduce`]; on NCCL the host returns at once, so it can queue
+    /// other work while the reduction runs.
+    pub fn all_reduce_async(&self, tensors: &[Tensor], op: ReduceOp) -> Result<Pending> {
+        self.check_tensors("all_reduce", tensors)?;
+        if op == ReduceOp::Avg {
+            if let Some(t) = tensors.iter().find(|t| !is_float(t.kind())) {
+                bail!(
+                    "all_reduce Avg needs floating-point tensors, got {:?}",
+                    t.kind()
+                );
+            }
+        }
+        if tensors.is_empty() {
+            return Ok(Pending::done("all_reduce", self.rank));
+        }
+        match &self.backend {
+            Backend::Single => Ok(Pending::done("all_reduce", self.rank)),
+            Backend::Store(group) => {
+                group.all_reduce(tensors, op)?;
+                Ok(Pending::done("all_reduce", self.rank))
+            }
+            Backend::Nccl { nccl, store } => {
+                let work = nccl
+                    .all_reduce(tensors, op == ReduceOp::Avg)
+                    .with_context(|| self.nccl_failed("all_reduce", store))?;
+                Ok(Pending {
+                    work: Some(work),
+                    what: "all_reduce",
+                    rank: self.rank,
+                })
+            }
+        }
+    }
+
+    /// Copies `root`'s tensors into every other rank's, in place.
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        if root >= self.world_size {
+            bail!(
+                "broadcast from rank {root} in a world of {}",
+                self.world_size
+            );
+        }
+        self.check_tensors("broadcast", tensors)?;
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Single => Ok(()),
+            Backend::Store(group) => group.broadcast(tensors, root),
+            Backend::Nccl { nccl, store } => nccl
+                .broadcast(tensors, root)
+                .and_then(ffi::NcclWork::wait)
+                .with_context(|| self.nccl_failed("broadcast", store)),
+        }
+    }
+
+    /// Returns once every rank has called it. It synchronises hosts (through the store, for NCCL
+    /// too), not CUDA streams.
+    pub fn barrier(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Single => Ok(()),
+            Backend::Store(group) | Backend::Nccl { store: group, .. } => group.barrier(),
+        }
+    }
+
+    /// How many keys the store holds now (None without a store). Between collectives that is a
+    /// constant: the CPU collective deletes what it wrote.
+    pub fn store_keys(&self) -> Result<Option<usize>> {
+        match &self.backend {
+            Backend::Single => Ok(None),
+            Backend::Store(group) | Backend::Nccl { store: group, .. } => {
+                Ok(Some(group.store().num_keys()?))
+            }
+        }
+    }
+
+    fn nccl_failed(&self, what: &str, store: &StoreGroup) -> String {
+        format!(
+            "rank {} of {}: NCCL {what} failed (rendezvous at {})",
+            self.rank,
+            self.world_size,
+            store.endpoint()
+        )
+    }
+
+    fn check_tensors(&self, what: &str, tensors: &[Tensor]) -> Result<()> {
+        for (i, t) in tensors.iter().enumerate() {
+            if !t.defined() {
+                bail!("{what}: tensor {i} is undefined (a parameter that got no gradient?)");
+            }
+            let device = t.device();
+            if device != self.device {
+                return Err(anyhow!(
+                    "{what}: tensor {i} is on {device:?} but the process group is on {:?}",
+                    self.device
+                ));
+            }
+            if !t.is_contiguous() {
+                bail!(
+                    "{what}: tensor {i} (shape {:?}) is not contiguous",
+                    t.size()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+    )
+}

@@ -1,0 +1,335 @@
+//! `charlm-trainer launch` supervising real processes: the workers are this test binary started
+//! again (`--program`) with only the ignored `worker` test selected and a scenario in
+//! CHARLM_LAUNCH_TEST_WORKER; one test uses the charlm-trainer binary itself as the worker.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+const SCENARIO: &str = "CHARLM_LAUNCH_TEST_WORKER";
+
+// ---------------------------------------------------------------------------------------------
+// The worker side.
+
+#[test]
+#[ignore = "a worker of the other tests; they start it through `launch`"]
+fn worker() {
+    let scenario = std::env::var(SCENARIO).expect("started by the other tests of tests/launch.rs");
+    let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
+    match scenario.as_str() {
+        "echo" => {
+            let vars = [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "NODE_RANK",
+                "NNODES",
+                "NPROC_PER_NODE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+            ];
+            let shown: Vec<String> = vars
+                .iter()
+                .map(|v| format!("{v}={}", std::env::var(v).unwrap()))
+                .collect();
+            println!("env {}", shown.join(" "));
+            eprintln!("a line on stderr");
+        }
+        "fail-rank-1" => {
+            if rank == 1 {
+                eprintln!("rank 1 gives up");
+                std::process::exit(3);
+            }
+            std::thread::sleep(Duration::from_secs(60));
+            std::process::exit(9);
+        }
+        "stop-on-sigterm" | "ignore-sigterm" => {
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()).unwrap();
+            println!("ready");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(60) {
+                if stop.load(Ordering::Relaxed) && scenario == "stop-on-sigterm" {
+                    println!("stopping after SIGTERM");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::process::exit(9);
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test side.
+
+fn launch(scenario: &str, options: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_charlm-trainer"));
+    cmd.arg("launch")
+        .args(options)
+        .arg("--program")
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--",
+            "worker",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--quiet",
+        ])
+        .env(SCENARIO, scenario)
+        // The launcher must set these itself, whatever it inherited.
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("NPROC_PER_NODE")
+        .env_remove("NNODES")
+        .env_remove("NODE_RANK")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT");
+    cmd
+}
+
+fn run_with_limit(mut cmd: Command, limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output().unwrap());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => (out, start.elapsed()),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("launch still running after {limit:?}");
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn workers_get_torchrun_env_and_their_output_a_rank_prefix() {
+    let cmd = launch(
+        "echo",
+        &[
+            "--nproc-per-node",
+            "3",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "node0",
+            "--master-port",
+            "29611",
+        ],
+    );
+    let (out, _) = run_with_limit(cmd, Duration::from_secs(60));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    for local in 0..3 {
+        let rank = 3 + local;
+        let line = format!(
+            "[rank {rank}] env RANK={rank} WORLD_SIZE=6 LOCAL_RANK={local} LOCAL_WORLD_SIZE=3 NODE_RANK=1 NNODES=2 \
+             NPROC_PER_NODE=3 MASTER_ADDR=node0 MASTER_PORT=29611"
+        );
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l == format!("[rank {rank}] a line on stderr")),
+            "{stderr}"
+        );
+    }
+    // Every worker line is prefixed; nothing of the workers reaches the output unlabelled.
+    assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
+}
+
+#[test]
+fn auto_is_one_worker_per_gpu_or_one_without() {
+    let (out, _) = run_with_limit(
+        launch("echo", &["--nproc-per-node", "auto"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = (tch::Cuda::device_count() as usize).max(1);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("] env RANK=")).count(),
+        expected,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("WORLD_SIZE={expected} ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_failing_worker_stops_the_others_and_names_its_rank() {
+    let (out, took) = run_with_limit(
+        launch("fail-rank-1", &["--nproc-per-node", "2"]),
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: rank 1 failed: exit status 3"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[rank 1] rank 1 gives up"), "{stderr}");
+    assert!(
+        stderr.contains("rank 0: killed by SIGTERM"),
+        "rank 0 was not stopped: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}: rank 0 sleeps 60 s unless stopped"
+    );
+}
+
+#[test]
+fn a_worker_user_error_exits_2() {
+    // The real trainer as worker, with a subcommand it does not know: clap exits 2 on each rank.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_charlm-trainer"));
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29612",
+        "--",
+        "no-such-command",
+    ]);
+    let (out, _) = run_with_limit(cmd, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("failed: exit status 2 (bad input or settings"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("] error: unrecognized subcommand"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_launch_options_are_user_errors() {
+    for (options, wanted) in [
+        (&["--nproc-per-node", "0"][..], "--nproc-per-node"),
+        (&["--nnodes", "2", "--node-rank", "2"][..], "--node-rank 2"),
+    ] {
+        let (out, _) = run_with_limit(launch("echo", options), Duration::from_secs(30));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{options:?}: {stderr}");
+        assert!(stderr.contains(wanted), "{options:?}: {stderr}");
+    }
+}
+
+/// Starts `launch`, waits until `workers` said "ready", sends it SIGTERM, and returns its output.
+fn sigterm_when_ready(
+    scenario: &str,
+    workers: usize,
+    options: &[&str],
+    limit: Duration,
+) -> (Output, Duration) {
+    let nproc = workers.to_string();
+    let mut all = vec!["--nproc-per-node", nproc.as_str()];
+    all.extend_from_slice(options);
+    let mut child = launch(scenario, &all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = vec![];
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.ends_with("] ready") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    for _ in 0..workers {
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("workers did not start");
+        }
+    }
+    let start = Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output().unwrap());
+    });
+    let Ok(mut out) = rx.recv_timeout(limit) else {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("launch still running {limit:?} after SIGTERM");
+    };
+    let took = start.elapsed();
+    out.stdout = reader.join().unwrap().join("\n").into_bytes();
+    (out, took)
+}
+
+#[test]
+fn sigterm_reaches_the_workers_and_launch_exits_0_when_they_do() {
+    let (out, _) = sigterm_when_ready("stop-on-sigterm", 2, &[], Duration::from_secs(30));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(
+        stdout.contains("[rank 0] stopping after SIGTERM"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[rank 1] stopping after SIGTERM"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("launch: got SIGTERM, passing it to 2 running workers"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn workers_that_ignore_sigterm_are_killed_after_the_grace_period() {
+    let (out, took) = sigterm_when_ready(
+        "ignore-sigterm",
+        2,
+        &["--grace-period-s", "1"],
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not exit in time and was killed (killed by SIGKILL)"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?} with a 1 s grace period"
+    );
+}
