@@ -184,21 +184,24 @@ void charlm_nccl_free(void* nccl) {
   delete group;
 }
 
-// op: 0 = sum, 1 = average. One grouped NCCL launch for all tensors (of any dtypes).
+// op: 0 = sum, 1 = average. Several tensors go in one coalesced group (a single grouped NCCL
+// launch); unlike allreduce_coalesced, a group may mix dtypes.
 char* charlm_nccl_all_reduce(void* nccl, void* const* tensors, size_t n, int op, void** work) {
   return guarded([&] {
     auto group = static_cast<Nccl*>(nccl)->pg;
     std::vector<at::Tensor> ts = tensors_from(tensors, n);
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
     c10::intrusive_ptr<c10d::Work> w;
-    const auto reduce = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
     if (ts.size() == 1) {
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = reduce;
       w = group->allreduce(ts, opts);
     } else {
-      c10d::AllreduceCoalescedOptions opts;
-      opts.reduceOp = reduce;
-      w = group->allreduce_coalesced(ts, opts);
+      group->startCoalescing();
+      for (auto& t : ts) {
+        std::vector<at::Tensor> one{t};
+        group->allreduce(one, opts);
+      }
+      w = group->endCoalescing();
     }
     *work = new Work{w};
   });
