@@ -21,12 +21,16 @@ fn worker() {
     let scenario = std::env::var(SCENARIO).expect("started by the other tests of tests/dist.rs");
     tch::set_num_threads(1);
     let result = match scenario.as_str() {
-        "collectives" => collectives(Device::Cpu, false, 64 << 20),
+        "collectives" => collectives(
+            Device::Cpu,
+            false,
+            GroupOptions::new(Duration::ZERO).store_message_bytes,
+        ),
         "collectives-small-messages" => collectives(Device::Cpu, false, 1000),
-        "collectives-alone" => collectives(Device::Cpu, true, 64 << 20),
+        "collectives-alone" => collectives(Device::Cpu, true, 4 << 20),
         "nccl" => {
             let env = DistEnv::from_env();
-            collectives(Device::Cuda(env.local_rank), true, 64 << 20)
+            collectives(Device::Cuda(env.local_rank), true, 4 << 20)
         }
         "wait-for-peers" => wait_for_peers(),
         "die-after-rendezvous" => die_after_rendezvous(),
@@ -138,6 +142,12 @@ fn collectives(device: Device, connect_single: bool, message_bytes: usize) -> Re
         }
         pg.barrier()?;
     }
+    // 20 MB: each rank's chunk is over the 8 MiB the store's server accepts in one value.
+    let big = filled(rank, &[5_000_000], Kind::Float, device);
+    pg.all_reduce(std::slice::from_ref(&big), ReduceOp::Sum)?;
+    let got = values(&big);
+    let bad = (0..got.len()).find(|&i| got[i] != (0..world).map(|q| value(q, i)).sum::<f64>());
+    ensure!(bad.is_none(), "sum of the 20 MB tensor is wrong at {bad:?}");
     ensure!(pg
         .all_reduce(&[Tensor::ones([2], (Kind::Int64, device))], ReduceOp::Avg)
         .is_err());
@@ -159,7 +169,7 @@ fn collectives(device: Device, connect_single: bool, message_bytes: usize) -> Re
 }
 
 fn wait_for_peers() -> Result<()> {
-    let pg = group(Device::Cpu, false, 64 << 20)?;
+    let pg = group(Device::Cpu, false, 4 << 20)?;
     pg.all_reduce(
         &[Tensor::ones([4], (Kind::Float, Device::Cpu))],
         ReduceOp::Sum,
@@ -168,7 +178,7 @@ fn wait_for_peers() -> Result<()> {
 }
 
 fn die_after_rendezvous() -> Result<()> {
-    let pg = group(Device::Cpu, false, 64 << 20)?;
+    let pg = group(Device::Cpu, false, 4 << 20)?;
     if pg.rank() != 0 {
         eprintln!("rank {} dies before its first collective", pg.rank());
         std::process::exit(7);

@@ -101,14 +101,15 @@ impl DistEnv {
             number("RANK")?.ok_or("WORLD_SIZE is set but RANK is not: set both (or neither)")?;
         let local_rank = number("LOCAL_RANK")?.unwrap_or(0);
         let local_world_size = number("LOCAL_WORLD_SIZE")?.unwrap_or(1);
-        let master_addr =
-            match var("MASTER_ADDR") {
-                Some(a) if !a.trim().is_empty() => a.trim().to_string(),
-                _ if world_size > 1 => return Err(format!(
+        let master_addr = match var("MASTER_ADDR") {
+            Some(a) if !a.trim().is_empty() => a.trim().to_string(),
+            _ if world_size > 1 => {
+                return Err(format!(
                     "WORLD_SIZE={world_size} but MASTER_ADDR is not set: set it to rank 0's host"
-                )),
-                _ => "127.0.0.1".to_string(),
-            };
+                ))
+            }
+            _ => "127.0.0.1".to_string(),
+        };
         let master_port = match var("MASTER_PORT") {
             None => DEFAULT_MASTER_PORT,
             Some(p) => match p.trim().parse::<u16>() {
@@ -178,7 +179,9 @@ pub struct GroupOptions {
     pub collective_timeout: Duration,
     /// Build the store (and NCCL on a GPU) even for a world of one: for checks of the machinery.
     pub connect_single: bool,
-    /// The CPU collective splits values larger than this over several store keys.
+    /// The CPU collective splits values larger than this over several store keys. The TCPStore's
+    /// libuv server drops a client that sends a value over 8 MiB (seen with torch 2.11: 8 MiB
+    /// passes, 16 MiB resets the connection), hence the 4 MiB default.
     pub store_message_bytes: usize,
 }
 
@@ -188,7 +191,7 @@ impl GroupOptions {
             rendezvous_timeout: timeout,
             collective_timeout: timeout,
             connect_single: false,
-            store_message_bytes: 64 << 20,
+            store_message_bytes: 4 << 20,
         }
     }
 }
