@@ -166,46 +166,95 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads and verifies one checkpoint directory.
-pub fn load_dir(dir: &Path) -> Result<Loaded> {
-    let text = fs::read_to_string(dir.join(MANIFEST_FILE))
-        .with_context(|| format!("read {}", dir.join(MANIFEST_FILE).display()))?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .with_context(|| format!("parse {}", dir.join(MANIFEST_FILE).display()))?;
+/// Reads a checkpoint's manifest without touching its tensors.
+pub fn load_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
     if manifest.format != FORMAT {
         anyhow::bail!(
             "format {} (this trainer reads format {FORMAT})",
             manifest.format
         );
     }
-    for file in [MODEL_FILE, OPTIMIZER_FILE] {
-        let want = manifest
-            .files
-            .get(file)
-            .with_context(|| format!("manifest lacks {file}"))?;
-        let (bytes, sha256) = sha256_file(&dir.join(file))?;
-        if bytes != want.bytes {
-            anyhow::bail!(
-                "{file} has {bytes} bytes, the manifest says {} (truncated?)",
-                want.bytes
-            );
-        }
-        if sha256 != want.sha256 {
-            anyhow::bail!("{file} fails its sha256 check (corrupted)");
-        }
+    Ok(manifest)
+}
+
+fn verify(dir: &Path, manifest: &Manifest, file: &str) -> Result<()> {
+    let want = manifest
+        .files
+        .get(file)
+        .with_context(|| format!("manifest lacks {file}"))?;
+    let (bytes, sha256) = sha256_file(&dir.join(file))?;
+    if bytes != want.bytes {
+        anyhow::bail!(
+            "{file} has {bytes} bytes, the manifest says {} (truncated?)",
+            want.bytes
+        );
     }
-    let read = |file: &str| -> Result<BTreeMap<String, Tensor>> {
-        let path = dir.join(file);
-        let tensors =
-            Tensor::read_safetensors(&path).with_context(|| format!("read {}", path.display()))?;
-        Ok(tensors.into_iter().collect())
-    };
+    if sha256 != want.sha256 {
+        anyhow::bail!("{file} fails its sha256 check (corrupted)");
+    }
+    Ok(())
+}
+
+fn read_verified(dir: &Path, manifest: &Manifest, file: &str) -> Result<BTreeMap<String, Tensor>> {
+    verify(dir, manifest, file)?;
+    let path = dir.join(file);
+    let tensors =
+        Tensor::read_safetensors(&path).with_context(|| format!("read {}", path.display()))?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// Reads and verifies one checkpoint directory, optimizer state included (for resuming).
+pub fn load_dir(dir: &Path) -> Result<Loaded> {
+    let manifest = load_manifest(dir)?;
+    let model = read_verified(dir, &manifest, MODEL_FILE)?;
+    let optimizer = read_verified(dir, &manifest, OPTIMIZER_FILE)?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
-        model: read(MODEL_FILE)?,
-        optimizer: read(OPTIMIZER_FILE)?,
         manifest,
+        model,
+        optimizer,
     })
+}
+
+/// Reads and verifies the weights alone (for sampling).
+pub fn load_model(dir: &Path) -> Result<Loaded> {
+    let manifest = load_manifest(dir).map_err(|e| {
+        anyhow::Error::new(crate::error::UserError(format!(
+            "{} is not a readable checkpoint ({e:#}): pass a `step-…` or `best` directory, or the \
+             checkpoint root",
+            dir.display()
+        )))
+    })?;
+    let model = read_verified(dir, &manifest, MODEL_FILE)
+        .map_err(|e| crate::error::UserError(format!("{}: {e:#}", dir.display())))?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        manifest,
+        model,
+        optimizer: BTreeMap::new(),
+    })
+}
+
+/// A directory to read weights from: the directory itself if it is a checkpoint, else the root's
+/// `best/`, else its newest rolling checkpoint.
+pub fn resolve_for_reading(path: &Path) -> Result<PathBuf> {
+    if path.join(MANIFEST_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    if path.join(BEST_DIR).join(MANIFEST_FILE).exists() {
+        return Ok(path.join(BEST_DIR));
+    }
+    match list(path)?.into_iter().next() {
+        Some((_, dir)) => Ok(dir),
+        None => user_bail!(
+            "{} holds no checkpoint (no manifest.json, no best/, no step-* directory)",
+            path.display()
+        ),
+    }
 }
 
 /// The newest checkpoint in `root` that passes its checks. Damaged ones are reported and renamed

@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cuda;
 pub mod dataset;
 pub mod dist;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod launch;
@@ -14,5 +16,6 @@ pub mod prepare;
 pub mod progress;
 pub mod rng;
 pub mod sample;
+pub mod staging;
 pub mod train;
 pub mod vocab;

@@ -190,6 +190,25 @@ impl Gpt {
         out
     }
 
+    /// Copies weights (by nanochat's names) into this model, checking names and shapes.
+    pub fn load_weights(
+        &mut self,
+        weights: &std::collections::BTreeMap<String, Tensor>,
+    ) -> anyhow::Result<()> {
+        tch::no_grad(|| {
+            for (name, p) in self.named_parameters() {
+                let t = weights
+                    .get(&name)
+                    .ok_or_else(|| anyhow::anyhow!("checkpoint lacks the weight {name}"))?;
+                if t.size() != p.size() {
+                    anyhow::bail!("{name} has shape {:?}, the model {:?}", t.size(), p.size());
+                }
+                p.shallow_clone().copy_(t);
+            }
+            Ok(())
+        })
+    }
+
     pub fn device(&self) -> Device {
         self.wte.device()
     }
@@ -280,7 +299,7 @@ impl Gpt {
         let logits = self.forward(idx, None);
         let v = self.config.vocab_size;
         logits.view([-1, v]).cross_entropy_loss(
-            &targets.view([-1]),
+            &targets.reshape([-1]),
             None::<Tensor>,
             reduction,
             ignore_index,

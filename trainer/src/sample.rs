@@ -1,8 +1,113 @@
-//! Placeholder until its owner lands the real module.
+//! `charlm-trainer sample`: generate text from a checkpoint with a KV cache. Output holds only
+//! vocabulary characters; a document ends when the model predicts the next BOS.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint;
+use crate::model::{Gpt, KvCache};
+use crate::user_bail;
+use crate::vocab;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// A checkpoint directory (`step-…` or `best`), or a checkpoint root: then its `best/` if
+    /// present, else its newest good checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text to continue; only vocabulary characters (`0-9 + - H B L .` and newline).
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: i64,
+    /// 0 picks the most likely character every time.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> Result<()> {
+    if args.temperature < 0.0 || args.temperature.is_nan() {
+        user_bail!("--temperature must be 0 or more");
+    }
+    let prompt = vocab::encode_prompt(&args.prompt)?;
+    let dir = checkpoint::resolve_for_reading(&args.checkpoint)?;
+    let loaded = checkpoint::load_model(&dir)?;
+    let device = match args.device.as_str() {
+        "auto" if tch::Cuda::is_available() => Device::Cuda(0),
+        "cuda" => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let mut model = Gpt::new(loaded.manifest.model, device, 0);
+    model.load_weights(&loaded.model)?;
+    eprintln!(
+        "sampling from {} (step {})",
+        dir.display(),
+        loaded.manifest.step
+    );
+    let mut out = std::io::stdout().lock();
+    for i in 0..args.num_samples {
+        let text = generate(&model, &prompt, &args, args.seed + i as u64);
+        writeln!(out, "{}{}", args.prompt, text)?;
+        if args.num_samples > 1 {
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Continues `prompt` (token ids, without BOS) and returns the new characters.
+pub fn generate(model: &Gpt, prompt: &[i64], args: &Args, seed: u64) -> String {
+    tch::manual_seed(seed as i64);
+    let device = model.device();
+    let mut ids = vec![vocab::BOS as i64];
+    ids.extend_from_slice(prompt);
+    let mut cache = KvCache::new(model.config.depth);
+    let mut input = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
+    let mut new_ids = Vec::new();
+    // Padding ids are never targets; masking them keeps every output a vocabulary character.
+    let mut mask = vec![0f32; model.config.vocab_size as usize];
+    for m in mask.iter_mut().skip(vocab::BOS as usize + 1) {
+        *m = f32::NEG_INFINITY;
+    }
+    let mask = Tensor::from_slice(&mask).to_device(device);
+    tch::no_grad(|| {
+        for _ in 0..args.max_tokens {
+            let logits = model.forward(&input, Some(&mut cache));
+            let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float) + &mask;
+            let next = pick(&last, args.temperature, args.top_k);
+            if next == vocab::BOS as i64 {
+                break;
+            }
+            new_ids.push(next);
+            input = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
+        }
+    });
+    vocab::decode(&new_ids.iter().map(|&i| i as u8).collect::<Vec<_>>())
+}
+
+fn pick(logits: &Tensor, temperature: f64, top_k: Option<i64>) -> i64 {
+    if temperature == 0.0 {
+        return logits.argmax(0, false).int64_value(&[]);
+    }
+    let mut logits = logits / temperature;
+    if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.size()[0]) {
+        let (top, _) = logits.topk(k, 0, true, true);
+        let threshold = top.get(k - 1);
+        logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
+    }
+    logits
+        .softmax(0, Kind::Float)
+        .multinomial(1, false)
+        .int64_value(&[0])
 }

@@ -1,0 +1,42 @@
+// Device facts libtorch has but tch does not expose: the GPU's name and the caching allocator's
+// peak, which `bench` and the progress endpoint report. Compiled only into CUDA-capable builds
+// (every build from the PyPI wheel); the functions return -1 when no GPU is present.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <cstdint>
+#include <cstdio>
+
+extern "C" {
+
+int charlm_cuda_device_name(int device, char* buf, int len) {
+  try {
+    if (device < 0 || device >= static_cast<int>(c10::cuda::device_count())) return -1;
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    std::snprintf(buf, static_cast<size_t>(len), "%s", prop->name);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+int64_t charlm_cuda_peak_allocated(int device) {
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    return stats.allocated_bytes[0].peak;  // index 0: aggregate over pool types
+  } catch (...) {
+    return -1;
+  }
+}
+
+int charlm_cuda_reset_peak(int device) {
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

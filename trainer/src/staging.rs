@@ -1,0 +1,117 @@
+//! Directories that appear whole or not at all: written under a hidden sibling name, then renamed
+//! into place. Used by `prepare`, `generate` and checkpoints, so an error or a crash midway never
+//! leaves a half-written result where a good one is expected, and never destroys the old one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+pub struct StagingDir {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl StagingDir {
+    /// Starts writing what will become `dest` (its parent is created if needed).
+    pub fn new(dest: &Path) -> Result<Self> {
+        let parent = parent_of(dest);
+        fs::create_dir_all(&parent).with_context(|| format!("create {}", parent.display()))?;
+        let name = dest
+            .file_name()
+            .context("the destination has no file name")?
+            .to_string_lossy();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Makes the staged directory durable and puts it in place of `dest`. An old `dest` is moved
+    /// aside first and deleted only once the new one is in place.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        fsync(&self.tmp)?;
+        let parent = parent_of(&self.dest);
+        if self.dest.exists() {
+            let name = self
+                .dest
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            fs::rename(&self.dest, &old)
+                .with_context(|| format!("move {} aside", self.dest.display()))?;
+            fs::rename(&self.tmp, &self.dest)?;
+            fs::remove_dir_all(&old).with_context(|| format!("remove {}", old.display()))?;
+        } else {
+            fs::rename(&self.tmp, &self.dest)
+                .with_context(|| format!("rename into {}", self.dest.display()))?;
+        }
+        fsync(&parent)?;
+        self.committed = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Flushes a file or directory entry to disk.
+pub fn fsync(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_staging_leaves_nothing_and_commit_replaces() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join("old"), "good").unwrap();
+        {
+            let s = StagingDir::new(&dest).unwrap();
+            fs::write(s.path().join("half"), "x").unwrap();
+        }
+        let names: Vec<_> = fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["out"], "only the old output remains");
+        assert_eq!(fs::read_to_string(dest.join("old")).unwrap(), "good");
+
+        let s = StagingDir::new(&dest).unwrap();
+        fs::write(s.path().join("new"), "y").unwrap();
+        s.commit().unwrap();
+        assert!(dest.join("new").exists() && !dest.join("old").exists());
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+}
