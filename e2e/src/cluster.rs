@@ -268,8 +268,9 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
-/// A PersistentVolume bound in advance to `namespace/claim`, as a provisioner would make it: the
-/// control plane has no storage driver, and the scheduler places a pod only once its claims are bound.
+/// A PersistentVolume bound in advance to `namespace/claim`, for claims the control plane's
+/// hostPath provisioner cannot serve (e.g. ReadOnlyMany ones, with `storageClassName: ""`); the
+/// scheduler places a pod only once its claims are bound.
 pub async fn provide_volume(client: &Client, namespace: &str, claim: &str) -> Result<()> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let pvc = pvcs.get(claim).await?;

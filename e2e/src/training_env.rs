@@ -120,27 +120,6 @@ impl TestEnv {
         pods
     }
 
-    /// Waits for the checkpoint claim of `training` and binds a volume to it.
-    pub async fn provide_checkpoint_volume(&self, training: &str) {
-        let claim = format!("{training}-checkpoints");
-        let pvcs = self.pvcs();
-        self.wait(&format!("PVC {claim}"), Duration::from_secs(30), || {
-            let pvcs = pvcs.clone();
-            let claim = claim.clone();
-            async move {
-                match pvcs.get_opt(&claim).await {
-                    Ok(Some(_)) => Ok(Some(())),
-                    Ok(None) => Err("absent".into()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        cluster::provide_volume(&self.admin, &self.ns, &claim)
-            .await
-            .expect("a volume for the checkpoint claim");
-    }
-
     /// Waits until `check` accepts the training; on timeout the failure shows its status and the
     /// operators' logs.
     pub async fn wait_training<F>(

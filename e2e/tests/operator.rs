@@ -92,11 +92,11 @@ async fn events_of(env: &TestEnv, training: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Runs a CPU training until all its workers run (binding its checkpoint volume on the way).
+/// Runs a CPU training until all its workers run. (The control plane's default StorageClass
+/// provisions the checkpoint volume.)
 async fn start_cpu_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
     let name = manifest["metadata"]["name"].as_str().unwrap();
     env.apply(&manifest.to_string()).await;
-    env.provide_checkpoint_volume(name).await;
     env.wait_phase(name, Phase::Running, MINUTE).await
 }
 
@@ -147,10 +147,15 @@ async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
     let mut env = TestEnv::new("gpu").await;
     let op = env.start_operator("operator-1").await;
 
-    // The example reads .txt files from the claim `charlm-texts`, which the user provides.
+    // The example reads .txt files from the claim `charlm-texts`, which the user provides; every
+    // worker mounts it read-only, which the control plane's hostPath provisioner cannot offer, so
+    // it gets a volume made for it.
     let texts: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "charlm-texts"},
-        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}
+        "spec": {
+            "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+            "resources": {"requests": {"storage": "1Gi"}}
+        }
     }))
     .unwrap();
     env.pvcs()
@@ -163,7 +168,6 @@ async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
 
     let manifest = example("gpu-training.yaml");
     env.apply(&manifest.to_string()).await;
-    env.provide_checkpoint_volume("charlm-d24").await;
     let t = env.wait_phase("charlm-d24", Phase::Running, MINUTE).await;
 
     let status = t.status.clone().unwrap();
@@ -794,7 +798,6 @@ async fn a_missing_dataset_is_reported_and_then_picked_up() {
         .create(&PostParams::default(), &cm)
         .await
         .unwrap();
-    env.provide_checkpoint_volume("fromcm").await;
     env.wait_phase("fromcm", Phase::Running, MINUTE).await;
     env.finish().await;
 }
@@ -827,7 +830,6 @@ async fn killing_the_operator_mid_reconcile_creates_no_duplicates() {
 
     let first = env.start_operator("operator-1").await;
     env.apply(&small_cpu("crashy", 4).to_string()).await;
-    env.provide_checkpoint_volume("crashy").await;
     env.wait(
         "two workers created, the third refused",
         Duration::from_secs(30),
