@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Manifest};
 use crate::dataset::Dataset;
-use crate::dist::{DistEnv, ProcessGroup, ReduceOp};
+use crate::dist::{DistEnv, GroupOptions, ProcessGroup, ReduceOp};
 use crate::engine::{Engine, LearningRates};
 use crate::model::GptConfig;
 use crate::optim::muon_momentum;
@@ -180,6 +180,8 @@ fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
 
 /// Everything the loop mutates besides the model.
 struct RunState {
+    /// Training windows per epoch, to express positions in epochs.
+    train_windows: u64,
     step: i64,
     elapsed_s: f64,
     val_bpc: Option<f64>,
@@ -199,7 +201,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let plan = Plan::new(&args, env.world_size)?;
     let data = Dataset::open(&args.data, plan.seq_len, plan.seed)?;
-    let pg = ProcessGroup::init(&env, device, Duration::from_secs(args.dist_timeout_s))?;
+    let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
+    // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
+    // single-GPU run exercises the same code path as a multi-GPU one.
+    options.connect_single = std::env::var_os("WORLD_SIZE").is_some();
+    let pg = ProcessGroup::init_with(&env, device, &options)?;
     let is_main = pg.rank() == 0;
 
     let shared: SharedProgress = Arc::new(Mutex::new(Progress {
@@ -250,16 +256,19 @@ pub fn run(args: Args) -> Result<()> {
             config.flops_per_token()
         );
         eprintln!(
-            "batch: {} tokens/step = {} ranks × {} accum × {} seqs × {} tokens | device {device:?}",
+            "batch: {} tokens/step = {} ranks × {} accum × {} seqs × {} tokens | {} | collectives: {}",
             plan.total_batch_size,
             plan.world_size,
             plan.accum_steps,
             plan.device_batch_size,
-            plan.seq_len
+            plan.seq_len,
+            crate::cuda::device_name(device),
+            pg.backend()
         );
     }
 
     let mut state = RunState {
+        train_windows: data.train_windows(),
         step: 0,
         elapsed_s: 0.0,
         val_bpc: None,
@@ -320,19 +329,50 @@ fn agree(pg: &ProcessGroup, device: Device, values: &[f64]) -> Result<Vec<f64>> 
     Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu))?)
 }
 
+/// The summary of a training whose newest checkpoint already spent the *current* budget: a
+/// restarted pod must not train past its budget, while a raised budget continues the training.
 fn finished_summary(args: &Args) -> Result<Option<serde_json::Value>> {
-    match &args.checkpoint_dir {
-        Some(dir) => {
-            let done = checkpoint::read_complete(dir)?;
-            if done.is_some() {
-                eprintln!(
-                    "training in {} is already complete; nothing to do",
-                    dir.display()
-                );
-            }
-            Ok(done)
+    let Some(root) = &args.checkpoint_dir else {
+        return Ok(None);
+    };
+    let Some((_, newest)) = checkpoint::list(root)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let Ok(m) = checkpoint::load_manifest(&newest) else {
+        return Ok(None);
+    };
+    let budget_s = args.hours.map(|h| h * 3600.0);
+    if budget_fraction(m.step, m.elapsed_s, budget_s, args.max_steps) < 1.0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "training in {} already spent this budget (step {}, {:.0} s); nothing to do",
+        root.display(),
+        m.step,
+        m.elapsed_s
+    );
+    match checkpoint::read_complete(root)? {
+        Some(summary) if summary.get("step").and_then(|s| s.as_i64()) == Some(m.step) => {
+            Ok(Some(summary))
         }
-        None => Ok(None),
+        _ => {
+            let best = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)).ok();
+            let p = Progress {
+                step: m.step,
+                total_steps_estimate: Some(m.step),
+                epoch: m.epoch,
+                val_bpc: m.val_bpc,
+                best_val_bpc: best.as_ref().and_then(|b| b.val_bpc),
+                best_step: best.map(|b| b.step),
+                elapsed_s: m.elapsed_s,
+                eta_s: Some(0.0),
+                checkpoint: Some(newest.display().to_string()),
+                world_size: m.world_size,
+                complete: true,
+                ..Default::default()
+            };
+            Ok(Some(serde_json::to_value(p)?))
+        }
     }
 }
 
@@ -676,7 +716,7 @@ fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest {
         model: engine.model.config,
         settings: serde_json::to_value(plan).unwrap_or_default(),
         sequences_consumed: consumed,
-        epoch: 0.0,
+        epoch: consumed as f64 / state.train_windows.max(1) as f64,
         seed: plan.seed,
         elapsed_s: state.elapsed_s,
         val_bpc: state.val_bpc,
@@ -691,8 +731,7 @@ fn save_checkpoint(args: &Args, plan: &Plan, engine: &Engine, state: &mut RunSta
         return Ok(());
     };
     let t0 = Instant::now();
-    let mut manifest = manifest_for(plan, engine, state);
-    manifest.epoch = 0.0;
+    let manifest = manifest_for(plan, engine, state);
     let dir = checkpoint::save(
         root,
         &checkpoint::step_dir_name(state.step),
