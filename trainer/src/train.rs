@@ -515,6 +515,8 @@ fn train_loop(
         }
         engine.optimizer_step(pg, lr_mult, momentum, args.grad_clip)?;
         state.step += 1;
+        // The logged loss is the global batch's, whatever the number of ranks.
+        pg.all_reduce(std::slice::from_ref(&loss_acc), ReduceOp::Avg)?;
         // One host synchronisation per step: the loss value, which also makes the timing honest.
         let train_loss = loss_acc.double_value(&[]) / plan.accum_steps as f64;
         if !train_loss.is_finite() {
