@@ -1,21 +1,24 @@
 //! `charlm-trainer generate`: a synthetic dataset in the training format, for demos and tests.
 //!
 //! Each document is a worksheet of 1–8 exercises; an exercise is a question line and an answer
-//! line. Kinds of exercise (their meaning is consistent, so a model can learn it):
-//! - `123+456` → `579`, `-12-7` → `-19` (integer sums and differences)
-//! - `1.5+2.25` → `3.75` (decimals, the answer with as many decimals as the longest operand)
+//! line, and documents are separated by one blank line. Kinds of exercise (their meaning is
+//! consistent, so a model can learn it):
+//! - `123+456` → `579`, `-12-7` → `-19` (integer sums and differences, up to 4 digits)
+//! - `1.5+2.25` → `3.75`, `0.5-2.25` → `-1.75` (decimals; the answer has as many decimals as the
+//!   longer operand)
 //! - `B101+B11` → `B1000` (binary numbers carry a `B` prefix)
 //! - `H64` → `32` (`H`: halve an even number)
 //! - `L90210` → `5` (`L`: count the digits)
 //!
-//! Loss falls fast on the format and more slowly on the arithmetic: a good demo of learning.
+//! Loss falls fast on the format and more slowly on the arithmetic: a good demo of learning. The
+//! text is a pure function of `--seed` (its own RNG stream) and `--chars`.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::rng::Rng;
+use crate::rng::{Rng, STREAM_GENERATE};
 use crate::staging::StagingDir;
 use crate::user_bail;
 
@@ -55,7 +58,7 @@ pub fn generate(output: &Path, chars: u64, seed: u64) -> Result<u64> {
         );
     }
     let staging = StagingDir::new(output)?;
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::stream(seed, &[STREAM_GENERATE]);
     let (mut total, mut part) = (0u64, 0u32);
     while total < chars {
         let path = staging.path().join(format!("part-{part:04}.txt"));
@@ -131,14 +134,20 @@ fn exercise(rng: &mut Rng) -> (String, String) {
         }
         5 | 6 => {
             let (da, db) = (rng.range(1, 2) as usize, rng.range(1, 2) as usize);
-            let scale = 10i64.pow(da.max(db) as u32);
+            let places = da.max(db);
             let (a, b) = (number(rng, 3), number(rng, 3));
+            // Both operands in units of 10^-places.
             let (sa, sb) = (
-                a * scale / 10i64.pow(da as u32),
-                b * scale / 10i64.pow(db as u32),
+                a * 10i64.pow((places - da) as u32),
+                b * 10i64.pow((places - db) as u32),
             );
-            let q = format!("{}+{}", decimal(a, da), decimal(b, db));
-            (q, decimal(sa + sb, da.max(db)))
+            if rng.below(3) == 0 {
+                let q = format!("{}-{}", decimal(a, da), decimal(b, db));
+                (q, decimal(sa - sb, places))
+            } else {
+                let q = format!("{}+{}", decimal(a, da), decimal(b, db));
+                (q, decimal(sa + sb, places))
+            }
         }
         7 => {
             let (a, b) = (rng.range(0, 255), rng.range(0, 255));
@@ -155,10 +164,12 @@ fn exercise(rng: &mut Rng) -> (String, String) {
     }
 }
 
-/// `value / 10^places` written with exactly `places` decimals (`value` ≥ 0).
+/// `value / 10^places` written with exactly `places` decimals.
 fn decimal(value: i64, places: usize) -> String {
     let p = 10i64.pow(places as u32);
-    format!("{}.{:0places$}", value / p, value % p)
+    let sign = if value < 0 { "-" } else { "" };
+    let v = value.abs();
+    format!("{sign}{}.{:0places$}", v / p, v % p)
 }
 
 #[cfg(test)]
@@ -185,8 +196,20 @@ mod tests {
                 let sum = i64::from_str_radix(x, 2).unwrap() + i64::from_str_radix(y, 2).unwrap();
                 assert_eq!(format!("B{sum:b}"), a);
             } else if q.contains('.') {
-                let (x, y) = q.split_once('+').unwrap();
-                let want: f64 = x.parse::<f64>().unwrap() + y.parse::<f64>().unwrap();
+                let i = q.find(['+', '-']).unwrap();
+                let (x, y) = (
+                    q[..i].parse::<f64>().unwrap(),
+                    q[i + 1..].parse::<f64>().unwrap(),
+                );
+                let want = if &q[i..=i] == "+" { x + y } else { x - y };
+                let places = q
+                    .split(['+', '-'])
+                    .map(|n| n.len() - n.find('.').unwrap() - 1);
+                assert_eq!(
+                    a.len() - a.find('.').unwrap() - 1,
+                    places.max().unwrap(),
+                    "{q} = {a}"
+                );
                 assert!((a.parse::<f64>().unwrap() - want).abs() < 1e-9, "{q} = {a}");
             } else {
                 let i = q[1..].find(['+', '-']).unwrap() + 1;

@@ -1,29 +1,46 @@
 //! `charlm-trainer prepare`: a directory of `.txt` files → `train.bin`, `val.bin` (u8 token ids)
-//! and `manifest.json`, in one streaming pass at a few hundred MB/s.
+//! and `manifest.json`, in one streaming pass at a few hundred MB/s in constant memory.
 //!
-//! Documents are separated by one or more blank lines and stored as BOS + their characters
-//! (trailing newline kept); the end of a file ends a document. Each document goes to the validation
-//! split or not by a hash of (seed, document index), so the split streams and is reproducible. Any
-//! byte outside the vocabulary stops everything with `path:line:column` and the fix; the output
-//! directory is only replaced once the new one is complete.
+//! The format:
+//! - Inputs are every `*.txt` file under `--input`, recursively, in path order. Hidden entries
+//!   (names starting with `.`) are skipped: they are editors' and Kubernetes' bookkeeping (a
+//!   ConfigMap volume holds each file twice, once under `..data/`).
+//! - Documents are separated by one or more blank lines; the end of a file ends a document. Each is
+//!   stored as BOS + its characters including the newline that ends its last line; a file whose last
+//!   line lacks that newline gets it, so every document ends the same way.
+//! - Each document goes to the validation split when `rng::unit(seed, &[STREAM_VAL_SPLIT, index])`
+//!   is below `--val-fraction`, `index` counting documents over all files: the decision needs no
+//!   look-ahead and the same input and seed always give the same split.
+//! - Any byte outside the vocabulary stops everything with `path:line:column`, the character
+//!   escaped, and the fix. The output is written into a hidden sibling directory and renamed into
+//!   place once complete, so an error leaves `--output` as it was: absent, or the previous dataset.
 
 use std::fs;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::UserError;
+use crate::rng::{Units, STREAM_VAL_SPLIT};
 use crate::staging::StagingDir;
 use crate::user_bail;
-use crate::vocab::{self, BOS, VOCAB_SIZE};
+use crate::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
 
+/// Bumped whenever the meaning of the files changes; `Dataset::open` refuses other formats.
 pub const FORMAT: u32 = 1;
 pub const TRAIN_FILE: &str = "train.bin";
 pub const VAL_FILE: &str = "val.bin";
 pub const MANIFEST_FILE: &str = "manifest.json";
-const CHUNK: usize = 8 << 20;
+/// Every file `prepare` writes; an existing `--output` holding anything else is not replaced.
+const OUTPUT_FILES: [&str; 3] = [TRAIN_FILE, VAL_FILE, MANIFEST_FILE];
+/// Input is read in chunks this size: small enough that hashing and translating a chunk find it
+/// still in L2 cache, large enough that system calls cost nothing.
+const CHUNK: usize = 256 << 10;
+/// Each split's output buffer; written out when the next chunk might not fit.
+const OUT_BUFFER: usize = 4 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,7 +50,7 @@ pub struct Args {
     /// The prepared dataset's directory (replaced only when the new one is complete).
     #[arg(long)]
     pub output: PathBuf,
-    /// Share of documents held out for validation.
+    /// Share of documents held out for validation (each document decided by a hash of --seed).
     #[arg(long, default_value_t = 0.01)]
     pub val_fraction: f64,
     /// Chooses which documents are held out.
@@ -41,17 +58,18 @@ pub struct Args {
     pub seed: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SplitCounts {
+    /// Vocabulary characters, newlines included.
     pub characters: u64,
     pub documents: u64,
-    /// Characters plus one BOS per document.
+    /// The file's length: characters plus one BOS per document.
     pub tokens: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceFile {
-    /// Relative to --input.
+    /// Relative to --input, `/`-separated.
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
@@ -91,262 +109,426 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Every `*.txt` under `dir`, sorted by path.
-fn find_inputs(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
-        user_bail!("--input {} is not a directory", dir.display());
-    }
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        for entry in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "txt") {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    if found.is_empty() {
-        user_bail!(
-            "no .txt files under {}: put the dataset's text files there",
-            dir.display()
-        );
-    }
-    Ok(found)
-}
-
-/// Refuses to replace a directory that is not a prepared dataset: that could be the user's data.
-fn check_output(output: &Path, input: &Path) -> Result<()> {
-    if output.exists() {
-        let is_empty = output.is_dir() && fs::read_dir(output)?.next().is_none();
-        if !is_empty && !output.join(MANIFEST_FILE).exists() {
-            user_bail!(
-                "--output {} exists and is not a prepared dataset; choose a new directory",
-                output.display()
-            );
-        }
-    }
-    let (o, i) = (output.canonicalize().ok(), input.canonicalize().ok());
-    if o.is_some() && o == i {
-        user_bail!("--output must not be the --input directory");
-    }
-    Ok(())
-}
-
-/// One split's output file and counts.
-struct SplitWriter {
-    out: BufWriter<fs::File>,
-    counts: SplitCounts,
-}
-
-impl SplitWriter {
-    fn create(path: &Path) -> Result<Self> {
-        let file = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-        Ok(Self {
-            out: BufWriter::with_capacity(4 << 20, file),
-            counts: SplitCounts::default(),
-        })
-    }
-}
-
-/// Where the scanner is: inside a document or between them, and where in the current line.
-struct Scanner {
-    in_doc: bool,
-    at_line_start: bool,
-    line: u64,
-    column: u64,
-    doc_index: u64,
-    to_val: bool,
-}
-
 pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Result<Manifest> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
-        user_bail!("--val-fraction must be above 0 and below 1 (got {val_fraction})");
+        user_bail!(
+            "--val-fraction must be above 0 and below 1 (got {val_fraction}); the default is 0.01"
+        );
     }
     let files = find_inputs(input)?;
     check_output(output, input)?;
     let staging = StagingDir::new(output)?;
-    let mut train = SplitWriter::create(&staging.path().join(TRAIN_FILE))?;
-    let mut val = SplitWriter::create(&staging.path().join(VAL_FILE))?;
-    let mut sources = Vec::with_capacity(files.len());
-    let mut sc = Scanner {
-        in_doc: false,
-        at_line_start: true,
-        line: 1,
-        column: 1,
-        doc_index: 0,
-        to_val: false,
+    let mut scanner = Scanner {
+        splits: [
+            Split::create(&staging.path().join(TRAIN_FILE))?,
+            Split::create(&staging.path().join(VAL_FILE))?,
+        ],
+        current: 0,
+        gap: true,
+        prev_newline: true,
+        documents: 0,
+        split_units: Units::new(seed, &[STREAM_VAL_SPLIT]),
+        val_fraction,
     };
-    let mut buf = vec![0u8; CHUNK];
-    let mut ids = Vec::with_capacity(CHUNK + CHUNK / 16);
-
-    for path in &files {
-        let rel = path
-            .strip_prefix(input)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned();
+    let mut chunk = vec![0u8; CHUNK];
+    let mut sources = Vec::with_capacity(files.len());
+    for (path, rel) in &files {
         let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
-        (sc.line, sc.column, sc.at_line_start) = (1, 1, true);
         loop {
-            let n = file
-                .read(&mut buf)
+            let n = read_full(&mut file, &mut chunk)
                 .with_context(|| format!("read {}", path.display()))?;
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            for (i, &byte) in buf[..n].iter().enumerate() {
-                let Some(id) = vocab::id_of(byte) else {
-                    let shown = read_at(path, offset + i as u64)?;
-                    user_bail!(
-                        "{}:{}:{}: {} is not in the vocabulary (allowed: {}); remove or replace it",
-                        path.display(),
-                        sc.line,
-                        sc.column,
-                        vocab::describe_invalid(&shown),
-                        vocab::ALLOWED
-                    );
-                };
-                if byte == b'\n' {
-                    if sc.at_line_start {
-                        // A blank line ends the document, if one is open.
-                        end_document(&mut sc, &mut ids, &mut train, &mut val)?;
-                    } else {
-                        ids.push(id);
-                    }
-                    (sc.line, sc.column, sc.at_line_start) = (sc.line + 1, 1, true);
-                } else {
-                    if !sc.in_doc {
-                        start_document(
-                            &mut sc,
-                            &mut ids,
-                            &mut train,
-                            &mut val,
-                            seed,
-                            val_fraction,
-                        )?;
-                    }
-                    ids.push(id);
-                    sc.column += 1;
-                    sc.at_line_start = false;
-                }
+            hasher.update(&chunk[..n]);
+            if scanner.scan(&chunk[..n])? & 0x80 != 0 {
+                let at = chunk[..n]
+                    .iter()
+                    .position(|&b| TABLE[b as usize] == INVALID);
+                return Err(invalid_byte(path, offset + at.unwrap_or(0) as u64));
             }
             offset += n as u64;
-            flush_ids(&sc, &mut ids, &mut train, &mut val)?;
         }
-        end_document(&mut sc, &mut ids, &mut train, &mut val)?;
+        scanner.end_file()?;
         sources.push(SourceFile {
-            path: rel,
+            path: rel.clone(),
             bytes: offset,
             sha256: format!("{:x}", hasher.finalize()),
         });
     }
 
-    for (split, name, fix) in [
-        (&train, "training", "add documents"),
-        (
-            &val,
-            "validation",
-            "raise --val-fraction or separate documents with blank lines",
-        ),
-    ] {
-        if split.counts.documents == 0 {
-            user_bail!(
-                "the {name} split is empty ({} documents in all under {}): {fix}",
-                sc.doc_index,
-                input.display()
-            );
-        }
+    let documents = scanner.documents;
+    let [train, val] = scanner.splits;
+    let (train, val) = (train.finish()?, val.finish()?);
+    if documents == 0 {
+        user_bail!(
+            "the .txt files under {} hold no documents (they are empty or only blank lines): add text",
+            input.display()
+        );
+    }
+    if val.documents == 0 {
+        user_bail!(
+            "no document went to the validation split ({documents} documents, --val-fraction \
+             {val_fraction}): raise --val-fraction, or add documents (separate them with a blank line)"
+        );
+    }
+    if train.documents == 0 {
+        user_bail!(
+            "every document went to the validation split ({documents} documents, --val-fraction \
+             {val_fraction}): lower --val-fraction, or add documents (separate them with a blank line)"
+        );
     }
     let manifest = Manifest {
         format: FORMAT,
         vocabulary: String::from_utf8_lossy(vocab::CHARS).into_owned(),
         bos_id: BOS,
         vocab_size: VOCAB_SIZE,
-        train: finish(train)?,
-        val: finish(val)?,
+        train,
+        val,
         val_fraction,
         seed,
         sources,
     };
-    fs::write(
-        staging.path().join(MANIFEST_FILE),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    let path = staging.path().join(MANIFEST_FILE);
+    let mut f = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    f.write_all((serde_json::to_string_pretty(&manifest)? + "\n").as_bytes())?;
+    f.sync_all()?;
     staging.commit()?;
     Ok(manifest)
 }
 
-fn start_document(
-    sc: &mut Scanner,
-    ids: &mut Vec<u8>,
-    train: &mut SplitWriter,
-    val: &mut SplitWriter,
-    seed: u64,
+/// Every `*.txt` under `dir` with its `/`-separated path relative to `dir`, sorted by path.
+fn find_inputs(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        user_bail!(
+            "--input {} {what}: give the directory that holds the .txt files",
+            dir.display()
+        );
+    }
+    let mut found = Vec::new();
+    let mut visited = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        // A link back up the tree must not make the walk endless.
+        let real = d
+            .canonicalize()
+            .with_context(|| format!("resolve {}", d.display()))?;
+        if visited.contains(&real) {
+            continue;
+        }
+        visited.push(real);
+        for entry in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let entry = entry.with_context(|| format!("read {}", d.display()))?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // `metadata` follows links: a linked file or directory counts as what it points to.
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) => user_bail!("{}: {e}; fix or remove it", path.display()),
+            };
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() && path.extension().is_some_and(|e| e == "txt") {
+                found.push(path);
+            }
+        }
+    }
+    if found.is_empty() {
+        user_bail!(
+            "no .txt files under {}: put the dataset's text files there (any depth; names \
+             starting with '.' are skipped)",
+            dir.display()
+        );
+    }
+    found.sort();
+    Ok(found
+        .into_iter()
+        .map(|path| {
+            let rel = path.strip_prefix(dir).unwrap_or(&path);
+            let rel = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            (path, rel)
+        })
+        .collect())
+}
+
+/// Refuses to replace a directory that `prepare` did not write: it could be the user's data.
+fn check_output(output: &Path, input: &Path) -> Result<()> {
+    if output.exists() {
+        if !output.is_dir() {
+            user_bail!("--output {} is a file; give a directory", output.display());
+        }
+        for entry in fs::read_dir(output).with_context(|| format!("read {}", output.display()))? {
+            let name = entry?.file_name();
+            if !OUTPUT_FILES.iter().any(|f| name == *f) {
+                user_bail!(
+                    "--output {} holds {}, which prepare did not write; to keep it safe nothing \
+                     is replaced: give a new or empty directory",
+                    output.display(),
+                    name.to_string_lossy()
+                );
+            }
+        }
+    }
+    if let (Ok(o), Ok(i)) = (output.canonicalize(), input.canonicalize()) {
+        if i.starts_with(&o) {
+            user_bail!(
+                "--output {} contains --input; give a directory outside it",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the file ends, so chunks have one size whatever the reads return.
+fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// One split's output file, its buffer and counts.
+struct Split {
+    file: fs::File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    len: usize,
+    tokens: u64,
+    documents: u64,
+}
+
+impl Split {
+    fn create(path: &Path) -> Result<Self> {
+        let file = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            buf: vec![0; OUT_BUFFER],
+            len: 0,
+            tokens: 0,
+            documents: 0,
+        })
+    }
+
+    /// Makes sure `n` more tokens fit in the buffer.
+    fn reserve(&mut self, n: usize) -> Result<()> {
+        debug_assert!(n <= self.buf.len());
+        if self.len + n > self.buf.len() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, id: u8) {
+        self.buf[self.len] = id;
+        self.len += 1;
+        self.tokens += 1;
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.file
+            .write_all(&self.buf[..self.len])
+            .with_context(|| format!("write {}", self.path.display()))?;
+        self.len = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SplitCounts> {
+        self.flush()?;
+        self.file
+            .sync_all()
+            .with_context(|| format!("sync {}", self.path.display()))?;
+        Ok(SplitCounts {
+            characters: self.tokens - self.documents,
+            documents: self.documents,
+            tokens: self.tokens,
+        })
+    }
+}
+
+/// The document structure across chunks and files.
+struct Scanner {
+    /// Train (0) and validation (1).
+    splits: [Split; 2],
+    /// The split of the open document.
+    current: usize,
+    /// Between documents: at the start of a file or after a blank line, before the next text.
+    gap: bool,
+    /// The last byte was a newline (or the file just started), so a newline now is a blank line.
+    prev_newline: bool,
+    /// Documents started so far, over all files: the next one's index.
+    documents: u64,
+    /// Document `i` goes to validation when `split_units.at(i) < val_fraction`.
+    split_units: Units,
     val_fraction: f64,
-) -> Result<()> {
-    flush_ids(sc, ids, train, val)?;
-    sc.to_val = crate::rng::unit(seed, &[sc.doc_index]) < val_fraction;
-    sc.in_doc = true;
-    sc.doc_index += 1;
-    ids.push(BOS);
-    Ok(())
 }
 
-fn end_document(
-    sc: &mut Scanner,
-    ids: &mut Vec<u8>,
-    train: &mut SplitWriter,
-    val: &mut SplitWriter,
-) -> Result<()> {
-    if sc.in_doc {
-        flush_ids(sc, ids, train, val)?;
-        let split = if sc.to_val { val } else { train };
-        split.counts.documents += 1;
-        sc.in_doc = false;
+impl Scanner {
+    /// Translates a chunk into the splits. Returns the OR of all ids seen: its high bit is set
+    /// when the chunk holds a byte outside the vocabulary (the caller then finds it), so the hot
+    /// loop carries no error branch.
+    fn scan(&mut self, chunk: &[u8]) -> Result<u8> {
+        // A chunk yields at most one token per byte plus a BOS per document, and each document
+        // but the first needs at least three bytes (text, newline, blank line).
+        let worst = chunk.len() + chunk.len() / 3 + 2;
+        for split in &mut self.splits {
+            split.reserve(worst)?;
+        }
+        let mut seen = 0u8;
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.gap {
+                match chunk[i..].iter().position(|&b| b != b'\n') {
+                    Some(k) => i += k,
+                    None => break,
+                }
+                self.start_document();
+            }
+            let split = &mut self.splits[self.current];
+            let (used, ended) = copy_document(
+                &chunk[i..],
+                &mut split.buf[split.len..],
+                &mut self.prev_newline,
+                &mut seen,
+            );
+            let written = if ended { used - 1 } else { used };
+            split.len += written;
+            split.tokens += written as u64;
+            i += used;
+            if ended {
+                self.gap = true;
+            }
+        }
+        Ok(seen)
     }
-    Ok(())
-}
 
-/// Writes pending ids to the current document's split.
-fn flush_ids(
-    sc: &Scanner,
-    ids: &mut Vec<u8>,
-    train: &mut SplitWriter,
-    val: &mut SplitWriter,
-) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
+    fn start_document(&mut self) {
+        let to_val = self.split_units.at(self.documents) < self.val_fraction;
+        self.current = to_val as usize;
+        self.documents += 1;
+        let split = &mut self.splits[self.current];
+        split.push(BOS);
+        split.documents += 1;
+        self.gap = false;
+        self.prev_newline = false;
     }
-    let split = if sc.to_val { val } else { train };
-    let bos = ids.iter().filter(|&&t| t == BOS).count() as u64;
-    split.counts.tokens += ids.len() as u64;
-    split.counts.characters += ids.len() as u64 - bos;
-    split.out.write_all(ids)?;
-    ids.clear();
-    Ok(())
+
+    /// A file's end ends its document, whose last line gets a newline if it lacks one.
+    fn end_file(&mut self) -> Result<()> {
+        if !self.gap {
+            if !self.prev_newline {
+                let split = &mut self.splits[self.current];
+                split.reserve(1)?;
+                split.push(NEWLINE);
+            }
+            self.gap = true;
+        }
+        self.prev_newline = true;
+        Ok(())
+    }
 }
 
-fn finish(split: SplitWriter) -> Result<SplitCounts> {
-    let file = split.out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    Ok(split.counts)
+/// Copies a document's ids from `src` to `dst` until a blank line ends it or `src` ends. Returns
+/// the bytes consumed and whether the document ended (then the last byte consumed is the blank
+/// line's newline, which is not copied). Inside a document ids map one to one onto bytes, so the
+/// loop is a table lookup, an OR and a store per byte with one rarely taken branch.
+#[inline]
+fn copy_document(
+    src: &[u8],
+    dst: &mut [u8],
+    prev_newline: &mut bool,
+    seen: &mut u8,
+) -> (usize, bool) {
+    assert!(dst.len() >= src.len(), "output buffer too small");
+    let mut prev = *prev_newline;
+    let mut acc = *seen;
+    for (k, (&byte, out)) in src.iter().zip(dst.iter_mut()).enumerate() {
+        let id = TABLE[byte as usize];
+        acc |= id;
+        let newline = id == NEWLINE;
+        if newline & prev {
+            *prev_newline = true;
+            *seen = acc;
+            return (k + 1, true);
+        }
+        *out = id;
+        prev = newline;
+    }
+    *prev_newline = prev;
+    *seen = acc;
+    (src.len(), false)
 }
 
-/// Up to 4 bytes at `offset`, to show a multi-byte character whole even across a chunk boundary.
-fn read_at(path: &Path, offset: u64) -> Result<Vec<u8>> {
-    let mut f = fs::File::open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut b = vec![0u8; 4];
-    let n = f.read(&mut b)?;
-    b.truncate(n);
-    Ok(b)
+/// The error for the invalid byte at `offset` of `path`, located as `line:column` (columns count
+/// characters: every byte before the first invalid one is one ASCII character).
+fn invalid_byte(path: &Path, offset: u64) -> anyhow::Error {
+    match locate(path, offset) {
+        Ok((line, column, here)) => {
+            let hint = match here.first() {
+                Some(b'\r') => {
+                    " (Windows line endings: convert the file to \\n endings, e.g. with dos2unix)"
+                }
+                Some(0xEF) if offset == 0 && here.starts_with(&[0xEF, 0xBB, 0xBF]) => {
+                    " (a byte-order mark: save the file as UTF-8 without BOM)"
+                }
+                Some(b'h' | b'b' | b'l') => " (the letters are uppercase: H, B, L)",
+                _ => "",
+            };
+            anyhow::Error::new(UserError(format!(
+                "{}:{line}:{column}: {} is not in the vocabulary{hint}; allowed: {}; remove or replace it",
+                path.display(),
+                vocab::describe_invalid(&here),
+                vocab::ALLOWED
+            )))
+        }
+        Err(e) => e.context(format!(
+            "{} has a byte outside the vocabulary at offset {offset}",
+            path.display()
+        )),
+    }
+}
+
+/// The line and column of byte `offset` of `path`, and up to 4 bytes from there.
+fn locate(path: &Path, offset: u64) -> Result<(u64, u64, Vec<u8>)> {
+    let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let (mut line, mut line_start, mut pos) = (1u64, 0u64, 0u64);
+    let mut buf = vec![0u8; CHUNK];
+    while pos < offset {
+        let want = (offset - pos).min(CHUNK as u64) as usize;
+        let n = read_full(&mut file, &mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        for (i, _) in buf[..n].iter().enumerate().filter(|(_, &b)| b == b'\n') {
+            line += 1;
+            line_start = pos + i as u64 + 1;
+        }
+        pos += n as u64;
+    }
+    let mut here = vec![0u8; 4];
+    let n = read_full(&mut file, &mut here)?;
+    here.truncate(n);
+    Ok((line, offset - line_start + 1, here))
 }
 
 /// Reads a prepared dataset's manifest; a missing or foreign one names the fix.
@@ -355,7 +537,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => user_bail!(
-            "{}: {e}; run `charlm-trainer prepare --input <txt dir> --output {}` first",
+            "{}: {e}; run `charlm-trainer prepare --input <dir of .txt files> --output {}` first",
             path.display(),
             dir.display()
         ),
@@ -363,17 +545,96 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let manifest: Manifest = match serde_json::from_str(&text) {
         Ok(m) => m,
         Err(e) => user_bail!(
-            "{} is not a prepare manifest ({e}); prepare the data again",
+            "{} is not a prepare manifest ({e}); run `charlm-trainer prepare` again",
             path.display()
         ),
     };
-    if manifest.format != FORMAT || manifest.vocab_size != VOCAB_SIZE || manifest.bos_id != BOS {
+    if manifest.format != FORMAT
+        || manifest.vocab_size != VOCAB_SIZE
+        || manifest.bos_id != BOS
+        || manifest.vocabulary.as_bytes() != vocab::CHARS
+    {
         user_bail!(
-            "{} was prepared by another version (format {}, vocab {}); prepare the data again",
+            "{} was prepared by another version (format {}, vocabulary {:?}, this trainer reads \
+             format {FORMAT}); run `charlm-trainer prepare` again",
             dir.display(),
             manifest.format,
-            manifest.vocab_size
+            manifest.vocabulary
         );
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the scanner over `text` cut into pieces of `piece` bytes, as files or chunks would.
+    fn scan_pieces(texts: &[&str], piece: usize) -> (Vec<u8>, Vec<u8>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Scanner {
+            splits: [
+                Split::create(&dir.path().join("t")).unwrap(),
+                Split::create(&dir.path().join("v")).unwrap(),
+            ],
+            current: 0,
+            gap: true,
+            prev_newline: true,
+            documents: 0,
+            split_units: Units::new(0, &[STREAM_VAL_SPLIT]),
+            val_fraction: 0.0,
+        };
+        for text in texts {
+            for chunk in text.as_bytes().chunks(piece) {
+                assert_eq!(s.scan(chunk).unwrap() & 0x80, 0);
+            }
+            s.end_file().unwrap();
+        }
+        let docs = s.documents;
+        let [t, v] = s.splits;
+        t.finish().unwrap();
+        v.finish().unwrap();
+        (
+            fs::read(dir.path().join("t")).unwrap(),
+            fs::read(dir.path().join("v")).unwrap(),
+            docs,
+        )
+    }
+
+    fn ids(text: &str) -> Vec<u8> {
+        text.bytes()
+            .map(|b| if b == b'^' { BOS } else { TABLE[b as usize] })
+            .collect()
+    }
+
+    #[test]
+    fn documents_are_split_on_blank_lines_whatever_the_chunking() {
+        let cases: &[(&[&str], &str, u64)] = &[
+            (&["1+1\n2\n\n3\n"], "^1+1\n2\n^3\n", 2),
+            (&["\n\n1\n\n\n\n2\n\n\n"], "^1\n^2\n", 2),
+            (&["1\n2", "3\n\n"], "^1\n2\n^3\n", 2),
+            (&["", "\n\n", "5"], "^5\n", 1),
+            (&["1\n", "2\n"], "^1\n^2\n", 2),
+        ];
+        for &(texts, want, docs) in cases {
+            for piece in [1, 2, 3, 7, 1000] {
+                let (train, val, n) = scan_pieces(texts, piece);
+                assert_eq!(train, ids(want), "{texts:?} in pieces of {piece}");
+                assert!(val.is_empty());
+                assert_eq!(n, docs);
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_bytes_set_the_high_bit() {
+        let mut seen = 0;
+        let mut dst = [0u8; 8];
+        let mut prev = false;
+        copy_document(b"12\r\n", &mut dst, &mut prev, &mut seen);
+        assert_ne!(seen & 0x80, 0);
+        let mut seen = 0;
+        copy_document(b"12+B\n", &mut dst, &mut prev, &mut seen);
+        assert_eq!(seen & 0x80, 0);
+    }
 }
