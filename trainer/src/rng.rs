@@ -9,7 +9,6 @@
 pub const STREAM_GENERATE: u64 = 0x6E4E;
 pub const STREAM_VAL_SPLIT: u64 = 0x5A11;
 pub const STREAM_EPOCH: u64 = 0xE90C;
-pub const STREAM_SAMPLE: u64 = 0x5A3E;
 
 /// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
 pub fn mix(mut x: u64) -> u64 {
