@@ -39,4 +39,25 @@ int charlm_cuda_reset_peak(int device) {
   }
 }
 
+int64_t charlm_cuda_total_memory(int device) {
+  try {
+    if (device < 0 || device >= static_cast<int>(c10::cuda::device_count())) return -1;
+    return static_cast<int64_t>(
+        at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->totalGlobalMem);
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Returns cached blocks to the driver, so that after an out-of-memory probe the next, smaller
+// attempt starts from a clean slate.
+int charlm_cuda_empty_cache() {
+  try {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 }  // extern "C"

@@ -154,7 +154,7 @@ pub fn list(root: &Path) -> Result<Vec<(i64, PathBuf)>> {
             out.push((step, entry.path()));
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(out)
 }
 

@@ -7,6 +7,8 @@ extern "C" {
     fn charlm_cuda_device_name(device: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
     fn charlm_cuda_peak_allocated(device: i32) -> i64;
     fn charlm_cuda_reset_peak(device: i32) -> i32;
+    fn charlm_cuda_total_memory(device: i32) -> i64;
+    fn charlm_cuda_empty_cache() -> i32;
 }
 
 pub fn device_name(device: Device) -> String {
@@ -44,5 +46,25 @@ pub fn reset_peak_memory(device: Device) {
     if let Device::Cuda(i) = device {
         // SAFETY: a plain allocator call; failures are ignored (the peak is then just higher).
         unsafe { charlm_cuda_reset_peak(i as i32) };
+    }
+}
+
+/// The GPU's memory in bytes (None on CPU).
+pub fn total_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => {
+            // SAFETY: a plain query; returns -1 on any failure.
+            let bytes = unsafe { charlm_cuda_total_memory(i as i32) };
+            (bytes > 0).then_some(bytes as u64)
+        }
+        _ => None,
+    }
+}
+
+/// Releases the caching allocator's free blocks (after an out-of-memory probe).
+pub fn empty_cache(device: Device) {
+    if device.is_cuda() {
+        // SAFETY: a plain allocator call.
+        unsafe { charlm_cuda_empty_cache() };
     }
 }

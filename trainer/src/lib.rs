@@ -1,6 +1,7 @@
 //! charlm-trainer: data preparation, the GPT model, its optimizers, the training loop, checkpoints,
 //! distributed launch, sampling and benchmarks. Knows nothing of Kubernetes.
 
+pub mod autobatch;
 pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
@@ -17,5 +18,6 @@ pub mod progress;
 pub mod rng;
 pub mod sample;
 pub mod staging;
+pub mod tensorboard;
 pub mod train;
 pub mod vocab;

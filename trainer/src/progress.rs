@@ -25,7 +25,11 @@ pub struct Progress {
     pub checkpoint: Option<String>,
     pub world_size: usize,
     pub peak_memory_gib: Option<f64>,
+    /// Training tokens in one pass over the training split.
+    pub tokens_per_epoch: Option<u64>,
     pub complete: bool,
+    /// Why training ended: `budget`, `early_stop` or `signal` (absent while it runs).
+    pub stop_reason: Option<String>,
 }
 
 pub type SharedProgress = Arc<Mutex<Progress>>;

@@ -1,0 +1,224 @@
+//! Choosing the micro-batch. `--device-batch-size auto` takes the largest power of two whose
+//! training step fits in memory with headroom, and gradient accumulation makes up the rest of the
+//! total batch, so the optimisation itself does not change with the GPU.
+//!
+//! On a GPU the check is a real probe: one forward, backward and optimizer step (learning rate 0)
+//! at each candidate size, largest first, on a throwaway copy of the model, reading the caching
+//! allocator's peak; an out-of-memory error just means "too big". On a CPU (and to test this logic
+//! without a GPU) the check is an analytic estimate against a memory limit: the
+//! `CHARLM_MEMORY_LIMIT_GIB` variable, or half the machine's memory.
+
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::str::FromStr;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::{DistEnv, ProcessGroup};
+use crate::engine::{Engine, LearningRates};
+use crate::model::GptConfig;
+
+/// Share of the GPU's memory a probe may peak at: the rest is headroom for fragmentation,
+/// evaluation and the occasional longer-lived temporary.
+pub const HEADROOM: f64 = 0.90;
+/// The largest micro-batch tried.
+const MAX_CANDIDATE: i64 = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum MicroBatch {
+    Auto,
+    Fixed(i64),
+}
+
+impl FromStr for MicroBatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            n => match n.parse::<i64>() {
+                Ok(v) if v >= 1 => Ok(Self::Fixed(v)),
+                _ => Err(format!(
+                    "{n:?} is neither `auto` nor a positive number of sequences"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for MicroBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Powers of two to try, largest first. With a total batch fixed, a candidate must divide the
+/// sequences one rank processes per step, so that accumulation is a whole number of micro-batches.
+pub fn candidates(per_rank_sequences: Option<i64>) -> Vec<i64> {
+    let cap = per_rank_sequences
+        .unwrap_or(MAX_CANDIDATE)
+        .min(MAX_CANDIDATE);
+    let mut out: Vec<i64> = (0..=8)
+        .map(|p| 1i64 << p)
+        .filter(|&b| b <= cap && per_rank_sequences.is_none_or(|n| n % b == 0))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// The first (largest) candidate that fits; `fits` is asked largest first and may fail.
+pub fn largest_fitting(
+    candidates: &[i64],
+    mut fits: impl FnMut(i64) -> Result<bool>,
+) -> Result<Option<i64>> {
+    for &b in candidates {
+        if fits(b)? {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
+}
+
+/// A rough upper estimate of the bytes one training step needs at micro-batch `b`: fp32 weights,
+/// gradients and optimizer state, plus the activations autograd keeps (about 36 values of the
+/// model's width per token and layer, plus the 4×-wide MLP hidden) in the compute precision.
+pub fn estimate_bytes(config: &GptConfig, b: i64, kind: Kind) -> u64 {
+    let n = config.total_params() as u64;
+    let matrices = (config.total_params() - 2 * config.embedding_params()) as u64;
+    let state = 4 * n + 4 * n + 4 * matrices + 8 * (n - matrices);
+    let act_elt = kind.elt_size_in_bytes() as u64;
+    let tokens = (b * config.seq_len) as u64;
+    let per_token_layer = 36 * config.width() as u64;
+    let logits = 4 * 3 * config.vocab_size as u64;
+    let activations = tokens * (config.depth as u64 * per_token_layer * act_elt + logits);
+    state + activations
+}
+
+/// The memory limit the CPU estimate is held to, in bytes.
+pub fn cpu_limit_bytes() -> u64 {
+    if let Some(gib) = std::env::var("CHARLM_MEMORY_LIMIT_GIB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return (gib * (1u64 << 30) as f64) as u64;
+    }
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(8 << 20);
+    total_kib * 1024 / 2
+}
+
+/// Whether one training step at micro-batch `b` fits on `device`.
+pub fn fits(config: &GptConfig, b: i64, device: Device) -> Result<bool> {
+    match device {
+        Device::Cuda(_) => probe_gpu(config, b, device),
+        _ => Ok(estimate_bytes(config, b, Kind::Float) <= cpu_limit_bytes()),
+    }
+}
+
+/// Runs one step at micro-batch `b` on a fresh model; false when it runs out of memory or peaks
+/// above [`HEADROOM`] of the GPU.
+fn probe_gpu(config: &GptConfig, b: i64, device: Device) -> Result<bool> {
+    let total = crate::cuda::total_memory(device).unwrap_or(u64::MAX) as f64;
+    let pg = ProcessGroup::init(
+        &DistEnv::single(),
+        device,
+        std::time::Duration::from_secs(60),
+    )?;
+    // Out-of-memory surfaces as a panic from tch; while probing it is an answer, not a crash.
+    let quiet = panic::take_hook();
+    panic::set_hook(Box::new(|_| {}));
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| -> Result<f64> {
+        let mut engine = Engine::new(*config, device, 0, LearningRates::default());
+        crate::cuda::reset_peak_memory(device);
+        let t = config.seq_len;
+        let all = Tensor::randint(crate::vocab::BOS as i64, [b, t + 1], (Kind::Int64, device));
+        let _ = engine.micro_step(&all.narrow(1, 0, t), &all.narrow(1, 1, t), 1.0);
+        engine.optimizer_step(&pg, 0.0, 0.95, 1.0)?;
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok(crate::cuda::peak_memory_gib(device).unwrap_or(0.0) * (1u64 << 30) as f64)
+    }));
+    panic::set_hook(quiet);
+    crate::cuda::empty_cache(device);
+    match outcome {
+        Ok(peak) => Ok(peak? <= HEADROOM * total),
+        Err(payload) if is_out_of_memory(&payload) => Ok(false),
+        Err(payload) => panic::resume_unwind(payload),
+    }
+}
+
+/// Whether a panic payload is libtorch's out-of-memory error.
+pub fn is_out_of_memory(payload: &Box<dyn std::any::Any + Send>) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    text.contains("out of memory")
+}
+
+/// A micro-batch below `b` that the estimate says fits in `limit` bytes, for error messages.
+pub fn smaller_that_fits(config: &GptConfig, b: i64, limit: u64, kind: Kind) -> Option<i64> {
+    candidates(None)
+        .into_iter()
+        .filter(|&c| c < b)
+        .find(|&c| estimate_bytes(config, c, kind) <= limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_divide_the_per_rank_batch() {
+        assert_eq!(candidates(Some(24)), vec![8, 4, 2, 1]);
+        assert_eq!(candidates(Some(64)), vec![64, 32, 16, 8, 4, 2, 1]);
+        assert_eq!(candidates(None)[0], MAX_CANDIDATE);
+    }
+
+    #[test]
+    fn the_largest_fitting_candidate_is_chosen_and_probing_stops_there() {
+        let mut asked = Vec::new();
+        let chosen = largest_fitting(&[16, 8, 4, 2, 1], |b| {
+            asked.push(b);
+            Ok(b <= 4)
+        })
+        .unwrap();
+        assert_eq!(chosen, Some(4));
+        assert_eq!(asked, vec![16, 8, 4]);
+        assert_eq!(largest_fitting(&[2, 1], |_| Ok(false)).unwrap(), None);
+    }
+
+    #[test]
+    fn the_estimate_grows_with_batch_and_depth() {
+        let d24 = GptConfig::new(24, 2048);
+        let a = estimate_bytes(&d24, 8, Kind::BFloat16);
+        assert!(a < estimate_bytes(&d24, 16, Kind::BFloat16));
+        assert!(a < estimate_bytes(&GptConfig::new(32, 2048), 8, Kind::BFloat16));
+        // In the range seen on an H100 (29.9 GiB measured at d24, micro-batch 8).
+        let gib = a as f64 / (1u64 << 30) as f64;
+        assert!((15.0..60.0).contains(&gib), "{gib}");
+    }
+
+    #[test]
+    fn parses_auto_and_sizes() {
+        assert_eq!("auto".parse::<MicroBatch>(), Ok(MicroBatch::Auto));
+        assert_eq!("16".parse::<MicroBatch>(), Ok(MicroBatch::Fixed(16)));
+        assert!("0".parse::<MicroBatch>().is_err() && "big".parse::<MicroBatch>().is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! `charlm-trainer train`: the training loop, in the spirit of nanochat's base_train.py.
+//!
+//! A run sets up ranks and the model, resumes from the newest good checkpoint, then a [`Session`]
+//! repeats {micro-batches → optimizer step → report → evaluate → checkpoint} until the time budget
+//! or step limit is spent, validation stops improving, or a SIGTERM arrives. Rank 0 decides when
+//! to stop, evaluate and save and tells the others, so every rank takes the same branch.
+
+mod args;
+mod consensus;
+mod plan;
+mod resume;
+mod session;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use tch::Device;
+
+pub use args::Args;
+pub use plan::{budget_fraction, lr_multiplier, Plan};
+pub use session::{evaluate, StopReason};
+
+use crate::autobatch::MicroBatch;
+use crate::dataset::Dataset;
+use crate::dist::{DistEnv, GroupOptions, ProcessGroup};
+use crate::engine::{Engine, LearningRates};
+use crate::model::GptConfig;
+use crate::progress::{self, Progress, SharedProgress};
+use crate::tensorboard::EventWriter;
+use crate::user_bail;
+use session::{RunState, Session};
+
+/// H100 dense bf16 peak, the denominator of MFU (as in nanochat and our anchors).
+pub const PEAK_FLOPS: f64 = 989e12;
+
+pub fn run(args: Args) -> Result<()> {
+    let env = DistEnv::from_env();
+    let device = pick_device(&args.device, env.local_rank)?;
+    quiet_out_of_memory_panics();
+    if device == Device::Cpu {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
+        tch::set_num_threads(args.threads.unwrap_or(per_rank));
+    }
+    // Check the settings before anything slow starts (an `auto` micro-batch is settled later).
+    let early_micro = match args.device_batch_size {
+        MicroBatch::Fixed(n) => n,
+        MicroBatch::Auto => 1,
+    };
+    Plan::new(&args, env.world_size, early_micro)?;
+    let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
+    let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
+    // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
+    // single-GPU run exercises the same code path as a multi-GPU one.
+    options.connect_single = std::env::var_os("WORLD_SIZE").is_some();
+    let pg = ProcessGroup::init_with(&env, device, &options)?;
+    let is_main = pg.rank() == 0;
+
+    let shared: SharedProgress = Arc::new(Mutex::new(Progress {
+        world_size: pg.world_size(),
+        ..Default::default()
+    }));
+    if is_main && args.metrics_port != 0 {
+        let host = std::env::var("POD_IP").unwrap_or_else(|_| "0.0.0.0".to_string());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        progress::serve(&format!("{host}:{}", args.metrics_port), shared.clone());
+    }
+
+    let done = if is_main {
+        resume::finished_summary(&args)?
+    } else {
+        None
+    };
+    if consensus::agree_flag(&pg, device, done.is_some())? {
+        if let Some(summary) = done {
+            *shared.lock().expect("progress lock") = summary.clone();
+            println!(
+                "{}",
+                serde_json::json!({"event": "end", "progress": summary})
+            );
+            if let Some(path) = &args.termination_log {
+                progress::write_termination_log(path, &summary);
+            }
+        }
+        return Ok(());
+    }
+
+    let config = GptConfig::new(args.depth, args.seq_len);
+    let micro = plan::resolve_micro_batch(&args, &config, &pg, device)?;
+    let plan = Plan::new(&args, env.world_size, micro)?;
+    let lrs = LearningRates {
+        matrix: args.matrix_lr,
+        embedding: args.embedding_lr,
+        unembedding: args.unembedding_lr,
+    };
+    let mut engine = Engine::new(config, device, plan.seed, lrs);
+    if is_main {
+        eprintln!(
+            "model: depth {} width {} heads {} | {} parameters ({} in matrices) | {:.3e} FLOPs/token",
+            config.depth,
+            config.width(),
+            config.heads(),
+            config.total_params(),
+            config.total_params() - 2 * config.embedding_params(),
+            config.flops_per_token()
+        );
+        eprintln!(
+            "batch: {} tokens/step = {} ranks × {} accum × {} seqs × {} tokens | {} | collectives: {}",
+            plan.total_batch_size,
+            plan.world_size,
+            plan.accum_steps,
+            plan.device_batch_size,
+            plan.seq_len,
+            crate::cuda::device_name(device),
+            pg.backend()
+        );
+        eprintln!(
+            "data: {} tokens per epoch ({} sequences of {})",
+            data.train_windows() * plan.seq_len as u64,
+            data.train_windows(),
+            plan.seq_len
+        );
+    }
+
+    let mut state = RunState::new(data.train_windows());
+    let resumed = if is_main {
+        resume::restore(&args, &plan, &mut engine, &mut state)?
+    } else {
+        None
+    };
+    let header = consensus::agree(
+        &pg,
+        device,
+        &[state.step as f64, state.elapsed_s, engine.adamw.step as f64],
+    )?;
+    state.step = header[0] as i64;
+    state.elapsed_s = header[1];
+    engine.adamw.step = header[2] as i64;
+    engine.broadcast_from_rank0(&pg)?;
+    if let Some(dir) = resumed {
+        eprintln!(
+            "resumed from {} at step {} ({:.0} s trained)",
+            dir.display(),
+            state.step,
+            state.elapsed_s
+        );
+    }
+    let tensorboard = match (&args.tensorboard_dir, is_main) {
+        (Some(dir), true) => match EventWriter::create(dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("warning: no TensorBoard events: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+
+    let session = Session {
+        args: &args,
+        plan: &plan,
+        data: &data,
+        pg: &pg,
+        device,
+        engine,
+        state,
+        shared,
+        stop,
+        tensorboard,
+    };
+    let result = session.run();
+    if let Err(err) = &result {
+        eprintln!("rank {}: training failed: {err:#}", pg.rank());
+    }
+    result
+}
+
+fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
+    match choice {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !tch::Cuda::is_available() => {
+            user_bail!("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+        }
+        "cuda" | "auto" if tch::Cuda::is_available() => {
+            let n = tch::Cuda::device_count() as usize;
+            if local_rank >= n {
+                user_bail!(
+                    "local rank {local_rank} has no GPU: only {n} visible; start fewer processes \
+                     per node"
+                );
+            }
+            Ok(Device::Cuda(local_rank))
+        }
+        "auto" => Ok(Device::Cpu),
+        other => user_bail!("--device {other:?} is not one of auto, cpu, cuda"),
+    }
+}
+
+/// Out-of-memory panics are turned into a clear error (see the session); their stack trace would
+/// only bury it. Every other panic is printed as usual.
+fn quiet_out_of_memory_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if !msg.contains("out of memory") {
+            default_hook(info);
+        }
+    }));
+}

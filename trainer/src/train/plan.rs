@@ -1,0 +1,197 @@
+//! What a run will do, decided before it starts: batch geometry, the budget and the learning-rate
+//! schedule, and the micro-batch when it is `auto`.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use super::consensus;
+use super::Args;
+use crate::autobatch::{self, MicroBatch};
+use crate::dist::ProcessGroup;
+use crate::model::GptConfig;
+use crate::user_bail;
+
+/// Settings derived from the arguments and the world size, checked once.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    pub depth: i64,
+    pub seq_len: i64,
+    pub device_batch_size: i64,
+    pub total_batch_size: i64,
+    pub world_size: usize,
+    pub accum_steps: i64,
+    pub seed: u64,
+}
+
+impl Plan {
+    /// Checks the settings for `world_size` ranks with micro-batch `micro` (already resolved).
+    pub fn new(args: &Args, world_size: usize, micro: i64) -> Result<Self> {
+        if !(1..=128).contains(&args.depth) {
+            user_bail!("--depth {} is out of range: use 1..128", args.depth);
+        }
+        if args.seq_len < 2 || micro < 1 {
+            user_bail!("--seq-len must be at least 2 and --device-batch-size at least 1");
+        }
+        if args.hours.is_none() && args.max_steps.is_none() {
+            user_bail!(
+                "give a budget: --hours H (CHARLM_HOURS) or --max-steps N (CHARLM_MAX_STEPS)"
+            );
+        }
+        if args.hours.is_some_and(|h| h.is_nan() || h <= 0.0) {
+            user_bail!("--hours must be above 0");
+        }
+        let per_micro = micro * args.seq_len * world_size as i64;
+        let total = args.total_batch_size.unwrap_or(per_micro);
+        if total < per_micro || total % per_micro != 0 {
+            user_bail!(
+                "--total-batch-size {total} must be a multiple of device batch × seq len × ranks = \
+                 {micro} × {} × {world_size} = {per_micro}; try {}",
+                args.seq_len,
+                (total / per_micro).max(1) * per_micro
+            );
+        }
+        Ok(Self {
+            depth: args.depth,
+            seq_len: args.seq_len,
+            device_batch_size: micro,
+            total_batch_size: total,
+            world_size,
+            accum_steps: total / per_micro,
+            seed: args.seed,
+        })
+    }
+
+    pub fn sequences_per_step(&self) -> u64 {
+        (self.total_batch_size / self.seq_len) as u64
+    }
+}
+
+/// Learning-rate multiplier: 1, then a linear decay to 0 over the last `warmdown` of the budget.
+/// `progress` is the spent fraction of the budget (time or steps, whichever is further along).
+pub fn lr_multiplier(progress: f64, warmdown: f64) -> f64 {
+    if warmdown <= 0.0 || progress < 1.0 - warmdown {
+        1.0
+    } else {
+        ((1.0 - progress) / warmdown).max(0.0)
+    }
+}
+
+/// How far along the budget is: the larger of the time and step fractions.
+pub fn budget_fraction(
+    step: i64,
+    elapsed_s: f64,
+    budget_s: Option<f64>,
+    max_steps: Option<i64>,
+) -> f64 {
+    let by_time = budget_s.map_or(0.0, |b| elapsed_s / b);
+    let by_steps = max_steps.map_or(0.0, |m| step as f64 / m.max(1) as f64);
+    by_time.max(by_steps)
+}
+
+/// The micro-batch to train with: the fixed one, or for `auto` the largest that fits on every
+/// rank (each probes its own device; the smallest answer wins).
+pub fn resolve_micro_batch(
+    args: &Args,
+    config: &GptConfig,
+    pg: &ProcessGroup,
+    device: Device,
+) -> Result<i64> {
+    if let MicroBatch::Fixed(n) = args.device_batch_size {
+        return Ok(n);
+    }
+    let per_rank_tokens = args.seq_len * pg.world_size() as i64;
+    let per_rank = match args.total_batch_size {
+        Some(total) if total % per_rank_tokens != 0 => user_bail!(
+            "--total-batch-size {total} must be a multiple of seq len × ranks = {per_rank_tokens}"
+        ),
+        Some(total) => Some(total / per_rank_tokens),
+        None => None,
+    };
+    let t0 = Instant::now();
+    let chosen = autobatch::largest_fitting(&autobatch::candidates(per_rank), |b| {
+        autobatch::fits(config, b, device)
+    })?;
+    let least = consensus::min_over_ranks(pg, device, chosen.map_or(0.0, |b| b as f64))?;
+    if least < 1.0 {
+        let limit = if device.is_cuda() {
+            ""
+        } else {
+            " (CPU limit: CHARLM_MEMORY_LIMIT_GIB, or half the RAM)"
+        };
+        user_bail!(
+            "depth {} with seq len {} does not fit in memory even with a micro-batch of 1 \
+             sequence{limit}: use a smaller --depth or --seq-len, or more memory",
+            config.depth,
+            config.seq_len
+        );
+    }
+    if pg.rank() == 0 {
+        eprintln!(
+            "micro-batch auto: {} sequences per device (chosen in {:.1} s on {})",
+            least as i64,
+            t0.elapsed().as_secs_f64(),
+            crate::cuda::device_name(device)
+        );
+    }
+    Ok(least as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let base = ["t", "--data", "x", "--max-steps", "1", "--seq-len", "8"];
+        Cli::parse_from(base.iter().chain(extra)).a
+    }
+
+    #[test]
+    fn warmdown_is_linear_over_the_last_fifth() {
+        assert_eq!(lr_multiplier(0.5, 0.2), 1.0);
+        assert!((lr_multiplier(0.9, 0.2) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_multiplier(1.0, 0.2), 0.0);
+    }
+
+    #[test]
+    fn budget_takes_the_further_of_time_and_steps() {
+        assert_eq!(budget_fraction(50, 10.0, Some(100.0), Some(100)), 0.5);
+        assert_eq!(budget_fraction(10, 90.0, Some(100.0), Some(100)), 0.9);
+        assert_eq!(budget_fraction(10, 90.0, None, Some(100)), 0.1);
+    }
+
+    #[test]
+    fn plan_rejects_a_total_batch_that_does_not_divide() {
+        let err = Plan::new(&args(&["--total-batch-size", "40"]), 1, 2).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), 2);
+        assert!(format!("{err}").contains("try 32"), "{err}");
+        let plan = Plan::new(&args(&["--total-batch-size", "64"]), 2, 2).unwrap();
+        assert_eq!(plan.accum_steps, 2);
+    }
+
+    #[test]
+    fn auto_keeps_the_total_batch_and_fills_it_with_accumulation() {
+        // On CPU `auto` is held to CHARLM_MEMORY_LIMIT_GIB (or half the RAM): a tiny model fits
+        // at the largest candidate dividing the per-rank batch.
+        let a = args(&["--total-batch-size", "256", "--device-batch-size", "auto"]);
+        let pg = ProcessGroup::init(
+            &crate::dist::DistEnv::single(),
+            Device::Cpu,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let micro = resolve_micro_batch(&a, &GptConfig::new(1, 8), &pg, Device::Cpu).unwrap();
+        assert_eq!(micro, 32);
+        let plan = Plan::new(&a, 1, micro).unwrap();
+        assert_eq!((plan.accum_steps, plan.total_batch_size), (1, 256));
+    }
+}

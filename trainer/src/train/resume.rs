@@ -1,0 +1,131 @@
+//! Where a run starts: the newest good checkpoint (rank 0 reads it, then everyone gets rank 0's
+//! state), or nothing when the checkpoint already spent the budget.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::plan::{budget_fraction, Plan};
+use super::session::{RunState, StopReason};
+use super::Args;
+use crate::checkpoint::{self, Manifest};
+use crate::engine::Engine;
+use crate::progress::Progress;
+use crate::user_bail;
+
+/// The summary of a training that is already over: its newest checkpoint spent the *current*
+/// budget (a raised budget continues training), or it stopped early at that checkpoint. A
+/// restarted pod must not train past its end.
+pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
+    let Some(root) = &args.checkpoint_dir else {
+        return Ok(None);
+    };
+    let Some((_, newest)) = checkpoint::list(root)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let Ok(m) = checkpoint::load_manifest(&newest) else {
+        return Ok(None);
+    };
+    let recorded = checkpoint::read_complete(root)?
+        .and_then(|v| serde_json::from_value::<Progress>(v).ok())
+        .filter(|p| p.step == m.step);
+    let budget_s = args.hours.map(|h| h * 3600.0);
+    let spent = budget_fraction(m.step, m.elapsed_s, budget_s, args.max_steps) >= 1.0;
+    let stopped_early = recorded
+        .as_ref()
+        .is_some_and(|p| p.stop_reason.as_deref() == Some(StopReason::EarlyStop.as_str()));
+    if !spent && !stopped_early {
+        return Ok(None);
+    }
+    eprintln!(
+        "training in {} is already over (step {}, {:.0} s trained{}); nothing to do",
+        root.display(),
+        m.step,
+        m.elapsed_s,
+        if stopped_early { ", stopped early" } else { "" }
+    );
+    if let Some(p) = recorded {
+        return Ok(Some(p));
+    }
+    let best = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)).ok();
+    Ok(Some(Progress {
+        step: m.step,
+        total_steps_estimate: Some(m.step),
+        epoch: m.epoch,
+        val_bpc: m.val_bpc,
+        best_val_bpc: best.as_ref().and_then(|b| b.val_bpc),
+        best_step: best.map(|b| b.step),
+        elapsed_s: m.elapsed_s,
+        eta_s: Some(0.0),
+        checkpoint: Some(newest.display().to_string()),
+        world_size: m.world_size,
+        complete: true,
+        stop_reason: Some(StopReason::Budget.as_str().to_string()),
+        ..Default::default()
+    }))
+}
+
+/// Loads the newest good checkpoint into the engine and state (rank 0); returns its directory.
+pub fn restore(
+    args: &Args,
+    plan: &Plan,
+    engine: &mut Engine,
+    state: &mut RunState,
+) -> Result<Option<PathBuf>> {
+    let Some(root) = &args.checkpoint_dir else {
+        eprintln!("warning: no --checkpoint-dir: this run cannot be resumed");
+        return Ok(None);
+    };
+    let Some(loaded) = checkpoint::load_latest(root)? else {
+        return Ok(None);
+    };
+    let m = &loaded.manifest;
+    if m.model != engine.model.config {
+        user_bail!(
+            "{} holds a depth-{} model with seq len {}, but this run asks for depth {} with seq \
+             len {}: use another --checkpoint-dir, or the same settings",
+            loaded.dir.display(),
+            m.model.depth,
+            m.model.seq_len,
+            plan.depth,
+            plan.seq_len
+        );
+    }
+    if let Ok(old) = serde_json::from_value::<Plan>(m.settings.clone()) {
+        if old.total_batch_size != plan.total_batch_size || old.seed != plan.seed {
+            eprintln!(
+                "warning: resuming with total batch {} and seed {} (the checkpoint had {} and {}): \
+                 the data order changes",
+                plan.total_batch_size, plan.seed, old.total_batch_size, old.seed
+            );
+        }
+    }
+    engine.load(&loaded.model, &loaded.optimizer, m.adamw_step)?;
+    state.step = m.step;
+    state.elapsed_s = m.elapsed_s;
+    state.val_bpc = m.val_bpc;
+    if let Ok(best) = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)) {
+        state.best = best.val_bpc.map(|v| (v, best.step));
+    }
+    state.last_checkpoint = Some(loaded.dir.clone());
+    Ok(Some(loaded.dir))
+}
+
+/// The manifest of a checkpoint taken now.
+pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest {
+    let consumed = state.step as u64 * plan.sequences_per_step();
+    Manifest {
+        format: 0,
+        step: state.step,
+        model: engine.model.config,
+        settings: serde_json::to_value(plan).unwrap_or_default(),
+        sequences_consumed: consumed,
+        epoch: consumed as f64 / state.train_windows.max(1) as f64,
+        seed: plan.seed,
+        elapsed_s: state.elapsed_s,
+        val_bpc: state.val_bpc,
+        world_size: plan.world_size,
+        adamw_step: engine.adamw.step,
+        files: Default::default(),
+    }
+}

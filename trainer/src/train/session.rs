@@ -1,0 +1,518 @@
+//! One training session from its first step to its end: the loop of nanochat's base_train.py,
+//! {micro-batches → optimizer step → report → evaluate → checkpoint}, until the budget is spent,
+//! validation stops improving, or a signal asks to stop.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::consensus::{agree, agree_flag};
+use super::plan::{budget_fraction, lr_multiplier, Plan};
+use super::resume::manifest_for;
+use super::{Args, PEAK_FLOPS};
+use crate::autobatch;
+use crate::checkpoint;
+use crate::dataset::Dataset;
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::engine::Engine;
+use crate::model::GptConfig;
+use crate::optim::muon_momentum;
+use crate::progress::{self, Progress, SharedProgress};
+use crate::tensorboard::EventWriter;
+use crate::user_bail;
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The hours or the step limit are spent: complete.
+    Budget,
+    /// `--early-stop-patience` evaluations without a better validation bpc: complete.
+    EarlyStop,
+    /// SIGTERM or SIGINT: a checkpoint is saved and the training resumes when started again.
+    Signal,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Budget => "budget",
+            Self::EarlyStop => "early_stop",
+            Self::Signal => "signal",
+        }
+    }
+
+    pub fn is_complete(self) -> bool {
+        self != Self::Signal
+    }
+}
+
+/// What the loop mutates besides the model.
+pub struct RunState {
+    /// Training windows per epoch, to express positions in epochs.
+    pub train_windows: u64,
+    pub step: i64,
+    /// Training time so far, earlier sessions included.
+    pub elapsed_s: f64,
+    pub val_bpc: Option<f64>,
+    /// The step `val_bpc` was measured at.
+    pub val_step: Option<i64>,
+    /// Best validation bpc and its step.
+    pub best: Option<(f64, i64)>,
+    /// Evaluations since the best one (for early stopping).
+    pub evals_since_best: u32,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+impl RunState {
+    pub fn new(train_windows: u64) -> Self {
+        Self {
+            train_windows,
+            step: 0,
+            elapsed_s: 0.0,
+            val_bpc: None,
+            val_step: None,
+            best: None,
+            evals_since_best: 0,
+            last_checkpoint: None,
+        }
+    }
+}
+
+pub struct Session<'a> {
+    pub args: &'a Args,
+    pub plan: &'a Plan,
+    pub data: &'a Dataset,
+    pub pg: &'a ProcessGroup,
+    pub device: Device,
+    pub engine: Engine,
+    pub state: RunState,
+    pub shared: SharedProgress,
+    pub stop: Arc<AtomicBool>,
+    /// TensorBoard writer, on rank 0 when asked for.
+    pub tensorboard: Option<EventWriter>,
+}
+
+impl Session<'_> {
+    fn is_main(&self) -> bool {
+        self.pg.rank() == 0
+    }
+
+    fn budget_s(&self) -> Option<f64> {
+        self.args.hours.map(|h| h * 3600.0)
+    }
+
+    pub fn run(mut self) -> Result<()> {
+        let started = Instant::now();
+        let elapsed_before = self.state.elapsed_s;
+        let mut last_save = Instant::now();
+        let mut step_times = VecDeque::with_capacity(20);
+        loop {
+            let progress = budget_fraction(
+                self.state.step,
+                self.state.elapsed_s,
+                self.budget_s(),
+                self.args.max_steps,
+            );
+            if let Some(reason) = self.stop_reason(progress)? {
+                return self.finish(reason);
+            }
+            let lr_mult = lr_multiplier(progress, self.args.warmdown_ratio);
+            let t0 = Instant::now();
+            let loss = self.train_step(lr_mult)?;
+            self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            if step_times.len() == 20 {
+                step_times.pop_front();
+            }
+            step_times.push_back(t0.elapsed().as_secs_f64());
+            let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
+            self.report_step(loss, lr_mult, step_s);
+
+            if self.args.eval_every > 0 && self.state.step % self.args.eval_every == 0 {
+                self.evaluate()?;
+            }
+            let save_due =
+                last_save.elapsed().as_secs_f64() >= self.args.checkpoint_every_minutes * 60.0;
+            if agree_flag(self.pg, self.device, save_due)? {
+                self.save()?;
+                last_save = Instant::now();
+            }
+        }
+    }
+
+    /// Rank 0's verdict on stopping now (and its clock, which every rank adopts).
+    fn stop_reason(&mut self, progress: f64) -> Result<Option<StopReason>> {
+        let patience = self.args.early_stop_patience;
+        let flags = [
+            progress >= 1.0,
+            patience > 0 && self.state.evals_since_best >= patience,
+            self.stop.load(Ordering::Relaxed),
+        ];
+        let mut values: Vec<f64> = flags.iter().map(|&f| f64::from(u8::from(f))).collect();
+        values.push(self.state.elapsed_s);
+        let agreed = agree(self.pg, self.device, &values)?;
+        self.state.elapsed_s = agreed[3];
+        let reasons = [
+            StopReason::Budget,
+            StopReason::EarlyStop,
+            StopReason::Signal,
+        ];
+        Ok(reasons
+            .into_iter()
+            .zip(agreed)
+            .find(|(_, v)| *v > 0.0)
+            .map(|(r, _)| r))
+    }
+
+    /// One optimizer step over the whole global batch; returns its mean loss over all ranks.
+    fn train_step(&mut self, lr_mult: f64) -> Result<f64> {
+        let (plan, data, pg, device) = (self.plan, self.data, self.pg, self.device);
+        let step = self.state.step;
+        let momentum = muon_momentum(step);
+        let grad_clip = self.args.grad_clip;
+        let engine = &mut self.engine;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        explain_out_of_memory(plan, device, || {
+            for micro in 0..plan.accum_steps {
+                let (x, y) = train_batch(data, plan, step, micro, pg.rank(), device);
+                loss_sum += engine.micro_step(&x, &y, 1.0 / plan.accum_steps as f64);
+            }
+            engine.optimizer_step(pg, lr_mult, momentum, grad_clip)
+        })?;
+        self.state.step += 1;
+        pg.all_reduce(std::slice::from_ref(&loss_sum), ReduceOp::Avg)?;
+        // One host synchronisation per step: the loss value, which also makes the timing honest.
+        let loss = loss_sum.double_value(&[]) / plan.accum_steps as f64;
+        if !loss.is_finite() {
+            anyhow::bail!("training diverged at step {}: loss {loss}", self.state.step);
+        }
+        Ok(loss)
+    }
+
+    fn report_step(&mut self, loss: f64, lr_mult: f64, step_s: f64) {
+        if !self.is_main() {
+            return;
+        }
+        let tokens_per_s = self.plan.total_batch_size as f64 / step_s;
+        let config = self.engine.model.config;
+        let mfu = self.device.is_cuda().then(|| {
+            config.flops_per_token() * tokens_per_s / (PEAK_FLOPS * self.pg.world_size() as f64)
+        });
+        let snapshot = {
+            let mut p = self.shared.lock().expect("progress lock");
+            p.train_loss = Some(loss);
+            p.tokens_per_s = Some(tokens_per_s);
+            p.mfu = mfu;
+            p.peak_memory_gib = crate::cuda::peak_memory_gib(self.device);
+            self.fill_progress(&mut p, Some(step_s));
+            p.clone()
+        };
+        let every = self.args.log_every;
+        if every > 0 && (snapshot.step % every == 0 || snapshot.step == 1) {
+            log_step(&snapshot, lr_mult);
+            let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
+            scalars.push(("perf/tokens_per_second", tokens_per_s));
+            scalars.extend(mfu.map(|m| ("perf/mfu", m)));
+            scalars.push(("train/epoch", snapshot.epoch));
+            self.tensorboard_scalars(snapshot.step, &scalars);
+        }
+    }
+
+    /// Validation bits per character, the best so far (saved to `best/`), and early-stop counting.
+    fn evaluate(&mut self) -> Result<()> {
+        let bpc = evaluate(self.args, self.plan, self.data, self.pg, &self.engine)?;
+        let step = self.state.step;
+        self.state.val_bpc = Some(bpc);
+        self.state.val_step = Some(step);
+        let improved = self.state.best.is_none_or(|(best, _)| bpc < best);
+        if improved {
+            self.state.best = Some((bpc, step));
+            self.state.evals_since_best = 0;
+        } else {
+            self.state.evals_since_best += 1;
+        }
+        if !self.is_main() {
+            return Ok(());
+        }
+        if improved {
+            if let Some(root) = &self.args.checkpoint_dir {
+                let manifest = manifest_for(self.plan, &self.engine, &self.state);
+                let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
+                checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
+                    .context("save the best checkpoint")?;
+            }
+        }
+        {
+            let mut p = self.shared.lock().expect("progress lock");
+            self.fill_progress(&mut p, None);
+        }
+        let note = if improved {
+            " (best)".to_string()
+        } else {
+            format!(
+                " (best {:.4} at step {})",
+                self.state.best.unwrap().0,
+                self.state.best.unwrap().1
+            )
+        };
+        eprintln!("step {step:>6} | val bpc {bpc:.4}{note}");
+        println!(
+            "{}",
+            serde_json::json!({"event": "eval", "step": step, "val_bpc": bpc, "best": improved})
+        );
+        self.tensorboard_scalars(step, &[("val/bpc", bpc)]);
+        Ok(())
+    }
+
+    /// A rolling checkpoint (rank 0), then pruning to `--keep-checkpoints`.
+    fn save(&mut self) -> Result<()> {
+        let Some(root) = self.args.checkpoint_dir.clone() else {
+            return Ok(());
+        };
+        if !self.is_main() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let manifest = manifest_for(self.plan, &self.engine, &self.state);
+        let name = checkpoint::step_dir_name(self.state.step);
+        let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
+        let dir = checkpoint::save(&root, &name, manifest, &model, &optimizer)
+            .with_context(|| format!("save a checkpoint in {}", root.display()))?;
+        checkpoint::prune(&root, self.args.keep_checkpoints)?;
+        eprintln!(
+            "checkpoint {} saved in {:.1} s",
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        self.state.last_checkpoint = Some(dir);
+        self.shared.lock().expect("progress lock").checkpoint = self
+            .state
+            .last_checkpoint
+            .as_ref()
+            .map(|d| d.display().to_string());
+        Ok(())
+    }
+
+    /// Ends the session: a last evaluation when complete, a checkpoint, the summary.
+    fn finish(mut self, reason: StopReason) -> Result<()> {
+        if reason.is_complete() && self.state.val_step != Some(self.state.step) {
+            self.evaluate()?;
+        }
+        self.save()?;
+        if !self.is_main() {
+            return Ok(());
+        }
+        let mut p = self.shared.lock().expect("progress lock").clone();
+        self.fill_progress(&mut p, None);
+        p.complete = reason.is_complete();
+        p.stop_reason = Some(reason.as_str().to_string());
+        if p.complete {
+            p.eta_s = Some(0.0);
+            p.total_steps_estimate = Some(p.step);
+            if let Some(dir) = &self.args.checkpoint_dir {
+                checkpoint::write_complete(dir, &serde_json::to_value(&p)?)?;
+            }
+        }
+        match reason {
+            StopReason::Budget => eprintln!("training complete at step {}", p.step),
+            StopReason::EarlyStop => eprintln!(
+                "stopped early at step {}: {} evaluations without a better val bpc (best {:?} at step {:?})",
+                p.step, self.args.early_stop_patience, p.best_val_bpc, p.best_step
+            ),
+            StopReason::Signal => {
+                eprintln!("stopped by a signal at step {}; checkpoint saved, exiting", p.step)
+            }
+        }
+        println!("{}", serde_json::json!({"event": "end", "progress": p}));
+        if let Some(path) = &self.args.termination_log {
+            progress::write_termination_log(path, &p);
+        }
+        Ok(())
+    }
+
+    fn fill_progress(&self, p: &mut Progress, step_s: Option<f64>) {
+        let (state, plan) = (&self.state, self.plan);
+        p.step = state.step;
+        p.tokens = state.step as u64 * plan.total_batch_size as u64;
+        p.tokens_per_epoch = Some(state.train_windows * plan.seq_len as u64);
+        p.epoch = (state.step as u64 * plan.sequences_per_step()) as f64
+            / state.train_windows.max(1) as f64;
+        p.elapsed_s = state.elapsed_s;
+        p.val_bpc = state.val_bpc;
+        p.best_val_bpc = state.best.map(|b| b.0);
+        p.best_step = state.best.map(|b| b.1);
+        p.checkpoint = state
+            .last_checkpoint
+            .as_ref()
+            .map(|d| d.display().to_string());
+        let by_time = self.budget_s().map(|b| (b - state.elapsed_s).max(0.0));
+        let by_steps = match (self.args.max_steps, step_s) {
+            (Some(m), Some(dt)) => Some((m - state.step).max(0) as f64 * dt),
+            _ => None,
+        };
+        if step_s.is_some() {
+            p.eta_s = match (by_time, by_steps) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            p.total_steps_estimate = match (p.eta_s, step_s) {
+                (Some(eta), Some(dt)) if dt > 0.0 => Some(state.step + (eta / dt).round() as i64),
+                _ => self.args.max_steps,
+            };
+        }
+    }
+
+    fn tensorboard_scalars(&mut self, step: i64, values: &[(&str, f64)]) {
+        if let Some(writer) = &mut self.tensorboard {
+            if let Err(e) = writer.scalars(step, values) {
+                eprintln!("warning: TensorBoard events are no longer written: {e:#}");
+                self.tensorboard = None;
+            }
+        }
+    }
+}
+
+/// Runs one training step; libtorch's out-of-memory panic becomes an error that names a
+/// micro-batch expected to fit (and `auto`), instead of a stack trace.
+fn explain_out_of_memory(
+    plan: &Plan,
+    device: Device,
+    step: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(result) => result,
+        Err(payload) if autobatch::is_out_of_memory(&payload) => {
+            let config = GptConfig::new(plan.depth, plan.seq_len);
+            let limit = crate::cuda::total_memory(device)
+                .map_or(autobatch::cpu_limit_bytes(), |m| {
+                    (m as f64 * autobatch::HEADROOM) as u64
+                });
+            let b = plan.device_batch_size;
+            let fits = autobatch::smaller_that_fits(&config, b, limit, Kind::BFloat16);
+            let hint = fits.map_or(String::new(), |f| {
+                format!("--device-batch-size {f} (estimated to fit) or ")
+            });
+            user_bail!(
+                "out of memory with a micro-batch of {b} sequences of {} tokens at depth {}: use \
+                 {hint}--device-batch-size auto; the total batch stays the same",
+                plan.seq_len,
+                plan.depth
+            )
+        }
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+/// One micro-batch of this rank: inputs and targets `[B, T]` on the device.
+fn train_batch(
+    data: &Dataset,
+    plan: &Plan,
+    step: i64,
+    micro: i64,
+    rank: usize,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let (b, t) = (plan.device_batch_size, plan.seq_len);
+    let seqs = crate::dataset::rank_sequences(
+        step as u64,
+        plan.sequences_per_step(),
+        micro as u64,
+        plan.world_size as u64,
+        rank as u64,
+        b as u64,
+    );
+    let mut buf = vec![0i64; (b * (t + 1)) as usize];
+    data.fill_train(&seqs, &mut buf);
+    let all = Tensor::from_slice(&buf).view([b, t + 1]);
+    // Pinned memory lets the copy overlap with the GPU's work instead of waiting for it.
+    let all = if device.is_cuda() {
+        all.pin_memory(device)
+            .to_device_(device, Kind::Int64, true, false)
+    } else {
+        all
+    };
+    (all.narrow(1, 0, t), all.narrow(1, 1, t))
+}
+
+/// Validation bits per character over up to `--eval-tokens` tokens, summed over ranks.
+/// Targets that are BOS are not characters and don't count.
+pub fn evaluate(
+    args: &Args,
+    plan: &Plan,
+    data: &Dataset,
+    pg: &ProcessGroup,
+    engine: &Engine,
+) -> Result<f64> {
+    let device = engine.model.device();
+    let (b, t) = (plan.device_batch_size, plan.seq_len);
+    let windows = data.val_windows().min((args.eval_tokens / t).max(1) as u64);
+    let mut sums = Tensor::zeros([2], (Kind::Double, device));
+    let mut buf = vec![0i64; (b * (t + 1)) as usize];
+    let world = pg.world_size() as u64;
+    let mut first = pg.rank() as u64 * b as u64;
+    let bos = crate::vocab::BOS as i64;
+    tch::no_grad(|| {
+        while first < windows {
+            let n = (windows - first).min(b as u64) as i64;
+            let seqs: Vec<u64> = (first..first + n as u64).collect();
+            let buf = &mut buf[..(n * (t + 1)) as usize];
+            data.fill_val(&seqs, buf);
+            let all = Tensor::from_slice(buf).view([n, t + 1]).to_device(device);
+            let (x, y) = (all.narrow(1, 0, t), all.narrow(1, 1, t));
+            let y = y.masked_fill(&y.eq(bos), -1);
+            let nats = engine.model.loss_with(&x, &y, tch::Reduction::Sum, -1);
+            let count = y.ne(-1).sum(Kind::Double);
+            sums += Tensor::stack(&[nats.to_kind(Kind::Double), count], 0);
+            first += world * b as u64;
+        }
+    });
+    pg.all_reduce(std::slice::from_ref(&sums), ReduceOp::Sum)?;
+    let v = Vec::<f64>::try_from(&sums.to_device(Device::Cpu))?;
+    if v[1] == 0.0 {
+        user_bail!(
+            "the validation split has no characters to evaluate; prepare with a larger \
+             --val-fraction"
+        );
+    }
+    Ok(v[0] / v[1] / std::f64::consts::LN_2)
+}
+
+fn log_step(p: &Progress, lr_mult: f64) {
+    let total = p
+        .total_steps_estimate
+        .map_or("?".to_string(), |t| t.to_string());
+    let mfu = p
+        .mfu
+        .map_or(String::new(), |m| format!(" | mfu {:.1}%", m * 100.0));
+    eprintln!(
+        "step {:>6}/{total} | loss {:.4} | lrm {lr_mult:.2} | {:.0} tok/s{mfu} | epoch {:.2} | elapsed {} | eta {}",
+        p.step,
+        p.train_loss.unwrap_or(f64::NAN),
+        p.tokens_per_s.unwrap_or(0.0),
+        p.epoch,
+        fmt_duration(p.elapsed_s),
+        p.eta_s.map_or("?".to_string(), fmt_duration),
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "step", "step": p.step, "loss": p.train_loss, "lr_mult": lr_mult,
+            "tokens_per_s": p.tokens_per_s, "mfu": p.mfu, "elapsed_s": p.elapsed_s,
+            "eta_s": p.eta_s, "epoch": p.epoch, "tokens": p.tokens,
+            "tokens_per_epoch": p.tokens_per_epoch,
+        })
+    );
+}
+
+fn fmt_duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
