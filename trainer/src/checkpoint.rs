@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
+use crate::staging::{fsync, StagingDir};
 use crate::user_bail;
 
 const FORMAT: u32 = 1;
@@ -76,11 +77,6 @@ fn sha256_file(path: &Path) -> Result<(u64, String)> {
     Ok((bytes, format!("{:x}", hasher.finalize())))
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
@@ -92,8 +88,7 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         })
         .collect();
     Tensor::write_safetensors(&cpu, path).with_context(|| format!("write {}", path.display()))?;
-    fs::File::open(path)?.sync_all()?;
-    Ok(())
+    fsync(path)
 }
 
 /// Writes a checkpoint into `root/<name>` atomically and returns its path. An older directory of
@@ -105,37 +100,21 @@ pub fn save(
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
 ) -> Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir(&tmp)?;
-    write_tensors(&tmp.join(MODEL_FILE), model)?;
-    write_tensors(&tmp.join(OPTIMIZER_FILE), optimizer)?;
+    let staging = StagingDir::new(&root.join(name))?;
+    write_tensors(&staging.path().join(MODEL_FILE), model)?;
+    write_tensors(&staging.path().join(OPTIMIZER_FILE), optimizer)?;
     manifest.format = FORMAT;
     manifest.files.clear();
     for file in [MODEL_FILE, OPTIMIZER_FILE] {
-        let (bytes, sha256) = sha256_file(&tmp.join(file))?;
+        let (bytes, sha256) = sha256_file(&staging.path().join(file))?;
         manifest
             .files
             .insert(file.to_string(), FileCheck { bytes, sha256 });
     }
-    let mut f = fs::File::create(tmp.join(MANIFEST_FILE))?;
+    let mut f = fs::File::create(staging.path().join(MANIFEST_FILE))?;
     f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     f.sync_all()?;
-    fsync_dir(&tmp)?;
-    let dest = root.join(name);
-    if dest.exists() {
-        let old = root.join(format!(".{name}.old-{}", std::process::id()));
-        fs::rename(&dest, &old)?;
-        fs::rename(&tmp, &dest)?;
-        fs::remove_dir_all(&old)?;
-    } else {
-        fs::rename(&tmp, &dest)?;
-    }
-    fsync_dir(root)?;
-    Ok(dest)
+    staging.commit()
 }
 
 /// Rolling checkpoints in `root`, newest first.
@@ -308,7 +287,7 @@ pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
     f.write_all(serde_json::to_string_pretty(summary)?.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, root.join(COMPLETE_FILE))?;
-    fsync_dir(root)
+    fsync(root)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ impl StagingDir {
             .file_name()
             .context("the destination has no file name")?
             .to_string_lossy();
+        recover(&parent, &name, dest)?;
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -73,6 +74,41 @@ impl Drop for StagingDir {
     }
 }
 
+/// Cleans up after a process that died while staging `dest`: its half-written `.tmp-PID`
+/// directories are deleted, and an `.old-PID` left between the two renames of a commit is put
+/// back if `dest` went missing (else deleted). Live processes' directories are left alone.
+fn recover(parent: &Path, name: &str, dest: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let (kind, pid) = rest.split_once('-').unwrap_or((rest, ""));
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match kind {
+            "old" if !dest.exists() => {
+                eprintln!(
+                    "recovering {} from an interrupted replacement",
+                    dest.display()
+                );
+                fs::rename(entry.path(), dest)?;
+            }
+            "tmp" | "old" => fs::remove_dir_all(entry.path())
+                .with_context(|| format!("remove the stale {}", entry.path().display()))?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -90,6 +126,32 @@ pub fn fsync(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_of_dead_processes_are_cleaned_or_restored() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("data");
+        // PID 4194304 is above Linux's maximum, so it is never alive.
+        fs::create_dir(root.path().join(".data.tmp-4194304")).unwrap();
+        fs::create_dir(root.path().join(".data.old-4194304")).unwrap();
+        fs::write(root.path().join(".data.old-4194304/train.bin"), "good").unwrap();
+        let s = StagingDir::new(&dest).unwrap();
+        assert_eq!(
+            fs::read_to_string(dest.join("train.bin")).unwrap(),
+            "good",
+            "restored"
+        );
+        assert!(
+            !root.path().join(".data.tmp-4194304").exists(),
+            "stale staging removed"
+        );
+        drop(s);
+        let names: Vec<_> = fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["data"]);
+    }
 
     #[test]
     fn dropped_staging_leaves_nothing_and_commit_replaces() {
