@@ -467,8 +467,12 @@ impl Operator {
 
     /// SIGTERM and wait: the graceful path, which releases the lease.
     pub fn terminate(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -119,7 +119,20 @@ async fn chart_lints_and_refuses_unsafe_values() {
     let chart = chart.to_str().unwrap();
     let lint = tool("helm", &["lint", "--strict", chart]).expect("helm lint --strict is clean");
     assert!(lint.contains("0 chart(s) failed"), "{lint}");
-    let rendered = tool("helm", &["template", "t", chart, "--set", "replicaCount=2"]).unwrap();
+    // Offline rendering needs a Kubernetes version for the chart's kubeVersion constraint.
+    let rendered = tool(
+        "helm",
+        &[
+            "template",
+            "t",
+            chart,
+            "--kube-version",
+            "1.35.0",
+            "--set",
+            "replicaCount=2",
+        ],
+    )
+    .unwrap();
     assert!(rendered.contains("--leader-elect=true"));
     assert!(rendered.contains("kind: ClusterRole"));
     let err = tool(
@@ -128,6 +141,8 @@ async fn chart_lints_and_refuses_unsafe_values() {
             "template",
             "t",
             chart,
+            "--kube-version",
+            "1.35.0",
             "--set",
             "replicaCount=2",
             "--set",
@@ -499,6 +514,7 @@ async fn a_failed_worker_restarts_the_gang() {
         message.contains("gang-worker-1: container trainer exited with code 137 (OOMKilled)"),
         "{message}"
     );
+    assert!(message.contains("gang restart 1 of 2"), "{message}");
 
     let t = env.wait_phase("gang", Phase::Running, MINUTE).await;
     assert_eq!(
@@ -1003,5 +1019,85 @@ async fn the_api_server_accepts_the_examples_as_written() {
             v["spec"]["depth"].as_i64().unwrap() as i32
         );
     }
+    env.finish().await;
+}
+
+/// Serves `body` as rank 0's `/progress` on 127.0.0.1:`port` until the test ends.
+async fn serve_progress(port: u16, body: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} for a fake /progress: {e}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_of_worker_zero_reaches_the_status() {
+    let mut env = TestEnv::new("progress").await;
+    env.start_operator("operator-1").await;
+    start_cpu_training(&env, &small_cpu("live", 1)).await;
+    // kwok's pod addresses lead nowhere; point worker 0 at a stand-in for the trainer's endpoint
+    // on the contract's port.
+    serve_progress(
+        9090,
+        r#"{"step": 1200, "total_steps_estimate": 9000, "tokens": 629145600, "epoch": 1.8, "train_loss": 0.92, "val_bpc": 1.31, "best_val_bpc": 1.30, "best_step": 1000, "tokens_per_s": 105000.0, "mfu": 0.53, "elapsed_s": 5990.0, "eta_s": 51600.0, "checkpoint": "/checkpoints/step-000001200", "world_size": 1, "complete": false}"#,
+    )
+    .await;
+    env.set_pod_status(
+        "live-worker-0",
+        json!({"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}),
+    )
+    .await;
+    // Polls come at most every 25 s, with a requeue every 30 s while running.
+    let t = env
+        .wait_training(
+            "live",
+            "progress in the status",
+            Duration::from_secs(75),
+            |t| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| s.progress.as_ref())
+                    .is_some_and(|p| p.step == 1200)
+            },
+        )
+        .await;
+    let status = t.status.unwrap();
+    let p = status.progress.unwrap();
+    assert_eq!(p.tokens, 629145600);
+    assert_eq!(
+        (p.train_loss, p.val_bpc, p.mfu),
+        (Some(0.92), Some(1.31), Some(0.53))
+    );
+    assert!(p.observed_time.is_some());
+    assert_eq!(status.eta.as_deref(), Some("14h20m"));
+    assert_eq!(
+        status.latest_checkpoint.as_deref(),
+        Some("/checkpoints/step-000001200")
+    );
+    let table = tool(
+        "kubectl",
+        &["get", "clt", "live", "-n", &env.ns, "--no-headers"],
+    )
+    .unwrap();
+    let columns: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(
+        &columns[..7],
+        ["live", "Running", "2", "0", "1200", "0.92", "14h20m"],
+        "{table}"
+    );
     env.finish().await;
 }

@@ -2,7 +2,8 @@
 //! from the API server, carry out its decision with server-side apply, write the status, and report
 //! every transition as an Event. A finalizer runs the cleanup on deletion.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -12,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::finalizer::{finalizer, Error as FinalizerError, Event as Finalizer};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -49,6 +50,8 @@ pub struct Context {
     pub settings: PodSettings,
     pub metrics: Arc<Metrics>,
     pub progress: ProgressClient,
+    /// When each training's progress was last asked for ("namespace/name"), answered or not.
+    last_poll: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -68,6 +71,7 @@ impl Context {
             settings,
             metrics,
             progress: ProgressClient::new(Duration::from_secs(3))?,
+            last_poll: Mutex::default(),
         })
     }
 }
@@ -130,7 +134,16 @@ async fn reconcile(training: Arc<CharLMTraining>, ctx: Arc<Context>) -> Result<A
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .or_else(|e| match e {
+        // A second reconcile of a training whose deletion just completed: nothing left to do.
+        FinalizerError::RemoveFinalizer(kube::Error::Api(s))
+        | FinalizerError::AddFinalizer(kube::Error::Api(s))
+            if s.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        e => Err(Error::Finalizer(Box::new(e))),
+    });
     ctx.metrics.reconciled(result.is_ok(), started.elapsed());
     result
 }
@@ -300,24 +313,14 @@ async fn check_dataset(training: &CharLMTraining, ctx: &Context) -> Result<Datas
 }
 
 /// Reads rank 0's `/progress` while worker 0 of the current attempt runs, at most once per
-/// `PROGRESS_INTERVAL`. The limit matters: the status write that records a report wakes the
-/// controller again, and that reconcile must find nothing new to write.
+/// `PROGRESS_INTERVAL` per training. The limit matters: the status write that records a report
+/// wakes the controller again, and that reconcile must find nothing new to write; and an
+/// unreachable endpoint must not slow every reconcile down by its timeout.
 async fn poll_progress(
     training: &CharLMTraining,
     workers: &[Worker],
     ctx: &Context,
 ) -> Option<crate::progress::TrainerReport> {
-    let last = training
-        .status
-        .as_ref()
-        .and_then(|s| s.progress.as_ref())
-        .and_then(|p| p.observed_time.as_ref());
-    if let Some(last) = last {
-        let age = Timestamp::now().duration_since(last.0);
-        if age.unsigned_abs() < PROGRESS_INTERVAL {
-            return None;
-        }
-    }
     let attempt = training.status.as_ref().map_or(0, |s| s.attempt);
     let worker0 = workers.iter().find(|w| {
         w.index == Some(0)
@@ -326,7 +329,30 @@ async fn poll_progress(
             && w.state == WorkerState::Running
     })?;
     let ip = worker0.pod_ip.as_deref()?;
+    let key = poll_key(training);
+    {
+        let mut last = ctx
+            .last_poll
+            .lock()
+            .expect("the poll map is never poisoned");
+        let now = Instant::now();
+        if last
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < PROGRESS_INTERVAL)
+        {
+            return None;
+        }
+        last.insert(key, now);
+    }
     ctx.progress.fetch(ip, PROGRESS_PORT).await
+}
+
+fn poll_key(training: &CharLMTraining) -> String {
+    format!(
+        "{}/{}",
+        training.namespace().unwrap_or_default(),
+        training.name_any()
+    )
 }
 
 /// Publishes an Event for every condition that changed and for pods created or deleted, and counts
@@ -492,6 +518,10 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
             ignore_not_found(pvcs.delete(&pvc, &DeleteParams::default()).await)?;
         }
     }
+    ctx.last_poll
+        .lock()
+        .expect("the poll map is never poisoned")
+        .remove(&poll_key(training));
     tracing::info!(training = %name, namespace = %ns, "cleaned up after deletion");
     Ok(Action::await_change())
 }

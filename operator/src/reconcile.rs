@@ -386,15 +386,20 @@ impl<'a> Decider<'a> {
         if let Some(after) = self.decision.status.restart_after.clone() {
             if after.0 > self.o.now {
                 let wait = after.0.duration_since(self.o.now).unsigned_abs();
-                // A fixed message: the status must not change while nothing happens.
-                let msg = format!("waiting until {} before the gang restart", after.0);
-                self.phase(waiting_phase, msg);
+                // The restart's own message (why, and when) stays until the workers start.
+                self.wait_phase(
+                    waiting_phase,
+                    format!("waiting until {} before the gang restart", after.0),
+                );
                 self.decision.requeue = Some(Duration::from_secs(wait.as_secs() + 1));
                 return;
             }
         }
         if !stale.is_empty() {
-            self.phase(waiting_phase, "waiting for the previous workers to stop");
+            self.wait_phase(
+                waiting_phase,
+                "waiting for the previous workers to stop".into(),
+            );
             self.decision.requeue = Some(STOPPING_REQUEUE);
             return;
         }
@@ -424,6 +429,14 @@ impl<'a> Decider<'a> {
         self.set(cond::PODS_READY, FALSE, "Creating", msg.clone());
         self.phase(waiting_phase, msg);
         self.decision.requeue = Some(STARTING_REQUEUE);
+    }
+
+    /// Enters a waiting phase; during a restart the message that says why is kept.
+    fn wait_phase(&mut self, phase: Phase, message: String) {
+        if phase == Phase::Restarting && self.decision.status.phase == Some(Phase::Restarting) {
+            return;
+        }
+        self.phase(phase, message);
     }
 
     /// All workers of the attempt exist: are they running yet?
@@ -669,10 +682,11 @@ mod tests {
         assert_eq!((d.status.restarts, d.status.attempt), (1, 1));
         assert_eq!(d.status.phase, Some(Phase::Restarting));
 
-        // Gone, but the backoff is not over yet.
+        // Gone, but the backoff is not over yet; the status still says why it restarts.
         let d = decide_at(&t, &[], 105);
         assert!(d.create.is_empty());
         assert_eq!(d.requeue, Some(Duration::from_secs(6)));
+        assert_eq!(d.status.message.as_deref(), Some(msg.as_str()));
 
         // Backoff over: a new attempt of all workers.
         let d = decide_at(&t, &[], 110);
