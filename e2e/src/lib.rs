@@ -1,4 +1,5 @@
 //! End-to-end test support.
 
 pub mod cluster;
+pub mod standin;
 pub mod training_env;
