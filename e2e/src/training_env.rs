@@ -1,7 +1,6 @@
 //! One operator test's world: its namespace, the operator process(es) running under the chart's
 //! ServiceAccount and watching only that namespace, and typed access to what the operator made.
-//! Cleaned up at the end of a passing test; after a failing one, left for inspection except for
-//! finalizers and the operator process.
+//! Cleaned up at the end of a test, passing or failing; the operators' logs stay on disk.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -243,22 +242,31 @@ impl Drop for TestEnv {
         for op in &mut self.operators {
             op.kill();
         }
-        // Without an operator the finalizers would hold the namespace forever.
+        // A failed test still frees what it held (GPUs of the fake nodes above all), or the next
+        // tests would fail for want of them. Without an operator the finalizers would hold the
+        // namespace forever, so they go first.
         let kubectl = cluster::bin_dir().join("kubectl");
-        let _ = Command::new(&kubectl)
-            .env("KUBECONFIG", cluster::kubeconfig_path())
-            .args([
-                "-n",
-                &self.ns,
-                "patch",
-                "charlmtrainings",
-                "--all",
-                "--type=merge",
-            ])
-            .args(["-p", r#"{"metadata":{"finalizers":null}}"#])
-            .output();
+        let run = |args: &[&str]| {
+            let _ = Command::new(&kubectl)
+                .env("KUBECONFIG", cluster::kubeconfig_path())
+                .args(args)
+                .output();
+        };
+        run(&[
+            "-n",
+            &self.ns,
+            "patch",
+            "charlmtrainings",
+            "--all",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
+        run(&["delete", "namespace", &self.ns, "--wait=false"]);
+        let selector = format!("{}={}", cluster::TEST_LABEL, self.ns);
+        run(&["delete", "pv", "-l", &selector, "--wait=false"]);
         eprintln!(
-            "test namespace {} kept for inspection; operator logs in {}",
+            "test namespace {} deleted after the failure; operator logs in {}",
             self.ns,
             self.dir.display()
         );

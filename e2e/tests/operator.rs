@@ -23,7 +23,25 @@ fn example(file: &str) -> Value {
     serde_yaml::from_str(&text).unwrap()
 }
 
-/// A small CPU training of `workers` pods with cheap requests, for behaviour tests.
+/// A small training of `workers` pods of one GPU each, for behaviour tests. It lands on the kwok
+/// H100 nodes, whose pods only ever do what the API says: the tests play the kubelet by writing pod
+/// statuses, and no real process races them (CPU nodes may be run by the stand-in kubelet).
+fn small_gpu(name: &str, workers: i32) -> Value {
+    json!({
+        "apiVersion": "charlm.dev/v1alpha1",
+        "kind": "CharLMTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "depth": 2, "gpus": workers, "gpusPerNode": 1, "maxSteps": 100,
+            "dataset": {"synthetic": {"chars": 100000}},
+            "checkpoint": {"size": "1Gi"},
+            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        }
+    })
+}
+
+/// A small CPU training of `workers` pods, as a base for invalid variants.
 fn small_cpu(name: &str, workers: i32) -> Value {
     json!({
         "apiVersion": "charlm.dev/v1alpha1",
@@ -92,9 +110,9 @@ async fn events_of(env: &TestEnv, training: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Runs a CPU training until all its workers run. (The control plane's default StorageClass
-/// provisions the checkpoint volume.)
-async fn start_cpu_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
+/// Applies a training and waits until all its workers run. (The control plane's default
+/// StorageClass provisions the checkpoint volume.)
+async fn start_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
     let name = manifest["metadata"]["name"].as_str().unwrap();
     env.apply(&manifest.to_string()).await;
     env.wait_phase(name, Phase::Running, MINUTE).await
@@ -324,7 +342,7 @@ async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
 async fn cpu_example_runs_on_cpu_nodes() {
     let mut env = TestEnv::new("cpu").await;
     env.start_operator("operator-1").await;
-    let t = start_cpu_training(&env, &example("cpu-training.yaml")).await;
+    let t = start_training(&env, &example("cpu-training.yaml")).await;
     assert_eq!(condition(&t, "PodsReady").0, "True");
 
     let nodes = nodes_by_name(&env).await;
@@ -485,7 +503,7 @@ async fn invalid_specs_are_rejected_with_their_messages() {
 async fn a_failed_worker_restarts_the_gang() {
     let mut env = TestEnv::new("restart").await;
     env.start_operator("operator-1").await;
-    let t = start_cpu_training(&env, &small_cpu("gang", 2)).await;
+    let t = start_training(&env, &small_gpu("gang", 2)).await;
     assert_eq!(t.status.as_ref().unwrap().restarts, 0);
     let before: Vec<String> = env
         .workers("gang")
@@ -549,7 +567,7 @@ async fn bad_input_fails_at_once_and_restarts_run_out() {
     env.start_operator("operator-1").await;
 
     // Exit code 2 from prepare: the input is wrong, retrying cannot help.
-    start_cpu_training(&env, &small_cpu("badinput", 1)).await;
+    start_training(&env, &small_gpu("badinput", 1)).await;
     env.set_pod_status(
         "badinput-worker-0",
         json!({
@@ -575,9 +593,9 @@ async fn bad_input_fails_at_once_and_restarts_run_out() {
     );
 
     // Out of restarts: maxRestarts 0 fails on the first crash.
-    let mut manifest = small_cpu("norestart", 1);
+    let mut manifest = small_gpu("norestart", 1);
     manifest["spec"]["restartPolicy"]["maxRestarts"] = json!(0);
-    start_cpu_training(&env, &manifest).await;
+    start_training(&env, &manifest).await;
     env.set_pod_status(
         "norestart-worker-0",
         json!({"phase": "Failed", "containerStatuses": terminated("trainer", 1, "Error", "panicked at NCCL")}),
@@ -603,7 +621,7 @@ async fn bad_input_fails_at_once_and_restarts_run_out() {
 async fn a_complete_report_from_worker_zero_succeeds() {
     let mut env = TestEnv::new("succeed").await;
     env.start_operator("operator-1").await;
-    start_cpu_training(&env, &small_cpu("done", 2)).await;
+    start_training(&env, &small_gpu("done", 2)).await;
     let report = r#"{"step": 100, "tokens": 102400, "epoch": 3.1, "train_loss": 0.8, "val_bpc": 1.2345, "best_val_bpc": 1.2, "best_step": 90, "elapsed_s": 60.0, "eta_s": 0.0, "checkpoint": "/checkpoints/step-000000100", "world_size": 2, "complete": true}"#;
     env.set_pod_status(
         "done-worker-0",
@@ -651,10 +669,10 @@ async fn a_complete_report_from_worker_zero_succeeds() {
 async fn suspend_deletes_workers_and_keeps_the_checkpoint_volume() {
     let mut env = TestEnv::new("suspend").await;
     env.start_operator("operator-1").await;
-    start_cpu_training(&env, &small_cpu("pausable", 2)).await;
+    start_training(&env, &small_gpu("pausable", 2)).await;
     let pvc_uid = env.pvcs().get("pausable-checkpoints").await.unwrap().uid();
 
-    let mut suspended = small_cpu("pausable", 2);
+    let mut suspended = small_gpu("pausable", 2);
     suspended["spec"]["suspend"] = json!(true);
     env.apply(&suspended.to_string()).await;
     let t = env
@@ -685,7 +703,7 @@ async fn suspend_deletes_workers_and_keeps_the_checkpoint_volume() {
     );
     assert!(pvc.metadata.deletion_timestamp.is_none());
 
-    env.apply(&small_cpu("pausable", 2).to_string()).await;
+    env.apply(&small_gpu("pausable", 2).to_string()).await;
     let t = env.wait_phase("pausable", Phase::Running, MINUTE).await;
     assert_eq!(
         condition(&t, "Suspended"),
@@ -704,10 +722,10 @@ async fn suspend_deletes_workers_and_keeps_the_checkpoint_volume() {
 async fn deletion_cleans_up_and_retain_on_delete_keeps_the_volume() {
     let mut env = TestEnv::new("delete").await;
     env.start_operator("operator-1").await;
-    start_cpu_training(&env, &small_cpu("gone", 2)).await;
-    let mut kept = small_cpu("kept", 1);
+    start_training(&env, &small_gpu("gone", 2)).await;
+    let mut kept = small_gpu("kept", 1);
     kept["spec"]["checkpoint"]["retainOnDelete"] = json!(true);
-    start_cpu_training(&env, &kept).await;
+    start_training(&env, &kept).await;
 
     for name in ["gone", "kept"] {
         env.trainings()
@@ -781,7 +799,7 @@ async fn deletion_cleans_up_and_retain_on_delete_keeps_the_volume() {
 async fn a_missing_dataset_is_reported_and_then_picked_up() {
     let mut env = TestEnv::new("dataset").await;
     env.start_operator("operator-1").await;
-    let mut manifest = small_cpu("fromcm", 1);
+    let mut manifest = small_gpu("fromcm", 1);
     manifest["spec"]["dataset"] = json!({"configMap": {"name": "texts"}});
     env.apply(&manifest.to_string()).await;
     let t = env
@@ -845,7 +863,7 @@ async fn killing_the_operator_mid_reconcile_creates_no_duplicates() {
     .await;
 
     let first = env.start_operator("operator-1").await;
-    env.apply(&small_cpu("crashy", 4).to_string()).await;
+    env.apply(&small_gpu("crashy", 4).to_string()).await;
     env.wait(
         "two workers created, the third refused",
         Duration::from_secs(30),
@@ -952,7 +970,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     })
     .await;
     let b = env.start_operator("replica-b").await;
-    start_cpu_training(&env, &small_cpu("first", 1)).await;
+    start_training(&env, &small_gpu("first", 1)).await;
     assert!(env.operators[a].log_contains("controller starting"));
     assert!(env.operators[b].log_contains("standing by"));
     assert!(
@@ -977,7 +995,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
         },
     )
     .await;
-    start_cpu_training(&env, &small_cpu("second", 1)).await;
+    start_training(&env, &small_gpu("second", 1)).await;
     assert!(env.operators[b].log_contains("controller starting"));
 
     // A graceful stop hands the lease over at once.
@@ -1048,7 +1066,7 @@ async fn serve_progress(port: u16, body: &'static str) {
 async fn progress_of_worker_zero_reaches_the_status() {
     let mut env = TestEnv::new("progress").await;
     env.start_operator("operator-1").await;
-    start_cpu_training(&env, &small_cpu("live", 1)).await;
+    start_training(&env, &small_gpu("live", 1)).await;
     // kwok's pod addresses lead nowhere; point worker 0 at a stand-in for the trainer's endpoint
     // on the contract's port.
     serve_progress(
@@ -1096,7 +1114,7 @@ async fn progress_of_worker_zero_reaches_the_status() {
     let columns: Vec<&str> = table.split_whitespace().collect();
     assert_eq!(
         &columns[..7],
-        ["live", "Running", "2", "0", "1200", "0.92", "14h20m"],
+        ["live", "Running", "2", "1", "1200", "0.92", "14h20m"],
         "{table}"
     );
     env.finish().await;

@@ -439,8 +439,13 @@ pub struct ProgressStatus {
     pub world_size: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_gib: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_epoch: Option<i64>,
     #[serde(default)]
     pub complete: bool,
+    /// Why the trainer exited: `budget`, `early_stop` or `signal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
     /// When the operator read this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_time: Option<Time>,

@@ -41,7 +41,12 @@ pub struct TrainerReport {
     #[serde(default)]
     pub peak_memory_gib: Option<f64>,
     #[serde(default)]
+    pub tokens_per_epoch: Option<u64>,
+    #[serde(default)]
     pub complete: bool,
+    /// Why the trainer exited: `budget`, `early_stop` or `signal`.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
     /// Not in the contract's example; read when a failing trainer explains itself in the report.
     #[serde(default)]
     pub error: Option<String>,
@@ -75,7 +80,11 @@ impl TrainerReport {
             checkpoint: self.checkpoint.clone(),
             world_size: i64::try_from(self.world_size).unwrap_or(i64::MAX),
             peak_memory_gib: self.peak_memory_gib.filter(|v| v.is_finite()),
+            tokens_per_epoch: self
+                .tokens_per_epoch
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
             complete: self.complete,
+            stop_reason: self.stop_reason.clone(),
             observed_time: None,
         }
     }
@@ -148,7 +157,8 @@ mod tests {
         let text = r#"{"step": 1200, "total_steps_estimate": 9000, "tokens": 629145600, "epoch": 1.8,
  "train_loss": 0.92, "val_bpc": 1.31, "best_val_bpc": 1.30, "best_step": 1000,
  "tokens_per_s": 105000.0, "mfu": 0.53, "elapsed_s": 5990.0, "eta_s": 51600.0,
- "checkpoint": "/checkpoints/step-000001200", "world_size": 16, "complete": false}"#;
+ "checkpoint": "/checkpoints/step-000001200", "world_size": 16, "peak_memory_gib": 61.2,
+ "tokens_per_epoch": 343932928, "complete": false, "stop_reason": null}"#;
         let r = TrainerReport::parse(text).unwrap();
         assert_eq!(r.step, 1200);
         assert!(!r.complete);
@@ -157,6 +167,8 @@ mod tests {
         assert_eq!(s.val_bpc, Some(1.31));
         assert_eq!(s.checkpoint.as_deref(), Some("/checkpoints/step-000001200"));
         assert_eq!(s.world_size, 16);
+        assert_eq!(s.tokens_per_epoch, Some(343932928));
+        assert_eq!(s.stop_reason, None);
     }
 
     #[test]

@@ -320,12 +320,15 @@ impl<'a> Decider<'a> {
             .val_bpc
             .map(|v| format!("{v:.4}"))
             .unwrap_or_else(|| "not measured".into());
+        let early = report.stop_reason.as_deref() == Some("early_stop");
         let msg = format!(
-            "training complete at step {}; validation bits per character {bpc}; checkpoint {}",
+            "training complete at step {}{}; validation bits per character {bpc}; checkpoint {}",
             report.step,
+            if early { " (early stop)" } else { "" },
             report.checkpoint.as_deref().unwrap_or("none")
         );
-        self.set(cond::SUCCEEDED, TRUE, "BudgetDone", msg.clone());
+        let reason = if early { "EarlyStopped" } else { "BudgetDone" };
+        self.set(cond::SUCCEEDED, TRUE, reason, msg.clone());
         self.set(cond::RUNNING, FALSE, "Succeeded", "");
         self.set(cond::PODS_READY, FALSE, "Completed", "");
         self.set(cond::RESTARTING, FALSE, "Succeeded", "");
@@ -803,6 +806,25 @@ mod tests {
         assert_eq!(d2.status.phase, Some(Phase::Succeeded));
         assert!(d2.create.is_empty() && d2.delete.is_empty());
         assert_eq!(d2.requeue, None);
+    }
+
+    #[test]
+    fn an_early_stop_is_a_success_that_says_so() {
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 4000, "val_bpc": 1.3, "complete": true, "stop_reason": "early_stop"}"#,
+        );
+        let d = decide_at(&t, &pods, 500);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert_eq!(condition(&d, c::SUCCEEDED), ("True", "EarlyStopped"));
+        assert!(d.status.message.unwrap().contains("(early stop)"));
+        assert_eq!(
+            d.status.progress.unwrap().stop_reason.as_deref(),
+            Some("early_stop")
+        );
     }
 
     #[test]
