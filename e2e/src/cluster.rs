@@ -364,11 +364,21 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<
     Ok(serde_json::to_value(applied)?)
 }
 
-/// The operator binary, built from this checkout (once per test process).
+/// The operator binary: `CHARLM_OPERATOR_BIN` if set, else built from this checkout with the
+/// profile `cargo test` uses (once per test process; a no-op when it is up to date).
 pub fn operator_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // Test executables live in <target>/<profile>/deps; the binary in <target>/debug.
+        if let Some(bin) = std::env::var_os("CHARLM_OPERATOR_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "CHARLM_OPERATOR_BIN={} is not a file",
+                bin.display()
+            );
+            return bin;
+        }
+        // Test executables live in <target>/debug/deps; the test profile's binaries in <target>/debug.
         let exe = std::env::current_exe().expect("the test executable's path");
         let target = exe
             .ancestors()
@@ -380,11 +390,12 @@ pub fn operator_binary() -> PathBuf {
             .args([
                 "build",
                 "--quiet",
+                "--profile",
+                "test",
                 "-p",
                 "charlm-operator",
-                "--bin",
-                "charlm-operator",
             ])
+            .args(["--bin", "charlm-operator"])
             .env("CARGO_TARGET_DIR", &target)
             .current_dir(repo_root())
             .status()
