@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{
-    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+    ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
 };
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
@@ -288,14 +288,31 @@ async fn a_failing_container_reports_its_exit_code_and_termination_message() {
     let client = admin_client().await;
     let ns = create_namespace(&client, "standin-fail").await.unwrap();
     let runner = Runner::start(&client, "fail").await;
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "settings"}, "data": {"mode": "fast", "file.txt": "from-a-file"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let script = "echo hi > /work/x; \
+        echo \"$(pwd) $NS $NAME $MODE $(cat /etc/settings/file.txt)\" > /dev/termination-log; exit 3";
     let pod = runner.pod(
         "fail",
         json!({
             "restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "busybox",
-                "command": ["sh", "-c", "echo hi > /work/x; echo bye > /dev/termination-log; exit 3"],
-                "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
-            "volumes": [{"name": "work", "emptyDir": {}}]
+            "containers": [{"name": "main", "image": "busybox", "workingDir": "/work/sub",
+                "command": ["sh", "-c", script],
+                "env": [
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}}
+                ],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"},
+                                 {"name": "settings", "mountPath": "/etc/settings"}]}],
+            "volumes": [{"name": "work", "emptyDir": {}},
+                        {"name": "settings", "configMap": {"name": "settings"}}]
         }),
     );
     let created = create(&client, &ns, &pod).await;
@@ -306,7 +323,10 @@ async fn a_failing_container_reports_its_exit_code_and_termination_message() {
     let t = terminated(&p, false, 0);
     assert_eq!(t["exitCode"], 3, "{t}");
     assert_eq!(t["reason"], "Error");
-    assert_eq!(t["message"], "bye\n");
+    assert_eq!(
+        t["message"],
+        format!("/work/sub {ns} fail fast from-a-file\n")
+    );
     // The emptyDir is this runner's directory for the pod until the pod is deleted.
     let x = runner.pod_dir(&ns, &created).join("volumes/work/x");
     assert_eq!(std::fs::read_to_string(&x).unwrap(), "hi\n");
