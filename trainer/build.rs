@@ -23,6 +23,8 @@ struct Torch {
     cxx11_abi: String,
     /// Where CUDA and NCCL headers may be: the `nvidia/*/include` dirs of the wheels, or CUDA_HOME.
     cuda_includes: Vec<PathBuf>,
+    /// Where nvcc may be: the `nvidia-cuda-nvcc` wheel's, or CUDA_HOME's.
+    nvcc_candidates: Vec<PathBuf>,
 }
 
 fn env_rerun(name: &str) -> Option<String> {
@@ -51,6 +53,7 @@ fn from_python() -> Torch {
         lib: PathBuf::new(),
         cxx11_abi: "1".into(),
         cuda_includes: vec![],
+        nvcc_candidates: vec![],
     };
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let (tag, value) = line.split_once(' ').unwrap_or((line, ""));
@@ -67,6 +70,9 @@ fn from_python() -> Torch {
                         torch.cuda_includes.push(dir);
                     }
                 }
+                torch
+                    .nvcc_candidates
+                    .push(Path::new(value).join("nvidia/cu13/bin/nvcc"));
             }
             _ => {}
         }
@@ -93,8 +99,78 @@ fn from_libtorch_dir() -> Torch {
         ],
         lib: lib.join("lib"),
         cxx11_abi: env_rerun("LIBTORCH_CXX11_ABI").unwrap_or_else(|| "1".into()),
-        cuda_includes: vec![PathBuf::from(cuda_home).join("include")],
+        cuda_includes: vec![PathBuf::from(&cuda_home).join("include")],
+        nvcc_candidates: vec![PathBuf::from(&cuda_home).join("bin/nvcc")],
     }
+}
+
+/// Compiles csrc/kernels.cu into a fatbin (sm_90 machine code + compute_90 PTX) and writes it as
+/// a C array to OUT_DIR/charlm_kernels_fatbin.inc, which block.cpp embeds and loads through the
+/// CUDA driver API at run time (so the binary links no CUDA runtime of its own). Without nvcc the
+/// array is empty and the trainer falls back to its eager kernels. Returns whether it was built.
+fn build_kernels(torch: &Torch, out_dir: &Path) -> bool {
+    println!("cargo:rerun-if-env-changed=CHARLM_NVCC");
+    let nvcc = env::var_os("CHARLM_NVCC")
+        .map(PathBuf::from)
+        .or_else(|| torch.nvcc_candidates.iter().find(|p| p.is_file()).cloned());
+    let fatbin = out_dir.join("charlm_kernels.fatbin");
+    let built = match &nvcc {
+        Some(nvcc) => {
+            let status = Command::new(nvcc)
+                .args(["-fatbin", "-O3", "-std=c++17"])
+                .args([
+                    "-gencode=arch=compute_90,code=sm_90",
+                    "-gencode=arch=compute_90,code=compute_90",
+                ])
+                .arg("-o")
+                .arg(&fatbin)
+                .arg("csrc/kernels.cu")
+                .status()
+                .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+            assert!(status.success(), "nvcc failed on csrc/kernels.cu");
+            true
+        }
+        None => {
+            println!(
+                "cargo:warning=nvcc not found (scripts/setup installs the nvidia-cuda-nvcc wheel): \
+                 building without fused CUDA kernels"
+            );
+            false
+        }
+    };
+    let bytes = if built {
+        std::fs::read(&fatbin).expect("reading the fatbin")
+    } else {
+        Vec::new()
+    };
+    let mut text = format!(
+        "static const unsigned char kCharlmFatbin[{}] __attribute__((aligned(16))) = {{",
+        bytes.len().max(1)
+    );
+    for (i, b) in bytes.iter().enumerate() {
+        if i % 32 == 0 {
+            text.push('\n');
+        }
+        text.push_str(&format!("{b},"));
+    }
+    if bytes.is_empty() {
+        text.push('0');
+    }
+    text.push_str(&format!(
+        "\n}};\nstatic const size_t kCharlmFatbinSize = {};\n",
+        bytes.len()
+    ));
+    std::fs::write(out_dir.join("charlm_kernels_fatbin.inc"), text)
+        .expect("writing the fatbin include");
+    built
+}
+
+fn build_kernels_placeholder(out_dir: &Path) {
+    std::fs::write(
+        out_dir.join("charlm_kernels_fatbin.inc"),
+        "static const unsigned char kCharlmFatbin[1] = {0};\nstatic const size_t kCharlmFatbinSize = 0;\n",
+    )
+    .expect("writing the fatbin include");
 }
 
 fn main() {
@@ -117,6 +193,13 @@ fn main() {
         );
     }
 
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let with_kernels = with_cuda && have("cuda.h") && build_kernels(&torch, &out_dir);
+    if !with_kernels {
+        // block.cpp includes it either way; empty means "no fused kernels in this binary".
+        build_kernels_placeholder(&out_dir);
+    }
+
     let mut sources: Vec<PathBuf> = std::fs::read_dir("csrc")
         .expect("csrc/ is missing")
         .map(|e| e.expect("reading csrc/").path())
@@ -133,8 +216,12 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", torch.cxx11_abi.as_str())
         // libtorch's headers warn a lot under -Wall; our own code is small enough to read.
         .warnings(false);
+    build.include(&out_dir);
     if with_cuda {
         build.includes(&torch.cuda_includes);
+        if have("cuda.h") {
+            build.define("CHARLM_WITH_CUDA", None);
+        }
     }
     if with_nccl {
         build

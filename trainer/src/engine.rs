@@ -1,15 +1,203 @@
 //! The model with its two optimizers and the arithmetic of one optimization step: forward and
 //! backward over micro-batches, gradient averaging across ranks, clipping, and the updates. Shared
 //! by `train` (which adds data, schedule, evaluation and checkpoints) and `bench` (which times it).
+//!
+//! How the step runs is chosen by [`EngineOptions`]: the reference autograd model or the block
+//! path (eager or fused kernels), a bf16 copy of the matrices refreshed once per optimizer step or
+//! casts on every use, and per-block activation recomputation. `auto` picks by device and memory
+//! on the first micro-batch, when the micro-batch size is known.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp};
-use crate::model::{Gpt, GptConfig};
+use crate::model::{BlockRunner, BlockViews, Gpt, GptConfig};
 use crate::optim::{AdamW, Muon};
+
+/// Which implementation trains the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Fused CUDA kernels where they can run (a Hopper GPU and a binary built with nvcc), else
+    /// eager.
+    Auto,
+    /// The straightforward autograd model (`Gpt::forward`), as first written.
+    Reference,
+    /// The block path with eager ATen ops for each fused step (same math as the kernels).
+    Eager,
+    /// The block path with the CUDA kernels of csrc/kernels.cu.
+    Fused,
+}
+
+/// How many blocks recompute their activations in the backward pass instead of keeping them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Recompute {
+    /// As few as fit the GPU's memory (none on CPU).
+    Auto,
+    /// The first N blocks (0 = none; values above the depth mean all).
+    Blocks(i64),
+}
+
+impl FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" | "none" => Ok(Self::Blocks(0)),
+            "all" => Ok(Self::Blocks(i64::MAX)),
+            n => n
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(Self::Blocks)
+                .ok_or_else(|| format!("`{s}` is not auto, off, all or a number of blocks")),
+        }
+    }
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Blocks(i64::MAX) => write!(f, "all"),
+            Self::Blocks(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// On, off, or decided by memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+/// The engine's speed and memory choices, as flags of `train` and `bench`.
+#[derive(clap::Args, Clone, Copy, Debug, serde::Serialize)]
+pub struct EngineOptions {
+    /// auto | reference | eager | fused: the implementation of the training step.
+    #[arg(long, env = "CHARLM_KERNELS", value_enum, default_value = "auto")]
+    pub kernels: Kernels,
+    /// auto | off | all | N: blocks that recompute activations in backward (saves memory, costs
+    /// about a third of those blocks' time). auto: the fewest that fit the GPU.
+    #[arg(long, env = "CHARLM_RECOMPUTE", default_value = "auto")]
+    pub recompute: Recompute,
+    /// auto | on | off: keep a bf16 copy of the matrices, refreshed once per optimizer step,
+    /// instead of casting the fp32 weights on every use. auto: on when it fits.
+    #[arg(long, env = "CHARLM_WEIGHT_CACHE", value_enum, default_value = "auto")]
+    pub weight_cache: Toggle,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            kernels: Kernels::Auto,
+            recompute: Recompute::Auto,
+            weight_cache: Toggle::Auto,
+        }
+    }
+}
+
+/// What `auto` resolved to for one micro-batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Resolved {
+    pub kernels: Kernels,
+    pub recompute_blocks: i64,
+    pub weight_cache: bool,
+    /// Muon's Newton–Schulz chunk, in fp32 gradient bytes (0: whole groups).
+    pub muon_chunk_bytes: i64,
+}
+
+/// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
+/// docs/performance.md for how they compare with measured peaks).
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// fp32 parameters, gradients and optimizer state.
+    pub fixed: f64,
+    /// The bf16 copy of the matrices.
+    pub weight_cache: f64,
+    /// Activations one block keeps for its backward, without and with recomputation.
+    pub block_saved: f64,
+    pub block_recompute: f64,
+    /// One block's backward workspace, logits, Muon's chunk and allocator slack.
+    pub transient: f64,
+}
+
+impl MemoryEstimate {
+    pub fn new(config: &GptConfig, micro_batch: i64, seq_len: i64) -> Self {
+        let n = (micro_batch * seq_len) as f64;
+        let (c, a) = (
+            config.width() as f64,
+            (config.heads() * config.head_dim()) as f64,
+        );
+        let matrices = (config.depth * config.block_params()) as f64;
+        let embeddings = 2.0 * config.embedding_params() as f64;
+        Self {
+            fixed: 12.0 * matrices + 16.0 * embeddings,
+            weight_cache: 2.0 * matrices,
+            // xn, qkv, attention output, xn2 and the 4C-wide hidden, bf16.
+            block_saved: 2.0 * n * (6.0 * c + 4.0 * a),
+            block_recompute: 2.0 * n * c,
+            transient: 2.0 * n * (18.0 * c + 11.0 * a) + 2.5 * (1u64 << 30) as f64,
+        }
+    }
+
+    pub fn total(&self, depth: i64, recompute: i64, cache: bool) -> f64 {
+        let r = recompute.clamp(0, depth) as f64;
+        self.fixed
+            + if cache { self.weight_cache } else { 0.0 }
+            + (depth as f64 - r) * self.block_saved
+            + r * self.block_recompute
+            + self.transient
+    }
+}
+
+/// Share of the GPU's memory the plan may fill (the rest: CUDA context, fragmentation).
+const MEMORY_FILL: f64 = 0.92;
+
+/// Decides the weight cache and recomputation for `total_bytes` of GPU memory: the cache first
+/// while everything fits (it saves a little time), then as few recomputed blocks as fit.
+pub fn plan_memory(
+    config: &GptConfig,
+    micro_batch: i64,
+    seq_len: i64,
+    total_bytes: f64,
+    options: &EngineOptions,
+) -> (bool, i64) {
+    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    let budget = MEMORY_FILL * total_bytes;
+    let depth = config.depth;
+    let fits = |r: i64, cache: bool| est.total(depth, r, cache) <= budget;
+    let least = |cache: bool| (0..=depth).find(|&r| fits(r, cache));
+    match (options.weight_cache, options.recompute) {
+        (Toggle::On, Recompute::Auto) => (true, least(true).unwrap_or(depth)),
+        (Toggle::Off, Recompute::Auto) => (false, least(false).unwrap_or(depth)),
+        (Toggle::Auto, Recompute::Auto) => match least(true) {
+            Some(0) => (true, 0),
+            _ => (false, least(false).unwrap_or(depth)),
+        },
+        (cache, Recompute::Blocks(r)) => {
+            let r = r.min(depth);
+            (
+                cache == Toggle::On || (cache == Toggle::Auto && fits(r, true)),
+                r,
+            )
+        }
+    }
+}
+
+/// A bf16 copy of every Muon matrix, stacked like Muon's gradients so blocks read views of it.
+struct WeightCache {
+    stacks: Vec<Tensor>,
+    /// The fp32 weights changed since the last copy (optimizer step, load, broadcast).
+    dirty: std::cell::Cell<bool>,
+}
 
 /// Learning rates at width 768; AdamW's are scaled by (width/768)^-0.5 as in nanochat.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
@@ -33,10 +221,25 @@ pub struct Engine {
     pub model: Gpt,
     pub muon: Muon,
     pub adamw: AdamW,
+    pub options: EngineOptions,
+    /// Set on the first micro-batch (or when its size changes).
+    resolved: Option<(i64, i64, Resolved)>,
+    runner: Option<BlockRunner>,
+    cache: Option<WeightCache>,
 }
 
 impl Engine {
     pub fn new(config: GptConfig, device: Device, seed: u64, lr: LearningRates) -> Self {
+        Self::with_options(config, device, seed, lr, EngineOptions::default())
+    }
+
+    pub fn with_options(
+        config: GptConfig,
+        device: Device,
+        seed: u64,
+        lr: LearningRates,
+        options: EngineOptions,
+    ) -> Self {
         let model = Gpt::new(config, device, seed);
         let scale = (config.width() as f64 / 768.0).powf(-0.5);
         let adamw = AdamW::new(vec![
@@ -58,23 +261,183 @@ impl Engine {
             .map(|(name, p)| (name, p.shallow_clone()))
             .collect();
         let muon = Muon::new(matrices, lr.matrix);
-        Self { model, muon, adamw }
+        Self {
+            model,
+            muon,
+            adamw,
+            options,
+            resolved: None,
+            runner: None,
+            cache: None,
+        }
     }
 
-    pub fn parameters(&self) -> Vec<Tensor> {
-        self.model
-            .named_parameters()
-            .into_iter()
-            .map(|(_, p)| p.shallow_clone())
-            .collect()
+    /// What the options resolved to (None before the first micro-batch).
+    pub fn resolved(&self) -> Option<Resolved> {
+        self.resolved.map(|(_, _, r)| r)
+    }
+
+    /// Resolves `auto` for micro-batches of `[b, t]` and builds the block views.
+    pub fn prepare(&mut self, b: i64, t: i64) -> Result<Resolved> {
+        if let Some((rb, rt, r)) = self.resolved {
+            if (rb, rt) == (b, t) {
+                return Ok(r);
+            }
+        }
+        let device = self.model.device();
+        let config = self.model.config;
+        let kernels = match self.options.kernels {
+            Kernels::Auto => match device {
+                Device::Cuda(i) if crate::fused::status(i).is_ok() => Kernels::Fused,
+                _ => Kernels::Eager,
+            },
+            Kernels::Fused => match device {
+                Device::Cuda(i) => {
+                    crate::fused::status(i)?;
+                    Kernels::Fused
+                }
+                _ => bail!("--kernels fused needs a CUDA GPU; use eager or auto on the CPU"),
+            },
+            k => k,
+        };
+        let (weight_cache, recompute_blocks) = match (kernels, device) {
+            (Kernels::Reference, _) => (false, 0),
+            (_, Device::Cuda(_)) => {
+                let total = crate::cuda::total_memory(device).unwrap_or(0) as f64;
+                plan_memory(&config, b, t, total, &self.options)
+            }
+            // The CPU computes in fp32: the parameters are already the compute kind.
+            _ => match self.options.recompute {
+                Recompute::Auto => (false, 0),
+                Recompute::Blocks(r) => (false, r.min(config.depth)),
+            },
+        };
+        let muon_chunk_bytes = if kernels == Kernels::Reference {
+            0
+        } else if recompute_blocks > 0 || !weight_cache {
+            512 << 20
+        } else {
+            2 << 30
+        };
+        let resolved = Resolved {
+            kernels,
+            recompute_blocks,
+            weight_cache,
+            muon_chunk_bytes,
+        };
+        self.muon.chunk_bytes = muon_chunk_bytes;
+        self.cache = weight_cache.then(|| WeightCache {
+            stacks: self
+                .muon
+                .grads()
+                .iter()
+                .map(|g| g.zeros_like().to_kind(Kind::BFloat16))
+                .collect(),
+            dirty: std::cell::Cell::new(true),
+        });
+        self.runner = (kernels != Kernels::Reference)
+            .then(|| self.block_runner(&resolved))
+            .transpose()?;
+        self.resolved = Some((b, t, resolved));
+        Ok(resolved)
+    }
+
+    fn block_runner(&self, r: &Resolved) -> Result<BlockRunner> {
+        let config = self.model.config;
+        let (c, a) = (config.width(), config.heads() * config.head_dim());
+        let grads = self.muon.grads();
+        let mut blocks = Vec::new();
+        for (i, blk) in self.model.blocks.iter().enumerate() {
+            let locate = |n: &str| {
+                let name = format!("transformer.h.{i}.{n}.weight");
+                self.muon
+                    .locate(&name)
+                    .ok_or_else(|| anyhow::anyhow!("{name} is not a Muon matrix"))
+            };
+            let (gq, iq) = locate("attn.c_q")?;
+            if locate("attn.c_k")? != (gq, iq + 1) || locate("attn.c_v")? != (gq, iq + 2) {
+                bail!("block {i}: q, k and v are not adjacent in one Muon group");
+            }
+            // The compute-kind copy when cached, else the fp32 parameter (cast on use).
+            let weight = |n: &str, own: &Tensor| -> Result<Tensor> {
+                let (g, idx) = locate(n)?;
+                Ok(match &self.cache {
+                    Some(cache) => cache.stacks[g].get(idx),
+                    None => own.shallow_clone(),
+                })
+            };
+            let grad = |n: &str| -> Result<Tensor> {
+                let (g, idx) = locate(n)?;
+                Ok(grads[g].get(idx))
+            };
+            blocks.push(BlockViews {
+                wqkv: self
+                    .cache
+                    .as_ref()
+                    .map(|cache| cache.stacks[gq].narrow(0, iq, 3).view([3 * a, c])),
+                wo: weight("attn.c_proj", &blk.attn_proj)?,
+                wfc: weight("mlp.c_fc", &blk.c_fc)?,
+                wp: weight("mlp.c_proj", &blk.mlp_proj)?,
+                gqkv: grads[gq].narrow(0, iq, 3).view([3 * a, c]),
+                go: grad("attn.c_proj")?,
+                gfc: grad("mlp.c_fc")?,
+                gp: grad("mlp.c_proj")?,
+                recompute: (i as i64) < r.recompute_blocks,
+            });
+        }
+        Ok(BlockRunner {
+            fused: r.kernels == Kernels::Fused,
+            blocks,
+        })
+    }
+
+    /// Copies the fp32 matrices into the bf16 cache when they changed since the last copy.
+    fn refresh_cache(&self) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        if !cache.dirty.replace(false) {
+            return;
+        }
+        tch::no_grad(|| {
+            for (name, p) in self.model.named_parameters() {
+                if let Some((g, idx)) = self.muon.locate(&name) {
+                    cache.stacks[g].get(idx).copy_(p);
+                }
+            }
+        });
+    }
+
+    fn mark_weights_changed(&self) {
+        if let Some(cache) = &self.cache {
+            cache.dirty.set(true);
+        }
     }
 
     /// Forward and backward of one micro-batch; gradients accumulate scaled by `scale`
     /// (1/accumulation steps). Returns the unscaled loss, still on the device.
-    pub fn micro_step(&self, x: &Tensor, y: &Tensor, scale: f64) -> Tensor {
-        let loss = self.model.loss(x, y);
+    ///
+    /// Panics on libtorch errors, as tch does (out-of-memory probing relies on that).
+    pub fn micro_step(&mut self, x: &Tensor, y: &Tensor, scale: f64) -> Tensor {
+        let (b, t) = x.size2().expect("x must be [B, T]");
+        self.prepare(b, t).unwrap_or_else(|e| panic!("{e:#}"));
+        self.refresh_cache();
+        let loss = match &self.runner {
+            None => self.model.loss(x, y),
+            Some(runner) => self
+                .model
+                .loss_blocks(x, y, runner)
+                .unwrap_or_else(|e| panic!("{e:#}")),
+        };
         (&loss * scale).backward();
         loss.detach()
+    }
+
+    /// Every gradient buffer: Muon's stacked ones, then the embedding's and lm_head's.
+    fn grad_buffers(&self) -> Vec<Tensor> {
+        let mut grads = self.muon.grads();
+        grads.extend(self.adamw.params().map(|p| p.grad()));
+        grads
     }
 
     /// Averages gradients over ranks, clips their global norm to `grad_clip` (0 = off) without a
@@ -86,8 +449,10 @@ impl Engine {
         momentum: f64,
         grad_clip: f64,
     ) -> Result<()> {
-        let params = self.parameters();
-        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+        let grads = self.grad_buffers();
+        if grads.iter().any(|g| !g.defined()) {
+            bail!("optimizer step before any backward pass");
+        }
         pg.all_reduce(&grads, ReduceOp::Avg)?;
         if grad_clip > 0.0 {
             tch::no_grad(|| {
@@ -105,9 +470,11 @@ impl Engine {
         }
         self.muon.step(lr_mult, momentum);
         self.adamw.step(lr_mult);
-        for mut p in params {
+        self.muon.zero_grads();
+        for mut p in self.adamw.params() {
             p.zero_grad();
         }
+        self.mark_weights_changed();
         Ok(())
     }
 
@@ -133,6 +500,7 @@ impl Engine {
         optimizer: &BTreeMap<String, Tensor>,
         adamw_step: i64,
     ) -> Result<()> {
+        self.mark_weights_changed();
         self.model.load_weights(model)?;
         self.muon.load_state(optimizer)?;
         self.adamw.load_state(optimizer, adamw_step)
@@ -145,6 +513,7 @@ impl Engine {
         }
         let mut tensors: Vec<Tensor> = self.model_state().into_iter().map(|(_, t)| t).collect();
         tensors.extend(self.optimizer_state().into_iter().map(|(_, t)| t));
+        self.mark_weights_changed();
         tch::no_grad(|| pg.broadcast(&tensors, 0))
     }
 }

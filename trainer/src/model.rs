@@ -3,6 +3,10 @@
 //!
 //! Parameters are plain fp32 tensors; `forward` casts the matrices to the compute kind (bf16 on CUDA),
 //! which is what autocast does in the reference and keeps fp32 master weights for the optimizers.
+//!
+//! Two ways to train it: `forward` is the straightforward autograd version (the reference, also
+//! used for sampling and evaluation); `forward_blocks` runs each block as one node of csrc/block.cpp
+//! with a hand-written backward, fused kernels and optional recomputation (see [`BlockRunner`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -108,13 +112,37 @@ impl KvCache {
     }
 }
 
-fn norm(x: &Tensor) -> Tensor {
+/// How `forward_blocks` runs the blocks: the tensors each block reads and accumulates into (kept
+/// by the engine), and per block whether it recomputes its activations in the backward pass.
+pub struct BlockRunner {
+    /// Fused CUDA kernels, or their eager ATen twins.
+    pub fused: bool,
+    pub blocks: Vec<BlockViews>,
+}
+
+/// One block's inputs to csrc/block.cpp besides the model's own fp32 matrices.
+pub struct BlockViews {
+    /// `[3A, C]` compute-kind copy of q, k, v, when the engine keeps one.
+    pub wqkv: Option<Tensor>,
+    /// The other matrices in the compute kind (a cached copy) or the fp32 parameters themselves.
+    pub wo: Tensor,
+    pub wfc: Tensor,
+    pub wp: Tensor,
+    /// fp32 gradient accumulators: `[3A, C]` for q, k, v together, then the others.
+    pub gqkv: Tensor,
+    pub go: Tensor,
+    pub gfc: Tensor,
+    pub gp: Tensor,
+    pub recompute: bool,
+}
+
+pub(crate) fn norm(x: &Tensor) -> Tensor {
     let last = *x.size().last().expect("norm of a scalar");
     x.rms_norm([last], None::<Tensor>, None)
 }
 
 /// Rotary embedding on `[B, T, H, D]`: rotate the two halves of each head by position-dependent angles.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let d = x.size()[3] / 2;
     let x1 = x.narrow(3, 0, d);
     let x2 = x.narrow(3, d, d);
@@ -124,7 +152,7 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 /// cos and sin tables `[1, T, 1, D/2]` for positions `start..start+len`, in `kind`.
-fn rotary_tables(start: i64, len: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+pub(crate) fn rotary_tables(start: i64, len: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
     let channels = Tensor::arange_start_step(0, HEAD_DIM, 2, (Kind::Float, device));
     let inv_freq = (channels / HEAD_DIM as f64 * ROPE_BASE.ln())
         .exp()
@@ -223,6 +251,8 @@ impl Gpt {
     }
 
     /// Logits `[B, T, vocab]` in fp32 for token ids `[B, T]`, optionally continuing a KV cache.
+    // `x = x + …` stays out of place: autograd saved `x` for the backward of `norm(&x)`.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, idx: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
         let kind = self.compute_kind();
         let (b, t) = idx.size2().expect("idx must be [B, T]");
@@ -283,6 +313,53 @@ impl Gpt {
         (logits / SOFTCAP).tanh() * SOFTCAP
     }
 
+    /// Logits like [`Gpt::forward`] (no cache) with the blocks run by csrc/block.cpp.
+    pub fn forward_blocks(&self, idx: &Tensor, runner: &BlockRunner) -> anyhow::Result<Tensor> {
+        let kind = self.compute_kind();
+        let (b, t) = idx.size2().expect("idx must be [B, T]");
+        let (cos, sin) = rotary_tables(0, t, idx.device(), kind);
+        let (cos, sin) = (cos.view([t, HEAD_DIM / 2]), sin.view([t, HEAD_DIM / 2]));
+        let c = self.config.width();
+        let mut x = norm(&Tensor::embedding(
+            &self.wte.to_kind(kind),
+            idx,
+            -1,
+            false,
+            false,
+        ))
+        .view([b * t, c]);
+        for (blk, v) in self.blocks.iter().zip(&runner.blocks) {
+            let tensors = crate::fused::BlockTensors {
+                wqkv: v.wqkv.as_ref(),
+                wq: &blk.c_q,
+                wk: &blk.c_k,
+                wv: &blk.c_v,
+                wo: &v.wo,
+                wfc: &v.wfc,
+                wp: &v.wp,
+                gqkv: &v.gqkv,
+                go: &v.go,
+                gfc: &v.gfc,
+                gp: &v.gp,
+                cos: &cos,
+                sin: &sin,
+            };
+            x = crate::fused::block(
+                &x,
+                &tensors,
+                b,
+                self.config.heads(),
+                runner.fused,
+                v.recompute,
+            )?;
+        }
+        let logits = norm(&x)
+            .matmul(&self.lm_head.to_kind(kind).tr())
+            .to_kind(Kind::Float)
+            .view([b, t, self.config.vocab_size]);
+        Ok((logits / SOFTCAP).tanh() * SOFTCAP)
+    }
+
     /// Mean cross-entropy over targets that are not `ignore` (nats), as nanochat's training loss.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
         self.loss_with(idx, targets, tch::Reduction::Mean, -1)
@@ -297,15 +374,35 @@ impl Gpt {
         ignore_index: i64,
     ) -> Tensor {
         let logits = self.forward(idx, None);
-        let v = self.config.vocab_size;
-        logits.view([-1, v]).cross_entropy_loss(
-            &targets.reshape([-1]),
-            None::<Tensor>,
-            reduction,
-            ignore_index,
-            0.0,
-        )
+        cross_entropy(&logits, targets, reduction, ignore_index)
     }
+
+    /// [`Gpt::loss`] through [`Gpt::forward_blocks`].
+    pub fn loss_blocks(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        runner: &BlockRunner,
+    ) -> anyhow::Result<Tensor> {
+        let logits = self.forward_blocks(idx, runner)?;
+        Ok(cross_entropy(&logits, targets, tch::Reduction::Mean, -1))
+    }
+}
+
+fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    reduction: tch::Reduction,
+    ignore_index: i64,
+) -> Tensor {
+    let v = *logits.size().last().expect("logits");
+    logits.view([-1, v]).cross_entropy_loss(
+        &targets.reshape([-1]),
+        None::<Tensor>,
+        reduction,
+        ignore_index,
+        0.0,
+    )
 }
 
 #[cfg(test)]

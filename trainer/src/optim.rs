@@ -17,6 +17,8 @@ pub fn muon_momentum(step: i64) -> f64 {
 
 /// Approximate U·Vᵀ of `g = U·S·Vᵀ` for a batch `[n, rows, cols]` by 5 quintic iterations in bf16.
 /// Works on the wide orientation (rows ≤ cols) so `X·Xᵀ` is the small Gram matrix.
+// `x = x / …` stays out of place: for a bf16 `g`, `to_kind` returns `g` itself.
+#[allow(clippy::assign_op_pattern)]
 pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
     let (a, b, c) = NS_COEFFS;
     let size = g.size();
@@ -42,18 +44,27 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
     x
 }
 
-/// Matrices of one shape, updated together: one batched Newton–Schulz call per shape per step.
+/// Matrices of one shape, updated together: one batched Newton–Schulz call per shape (or per chunk
+/// of it) per step.
 struct MuonGroup {
     params: Vec<Tensor>,
     names: Vec<String>,
     /// Nesterov momentum, `[n, rows, cols]` fp32.
     momentum: Tensor,
+    /// The members' gradients, `[n, rows, cols]` fp32: each parameter's `.grad` is a view of its
+    /// slice, so backward passes accumulate here and the step needs no stacking copy.
+    grads: Tensor,
 }
 
 pub struct Muon {
     pub lr: f64,
     pub ns_steps: usize,
+    /// Most fp32 gradient bytes one Newton–Schulz batch takes (0: a whole group at once), which
+    /// bounds the step's temporary memory; the arithmetic per matrix does not change.
+    pub chunk_bytes: i64,
     groups: Vec<MuonGroup>,
+    /// Parameter name → (group, index in the group).
+    index: BTreeMap<String, (usize, i64)>,
 }
 
 impl Muon {
@@ -62,41 +73,86 @@ impl Muon {
         for (name, p) in params {
             by_shape.entry(p.size()).or_default().push((name, p));
         }
+        let mut index = BTreeMap::new();
         let groups = by_shape
             .into_iter()
-            .map(|(shape, members)| {
+            .enumerate()
+            .map(|(g, (shape, members))| {
                 let mut full = vec![members.len() as i64];
                 full.extend(shape);
-                let momentum = Tensor::zeros(full, (Kind::Float, members[0].1.device()));
+                let device = members[0].1.device();
+                let momentum = Tensor::zeros(full.as_slice(), (Kind::Float, device));
+                let grads = Tensor::zeros(full.as_slice(), (Kind::Float, device));
+                for (i, (name, p)) in members.iter().enumerate() {
+                    crate::fused::set_grad(p, &grads.get(i as i64))
+                        .expect("assigning a gradient buffer");
+                    index.insert(name.clone(), (g, i as i64));
+                }
                 let (names, params) = members.into_iter().unzip();
                 MuonGroup {
                     params,
                     names,
                     momentum,
+                    grads,
                 }
             })
             .collect();
         Self {
             lr,
             ns_steps: 5,
+            chunk_bytes: 0,
             groups,
+            index,
         }
     }
 
-    /// One update with learning-rate multiplier `lr_mult` and momentum `beta`.
+    /// Where the parameter `name` lives: (group, index in the group), the group indexing
+    /// [`Muon::grads`].
+    pub fn locate(&self, name: &str) -> Option<(usize, i64)> {
+        self.index.get(name).copied()
+    }
+
+    /// The stacked gradient buffers, one per shape.
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.groups
+            .iter()
+            .map(|g| g.grads.shallow_clone())
+            .collect()
+    }
+
+    pub fn zero_grads(&mut self) {
+        for g in &mut self.groups {
+            let _ = g.grads.zero_();
+        }
+    }
+
+    /// One update with learning-rate multiplier `lr_mult` and momentum `beta`. The gradients are
+    /// consumed (overwritten by their Nesterov blend).
     pub fn step(&mut self, lr_mult: f64, beta: f64) {
         let _guard = tch::no_grad_guard();
         for group in &mut self.groups {
-            let grads: Vec<Tensor> = group.params.iter().map(|p| p.grad()).collect();
-            let mut g = Tensor::stack(&grads, 0);
-            let _ = group.momentum.lerp_(&g, 1.0 - beta);
-            let _ = g.lerp_(&group.momentum, beta);
-            let update = orthogonalize(&g, self.ns_steps);
+            let n = group.params.len() as i64;
             let size = group.params[0].size();
+            let per = if self.chunk_bytes > 0 {
+                (self.chunk_bytes / (4 * size[0] * size[1])).clamp(1, n)
+            } else {
+                n
+            };
             let aspect = (size[0] as f64 / size[1] as f64).max(1.0).sqrt();
-            let update = update.to_kind(Kind::Float) * (-self.lr * lr_mult * aspect);
-            for (i, p) in group.params.iter().enumerate() {
-                let _ = p.shallow_clone().g_add_(&update.get(i as i64));
+            let mut start = 0;
+            while start < n {
+                let k = per.min(n - start);
+                let mut g = group.grads.narrow(0, start, k);
+                let mut m = group.momentum.narrow(0, start, k);
+                let _ = m.lerp_(&g, 1.0 - beta);
+                let _ = g.lerp_(&m, beta);
+                let update = orthogonalize(&g, self.ns_steps);
+                let update = update.to_kind(Kind::Float) * (-self.lr * lr_mult * aspect);
+                for i in 0..k {
+                    let p = &group.params[(start + i) as usize];
+                    let _ = p.shallow_clone().g_add_(&update.get(i));
+                }
+                start += k;
             }
         }
     }
@@ -167,6 +223,11 @@ impl AdamW {
             step: 0,
             slots,
         }
+    }
+
+    /// The parameters it updates.
+    pub fn params(&self) -> impl Iterator<Item = Tensor> + '_ {
+        self.slots.iter().map(|s| s.param.shallow_clone())
     }
 
     pub fn step(&mut self, lr_mult: f64) {
