@@ -1,9 +1,13 @@
 # Sourced by up and down: where the plane keeps its state, its ports, and small helpers.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034,SC2154 # the sourcing script sets $here and uses the ports
 
 repo="$(cd "$here/../.." && pwd)"
 bin="$("$here/bin-dir")"
-state="${CHARLM_RUN:-$repo/.run}/controlplane"
+# Absolute, so that the kubeconfig path `up` prints and the paths in the components' arguments
+# (which `down` recognises them by) hold from any working directory.
+run_dir="$(realpath -m "${CHARLM_RUN:-$repo/.run}")"
+state="$run_dir/controlplane"
+runner_state="$run_dir/standin-kubelet"
 pki="$state/pki"
 
 etcd_port="${CHARLM_ETCD_PORT:-16379}"
@@ -32,25 +36,63 @@ alive() {
 }
 
 # start NAME BINARY ARGS...: in its own session (so it outlives the caller's terminal and process
-# group), output to logs/NAME.log, pid to pids/NAME.pid.
+# group), output to logs/NAME.log, pid to pids/NAME.pid. It does not inherit the state lock's fd
+# (it would hold the lock for as long as it runs).
 start() {
   local name="$1"
   shift
-  setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
+  setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$state/pids/$name.pid"
 }
 
-# wait_until WHAT SECONDS COMPONENT COMMAND...: polls COMMAND; fails early with the component's
-# log tail if its process died.
+# One `up` or `down` at a time per state folder; `up` runs `down` itself, under the lock it holds.
+lock_state() {
+  [ "${CHARLM_CONTROLPLANE_LOCKED:-}" = "$state" ] && return 0
+  mkdir -p "$state"
+  exec 9>"$state/.lock"
+  if ! flock -n 9; then
+    log "waiting for another up/down on $state to finish"
+    flock -w 600 9 || die "another up/down on $state held its lock for 600 s"
+  fi
+  export CHARLM_CONTROLPLANE_LOCKED="$state"
+}
+
+# The processes of this plane, found without pid files (a pid file lost, a folder removed while it
+# ran): binaries of $bin and stand-in kubelets whose arguments name this state folder, and every
+# process the plane's stand-in kubelet started for a pod (it marks them with
+# CHARLM_STANDIN_KUBELET_STATE=<its state folder>).
+plane_processes() {
+  local p pid exe
+  for p in /proc/[0-9]*; do
+    pid="${p#/proc/}"
+    [ "$pid" = "$$" ] && continue
+    exe="$(readlink "$p/exe" 2>/dev/null)" || continue
+    exe="${exe% (deleted)}"
+    if [ "${exe%/*}" = "$bin" ] || [ "${exe##*/}" = standin-kubelet ]; then
+      tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qF "$state/" && echo "$pid" && continue
+    fi
+    tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "CHARLM_STANDIN_KUBELET_STATE=$runner_state" &&
+      echo "$pid"
+  done
+  return 0
+}
+
+# wait_until WHAT SECONDS COMPONENT COMMAND...: polls COMMAND; fails early, with the log tail of
+# the one that died, when any started component (one with a pid file) exits, and on timeout with
+# COMPONENT's log tail.
 wait_until() {
-  local what="$1" seconds="$2" component="$3"
+  local what="$1" seconds="$2" component="$3" f c
   shift 3
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
-    if ! alive "$component"; then
-      tail -n 30 "$state/logs/$component.log" >&2 || true
-      die "$component exited while waiting for $what; its log: $state/logs/$component.log"
-    fi
+    for f in "$state"/pids/*.pid; do
+      [ -e "$f" ] || continue
+      c="$(basename "$f" .pid)"
+      if ! alive "$c"; then
+        tail -n 30 "$state/logs/$c.log" >&2 || true
+        die "$c exited while waiting for $what; its log: $state/logs/$c.log"
+      fi
+    done
     if [ "$SECONDS" -ge "$deadline" ]; then
       tail -n 30 "$state/logs/$component.log" >&2 || true
       die "timed out after ${seconds}s waiting for $what; log: $state/logs/$component.log"
@@ -78,7 +120,7 @@ make_pki() {
   rm -rf "$pki"
   mkdir -p "$pki"
   (
-    cd "$pki"
+    cd "$pki" || exit 1
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=charlm-e2e-ca" \
       -keyout ca.key -out ca.crt 2>/dev/null
     client_cert() { # name, subject, extensions file

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the control plane's scripts: reads pinned versions from the wrapper modules in tools/.
 # module_version <tool dir> <module path> prints the version its go.mod requires (tidy may have
 # moved the line into a `require (...)` block).

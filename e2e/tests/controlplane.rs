@@ -1,20 +1,22 @@
 //! Smoke tests of the control plane of `e2e/controlplane/` itself, before any operator runs on it:
 //! the six nodes, the real scheduler placing a GPU pod on an H100 node that kwok then runs, the
-//! default StorageClass binding a claim, service-account tokens and garbage collection. Needs
-//! `e2e/controlplane/up`; fails without it.
+//! default StorageClass binding a claim, service-account tokens under RBAC and garbage
+//! collection. Needs `e2e/controlplane/up` (either --cpu-nodes mode); the kubeconfig comes from
+//! `CHARLM_KUBECONFIG`, else `${CHARLM_RUN:-.run}/controlplane/kubeconfig`; fails without it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
 };
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
 use serde_json::json;
 
-use charlm_e2e::cluster::{admin_client, create_namespace, wait_for};
+use charlm_e2e::cluster::{admin_client, create_namespace, require_kubeconfig, wait_for};
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 
@@ -34,6 +36,19 @@ fn is_ready(node: &Node) -> bool {
         .into_iter()
         .flatten()
         .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// A client of the plane that authenticates with `token` instead of the admin certificate.
+async fn token_client(token: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(require_kubeconfig()).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.auth_info = AuthInfo {
+        token: Some(token.to_string().into()),
+        ..Default::default()
+    };
+    Client::try_from(config).unwrap()
 }
 
 async fn delete_namespace(client: &Client, ns: &str) {
@@ -315,6 +330,27 @@ async fn service_account_tokens_and_garbage_collection_work() {
         .unwrap()
         .token;
     assert_eq!(token.split('.').count(), 3, "a JWT");
+
+    // The API server accepts the token it signed, as the ServiceAccount; RBAC gives that bare
+    // ServiceAccount nothing (listing nodes is forbidden), while the admin may.
+    let sa_client = token_client(&token).await;
+    let review = Api::<SelfSubjectReview>::all(sa_client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .expect("the ServiceAccount token authenticates");
+    let user = review.status.and_then(|s| s.user_info).unwrap_or_default();
+    assert_eq!(
+        user.username.as_deref(),
+        Some(format!("system:serviceaccount:{ns}:default").as_str())
+    );
+    match Api::<Node>::all(sa_client).list(&Default::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("a bare ServiceAccount listed nodes (RBAC is off?): {other:?}"),
+    }
+    Api::<Node>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .expect("the admin lists nodes");
 
     // The owner's deletion takes the dependent with it (kube-controller-manager's GC).
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
