@@ -12,46 +12,21 @@ use common::{s, stderr, synthetic_data};
 
 /// `launch --nproc-per-node N -- train` with tiny CPU settings; `port` keeps parallel tests apart.
 fn launch_args(n: u32, port: u16, data: &str, ckpt: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+    let (n, port) = (n.to_string(), port.to_string());
+    let launch = [
         "launch",
         "--nproc-per-node",
-        &n.to_string(),
+        &n,
         "--master-port",
-        &port.to_string(),
+        &port,
         "--",
-        "train",
-        "--data",
+    ];
+    let train = common::tiny_train(
         data,
-        "--depth",
-        "1",
-        "--seq-len",
-        "32",
-        "--device-batch-size",
-        "4",
-        "--total-batch-size",
-        "256",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--metrics-port",
-        "0",
-        "--checkpoint-dir",
         ckpt,
-        "--eval-every",
-        "0",
-        "--eval-tokens",
-        "1024",
-        "--log-every",
-        "1",
-        "--dist-timeout-s",
-        "60",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+        &[["--dist-timeout-s", "60"].as_slice(), extra].concat(),
+    );
+    launch.iter().chain(&train).map(|a| a.to_string()).collect()
 }
 
 fn run_launch(args: &[String]) -> Output {

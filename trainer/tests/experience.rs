@@ -5,37 +5,9 @@ mod common;
 
 use charlm_trainer::autobatch::estimate_bytes;
 use charlm_trainer::model::GptConfig;
-use common::{json_lines, run, s, stderr, synthetic_data};
+use common::{json_lines, run, s, stderr, synthetic_data, tiny_train};
 use std::process::Command;
 use tch::Kind;
-
-fn tiny<'a>(data: &'a str, ckpt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "train",
-        "--data",
-        data,
-        "--depth",
-        "1",
-        "--seq-len",
-        "32",
-        "--total-batch-size",
-        "256",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--metrics-port",
-        "0",
-        "--checkpoint-dir",
-        ckpt,
-        "--eval-tokens",
-        "512",
-        "--log-every",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
 
 #[test]
 fn auto_micro_batch_fits_an_injected_memory_limit_and_keeps_the_total_batch() {
@@ -50,7 +22,7 @@ fn auto_micro_batch_fits_an_injected_memory_limit_and_keeps_the_total_batch() {
         let limit = gib((fits + next) / 2);
         let ckpt = root.path().join(format!("c{want}"));
         let out = Command::new(common::bin())
-            .args(tiny(
+            .args(tiny_train(
                 s(&data),
                 s(&ckpt),
                 &[
@@ -81,7 +53,7 @@ fn auto_micro_batch_fits_an_injected_memory_limit_and_keeps_the_total_batch() {
     }
     let too_small = gib(estimate_bytes(&config, 1, Kind::Float) / 2);
     let out = Command::new(common::bin())
-        .args(tiny(
+        .args(tiny_train(
             s(&data),
             s(&root.path().join("none")),
             &["--device-batch-size", "auto", "--max-steps", "1"],
@@ -102,7 +74,7 @@ fn the_best_checkpoint_survives_pruning_and_holds_the_best_bpc() {
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 60_000);
     let ckpt = root.path().join("ckpt");
-    let out = run(&tiny(
+    let out = run(&tiny_train(
         s(&data),
         s(&ckpt),
         &[
@@ -180,7 +152,7 @@ fn early_stop_ends_a_training_that_no_longer_improves_and_it_stays_ended() {
         "--unembedding-lr",
         "0",
     ];
-    let mut args = tiny(
+    let mut args = tiny_train(
         s(&data),
         s(&ckpt),
         &[
@@ -231,7 +203,7 @@ fn tensorboard_reads_the_event_files() {
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 40_000);
     let tb = root.path().join("tb");
-    let out = run(&tiny(
+    let out = run(&tiny_train(
         s(&data),
         s(&root.path().join("ckpt")),
         &[

@@ -7,35 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{json_lines, run, s, stderr, stdout, synthetic_data};
-
-/// A tiny model's common settings (depth 1, short sequences, a CPU, no progress port);
-/// `extra` holds flag/value pairs that replace a default or add to them.
-fn tiny<'a>(data: &'a str, ckpt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut pairs: Vec<(&str, &str)> = vec![
-        ("--data", data),
-        ("--depth", "1"),
-        ("--seq-len", "32"),
-        ("--device-batch-size", "4"),
-        ("--total-batch-size", "256"),
-        ("--device", "cpu"),
-        ("--threads", "1"),
-        ("--metrics-port", "0"),
-        ("--checkpoint-dir", ckpt),
-        ("--eval-every", "0"),
-        ("--eval-tokens", "512"),
-        ("--log-every", "1"),
-    ];
-    for kv in extra.chunks(2) {
-        match pairs.iter_mut().find(|(k, _)| *k == kv[0]) {
-            Some(pair) => pair.1 = kv[1],
-            None => pairs.push((kv[0], kv[1])),
-        }
-    }
-    std::iter::once("train")
-        .chain(pairs.into_iter().flat_map(|(k, v)| [k, v]))
-        .collect()
-}
+use common::{json_lines, prepare, run, s, stderr, stdout, synthetic_data, tiny_train};
 
 fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
@@ -61,20 +33,9 @@ fn a_tiny_model_overfits_a_tiny_dataset() {
         .collect();
     std::fs::write(raw.join("a.txt"), docs.repeat(3)).unwrap();
     let data = root.path().join("data");
-    let out = run(&[
-        "prepare",
-        "--input",
-        s(&raw),
-        "--output",
-        s(&data),
-        "--val-fraction",
-        "0.3",
-        "--seed",
-        "1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    prepare(&raw, &data, "0.3", "1");
     let ckpt = root.path().join("ckpt");
-    let out = run(&tiny(
+    let out = run(&tiny_train(
         s(&data),
         s(&ckpt),
         &[
@@ -114,19 +75,19 @@ fn resuming_is_exact() {
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 60_000);
     let (a, b) = (root.path().join("a"), root.path().join("b"));
-    let whole = run(&tiny(
+    let whole = run(&tiny_train(
         s(&data),
         s(&a),
         &["--max-steps", "12", "--warmdown-ratio", "0"],
     ));
     assert!(whole.status.success(), "{}", stderr(&whole));
-    let half = run(&tiny(
+    let half = run(&tiny_train(
         s(&data),
         s(&b),
         &["--max-steps", "6", "--warmdown-ratio", "0"],
     ));
     assert!(half.status.success(), "{}", stderr(&half));
-    let rest = run(&tiny(
+    let rest = run(&tiny_train(
         s(&data),
         s(&b),
         &["--max-steps", "12", "--warmdown-ratio", "0"],
@@ -163,7 +124,7 @@ fn sigterm_saves_a_checkpoint_and_exits_zero_then_training_resumes() {
     let ckpt = root.path().join("ckpt");
     let term = root.path().join("termination.json");
     let mut child = Command::new(common::bin())
-        .args(tiny(
+        .args(tiny_train(
             s(&data),
             s(&ckpt),
             &["--hours", "1", "--termination-log", s(&term)],
@@ -199,7 +160,7 @@ fn sigterm_saves_a_checkpoint_and_exits_zero_then_training_resumes() {
         .join("manifest.json")
         .exists());
 
-    let more = run(&tiny(
+    let more = run(&tiny_train(
         s(&data),
         s(&ckpt),
         &["--max-steps", &(step + 2).to_string()],
@@ -223,7 +184,7 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
     let data = synthetic_data(root.path(), 60_000);
     let ckpt = root.path().join("ckpt");
     for steps in ["3", "5"] {
-        let out = run(&tiny(s(&data), s(&ckpt), &["--max-steps", steps]));
+        let out = run(&tiny_train(s(&data), s(&ckpt), &["--max-steps", steps]));
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let model = ckpt.join("step-000000005/model.safetensors");
@@ -234,7 +195,7 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let out = run(&tiny(s(&data), s(&ckpt), &["--max-steps", "6"]));
+    let out = run(&tiny_train(s(&data), s(&ckpt), &["--max-steps", "6"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -257,7 +218,7 @@ fn sampling_prints_only_vocabulary_characters() {
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 60_000);
     let ckpt = root.path().join("ckpt");
-    let out = run(&tiny(s(&data), s(&ckpt), &["--max-steps", "20"]));
+    let out = run(&tiny_train(s(&data), s(&ckpt), &["--max-steps", "20"]));
     assert!(out.status.success(), "{}", stderr(&out));
     for prompt in ["", "12+3", "H4\n", "B1"] {
         let out = run(&[
@@ -362,17 +323,17 @@ fn impossible_settings_fail_with_the_fix() {
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 20_000);
     let ckpt = root.path().join("ckpt");
-    let out = run(&tiny(
+    let out = run(&tiny_train(
         s(&data),
         s(&ckpt),
         &["--max-steps", "2", "--total-batch-size", "100"],
     ));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("try 128"), "{}", stderr(&out));
-    let out = run(&tiny(s(&data), s(&ckpt), &[]));
+    let out = run(&tiny_train(s(&data), s(&ckpt), &[]));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--hours"), "{}", stderr(&out));
-    let out = run(&tiny(
+    let out = run(&tiny_train(
         s(&data),
         s(&ckpt),
         &[

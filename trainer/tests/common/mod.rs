@@ -32,27 +32,64 @@ pub fn s(p: &Path) -> &str {
 /// `generate` + `prepare` of `chars` synthetic characters under `root`; returns the data dir.
 pub fn synthetic_data(root: &Path, chars: u64) -> PathBuf {
     let (raw, data) = (root.join("raw"), root.join("data"));
+    let n = chars.to_string();
     let out = run(&[
         "generate",
         "--output",
         s(&raw),
         "--chars",
-        &chars.to_string(),
+        &n,
         "--seed",
         "3",
     ]);
     assert!(out.status.success(), "generate: {}", stderr(&out));
+    prepare(&raw, &data, "0.05", "0");
+    data
+}
+
+/// `prepare --input raw --output data`, which must succeed.
+pub fn prepare(raw: &Path, data: &Path, val_fraction: &str, seed: &str) {
     let out = run(&[
         "prepare",
         "--input",
-        s(&raw),
+        s(raw),
         "--output",
-        s(&data),
+        s(data),
         "--val-fraction",
-        "0.05",
+        val_fraction,
+        "--seed",
+        seed,
     ]);
     assert!(out.status.success(), "prepare: {}", stderr(&out));
-    data
+}
+
+/// `train` arguments for a tiny CPU model (depth 1, sequences of 32, 256 tokens a step, one
+/// thread, no progress port, no evaluation); `extra` holds flag/value pairs that replace a
+/// default or add to them.
+pub fn tiny_train<'a>(data: &'a str, ckpt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut pairs: Vec<(&str, &str)> = vec![
+        ("--data", data),
+        ("--depth", "1"),
+        ("--seq-len", "32"),
+        ("--device-batch-size", "4"),
+        ("--total-batch-size", "256"),
+        ("--device", "cpu"),
+        ("--threads", "1"),
+        ("--metrics-port", "0"),
+        ("--checkpoint-dir", ckpt),
+        ("--eval-every", "0"),
+        ("--eval-tokens", "512"),
+        ("--log-every", "1"),
+    ];
+    for kv in extra.chunks(2) {
+        match pairs.iter_mut().find(|(k, _)| *k == kv[0]) {
+            Some(pair) => pair.1 = kv[1],
+            None => pairs.push((kv[0], kv[1])),
+        }
+    }
+    std::iter::once("train")
+        .chain(pairs.into_iter().flat_map(|(k, v)| [k, v]))
+        .collect()
 }
 
 /// The JSON lines a command printed on stdout.
