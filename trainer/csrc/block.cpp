@@ -406,9 +406,22 @@ Tensor cpu_probs(const Tensor& q4, const Tensor& k4) {
   return at::softmax(s.masked_fill(mask, -std::numeric_limits<double>::infinity()), -1);
 }
 
-Attention attn_fwd(const Tensor& q4, const Tensor& k4, const Tensor& v4) {
+Attention attn_fwd(const Tensor& q4, const Tensor& k4, const Tensor& v4, bool cudnn) {
   Attention a;
-  if (q4.is_cuda()) {
+  if (q4.is_cuda() && cudnn) {
+    auto r = at::_scaled_dot_product_cudnn_attention(q4, k4, v4, std::nullopt,
+                                                     /*compute_log_sumexp=*/true, 0.0,
+                                                     /*is_causal=*/true,
+                                                     /*return_debug_mask=*/false);
+    a.y4 = std::get<0>(r);
+    a.lse = std::get<1>(r);
+    a.cum_q = std::get<2>(r);
+    a.cum_k = std::get<3>(r);
+    a.max_q = std::get<4>(r).expect_int();
+    a.max_k = std::get<5>(r).expect_int();
+    a.seed = std::get<6>(r);
+    a.offset = std::get<7>(r);
+  } else if (q4.is_cuda()) {
     auto r = at::_scaled_dot_product_flash_attention(q4, k4, v4, 0.0, /*is_causal=*/true,
                                                      /*return_debug_mask=*/false);
     a.y4 = std::get<0>(r);
@@ -426,7 +439,12 @@ Attention attn_fwd(const Tensor& q4, const Tensor& k4, const Tensor& v4) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dy4, const Tensor& q4, const Tensor& k4,
-                                            const Tensor& v4, const Attention& a) {
+                                            const Tensor& v4, const Attention& a, bool cudnn) {
+  if (q4.is_cuda() && cudnn) {
+    return at::_scaled_dot_product_cudnn_attention_backward(
+        dy4, q4, k4, v4, a.y4, a.lse, a.seed, a.offset, /*attn_bias=*/Tensor(), a.cum_q, a.cum_k,
+        a.max_q, a.max_k, 0.0, true);
+  }
   if (q4.is_cuda()) {
     return at::_scaled_dot_product_flash_attention_backward(
         dy4, q4, k4, v4, a.y4, a.lse, a.cum_q, a.cum_k, a.max_q, a.max_k, 0.0, true, a.seed,
@@ -453,6 +471,7 @@ struct Weights {
 struct Spec {
   int64_t batch = 0, heads = 0;
   bool fused = false, recompute = false;
+  bool cudnn = false;  // cuDNN's attention instead of flash attention (CUDA only)
 };
 
 Tensor as_kind(const Tensor& w, at::ScalarType kind) {
@@ -502,7 +521,7 @@ Tensor block_forward(const Tensor& x, const Weights& w, const Spec& s, Saved& sv
   Tensor q4 = view4(sv.qkv.narrow(1, 0, a), s.batch, s.heads);
   Tensor k4 = view4(sv.qkv.narrow(1, a, a), s.batch, s.heads);
   Tensor v4 = view4(sv.qkv.narrow(1, 2 * a, a), s.batch, s.heads);
-  sv.attn = attn_fwd(q4, k4, v4);
+  sv.attn = attn_fwd(q4, k4, v4, s.cudnn);
   sv.y = sv.attn.y4.transpose(1, 2).reshape({n, a});
   sv.attn.y4 = Tensor();  // rebuilt from y when needed, so only one copy is kept
   Tensor x1 = at::addmm(x, sv.y, as_kind(w.wo, kind).t());
@@ -535,7 +554,7 @@ Tensor block_backward(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) 
   Tensor q4 = view4(sv.qkv.narrow(1, 0, a), s.batch, s.heads);
   Tensor k4 = view4(sv.qkv.narrow(1, a, a), s.batch, s.heads);
   Tensor v4 = view4(sv.qkv.narrow(1, 2 * a, a), s.batch, s.heads);
-  auto [dq4, dk4, dv4] = attn_bwd(view4(dy, s.batch, s.heads), q4, k4, v4, sv.attn);
+  auto [dq4, dk4, dv4] = attn_bwd(view4(dy, s.batch, s.heads), q4, k4, v4, sv.attn, s.cudnn);
   dy = Tensor();
   sv.attn = Attention();
   sv.y = Tensor();
@@ -554,9 +573,9 @@ const char* const kWeightNames[] = {"wqkv", "wq", "wk", "wv", "wo", "wfc", "wp",
 
 struct BlockFunction : public torch::autograd::Function<BlockFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::vector<Tensor>& ws,
-                        int64_t batch, int64_t heads, bool fused, bool recompute) {
+                        int64_t batch, int64_t heads, bool fused, bool recompute, bool cudnn) {
     Weights w = unpack(ws);
-    Spec s{batch, heads, fused, recompute};
+    Spec s{batch, heads, fused, recompute, cudnn};
     Saved sv;
     Tensor out = block_forward(x, w, s, sv);
     auto& d = ctx->saved_data;
@@ -568,6 +587,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     d["heads"] = heads;
     d["fused"] = fused;
     d["recompute"] = recompute;
+    d["cudnn"] = cudnn;
     if (recompute) {
       d["x"] = x;
     } else {
@@ -603,7 +623,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     }
     Weights w = unpack(ws);
     Spec s{d.at("batch").toInt(), d.at("heads").toInt(), d.at("fused").toBool(),
-           d.at("recompute").toBool()};
+           d.at("recompute").toBool(), d.at("cudnn").toBool()};
     Saved sv;
     if (s.recompute) {
       Tensor x = d.at("x").toTensor();
@@ -633,7 +653,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       d.clear();
     }
     Tensor dx = block_backward(grads[0].contiguous(), w, s, sv);
-    variable_list out(6);
+    variable_list out(7);
     out[0] = dx;
     return out;
   }
@@ -676,14 +696,15 @@ extern "C" {
 
 // tensors: x, wqkv|NULL, wq, wk, wv, wo, wfc, wp, gqkv, go, gfc, gp, cos, sin.
 char* charlm_block_apply(const at::Tensor* const* tensors, int64_t batch, int64_t heads,
-                         int fused, int recompute, at::Tensor** out) {
+                         int fused, int recompute, int cudnn, at::Tensor** out) {
   return guarded([&] {
     Tensor x = *tensors[0];
     std::vector<Tensor> ws;
     for (int i = 1; i <= 13; ++i) ws.push_back(arg(tensors, i));
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "block input must be a contiguous [N, C]");
     TORCH_CHECK(x.size(0) % batch == 0, "block: rows not divisible by the batch");
-    Tensor y = BlockFunction::apply(x, ws, batch, heads, fused != 0, recompute != 0);
+    Tensor y =
+        BlockFunction::apply(x, ws, batch, heads, fused != 0, recompute != 0, cudnn != 0);
     *out = new at::Tensor(std::move(y));
   });
 }
@@ -749,6 +770,43 @@ char* charlm_fused_op(int op, const at::Tensor* const* in, int fused, int64_t p0
     }
     for (size_t i = 0; i < r.size(); ++i) out[i] = new at::Tensor(std::move(r[i]));
   });
+}
+
+// Runs causal attention forward and backward with flash attention and with cuDNN on random bf16
+// data laid out as the block lays it out ([B, T, 3, H, 128] storage), and writes the largest
+// relative difference of the output and the three gradients into *rel.
+char* charlm_attention_probe(int64_t batch, int64_t heads, int64_t seq, int device, double* rel) {
+  return guarded([&] {
+    auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA, device);
+    const int64_t a = heads * kHead;
+    Tensor qkv = at::randn({batch * seq, 3 * a}, opts);
+    Tensor q4 = view4(qkv.narrow(1, 0, a), batch, heads);
+    Tensor k4 = view4(qkv.narrow(1, a, a), batch, heads);
+    Tensor v4 = view4(qkv.narrow(1, 2 * a, a), batch, heads);
+    Tensor dy = at::randn({batch * seq, a}, opts);
+    auto run = [&](bool cudnn) {
+      Attention att = attn_fwd(q4, k4, v4, cudnn);
+      Tensor y = att.y4.transpose(1, 2).reshape({batch * seq, a});
+      att.y4 = view4(y, batch, heads);
+      auto [dq, dk, dv] = attn_bwd(view4(dy, batch, heads), q4, k4, v4, att, cudnn);
+      return std::vector<Tensor>{y, dq, dk, dv};
+    };
+    auto f = run(false);
+    auto c = run(true);
+    double worst = 0;
+    for (size_t i = 0; i < f.size(); ++i) {
+      Tensor d = (c[i].to(at::kFloat) - f[i].to(at::kFloat)).norm();
+      Tensor r = d / f[i].to(at::kFloat).norm();
+      double v = r.item<double>();
+      worst = std::isfinite(v) ? std::max(worst, v) : INFINITY;
+    }
+    *rel = worst;
+  });
+}
+
+// dst += alpha · src, in dst's type (the optimizers' fp32 update from a bf16 direction).
+char* charlm_add_scaled(at::Tensor* dst, const at::Tensor* src, double alpha) {
+  return guarded([&] { dst->add_(*src, alpha); });
 }
 
 char* charlm_profiler_start() {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{DistEnv, ProcessGroup};
-use crate::engine::{Engine, EngineOptions, Kernels, LearningRates, Recompute, Toggle};
+use crate::engine::{Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Toggle};
 use crate::model::GptConfig;
 use crate::train::PEAK_FLOPS;
 use crate::{cuda, user_bail};
@@ -69,6 +69,7 @@ pub struct Report {
     pub kernels: Kernels,
     pub recompute_blocks: i64,
     pub weight_cache: bool,
+    pub attention: Attention,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -89,12 +90,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let report = measure(&args, device)?;
     eprintln!(
-        "bench: depth {} batch {}×{} on {} ({:?}, recompute {}, weight cache {}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
+        "bench: depth {} batch {}×{} on {} ({:?}, {:?} attention, recompute {}, weight cache {}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
         report.depth,
         report.device_batch_size,
         report.accum,
         report.device,
         report.kernels,
+        report.attention,
         report.recompute_blocks,
         report.weight_cache,
         report.tokens_per_s,
@@ -178,6 +180,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
         kernels: resolved.kernels,
         recompute_blocks: resolved.recompute_blocks,
         weight_cache: resolved.weight_cache,
+        attention: resolved.attention,
     })
 }
 

@@ -69,6 +69,18 @@ impl fmt::Display for Recompute {
     }
 }
 
+/// The attention kernel of the block path on CUDA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// cuDNN's when a probe at the run's shape agrees with flash attention, else flash.
+    Auto,
+    /// FlashAttention-2 (what SDPA picks in the reference model).
+    Flash,
+    /// cuDNN's fused attention (faster on Hopper).
+    Cudnn,
+}
+
 /// On, off, or decided by memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +104,9 @@ pub struct EngineOptions {
     /// instead of casting the fp32 weights on every use. auto: on when it fits.
     #[arg(long, env = "CHARLM_WEIGHT_CACHE", value_enum, default_value = "auto")]
     pub weight_cache: Toggle,
+    /// auto | flash | cudnn: the block path's attention kernel on CUDA.
+    #[arg(long, env = "CHARLM_ATTENTION", value_enum, default_value = "auto")]
+    pub attention: Attention,
 }
 
 impl Default for EngineOptions {
@@ -100,9 +115,13 @@ impl Default for EngineOptions {
             kernels: Kernels::Auto,
             recompute: Recompute::Auto,
             weight_cache: Toggle::Auto,
+            attention: Attention::Auto,
         }
     }
 }
+
+/// cuDNN and flash attention may differ by bf16 rounding, not more.
+const ATTENTION_PROBE_TOLERANCE: f64 = 2e-2;
 
 /// What `auto` resolved to for one micro-batch size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -112,6 +131,8 @@ pub struct Resolved {
     pub weight_cache: bool,
     /// Muon's Newton–Schulz chunk, in fp32 gradient bytes (0: whole groups).
     pub muon_chunk_bytes: i64,
+    /// The attention kernel (flash on the CPU means plain math).
+    pub attention: Attention,
 }
 
 /// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
@@ -312,6 +333,23 @@ impl Engine {
                 Recompute::Blocks(r) => (false, r.min(config.depth)),
             },
         };
+        let attention = match (kernels, device, self.options.attention) {
+            (Kernels::Reference, _, _) | (_, Device::Cpu, _) => Attention::Flash,
+            (_, Device::Cuda(i), Attention::Auto) => {
+                match crate::fused::attention_probe(1, config.heads(), t, i) {
+                    Ok(rel) if rel <= ATTENTION_PROBE_TOLERANCE => Attention::Cudnn,
+                    Ok(rel) => {
+                        eprintln!("attention: cuDNN differs from flash attention by {rel:.2e}; using flash");
+                        Attention::Flash
+                    }
+                    Err(e) => {
+                        eprintln!("attention: cuDNN unavailable ({e:#}); using flash");
+                        Attention::Flash
+                    }
+                }
+            }
+            (_, _, a) => a,
+        };
         let muon_chunk_bytes = if kernels == Kernels::Reference {
             0
         } else if recompute_blocks > 0 || !weight_cache {
@@ -324,7 +362,9 @@ impl Engine {
             recompute_blocks,
             weight_cache,
             muon_chunk_bytes,
+            attention,
         };
+        self.muon.fused = kernels != Kernels::Reference;
         self.muon.chunk_bytes = muon_chunk_bytes;
         self.cache = weight_cache.then(|| WeightCache {
             stacks: self
@@ -387,6 +427,7 @@ impl Engine {
         }
         Ok(BlockRunner {
             fused: r.kernels == Kernels::Fused,
+            cudnn: r.attention == Attention::Cudnn,
             blocks,
         })
     }
@@ -455,10 +496,23 @@ impl Engine {
         }
         pg.all_reduce(&grads, ReduceOp::Avg)?;
         if grad_clip > 0.0 {
+            let fused = self.muon.fused;
             tch::no_grad(|| {
-                let norms: Vec<Tensor> =
-                    grads.iter().map(|g| g.square().sum(Kind::Float)).collect();
-                let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt();
+                // The fast path reads each buffer once (a norm); the reference squares first.
+                let total = if fused {
+                    let norms: Vec<Tensor> = grads
+                        .iter()
+                        .map(|g| {
+                            let all: Vec<i64> = (0..g.dim() as i64).collect();
+                            g.norm_scalaropt_dim_dtype(2.0, all.as_slice(), false, Kind::Float)
+                        })
+                        .collect();
+                    Tensor::stack(&norms, 0).square().sum(Kind::Float).sqrt()
+                } else {
+                    let norms: Vec<Tensor> =
+                        grads.iter().map(|g| g.square().sum(Kind::Float)).collect();
+                    Tensor::stack(&norms, 0).sum(Kind::Float).sqrt()
+                };
                 let coef = (total + 1e-6)
                     .reciprocal()
                     .g_mul_scalar(grad_clip)

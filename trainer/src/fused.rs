@@ -19,8 +19,17 @@ extern "C" {
         heads: i64,
         fused: c_int,
         recompute: c_int,
+        cudnn: c_int,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
+    fn charlm_attention_probe(
+        batch: i64,
+        heads: i64,
+        seq: i64,
+        device: c_int,
+        rel: *mut f64,
+    ) -> *mut c_char;
+    fn charlm_add_scaled(dst: *mut CTensor, src: *const CTensor, alpha: f64) -> *mut c_char;
     fn charlm_set_grad(param: *mut CTensor, grad: *const CTensor) -> *mut c_char;
     fn charlm_fused_status(device: c_int) -> *mut c_char;
     fn charlm_fused_op(
@@ -73,6 +82,15 @@ pub struct BlockTensors<'a> {
     pub sin: &'a Tensor,
 }
 
+/// How one block runs: fused kernels or eager twins, recomputation, the attention kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockMode {
+    pub fused: bool,
+    pub recompute: bool,
+    /// cuDNN's fused attention instead of flash attention (CUDA only).
+    pub cudnn: bool,
+}
+
 /// Runs one block on `x` (`[N, C]`, contiguous) and records its backward; the weight gradients
 /// are added to the `g*` buffers during the backward pass.
 pub fn block(
@@ -80,8 +98,7 @@ pub fn block(
     w: &BlockTensors,
     batch: i64,
     heads: i64,
-    fused: bool,
-    recompute: bool,
+    mode: BlockMode,
 ) -> Result<Tensor> {
     let tensors = [
         ptr(Some(x)),
@@ -107,12 +124,27 @@ pub fn block(
             tensors.as_ptr(),
             batch,
             heads,
-            fused as c_int,
-            recompute as c_int,
+            mode.fused as c_int,
+            mode.recompute as c_int,
+            mode.cudnn as c_int,
             &mut out,
         )
     })?;
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// Causal attention forward + backward with cuDNN vs flash attention on random data of this
+/// shape on CUDA device `index`: the largest relative difference of output and gradients.
+pub fn attention_probe(batch: i64, heads: i64, seq: i64, index: usize) -> Result<f64> {
+    let mut rel = f64::NAN;
+    check(unsafe { charlm_attention_probe(batch, heads, seq, index as c_int, &mut rel) })?;
+    Ok(rel)
+}
+
+/// `dst += alpha · src` in `dst`'s type, in place.
+pub fn add_scaled(dst: &Tensor, src: &Tensor, alpha: f64) -> Result<()> {
+    // SAFETY: both tensors are live; the bridge adds in place into dst's storage.
+    check(unsafe { charlm_add_scaled(dst.as_ptr() as *mut CTensor, ptr(Some(src)), alpha) })
 }
 
 /// Makes `grad` the `.grad` of `param`: autograd then accumulates into that storage in place.

@@ -117,6 +117,8 @@ impl KvCache {
 pub struct BlockRunner {
     /// Fused CUDA kernels, or their eager ATen twins.
     pub fused: bool,
+    /// cuDNN's attention instead of flash attention.
+    pub cudnn: bool,
     pub blocks: Vec<BlockViews>,
 }
 
@@ -344,14 +346,12 @@ impl Gpt {
                 cos: &cos,
                 sin: &sin,
             };
-            x = crate::fused::block(
-                &x,
-                &tensors,
-                b,
-                self.config.heads(),
-                runner.fused,
-                v.recompute,
-            )?;
+            let mode = crate::fused::BlockMode {
+                fused: runner.fused,
+                recompute: v.recompute,
+                cudnn: runner.cudnn,
+            };
+            x = crate::fused::block(&x, &tensors, b, self.config.heads(), mode)?;
         }
         let logits = norm(&x)
             .matmul(&self.lm_head.to_kind(kind).tr())

@@ -335,6 +335,7 @@ pub fn fast(kernels: Kernels, recompute: Recompute) -> EngineOptions {
         kernels,
         recompute,
         weight_cache: Toggle::Auto,
+        ..EngineOptions::default()
     }
 }
 
@@ -456,12 +457,22 @@ pub fn curve_diff(got: &[f64], reference: &[f64]) -> CurveDiff {
     }
 }
 
+/// Serializes tests that build two models and compare them: tch's random generator is global,
+/// so tests running in parallel threads would interleave their draws.
+#[cfg(test)]
+pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn lock() -> std::sync::MutexGuard<'static, ()> {
+        SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn optimized_loss_curve_matches_the_reference_on_the_cpu() {
+        let _seed = lock();
         let config = GptConfig::new(1, 32);
         let tokens = synthetic_tokens(200_000, 1).unwrap();
         let run = |options, perturb| {
@@ -490,6 +501,7 @@ mod tests {
 
     #[test]
     fn eager_twins_match_the_formulas_in_fp32() {
+        let _seed = lock();
         tch::manual_seed(0);
         for d in eager_vs_formula(SHAPE, Kind::Float, Device::Cpu).unwrap() {
             assert!(d.rel < 1e-5, "{d:?}");
@@ -505,6 +517,7 @@ mod tests {
 
     #[test]
     fn block_path_matches_the_reference_model_on_the_cpu() {
+        let _seed = lock();
         // Depth 2, odd widths: width 128 with one head, and depth 3 (width 192, attention 256).
         for depth in [2, 3] {
             let config = GptConfig::new(depth, 32);
@@ -528,6 +541,7 @@ mod tests {
 
     #[test]
     fn recomputation_gives_bitwise_equal_gradients_on_the_cpu() {
+        let _seed = lock();
         let config = GptConfig::new(2, 32);
         tch::manual_seed(5);
         let all = Tensor::randint(18, [2, 33], (Kind::Int64, Device::Cpu));
