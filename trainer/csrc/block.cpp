@@ -78,10 +78,25 @@ char* guarded(F&& body) {
 // (dlopen of libcuda, which every CUDA machine has), launched on libtorch's current stream.
 // ---------------------------------------------------------------------------------------------
 
-enum KernelId { kRmsFwd, kRmsBwd, kRopeFwd, kRopeBwd, kRelu2Fwd, kRelu2Bwd, kNumKernels };
+enum KernelId {
+  kRmsFwd,
+  kRmsBwd,
+  kRmsFwdReg,
+  kRmsBwdReg,
+  kRopeFwd,
+  kRopeBwd,
+  kRelu2Fwd,
+  kRelu2Bwd,
+  kRelu2BwdDh,
+  kNumKernels
+};
 const char* const kKernelNames[kNumKernels] = {
-    "charlm_rmsnorm_fwd", "charlm_rmsnorm_bwd", "charlm_rope_norm_fwd",
-    "charlm_rope_norm_bwd", "charlm_relu2_fwd", "charlm_relu2_bwd"};
+    "charlm_rmsnorm_fwd",   "charlm_rmsnorm_bwd",   "charlm_rmsnorm_fwd_reg",
+    "charlm_rmsnorm_bwd_reg", "charlm_rope_norm_fwd", "charlm_rope_norm_bwd",
+    "charlm_relu2_fwd",     "charlm_relu2_bwd",     "charlm_relu2_bwd_dh"};
+// Widths up to 256·kMaxVec that are a multiple of 256 use the register-resident row norms.
+constexpr int kMaxVec = 12;
+bool register_norm(int cols) { return cols % 256 == 0 && cols / 256 <= kMaxVec; }
 
 #ifdef CHARLM_WITH_CUDA
 struct Driver {
@@ -225,7 +240,7 @@ std::pair<Tensor, Tensor> rmsnorm_fwd(const Tensor& x, bool fused) {
   void* rp = rstd.data_ptr();
   float eps = static_cast<float>(kEps);
   void* args[] = {&xp, &yp, &rp, const_cast<int64_t*>(&rows), &cols, &eps};
-  launch(xc, kRmsFwd, rows * 32, 128, args);
+  launch(xc, register_norm(cols) ? kRmsFwdReg : kRmsFwd, rows * 32, 128, args);
 #endif
   return {y, rstd};
 }
@@ -255,7 +270,7 @@ Tensor rmsnorm_bwd(const Tensor& dy, const Tensor& y, const Tensor& rstd, const 
   const void* c = resc.defined() ? resc.data_ptr() : nullptr;
   void* o = dx.data_ptr();
   void* args[] = {&a, &b, &r, &c, &o, const_cast<int64_t*>(&rows), &cols};
-  launch(dyc, kRmsBwd, rows * 32, 128, args);
+  launch(dyc, register_norm(cols) ? kRmsBwdReg : kRmsBwd, rows * 32, 128, args);
 #endif
   return dx;
 }
@@ -290,7 +305,7 @@ Tensor rope_norm_fwd_(Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t
   int64_t row_stride = qkv.stride(0);
   float eps = static_cast<float>(kEps);
   void* args[] = {&q, &r, &c, &s, const_cast<int64_t*>(&n), &seq_i, &heads_i, &row_stride, &eps};
-  launch(qkv, kRopeFwd, n * 2 * heads * 32, 128, args);
+  launch(qkv, kRopeFwd, n * 2 * heads * 16, 128, args);
 #endif
   return rstd;
 }
@@ -313,13 +328,14 @@ Tensor rope_norm_bwd(const Tensor& dq4, const Tensor& dk4, const Tensor& dv4, co
     return at::cat({gx.reshape({n, 2 * a}), dv4.transpose(1, 2).reshape({n, a})}, 1);
   }
   require_fusable(qkv, "qkv");
+  // The kernel reads 4 elements (8 bytes) at a time.
   auto prep = [](const Tensor& t) {
-    bool ok = t.stride(3) == 1 && t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 &&
-              t.stride(2) % 2 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+    bool ok = t.stride(3) == 1 && t.stride(0) % 4 == 0 && t.stride(1) % 4 == 0 &&
+              t.stride(2) % 4 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0;
     return ok ? t : t.contiguous();
   };
   Tensor gq = prep(dq4), gk = prep(dk4), gv = prep(dv4);
-  TORCH_CHECK(qkv.stride(1) == 1 && qkv.stride(0) % 2 == 0, "rope_norm backward: qkv layout");
+  TORCH_CHECK(qkv.stride(1) == 1 && qkv.stride(0) % 4 == 0, "rope_norm backward: qkv layout");
   Tensor out = at::empty({n, 3 * a}, qkv.options());
   Tensor rc = rstd.contiguous();
 #ifdef CHARLM_WITH_CUDA
@@ -340,7 +356,7 @@ Tensor rope_norm_bwd(const Tensor& dq4, const Tensor& dk4, const Tensor& dv4, co
   void* args[] = {&pq, &qs[0], &qs[1], &qs[2], &pk, &ks[0], &ks[1], &ks[2], &pv, &vs[0], &vs[1],
                   &vs[2], &pz, &z_stride, &pr, &pc, &ps, &po, const_cast<int64_t*>(&n), &seq_i,
                   &heads_i};
-  launch(qkv, kRopeBwd, n * 3 * heads * 32, 128, args);
+  launch(qkv, kRopeBwd, n * 3 * heads * 16, 128, args);
 #endif
   return out;
 }
@@ -363,12 +379,16 @@ Tensor relu2_fwd(const Tensor& h, bool fused) {
   return a;
 }
 
-// (a = relu(h)², dh = 2·da·h where h > 0); the fused kernel writes dh over da.
-std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused) {
+// (a = relu(h)², dh = 2·da·h where h > 0); the fused kernel writes dh over da. Without
+// `need_a` (the forward kept a) only dh is computed and a is undefined.
+std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused, bool need_a = true) {
   if (!fused) {
     Tensor hf = h.to(at::kFloat);
-    Tensor r = hf.clamp_min(0);
-    Tensor a = (r * r).to(h.scalar_type());
+    Tensor a;
+    if (need_a) {
+      Tensor r = hf.clamp_min(0);
+      a = (r * r).to(h.scalar_type());
+    }
     Tensor dh = at::where(hf > 0, 2 * da.to(at::kFloat) * hf, 0.0).to(h.scalar_type());
     return {a, dh};
   }
@@ -376,14 +396,19 @@ std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused) {
   TORCH_CHECK(h.is_contiguous() && h.numel() % 8 == 0 && aligned16(h), "relu2 backward: layout");
   da = da.contiguous();
   TORCH_CHECK(da.sizes() == h.sizes() && aligned16(da), "relu2 backward: gradient layout");
-  Tensor a = at::empty_like(h);
+  Tensor a = need_a ? at::empty_like(h) : Tensor();
 #ifdef CHARLM_WITH_CUDA
   const void* hp = h.data_ptr();
   void* dp = da.data_ptr();
-  void* ap = a.data_ptr();
   int64_t n8 = h.numel() / 8;
-  void* args[] = {&hp, &dp, &ap, &n8};
-  launch(h, kRelu2Bwd, n8, 256, args);
+  if (need_a) {
+    void* ap = a.data_ptr();
+    void* args[] = {&hp, &dp, &ap, &n8};
+    launch(h, kRelu2Bwd, n8, 256, args);
+  } else {
+    void* args[] = {&hp, &dp, &n8};
+    launch(h, kRelu2BwdDh, n8, 256, args);
+  }
 #endif
   return {a, da};
 }
@@ -471,7 +496,8 @@ struct Weights {
 struct Spec {
   int64_t batch = 0, heads = 0;
   bool fused = false, recompute = false;
-  bool cudnn = false;  // cuDNN's attention instead of flash attention (CUDA only)
+  bool cudnn = false;     // cuDNN's attention instead of flash attention (CUDA only)
+  bool keep_act = false;  // keep relu(h)² for the backward instead of recomputing it
 };
 
 Tensor as_kind(const Tensor& w, at::ScalarType kind) {
@@ -504,6 +530,7 @@ void accumulate(Tensor& g, const Tensor& a, const Tensor& b) {
 
 struct Saved {
   Tensor xn, rstd1, qkv, rstd_qk, y, xn2, rstd2, h;
+  Tensor act;  // relu(h)², when kept
   Attention attn;
 };
 
@@ -528,6 +555,7 @@ Tensor block_forward(const Tensor& x, const Weights& w, const Spec& s, Saved& sv
   std::tie(sv.xn2, sv.rstd2) = rmsnorm_fwd(x1, s.fused);
   sv.h = at::mm(sv.xn2, as_kind(w.wfc, kind).t());
   Tensor act = relu2_fwd(sv.h, s.fused);
+  if (s.keep_act) sv.act = act;
   return at::addmm(x1, act, as_kind(w.wp, kind).t());
 }
 
@@ -536,7 +564,8 @@ Tensor block_backward(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) 
   const int64_t n = dout.size(0), a = s.heads * kHead, seq = n / s.batch;
   // MLP: out = x1 + relu(h)²·Wpᵀ, h = xn2·Wfcᵀ.
   Tensor da = at::mm(dout, as_kind(w.wp, kind));
-  auto [act, dh] = relu2_bwd(sv.h, da, s.fused);
+  auto [act, dh] = relu2_bwd(sv.h, da, s.fused, !sv.act.defined());
+  if (sv.act.defined()) act = std::move(sv.act);
   da = Tensor();
   sv.h = Tensor();
   accumulate(w.gp, dout.t(), act);
@@ -573,9 +602,11 @@ const char* const kWeightNames[] = {"wqkv", "wq", "wk", "wv", "wo", "wfc", "wp",
 
 struct BlockFunction : public torch::autograd::Function<BlockFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::vector<Tensor>& ws,
-                        int64_t batch, int64_t heads, bool fused, bool recompute, bool cudnn) {
+                        int64_t batch, int64_t heads, bool fused, bool recompute, bool cudnn,
+                        bool keep_act) {
     Weights w = unpack(ws);
-    Spec s{batch, heads, fused, recompute, cudnn};
+    // Recomputation recomputes the activation anyway; keeping it would only cost memory.
+    Spec s{batch, heads, fused, recompute, cudnn, keep_act && !recompute};
     Saved sv;
     Tensor out = block_forward(x, w, s, sv);
     auto& d = ctx->saved_data;
@@ -588,6 +619,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     d["fused"] = fused;
     d["recompute"] = recompute;
     d["cudnn"] = cudnn;
+    d["keep_act"] = s.keep_act;
     if (recompute) {
       d["x"] = x;
     } else {
@@ -599,6 +631,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       d["xn2"] = sv.xn2;
       d["rstd2"] = sv.rstd2;
       d["h"] = sv.h;
+      if (sv.act.defined()) d["act"] = sv.act;
       if (sv.attn.lse.defined()) {
         d["lse"] = sv.attn.lse;
         d["max_q"] = sv.attn.max_q;
@@ -623,7 +656,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     }
     Weights w = unpack(ws);
     Spec s{d.at("batch").toInt(), d.at("heads").toInt(), d.at("fused").toBool(),
-           d.at("recompute").toBool(), d.at("cudnn").toBool()};
+           d.at("recompute").toBool(), d.at("cudnn").toBool(), d.at("keep_act").toBool()};
     Saved sv;
     if (s.recompute) {
       Tensor x = d.at("x").toTensor();
@@ -638,6 +671,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       sv.xn2 = d.at("xn2").toTensor();
       sv.rstd2 = d.at("rstd2").toTensor();
       sv.h = d.at("h").toTensor();
+      if (d.count("act")) sv.act = d.at("act").toTensor();
       if (d.count("lse")) {
         sv.attn.lse = d.at("lse").toTensor();
         sv.attn.max_q = d.at("max_q").toInt();
@@ -653,7 +687,7 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       d.clear();
     }
     Tensor dx = block_backward(grads[0].contiguous(), w, s, sv);
-    variable_list out(7);
+    variable_list out(8);
     out[0] = dx;
     return out;
   }
@@ -696,7 +730,8 @@ extern "C" {
 
 // tensors: x, wqkv|NULL, wq, wk, wv, wo, wfc, wp, gqkv, go, gfc, gp, cos, sin.
 char* charlm_block_apply(const at::Tensor* const* tensors, int64_t batch, int64_t heads,
-                         int fused, int recompute, int cudnn, at::Tensor** out) {
+                         int fused, int recompute, int cudnn, int keep_act,
+                         at::Tensor** out) {
   return guarded([&] {
     Tensor x = *tensors[0];
     std::vector<Tensor> ws;
@@ -704,7 +739,8 @@ char* charlm_block_apply(const at::Tensor* const* tensors, int64_t batch, int64_
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "block input must be a contiguous [N, C]");
     TORCH_CHECK(x.size(0) % batch == 0, "block: rows not divisible by the batch");
     Tensor y =
-        BlockFunction::apply(x, ws, batch, heads, fused != 0, recompute != 0, cudnn != 0);
+        BlockFunction::apply(x, ws, batch, heads, fused != 0, recompute != 0, cudnn != 0,
+                             keep_act != 0);
     *out = new at::Tensor(std::move(y));
   });
 }
@@ -733,6 +769,7 @@ char* charlm_fused_status(int device) {
 // 2 rope_norm_fwd(qkv, cos, sin) -> qkv', rstd   (p0 = seq, p1 = heads; qkv is not modified)
 // 3 rope_norm_bwd(dq4, dk4, dv4, qkv, rstd, cos, sin) -> dqkv     (p0 = seq, p1 = heads)
 // 4 relu2_fwd(h) -> a                  5 relu2_bwd(h, da) -> a, dh   (da is not modified)
+// 6 relu2_bwd without a (h, da) -> dh
 char* charlm_fused_op(int op, const at::Tensor* const* in, int fused, int64_t p0, int64_t p1,
                       at::Tensor** out) {
   return guarded([&] {
@@ -763,6 +800,11 @@ char* charlm_fused_op(int op, const at::Tensor* const* in, int fused, int64_t p0
       case 5: {
         auto [a, dh] = relu2_bwd(t(0), t(1).clone(), f);
         r = {a, dh};
+        break;
+      }
+      case 6: {
+        auto [a, dh] = relu2_bwd(t(0), t(1).clone(), f, false);
+        r = {dh};
         break;
       }
       default:

@@ -118,42 +118,80 @@ extern "C" __global__ void charlm_rmsnorm_bwd(const bf16* __restrict__ dy,
   }
 }
 
+__device__ __forceinline__ float half_warp_sum(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ void load4(const bf16* p, float f[4]) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const bf162* q = reinterpret_cast<const bf162*>(&u);
+  const float2 a = __bfloat1622float2(q[0]), b = __bfloat1622float2(q[1]);
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = b.x;
+  f[3] = b.y;
+}
+
+__device__ __forceinline__ void store4(bf16* p, const float f[4]) {
+  uint2 u;
+  bf162* q = reinterpret_cast<bf162*>(&u);
+  q[0] = __floats2bfloat162_rn(f[0], f[1]);
+  q[1] = __floats2bfloat162_rn(f[2], f[3]);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
 // Rotary embedding then RMS norm of every 128-wide q and k head, in place in the [rows, 3·A]
 // projection buffer (q at column 0, k at column A = heads·128, v after them, untouched).
 // Rotation of the halves (x1, x2) by the position's angles: y1 = x1·cos + x2·sin,
 // y2 = −x1·sin + x2·cos; cos/sin are [seq, 64] tables. rstd is [rows, 2·heads].
-// One warp per head vector; lane l owns pairs (2l, 2l+1) of each half.
+// Half a warp per head vector: lane l of 16 owns elements 4l..4l+3 of each half (8-byte accesses).
+// Out-of-range half-warps still join the shuffles.
 extern "C" __global__ void charlm_rope_norm_fwd(bf16* __restrict__ qkv, float* __restrict__ rstd,
                                                 const bf16* __restrict__ cos_t,
                                                 const bf16* __restrict__ sin_t, int64_t rows,
                                                 int seq, int heads, int64_t row_stride,
                                                 float eps) {
-  const int64_t w = global_warp();
-  const int lane = threadIdx.x & 31;
-  if (w >= rows * 2 * heads) return;
+  const int64_t hw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 4;
+  const int sl = threadIdx.x & 15;
+  const bool valid = hw < rows * 2 * heads;
+  const int64_t w = valid ? hw : 0;
   const int64_t row = w / (2 * heads);
   const int ph = static_cast<int>(w % (2 * heads));
   const int t = static_cast<int>(row % seq);
   bf16* v = qkv + row * row_stride + static_cast<int64_t>(ph) * kHead;
-  const float2 x1 = __bfloat1622float2(*reinterpret_cast<const bf162*>(v + 2 * lane));
-  const float2 x2 = __bfloat1622float2(*reinterpret_cast<const bf162*>(v + kHalf + 2 * lane));
-  const float2 c = __bfloat1622float2(*reinterpret_cast<const bf162*>(cos_t + t * kHalf + 2 * lane));
-  const float2 s = __bfloat1622float2(*reinterpret_cast<const bf162*>(sin_t + t * kHalf + 2 * lane));
-  const float y1a = x1.x * c.x + x2.x * s.x, y1b = x1.y * c.y + x2.y * s.y;
-  const float y2a = -x1.x * s.x + x2.x * c.x, y2b = -x1.y * s.y + x2.y * c.y;
-  const float ss = warp_sum(y1a * y1a + y1b * y1b + y2a * y2a + y2b * y2b);
+  float x1[4], x2[4], c[4], s[4];
+  load4(v + 4 * sl, x1);
+  load4(v + kHalf + 4 * sl, x2);
+  load4(cos_t + t * kHalf + 4 * sl, c);
+  load4(sin_t + t * kHalf + 4 * sl, s);
+  float y1[4], y2[4], ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    y1[k] = x1[k] * c[k] + x2[k] * s[k];
+    y2[k] = -x1[k] * s[k] + x2[k] * c[k];
+    ss += y1[k] * y1[k] + y2[k] * y2[k];
+  }
+  ss = half_warp_sum(ss);
   const float r = rsqrtf(ss / kHead + eps);
-  if (lane == 0) rstd[row * 2 * heads + ph] = r;
-  *reinterpret_cast<bf162*>(v + 2 * lane) = __floats2bfloat162_rn(y1a * r, y1b * r);
-  *reinterpret_cast<bf162*>(v + kHalf + 2 * lane) = __floats2bfloat162_rn(y2a * r, y2b * r);
+  if (!valid) return;
+  if (sl == 0) rstd[row * 2 * heads + ph] = r;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    y1[k] *= r;
+    y2[k] *= r;
+  }
+  store4(v + 4 * sl, y1);
+  store4(v + kHalf + 4 * sl, y2);
 }
 
 // Backward of charlm_rope_norm_fwd, and the gather of the three attention gradients into one
 // contiguous [rows, 3·A] buffer for the projection's backward. The gradients g_q, g_k, g_v are
-// [batch, seq, heads, 128] with element strides (sb, st, sh) each (whatever attention returned);
-// z is the saved normalized q/k in the projection buffer. For q and k:
+// [batch, seq, heads, 128] with element strides (sb, st, sh) each (whatever attention returned,
+// multiples of 4); z is the saved normalized q/k in the projection buffer. For q and k:
 // gy = rstd · (g − z · mean(g · z)), then the inverse rotation: gx1 = gy1·cos − gy2·sin,
-// gx2 = gy1·sin + gy2·cos. v's gradient is copied as is.
+// gx2 = gy1·sin + gy2·cos. v's gradient is copied as is. Half a warp per head vector.
 extern "C" __global__ void charlm_rope_norm_bwd(
     const bf16* __restrict__ g_q, int64_t q_sb, int64_t q_st, int64_t q_sh,
     const bf16* __restrict__ g_k, int64_t k_sb, int64_t k_st, int64_t k_sh,
@@ -161,9 +199,10 @@ extern "C" __global__ void charlm_rope_norm_bwd(
     const bf16* __restrict__ z_buf, int64_t z_row_stride, const float* __restrict__ rstd,
     const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t, bf16* __restrict__ out,
     int64_t rows, int seq, int heads) {
-  const int64_t w = global_warp();
-  const int lane = threadIdx.x & 31;
-  if (w >= rows * 3 * heads) return;
+  const int64_t hw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 4;
+  const int sl = threadIdx.x & 15;
+  const bool valid = hw < rows * 3 * heads;
+  const int64_t w = valid ? hw : 0;
   const int64_t row = w / (3 * heads);
   const int ph = static_cast<int>(w % (3 * heads));
   const int part = ph / heads;
@@ -171,31 +210,144 @@ extern "C" __global__ void charlm_rope_norm_bwd(
   const int64_t b = row / seq;
   const int t = static_cast<int>(row % seq);
   bf16* o = out + row * 3 * heads * kHead + static_cast<int64_t>(ph) * kHead;
-  if (part == 2) {
-    const bf16* g = g_v + b * v_sb + t * v_st + h * v_sh;
-    *reinterpret_cast<bf162*>(o + 2 * lane) = *reinterpret_cast<const bf162*>(g + 2 * lane);
-    *reinterpret_cast<bf162*>(o + kHalf + 2 * lane) =
-        *reinterpret_cast<const bf162*>(g + kHalf + 2 * lane);
+  // part is uniform across a half-warp, and both halves of a warp reach the shuffle below
+  // unless both are v (then neither does).
+  const bf16* g = part == 0   ? g_q + b * q_sb + t * q_st + h * q_sh
+                  : part == 1 ? g_k + b * k_sb + t * k_st + h * k_sh
+                              : g_v + b * v_sb + t * v_st + h * v_sh;
+  float g1[4], g2[4];
+  load4(g + 4 * sl, g1);
+  load4(g + kHalf + 4 * sl, g2);
+  const bool rotate = part < 2;
+  float z1[4] = {0.f, 0.f, 0.f, 0.f}, z2[4] = {0.f, 0.f, 0.f, 0.f};
+  float c[4] = {1.f, 1.f, 1.f, 1.f}, s[4] = {0.f, 0.f, 0.f, 0.f};
+  float r = 1.f;
+  if (rotate) {
+    const bf16* z = z_buf + row * z_row_stride + static_cast<int64_t>(ph) * kHead;
+    load4(z + 4 * sl, z1);
+    load4(z + kHalf + 4 * sl, z2);
+    load4(cos_t + t * kHalf + 4 * sl, c);
+    load4(sin_t + t * kHalf + 4 * sl, s);
+    r = rstd[row * 2 * heads + ph];
+  }
+  float dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) dot += g1[k] * z1[k] + g2[k] * z2[k];
+  // Every lane of the warp takes part (v lanes contribute zeros to their own half only).
+  dot = half_warp_sum(dot);
+  if (!valid) return;
+  if (!rotate) {
+    store4(o + 4 * sl, g1);
+    store4(o + kHalf + 4 * sl, g2);
     return;
   }
-  const bf16* g = part == 0 ? g_q + b * q_sb + t * q_st + h * q_sh
-                            : g_k + b * k_sb + t * k_st + h * k_sh;
-  const bf16* z = z_buf + row * z_row_stride + static_cast<int64_t>(ph) * kHead;
-  const float2 g1 = __bfloat1622float2(*reinterpret_cast<const bf162*>(g + 2 * lane));
-  const float2 g2 = __bfloat1622float2(*reinterpret_cast<const bf162*>(g + kHalf + 2 * lane));
-  const float2 z1 = __bfloat1622float2(*reinterpret_cast<const bf162*>(z + 2 * lane));
-  const float2 z2 = __bfloat1622float2(*reinterpret_cast<const bf162*>(z + kHalf + 2 * lane));
-  const float dot = warp_sum(g1.x * z1.x + g1.y * z1.y + g2.x * z2.x + g2.y * z2.y);
   const float mean = dot / kHead;
-  const float r = rstd[row * 2 * heads + ph];
-  const float gy1a = r * (g1.x - z1.x * mean), gy1b = r * (g1.y - z1.y * mean);
-  const float gy2a = r * (g2.x - z2.x * mean), gy2b = r * (g2.y - z2.y * mean);
-  const float2 c = __bfloat1622float2(*reinterpret_cast<const bf162*>(cos_t + t * kHalf + 2 * lane));
-  const float2 s = __bfloat1622float2(*reinterpret_cast<const bf162*>(sin_t + t * kHalf + 2 * lane));
-  *reinterpret_cast<bf162*>(o + 2 * lane) =
-      __floats2bfloat162_rn(gy1a * c.x - gy2a * s.x, gy1b * c.y - gy2b * s.y);
-  *reinterpret_cast<bf162*>(o + kHalf + 2 * lane) =
-      __floats2bfloat162_rn(gy1a * s.x + gy2a * c.x, gy1b * s.y + gy2b * c.y);
+  float x1[4], x2[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float gy1 = r * (g1[k] - z1[k] * mean), gy2 = r * (g2[k] - z2[k] * mean);
+    x1[k] = gy1 * c[k] - gy2 * s[k];
+    x2[k] = gy1 * s[k] + gy2 * c[k];
+  }
+  store4(o + 4 * sl, x1);
+  store4(o + kHalf + 4 * sl, x2);
+}
+
+// The same two row norms with the row held in registers (one read of each input): for widths
+// that are a multiple of 256 up to 256·kMaxVec, each lane owns `vecs` = cols/256 vectors of 8.
+constexpr int kMaxVec = 12;
+
+extern "C" __global__ void charlm_rmsnorm_fwd_reg(const bf16* __restrict__ x,
+                                                  bf16* __restrict__ y,
+                                                  float* __restrict__ rstd, int64_t rows,
+                                                  int cols, float eps) {
+  const int64_t row = global_warp();
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int vecs = cols / 256;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + row * cols);
+  uint4* yr = reinterpret_cast<uint4*>(y + row * cols);
+  uint4 v[kMaxVec];
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j)
+    if (j < vecs) v[j] = xr[lane + 32 * j];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j) {
+    if (j < vecs) {
+      float f[8];
+      unpack8(v[j], f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) ss += f[k] * f[k];
+    }
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / cols + eps);
+  if (lane == 0) rstd[row] = r;
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j) {
+    if (j < vecs) {
+      float f[8];
+      unpack8(v[j], f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] *= r;
+      yr[lane + 32 * j] = pack8(f);
+    }
+  }
+}
+
+extern "C" __global__ void charlm_rmsnorm_bwd_reg(const bf16* __restrict__ dy,
+                                                  const bf16* __restrict__ y,
+                                                  const float* __restrict__ rstd,
+                                                  const bf16* __restrict__ dres,
+                                                  bf16* __restrict__ dx, int64_t rows, int cols) {
+  const int64_t row = global_warp();
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int vecs = cols / 256;
+  const uint4* dyr = reinterpret_cast<const uint4*>(dy + row * cols);
+  const uint4* yr = reinterpret_cast<const uint4*>(y + row * cols);
+  uint4 a[kMaxVec], b[kMaxVec];
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j) {
+    if (j < vecs) {
+      a[j] = dyr[lane + 32 * j];
+      b[j] = yr[lane + 32 * j];
+    }
+  }
+  float dot = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j) {
+    if (j < vecs) {
+      float fa[8], fb[8];
+      unpack8(a[j], fa);
+      unpack8(b[j], fb);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dot += fa[k] * fb[k];
+    }
+  }
+  dot = warp_sum(dot);
+  const float mean = dot / cols;
+  const float r = rstd[row];
+  const uint4* rr = dres ? reinterpret_cast<const uint4*>(dres + row * cols) : nullptr;
+  uint4* dxr = reinterpret_cast<uint4*>(dx + row * cols);
+#pragma unroll
+  for (int j = 0; j < kMaxVec; ++j) {
+    if (j < vecs) {
+      float fa[8], fb[8], fc[8];
+      unpack8(a[j], fa);
+      unpack8(b[j], fb);
+      if (rr) {
+        unpack8(rr[lane + 32 * j], fc);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) fc[k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) fa[k] = fc[k] + r * (fa[k] - fb[k] * mean);
+      dxr[lane + 32 * j] = pack8(fa);
+    }
+  }
 }
 
 // a = relu(h)², 8 elements a thread (n is a multiple of 8).
@@ -211,6 +363,19 @@ extern "C" __global__ void charlm_relu2_fwd(const bf16* __restrict__ h, bf16* __
     f[k] = r * r;
   }
   reinterpret_cast<uint4*>(a)[i] = pack8(f);
+}
+
+// Backward of relu² when the forward kept a: dh = 2·da·h where h > 0, else 0, in place.
+extern "C" __global__ void charlm_relu2_bwd_dh(const bf16* __restrict__ h,
+                                               bf16* __restrict__ da_dh, int64_t n8) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n8) return;
+  float f[8], g[8];
+  unpack8(reinterpret_cast<const uint4*>(h)[i], f);
+  unpack8(reinterpret_cast<const uint4*>(da_dh)[i], g);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) g[k] = f[k] > 0.f ? 2.f * g[k] * f[k] : 0.f;
+  reinterpret_cast<uint4*>(da_dh)[i] = pack8(g);
 }
 
 // Backward of relu²: recomputes a = relu(h)² (the down projection's weight gradient needs it) and

@@ -70,6 +70,7 @@ pub struct Report {
     pub recompute_blocks: i64,
     pub weight_cache: bool,
     pub attention: Attention,
+    pub keep_activations: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -90,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let report = measure(&args, device)?;
     eprintln!(
-        "bench: depth {} batch {}×{} on {} ({:?}, {:?} attention, recompute {}, weight cache {}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
+        "bench: depth {} batch {}×{} on {} ({:?}, {:?} attention, recompute {}, weight cache {}, keep act {}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
         report.depth,
         report.device_batch_size,
         report.accum,
@@ -99,6 +100,7 @@ pub fn run(args: Args) -> Result<()> {
         report.attention,
         report.recompute_blocks,
         report.weight_cache,
+        report.keep_activations,
         report.tokens_per_s,
         report.mfu * 100.0,
         report.step_ms,
@@ -181,6 +183,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
         recompute_blocks: resolved.recompute_blocks,
         weight_cache: resolved.weight_cache,
         attention: resolved.attention,
+        keep_activations: resolved.keep_activations,
     })
 }
 
@@ -238,9 +241,21 @@ fn check(args: &Args, device: Device) -> Result<()> {
         for d in crate::verify::fused_vs_eager(shape, device)? {
             show(&d, KERNEL_TOLERANCE);
         }
+        let fused = crate::verify::fast(Kernels::Fused, Recompute::Blocks(0));
+        candidates.push(("fused (auto options)", fused));
         candidates.push((
-            "fused",
-            crate::verify::fast(Kernels::Fused, Recompute::Blocks(0)),
+            "fused, flash attention",
+            EngineOptions {
+                attention: Attention::Flash,
+                ..fused
+            },
+        ));
+        candidates.push((
+            "fused, activations recomputed",
+            EngineOptions {
+                keep_activations: Toggle::Off,
+                ..fused
+            },
         ));
         candidates.push((
             "fused+recompute",
@@ -250,7 +265,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
             "fused, no weight cache",
             EngineOptions {
                 weight_cache: Toggle::Off,
-                ..crate::verify::fast(Kernels::Fused, Recompute::Blocks(0))
+                ..fused
             },
         ));
     }

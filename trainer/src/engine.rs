@@ -107,6 +107,15 @@ pub struct EngineOptions {
     /// auto | flash | cudnn: the block path's attention kernel on CUDA.
     #[arg(long, env = "CHARLM_ATTENTION", value_enum, default_value = "auto")]
     pub attention: Attention,
+    /// auto | on | off: blocks keep relu(h)² for the backward (4·width bf16 values a token a
+    /// block) instead of recomputing it there. auto: on when it fits without recomputation.
+    #[arg(
+        long,
+        env = "CHARLM_KEEP_ACTIVATIONS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub keep_activations: Toggle,
 }
 
 impl Default for EngineOptions {
@@ -116,6 +125,7 @@ impl Default for EngineOptions {
             recompute: Recompute::Auto,
             weight_cache: Toggle::Auto,
             attention: Attention::Auto,
+            keep_activations: Toggle::Auto,
         }
     }
 }
@@ -133,6 +143,8 @@ pub struct Resolved {
     pub muon_chunk_bytes: i64,
     /// The attention kernel (flash on the CPU means plain math).
     pub attention: Attention,
+    /// Blocks keep relu(h)² for their backward.
+    pub keep_activations: bool,
 }
 
 /// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
@@ -146,6 +158,8 @@ pub struct MemoryEstimate {
     /// Activations one block keeps for its backward, without and with recomputation.
     pub block_saved: f64,
     pub block_recompute: f64,
+    /// What keeping relu(h)² adds to `block_saved`.
+    pub block_activation: f64,
     /// One block's backward workspace, logits, Muon's chunk and allocator slack.
     pub transient: f64,
 }
@@ -165,6 +179,7 @@ impl MemoryEstimate {
             // xn, qkv, attention output, xn2 and the 4C-wide hidden, bf16.
             block_saved: 2.0 * n * (6.0 * c + 4.0 * a),
             block_recompute: 2.0 * n * c,
+            block_activation: 2.0 * n * 4.0 * c,
             transient: 2.0 * n * (18.0 * c + 11.0 * a) + 2.5 * (1u64 << 30) as f64,
         }
     }
@@ -177,6 +192,19 @@ impl MemoryEstimate {
             + r * self.block_recompute
             + self.transient
     }
+}
+
+/// Whether blocks can also keep relu(h)² within `total_bytes` (only without recomputation).
+pub fn plan_keep_activations(
+    config: &GptConfig,
+    micro_batch: i64,
+    seq_len: i64,
+    total_bytes: f64,
+    cache: bool,
+) -> bool {
+    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    est.total(config.depth, 0, cache) + config.depth as f64 * est.block_activation
+        <= MEMORY_FILL * total_bytes
 }
 
 /// Share of the GPU's memory the plan may fill (the rest: CUDA context, fragmentation).
@@ -333,6 +361,17 @@ impl Engine {
                 Recompute::Blocks(r) => (false, r.min(config.depth)),
             },
         };
+        let keep_activations = match (kernels, self.options.keep_activations) {
+            (Kernels::Reference, _) | (_, Toggle::Off) => false,
+            (_, Toggle::On) => true,
+            (_, Toggle::Auto) => match device {
+                Device::Cuda(_) if recompute_blocks == 0 => {
+                    let total = crate::cuda::total_memory(device).unwrap_or(0) as f64;
+                    plan_keep_activations(&config, b, t, total, weight_cache)
+                }
+                _ => false,
+            },
+        };
         let attention = match (kernels, device, self.options.attention) {
             (Kernels::Reference, _, _) | (_, Device::Cpu, _) => Attention::Flash,
             (_, Device::Cuda(i), Attention::Auto) => {
@@ -363,6 +402,7 @@ impl Engine {
             weight_cache,
             muon_chunk_bytes,
             attention,
+            keep_activations,
         };
         self.muon.fused = kernels != Kernels::Reference;
         self.muon.chunk_bytes = muon_chunk_bytes;
@@ -428,6 +468,7 @@ impl Engine {
         Ok(BlockRunner {
             fused: r.kernels == Kernels::Fused,
             cudnn: r.attention == Attention::Cudnn,
+            keep_act: r.keep_activations,
             blocks,
         })
     }

@@ -20,6 +20,7 @@ extern "C" {
         fused: c_int,
         recompute: c_int,
         cudnn: c_int,
+        keep_act: c_int,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
     fn charlm_attention_probe(
@@ -89,6 +90,8 @@ pub struct BlockMode {
     pub recompute: bool,
     /// cuDNN's fused attention instead of flash attention (CUDA only).
     pub cudnn: bool,
+    /// Keep relu(h)² for the backward (more memory) instead of recomputing it there.
+    pub keep_act: bool,
 }
 
 /// Runs one block on `x` (`[N, C]`, contiguous) and records its backward; the weight gradients
@@ -127,6 +130,7 @@ pub fn block(
             mode.fused as c_int,
             mode.recompute as c_int,
             mode.cudnn as c_int,
+            mode.keep_act as c_int,
             &mut out,
         )
     })?;
@@ -167,6 +171,7 @@ pub enum Op {
     RopeNormBwd,
     Relu2Fwd,
     Relu2Bwd,
+    Relu2BwdDh,
 }
 
 impl Op {

@@ -119,6 +119,8 @@ pub struct BlockRunner {
     pub fused: bool,
     /// cuDNN's attention instead of flash attention.
     pub cudnn: bool,
+    /// Blocks keep relu(h)² for their backward instead of recomputing it.
+    pub keep_act: bool,
     pub blocks: Vec<BlockViews>,
 }
 
@@ -350,6 +352,7 @@ impl Gpt {
                 fused: runner.fused,
                 recompute: v.recompute,
                 cudnn: runner.cudnn,
+                keep_act: runner.keep_act,
             };
             x = crate::fused::block(&x, &tensors, b, self.config.heads(), mode)?;
         }

@@ -150,6 +150,16 @@ fn op_cases(s: OpShape, kind: Kind, device: Device) -> Vec<OpCase> {
         (
             "relu2_bwd",
             Op::Relu2Bwd,
+            vec![
+                Some(h.shallow_clone()),
+                Some(rand(&[n, 4 * s.c], kind, device)),
+            ],
+            0,
+            0,
+        ),
+        (
+            "relu2_bwd_dh",
+            Op::Relu2BwdDh,
             vec![Some(h), Some(rand(&[n, 4 * s.c], kind, device))],
             0,
             0,
@@ -240,6 +250,14 @@ pub fn eager_vs_formula(s: OpShape, kind: Kind, device: Device) -> Result<Vec<Di
     let r = fused::op(Op::Relu2Bwd, &[Some(&hid.detach()), Some(&da)], false, 0, 0)?;
     out.push(diff("relu2_bwd.a", &r[0], &act.detach()));
     out.push(diff("relu2_bwd.dh", &r[1], &hid.grad()));
+    let r = fused::op(
+        Op::Relu2BwdDh,
+        &[Some(&hid.detach()), Some(&da)],
+        false,
+        0,
+        0,
+    )?;
+    out.push(diff("relu2_bwd_dh", &r[0], &hid.grad()));
     Ok(out)
 }
 
