@@ -91,12 +91,11 @@ enum KernelId {
   kNumKernels
 };
 const char* const kKernelNames[kNumKernels] = {
-    "charlm_rmsnorm_fwd",   "charlm_rmsnorm_bwd",   "charlm_rmsnorm_fwd_reg",
-    "charlm_rmsnorm_bwd_reg", "charlm_rope_norm_fwd", "charlm_rope_norm_bwd",
+    "charlm_rmsnorm_fwd",   "charlm_rmsnorm_bwd",   "charlm_rmsnorm_fwd_row",
+    "charlm_rmsnorm_bwd_row", "charlm_rope_norm_fwd", "charlm_rope_norm_bwd",
     "charlm_relu2_fwd",     "charlm_relu2_bwd",     "charlm_relu2_bwd_dh"};
-// Widths up to 256·kMaxVec that are a multiple of 256 use the register-resident row norms.
-constexpr int kMaxVec = 12;
-bool register_norm(int cols) { return cols % 256 == 0 && cols / 256 <= kMaxVec; }
+// Widths that are a multiple of 256 (up to 8192) use the block-per-row norms, cols/8 threads.
+bool row_norm(int cols) { return cols % 256 == 0 && cols <= 8192; }
 
 #ifdef CHARLM_WITH_CUDA
 struct Driver {
@@ -240,7 +239,11 @@ std::pair<Tensor, Tensor> rmsnorm_fwd(const Tensor& x, bool fused) {
   void* rp = rstd.data_ptr();
   float eps = static_cast<float>(kEps);
   void* args[] = {&xp, &yp, &rp, const_cast<int64_t*>(&rows), &cols, &eps};
-  launch(xc, register_norm(cols) ? kRmsFwdReg : kRmsFwd, rows * 32, 128, args);
+  if (row_norm(cols)) {
+    launch(xc, kRmsFwdReg, rows * (cols / 8), cols / 8, args);
+  } else {
+    launch(xc, kRmsFwd, rows * 32, 128, args);
+  }
 #endif
   return {y, rstd};
 }
@@ -270,7 +273,11 @@ Tensor rmsnorm_bwd(const Tensor& dy, const Tensor& y, const Tensor& rstd, const 
   const void* c = resc.defined() ? resc.data_ptr() : nullptr;
   void* o = dx.data_ptr();
   void* args[] = {&a, &b, &r, &c, &o, const_cast<int64_t*>(&rows), &cols};
-  launch(dyc, register_norm(cols) ? kRmsBwdReg : kRmsBwd, rows * 32, 128, args);
+  if (row_norm(cols)) {
+    launch(dyc, kRmsBwdReg, rows * (cols / 8), cols / 8, args);
+  } else {
+    launch(dyc, kRmsBwd, rows * 32, 128, args);
+  }
 #endif
   return dx;
 }
@@ -556,7 +563,10 @@ Tensor block_forward(const Tensor& x, const Weights& w, const Spec& s, Saved& sv
   sv.h = at::mm(sv.xn2, as_kind(w.wfc, kind).t());
   Tensor act = relu2_fwd(sv.h, s.fused);
   if (s.keep_act) sv.act = act;
-  return at::addmm(x1, act, as_kind(w.wp, kind).t());
+  // x1 is this function's own temporary (the backward keeps xn2, not x1), so the second
+  // residual accumulates into it in place: no copy of x1 into a new output first.
+  x1.addmm_(act, as_kind(w.wp, kind).t());
+  return x1;
 }
 
 Tensor block_backward(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) {

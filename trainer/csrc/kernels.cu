@@ -253,101 +253,62 @@ extern "C" __global__ void charlm_rope_norm_bwd(
   store4(o + kHalf + 4 * sl, x2);
 }
 
-// The same two row norms with the row held in registers (one read of each input): for widths
-// that are a multiple of 256 up to 256·kMaxVec, each lane owns `vecs` = cols/256 vectors of 8.
-constexpr int kMaxVec = 12;
+// The same two row norms with one block per row and 8 elements per thread (blockDim = cols/8,
+// so cols is a multiple of 256): every input is read once, into registers, and many rows are in
+// flight per multiprocessor.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
+  v = warp_sum(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < static_cast<int>(blockDim.x >> 5) ? part[lane] : 0.f);
+}
 
-extern "C" __global__ void charlm_rmsnorm_fwd_reg(const bf16* __restrict__ x,
+extern "C" __global__ void charlm_rmsnorm_fwd_row(const bf16* __restrict__ x,
                                                   bf16* __restrict__ y,
                                                   float* __restrict__ rstd, int64_t rows,
                                                   int cols, float eps) {
-  const int64_t row = global_warp();
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const int vecs = cols / 256;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + row * cols);
-  uint4* yr = reinterpret_cast<uint4*>(y + row * cols);
-  uint4 v[kMaxVec];
-#pragma unroll
-  for (int j = 0; j < kMaxVec; ++j)
-    if (j < vecs) v[j] = xr[lane + 32 * j];
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * (cols / 8) + threadIdx.x;
+  float f[8];
+  unpack8(reinterpret_cast<const uint4*>(x)[at], f);
   float ss = 0.f;
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j < vecs) {
-      float f[8];
-      unpack8(v[j], f);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) ss += f[k] * f[k];
-    }
-  }
-  ss = warp_sum(ss);
+  for (int k = 0; k < 8; ++k) ss += f[k] * f[k];
+  ss = block_sum(ss);
   const float r = rsqrtf(ss / cols + eps);
-  if (lane == 0) rstd[row] = r;
+  if (threadIdx.x == 0) rstd[row] = r;
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j < vecs) {
-      float f[8];
-      unpack8(v[j], f);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) f[k] *= r;
-      yr[lane + 32 * j] = pack8(f);
-    }
-  }
+  for (int k = 0; k < 8; ++k) f[k] *= r;
+  reinterpret_cast<uint4*>(y)[at] = pack8(f);
 }
 
-extern "C" __global__ void charlm_rmsnorm_bwd_reg(const bf16* __restrict__ dy,
+extern "C" __global__ void charlm_rmsnorm_bwd_row(const bf16* __restrict__ dy,
                                                   const bf16* __restrict__ y,
                                                   const float* __restrict__ rstd,
                                                   const bf16* __restrict__ dres,
                                                   bf16* __restrict__ dx, int64_t rows, int cols) {
-  const int64_t row = global_warp();
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const int vecs = cols / 256;
-  const uint4* dyr = reinterpret_cast<const uint4*>(dy + row * cols);
-  const uint4* yr = reinterpret_cast<const uint4*>(y + row * cols);
-  uint4 a[kMaxVec], b[kMaxVec];
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * (cols / 8) + threadIdx.x;
+  float a[8], b[8], c[8];
+  unpack8(reinterpret_cast<const uint4*>(dy)[at], a);
+  unpack8(reinterpret_cast<const uint4*>(y)[at], b);
+  if (dres) {
+    unpack8(reinterpret_cast<const uint4*>(dres)[at], c);
+  } else {
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j < vecs) {
-      a[j] = dyr[lane + 32 * j];
-      b[j] = yr[lane + 32 * j];
-    }
+    for (int k = 0; k < 8; ++k) c[k] = 0.f;
   }
+  const float r = rstd[row];
   float dot = 0.f;
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j < vecs) {
-      float fa[8], fb[8];
-      unpack8(a[j], fa);
-      unpack8(b[j], fb);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) dot += fa[k] * fb[k];
-    }
-  }
-  dot = warp_sum(dot);
+  for (int k = 0; k < 8; ++k) dot += a[k] * b[k];
+  dot = block_sum(dot);
   const float mean = dot / cols;
-  const float r = rstd[row];
-  const uint4* rr = dres ? reinterpret_cast<const uint4*>(dres + row * cols) : nullptr;
-  uint4* dxr = reinterpret_cast<uint4*>(dx + row * cols);
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j < vecs) {
-      float fa[8], fb[8], fc[8];
-      unpack8(a[j], fa);
-      unpack8(b[j], fb);
-      if (rr) {
-        unpack8(rr[lane + 32 * j], fc);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) fc[k] = 0.f;
-      }
-#pragma unroll
-      for (int k = 0; k < 8; ++k) fa[k] = fc[k] + r * (fa[k] - fb[k] * mean);
-      dxr[lane + 32 * j] = pack8(fa);
-    }
-  }
+  for (int k = 0; k < 8; ++k) a[k] = c[k] + r * (a[k] - b[k] * mean);
+  reinterpret_cast<uint4*>(dx)[at] = pack8(a);
 }
 
 // a = relu(h)², 8 elements a thread (n is a multiple of 8).
