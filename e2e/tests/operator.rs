@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use charlm_e2e::cluster::{self, repo_root, tool, CHART_NAMESPACE};
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
+use charlm_operator::crd::{CharLMTraining, DeviceBatchSize, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -153,6 +153,68 @@ async fn chart_lints_and_refuses_unsafe_values() {
     .unwrap();
     assert!(rendered.contains("--leader-elect=true"));
     assert!(rendered.contains("kind: ClusterRole"));
+    assert!(
+        rendered.contains("--price-per-gpu-hour=3"),
+        "the default price"
+    );
+    assert!(
+        !rendered.contains("monitoring.coreos.com"),
+        "no Prometheus Operator objects unless asked for"
+    );
+
+    // With the Prometheus Operator's monitors: still lint-clean, and they select the right things.
+    let monitors = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "trainerMetrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=prometheus",
+        "--set",
+        "pricePerGpuHour=2.5",
+    ];
+    let lint = tool(
+        "helm",
+        &[&["lint", "--strict", chart][..], &monitors[..]].concat(),
+    )
+    .expect("helm lint --strict is clean with the monitors");
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let rendered = tool(
+        "helm",
+        &[
+            &["template", "t", chart, "--kube-version", "1.35.0"][..],
+            &monitors[..],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let docs: Vec<Value> = rendered
+        .split("\n---")
+        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k} rendered"))
+    };
+    let sm = kind("ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-metrics");
+    let svc = kind("Service");
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"], svc["spec"]["selector"],
+        "the ServiceMonitor selects the metrics Service"
+    );
+    let pm = kind("PodMonitor");
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        json!({"app.kubernetes.io/managed-by": "charlm-operator", "charlm.dev/worker-index": "0"})
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert!(rendered.contains("--price-per-gpu-hour=2.5"));
     let err = tool(
         "helm",
         &[
@@ -316,7 +378,7 @@ async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "DEPTH", "GPUS", "STEP", "LOSS", "ETA", "AGE"]
+        ["NAME", "PHASE", "DEPTH", "GPUS", "STEP", "LOSS", "ETA", "COST", "AGE"]
     );
     assert!(
         table.contains("charlm-d24   Running   24      16"),
@@ -453,6 +515,59 @@ async fn invalid_specs_are_rejected_with_their_messages() {
                 v["spec"]["dataset"] = json!({"pvc": {"claimName": "t", "path": "../etc"}})
             }),
             "dataset.pvc.path must be relative",
+        ),
+        (
+            "an unknown preset",
+            Box::new(|v| v["spec"]["preset"] = json!("budget-5")),
+            r#"spec.preset: Unsupported value: "budget-5": supported values: "budget-100", "budget-1000""#,
+        ),
+        (
+            "neither depth nor a preset",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("depth");
+            }),
+            "set spec.depth (layers, 1 to 128) or spec.preset",
+        ),
+        (
+            "a micro-batch that is neither auto nor a number",
+            Box::new(|v| v["spec"]["deviceBatchSize"] = json!("max")),
+            "deviceBatchSize must be auto or a whole number between 1 and 4096",
+        ),
+        (
+            "auto with a total batch that seqLen x workers does not divide",
+            Box::new(|v| {
+                v["spec"]["cpuWorkers"] = json!(3);
+                v["spec"]["deviceBatchSize"] = json!("auto");
+                v["spec"]["seqLen"] = json!(256);
+                v["spec"]["totalBatchSize"] = json!(1024);
+            }),
+            "with deviceBatchSize auto (the default without a preset), of seqLen x workers",
+        ),
+        (
+            "the preset's micro-batch not dividing the total batch",
+            Box::new(|v| {
+                let spec = v["spec"].as_object_mut().unwrap();
+                for field in ["depth", "gpus", "cpuWorkers"] {
+                    spec.remove(field);
+                }
+                v["spec"]["preset"] = json!("budget-100");
+                v["spec"]["seqLen"] = json!(2048);
+                v["spec"]["totalBatchSize"] = json!(4 * 2048 * 2);
+            }),
+            "totalBatchSize (tokens per optimizer step) must be a multiple",
+        ),
+        (
+            "cpuWorkers with a GPU preset",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("gpus");
+                v["spec"]["preset"] = json!("budget-1000");
+            }),
+            "cpuWorkers applies only to CPU training",
+        ),
+        (
+            "an early stop without patience",
+            Box::new(|v| v["spec"]["earlyStop"] = json!({"patience": 0})),
+            "earlyStop.patience must be between 1 and 100000",
         ),
         (
             "name too long for pod hostnames",
@@ -1018,7 +1133,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_accepts_the_examples_as_written() {
     let env = TestEnv::new("examples").await;
-    for file in ["gpu-training.yaml", "cpu-training.yaml"] {
+    for file in ["gpu-training.yaml", "cpu-training.yaml", "budget-100.yaml"] {
         let v = example(file);
         let trainings: Api<CharLMTraining> = env.trainings();
         let t: CharLMTraining = serde_json::from_value(v.clone()).unwrap();
@@ -1034,9 +1149,53 @@ async fn the_api_server_accepts_the_examples_as_written() {
             .unwrap_or_else(|e| panic!("{file} is rejected: {e}"));
         assert_eq!(
             created.spec.depth,
-            v["spec"]["depth"].as_i64().unwrap() as i32
+            v["spec"]["depth"].as_i64().map(|d| d as i32)
+        );
+        assert_eq!(
+            created.spec.preset.is_some(),
+            v["spec"].get("preset").is_some()
         );
     }
+
+    // `auto` and numbers are both micro-batches; auto needs only seqLen x workers to divide the
+    // total batch; a preset alone is a whole spec.
+    let accepted = [
+        json!({"deviceBatchSize": "auto"}),
+        json!({"deviceBatchSize": "auto", "seqLen": 256, "totalBatchSize": 256 * 3}),
+        json!({"deviceBatchSize": 4, "seqLen": 256, "totalBatchSize": 1024 * 3}),
+        json!({"preset": "budget-1000", "depth": 12, "gpus": 16, "deviceBatchSize": "auto"}),
+    ];
+    for extra in accepted {
+        let mut manifest = small_cpu("accepted", 1);
+        let spec = manifest["spec"].as_object_mut().unwrap();
+        spec.remove("cpuWorkers");
+        if extra.get("preset").is_some() {
+            spec.remove("gpus");
+        }
+        spec.extend(extra.as_object().unwrap().clone());
+        let t: CharLMTraining = serde_json::from_value(manifest.clone()).unwrap();
+        env.trainings()
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &t,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{manifest} is rejected: {e}"));
+    }
+    let preset_only = json!({
+        "apiVersion": "charlm.dev/v1alpha1", "kind": "CharLMTraining",
+        "metadata": {"name": "preset-only"},
+        "spec": {"preset": "budget-1000", "dataset": {"synthetic": {}}}
+    });
+    let stored = env.apply(&preset_only.to_string()).await;
+    assert_eq!(
+        (stored.spec.depth, stored.spec.gpus, stored.spec.hours),
+        (None, None, None),
+        "the stored object stays as written"
+    );
     env.finish().await;
 }
 
@@ -1117,5 +1276,292 @@ async fn progress_of_worker_zero_reaches_the_status() {
         ["live", "Running", "2", "1", "1200", "0.92", "14h20m"],
         "{table}"
     );
+    env.finish().await;
+}
+
+/// The cells of a one-row `kubectl get` table by column name; empty cells stay empty (the
+/// columns are aligned, so the header's offsets cut the row).
+fn printed_row(table: &str) -> BTreeMap<String, String> {
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let row = lines
+        .next()
+        .unwrap_or_else(|| panic!("no row in {table:?}"));
+    let starts: Vec<(usize, &str)> = header
+        .match_indices(|c: char| !c.is_whitespace())
+        .filter(|(i, _)| *i == 0 || header[..*i].ends_with(' '))
+        .map(|(i, _)| (i, header[i..].split_whitespace().next().unwrap()))
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, (start, name))| {
+            let end = starts.get(k + 1).map_or(row.len(), |(next, _)| *next);
+            let cell = row.get(*start..end.min(row.len())).unwrap_or("");
+            (name.to_string(), cell.trim().to_string())
+        })
+        .collect()
+}
+
+/// A running trainer container whose kubelet says it started at `started_at` (RFC 3339).
+fn running_since(started_at: &str) -> Value {
+    json!([{
+        "name": "trainer", "image": "charlm-trainer:e2e", "imageID": "", "ready": true,
+        "restartCount": 0, "started": true,
+        "state": {"running": {"startedAt": started_at}}
+    }])
+}
+
+/// A Unix time in seconds as Kubernetes writes times (RFC 3339).
+fn at_second(second: i64) -> String {
+    jiff::Timestamp::from_second(second).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_fills_the_spec_and_explicit_fields_win() {
+    let mut env = TestEnv::new("preset").await;
+    env.start_operator("operator-1").await;
+    let texts: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "charlm-texts"},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+            "resources": {"requests": {"storage": "1Gi"}}
+        }
+    }))
+    .unwrap();
+    env.pvcs()
+        .create(&PostParams::default(), &texts)
+        .await
+        .unwrap();
+    cluster::provide_volume(&env.admin, &env.ns, "charlm-texts")
+        .await
+        .unwrap();
+
+    // The example as the README shows it: budget-100 with early stop and TensorBoard.
+    let manifest = example("budget-100.yaml");
+    let applied = env.apply(&manifest.to_string()).await;
+    assert_eq!(
+        (applied.spec.depth, applied.spec.gpus),
+        (None, None),
+        "the object stays as written"
+    );
+    let t = env
+        .wait_phase("charlm-budget-100", Phase::Running, MINUTE)
+        .await;
+    let status = t.status.clone().unwrap();
+    let effective = status.effective.clone().unwrap();
+    assert_eq!(
+        (
+            effective.depth,
+            effective.gpus,
+            effective.workers,
+            effective.hours
+        ),
+        (24, 2, 1, Some(16.0))
+    );
+    assert_eq!(effective.device_batch_size, DeviceBatchSize::Fixed(8));
+    assert_eq!(
+        (effective.early_stop_patience, effective.tensorboard),
+        (Some(8), true)
+    );
+    let usage = status.usage.clone().unwrap();
+    assert_eq!(usage.price_per_gpu_hour, 3.0);
+
+    let nodes = nodes_by_name(&env).await;
+    let pods = env.workers("charlm-budget-100").await;
+    assert_eq!(pods.len(), 1);
+    let spec = pods[0].spec.as_ref().unwrap();
+    assert!(is_h100(&nodes[spec.node_name.as_ref().unwrap()]));
+    let limits = spec.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .clone()
+        .unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "2");
+    let vars = env_of(&pods[0]);
+    for (name, want) in [
+        ("CHARLM_DEPTH", "24"),
+        ("CHARLM_HOURS", "16"),
+        ("CHARLM_DEVICE_BATCH_SIZE", "8"),
+        ("NPROC_PER_NODE", "2"),
+        ("NNODES", "1"),
+        ("CHARLM_EARLY_STOP_PATIENCE", "8"),
+        ("CHARLM_TENSORBOARD_DIR", "/checkpoints/tensorboard"),
+    ] {
+        assert_eq!(vars.get(name).map(String::as_str), Some(want), "{name}");
+    }
+    let annotations = pods[0].annotations();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9090");
+    let svc = env
+        .services()
+        .get("charlm-budget-100-workers")
+        .await
+        .unwrap();
+    assert!(svc
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .iter()
+        .any(|p| p.name.as_deref() == Some("metrics") && p.port == 9090));
+
+    let table = tool(
+        "kubectl",
+        &[
+            "get",
+            "clt",
+            "charlm-budget-100",
+            "-n",
+            &env.ns,
+            "-o",
+            "wide",
+        ],
+    )
+    .unwrap();
+    let cells = printed_row(&table);
+    let column = |name: &str| cells[name].as_str();
+    assert_eq!(
+        (column("DEPTH"), column("GPUS"), column("PRESET")),
+        ("24", "2", "budget-100"),
+        "{table}"
+    );
+
+    // budget-1000 with an explicit depth: the depth is ours, the rest the preset's.
+    let mut own = small_gpu("mine", 1);
+    let spec = own["spec"].as_object_mut().unwrap();
+    for field in ["gpus", "gpusPerNode", "maxSteps"] {
+        spec.remove(field);
+    }
+    own["spec"]["preset"] = json!("budget-1000");
+    own["spec"]["depth"] = json!(12);
+    let t = start_training(&env, &own).await;
+    let effective = t.status.unwrap().effective.unwrap();
+    assert_eq!(
+        (effective.depth, effective.gpus, effective.hours),
+        (12, 8, Some(31.0))
+    );
+    let pods = env.workers("mine").await;
+    let vars = env_of(&pods[0]);
+    assert_eq!(
+        (
+            vars["CHARLM_DEPTH"].as_str(),
+            vars["CHARLM_DEVICE_BATCH_SIZE"].as_str()
+        ),
+        ("12", "4")
+    );
+    assert_eq!(vars["NPROC_PER_NODE"], "8");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_best_validation_gpu_hours_and_cost() {
+    let mut env = TestEnv::new("usage").await;
+    env.options.extra_args = vec!["--price-per-gpu-hour=2.5".into()];
+    env.start_operator("operator-1").await;
+    // Two workers of one GPU each; their trainers started two hours ago, by their kubelets' word.
+    start_training(&env, &small_gpu("costly", 2)).await;
+    let start_second = jiff::Timestamp::now().as_second() - 7200;
+    let started = at_second(start_second);
+    for pod in ["costly-worker-0", "costly-worker-1"] {
+        env.set_pod_status(pod, json!({"containerStatuses": running_since(&started)}))
+            .await;
+    }
+    let t = env
+        .wait_training(
+            "costly",
+            "two hours of 2 GPUs counted",
+            Duration::from_secs(40),
+            |t| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| s.usage.as_ref())
+                    .is_some_and(|u| u.gpu_hours >= 4.0)
+            },
+        )
+        .await;
+    let usage = t.status.unwrap().usage.unwrap();
+    assert!(usage.gpu_hours < 4.1, "{usage:?}");
+    assert_eq!(usage.price_per_gpu_hour, 2.5);
+    assert_eq!(
+        usage.estimated_cost,
+        (usage.gpu_hours * 2.5 * 100.0).round() / 100.0,
+        "{usage:?}"
+    );
+
+    // Worker 0 stops early; its report carries the best validation and the epochs.
+    let report = r#"{"step": 4000, "tokens": 4096000, "epoch": 3.5, "train_loss": 0.8, "val_bpc": 1.31, "best_val_bpc": 1.25, "best_step": 3000, "elapsed_s": 7200.0, "checkpoint": "/checkpoints/step-000004000", "world_size": 2, "tokens_per_epoch": 1170285, "complete": true, "stop_reason": "early_stop"}"#;
+    let finished = at_second(start_second + 7200);
+    env.set_pod_status(
+        "costly-worker-0",
+        json!({"phase": "Succeeded", "containerStatuses": [{
+            "name": "trainer", "image": "charlm-trainer:e2e", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": report,
+                                     "startedAt": started, "finishedAt": finished}}
+        }]}),
+    )
+    .await;
+    let t = env
+        .wait_phase("costly", Phase::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        condition(&t, "Succeeded"),
+        ("True".into(), "EarlyStopped".into())
+    );
+    let status = t.status.clone().unwrap();
+    assert_eq!(
+        (status.best_val_bpc, status.best_step),
+        (Some(1.25), Some(3000))
+    );
+    let progress = status.progress.clone().unwrap();
+    assert_eq!(
+        (progress.epoch, progress.tokens_per_epoch),
+        (3.5, Some(1170285))
+    );
+    assert_eq!(progress.stop_reason.as_deref(), Some("early_stop"));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("best 1.2500 at step 3000"),
+        "{:?}",
+        status.message
+    );
+    // Ended: 2 GPUs from the trainers' start to worker 0's end, exactly two hours.
+    let usage = status.usage.clone().unwrap();
+    assert_eq!(
+        (usage.gpu_hours, usage.estimated_cost),
+        (4.0, 10.0),
+        "{usage:?}"
+    );
+    assert!(usage.training_since.is_none());
+
+    let table = tool(
+        "kubectl",
+        &["get", "clt", "costly", "-n", &env.ns, "-o", "wide"],
+    )
+    .unwrap();
+    let cells = printed_row(&table);
+    let column = |name: &str| cells[name].as_str();
+    assert_eq!(
+        (
+            column("COST"),
+            column("BESTBPC"),
+            column("GPUHOURS"),
+            column("EPOCH")
+        ),
+        ("10", "1.25", "4", "3.5"),
+        "{table}"
+    );
+
+    // Later reconciles keep all of it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = env.trainings().get("costly").await.unwrap().status.unwrap();
+    assert_eq!(again.usage, status.usage);
+    assert_eq!(again.best_val_bpc, Some(1.25));
     env.finish().await;
 }

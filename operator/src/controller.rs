@@ -50,6 +50,8 @@ pub struct Context {
     pub settings: PodSettings,
     pub metrics: Arc<Metrics>,
     pub progress: ProgressClient,
+    /// Price of one GPU-hour, for the estimated cost in each training's status.
+    pub price_per_gpu_hour: f64,
     /// When each training's progress was last asked for ("namespace/name"), answered or not.
     last_poll: Mutex<HashMap<String, Instant>>,
 }
@@ -60,6 +62,7 @@ impl Context {
         identity: &str,
         settings: PodSettings,
         metrics: Arc<Metrics>,
+        price_per_gpu_hour: f64,
     ) -> anyhow::Result<Self> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
@@ -71,6 +74,7 @@ impl Context {
             settings,
             metrics,
             progress: ProgressClient::new(Duration::from_secs(3))?,
+            price_per_gpu_hour,
             last_poll: Mutex::default(),
         })
     }
@@ -207,6 +211,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         dataset,
         progress,
         now: Timestamp::now(),
+        price_per_gpu_hour: ctx.price_per_gpu_hour,
     });
 
     for pod_name in &decision.delete {
@@ -218,11 +223,15 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
             Err(e) => return Err(e.into()),
         }
     }
-    for &index in &decision.create {
-        let pod = worker_pod(&training, index, decision.status.attempt, &ctx.settings);
-        pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod))
-            .await?;
-        ctx.metrics.pods_created.inc();
+    // Workers are created only for a spec that resolved into effective settings.
+    if let Some(effective) = &decision.status.effective {
+        for &index in &decision.create {
+            let attempt = decision.status.attempt;
+            let pod = worker_pod(&training, effective, index, attempt, &ctx.settings);
+            pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod))
+                .await?;
+            ctx.metrics.pods_created.inc();
+        }
     }
 
     write_status(&trainings, &name, &decision.status).await?;

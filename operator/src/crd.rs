@@ -11,6 +11,8 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::preset;
+
 pub const GROUP: &str = "charlm.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "CharLMTraining";
@@ -27,11 +29,12 @@ pub const KIND: &str = "CharLMTraining";
     namespaced,
     status = "CharLMTrainingStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Depth", type_ = "integer", json_path = ".spec.depth"),
-    printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpus"),
+    printcolumn(name = "Depth", type_ = "integer", json_path = ".status.effective.depth"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.effective.gpus"),
     printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
     printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.trainLoss"),
     printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta"),
+    printcolumn(name = "Cost", type_ = "number", json_path = ".status.usage.estimatedCost"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(
         name = "Restarts",
@@ -45,28 +48,59 @@ pub const KIND: &str = "CharLMTraining";
         json_path = ".status.progress.valBpc",
         priority = 1
     ),
+    printcolumn(
+        name = "BestBPC",
+        type_ = "number",
+        json_path = ".status.bestValBpc",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "number",
+        json_path = ".status.progress.epoch",
+        priority = 1
+    ),
+    printcolumn(
+        name = "GPUHours",
+        type_ = "number",
+        json_path = ".status.usage.gpuHours",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Preset",
+        type_ = "string",
+        json_path = ".spec.preset",
+        priority = 1
+    ),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40")
         .message("metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.gpus <= self.gpusPerNode || self.gpus % self.gpusPerNode == 0")
-        .message("gpus must be a multiple of gpusPerNode when it is above it (e.g. 8, 16 or 32 with gpusPerNode 8): each worker pod takes a whole node"),
-    validation = Rule::new("!has(self.cpuWorkers) || self.gpus == 0")
-        .message("cpuWorkers applies only to CPU training (gpus: 0); with GPUs the number of worker pods is gpus / gpusPerNode"),
-    validation = Rule::new("has(self.hours) || has(self.maxSteps)")
-        .message("set spec.hours (the training budget in hours) or spec.maxSteps"),
-    validation = Rule::new("!has(self.totalBatchSize) || !has(self.deviceBatchSize) || !has(self.seqLen) || self.totalBatchSize % (self.deviceBatchSize * self.seqLen * (self.gpus > 0 ? self.gpus : (has(self.cpuWorkers) ? self.cpuWorkers : 1))) == 0")
-        .message("totalBatchSize (tokens per optimizer step) must be a multiple of deviceBatchSize x seqLen x the number of workers (gpus, or cpuWorkers when gpus is 0)"),
+    validation = preset::rules::depth_required(),
+    validation = preset::rules::gpus_required(),
+    validation = preset::rules::budget_required(),
+    validation = preset::rules::gpus_fill_nodes(),
+    validation = preset::rules::cpu_workers_only_on_cpu(),
+    validation = preset::rules::batch_divides(),
 )]
 pub struct CharLMTrainingSpec {
-    /// Number of transformer layers; the width is 64 x depth.
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("depth must be between 1 and 128"))]
-    pub depth: i32,
+    /// A budget preset that fills depth, gpus, deviceBatchSize and hours where they are unset:
+    /// `budget-100` (depth 24, 2 GPUs, micro-batch 8, 16 hours) or `budget-1000` (depth 48, 8 GPUs,
+    /// micro-batch 4, 31 hours). Fields set in the spec win over the preset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
 
-    /// Total GPUs across all worker pods; 0 trains on CPUs (for laptops and tests).
+    /// Number of transformer layers; the width is 64 x depth. Required unless a preset gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("depth must be between 1 and 128"))]
+    pub depth: Option<i32>,
+
+    /// Total GPUs across all worker pods; 0 trains on CPUs (for laptops and tests). Required unless
+    /// a preset gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 4096").message("gpus must be between 0 and 4096 (0 trains on CPUs)"))]
-    pub gpus: i32,
+    pub gpus: Option<i32>,
 
     /// GPUs of one node; a training with more GPUs than this gets one worker pod per node.
     #[serde(default = "default_gpus_per_node")]
@@ -88,10 +122,12 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 1").message("maxSteps must be at least 1"))]
     pub max_steps: Option<i64>,
 
-    /// Sequences per GPU per micro-step; unset lets the trainer choose.
+    /// Sequences per GPU per micro-step, or `auto` (the default, unless a preset gives one): the
+    /// trainer probes the GPU for the largest power of two that fits, and gradient accumulation
+    /// keeps totalBatchSize.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message("deviceBatchSize must be between 1 and 4096"))]
-    pub device_batch_size: Option<i32>,
+    #[x_kube(validation = Rule::new("type(self) == int ? (self >= 1 && self <= 4096) : self == 'auto'").message("deviceBatchSize must be auto or a whole number between 1 and 4096"))]
+    pub device_batch_size: Option<DeviceBatchSize>,
 
     /// Tokens per optimizer step across all workers; unset lets the trainer choose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,6 +148,14 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0").message("seed must not be negative"))]
     pub seed: Option<i64>,
+
+    /// Stop early, as complete, when the validation bits per character stop improving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<EarlyStopSpec>,
+
+    /// Write TensorBoard event files to the checkpoint volume (`/checkpoints/tensorboard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<bool>,
 
     /// Where the training text comes from: exactly one source.
     pub dataset: DatasetSpec,
@@ -160,6 +204,99 @@ pub struct CharLMTrainingSpec {
 
 fn default_gpus_per_node() -> i32 {
     8
+}
+
+/// A budget preset: `budget-100` (depth 24, 2 GPUs, micro-batch 8, 16 hours) or `budget-1000`
+/// (depth 48, 8 GPUs, micro-batch 4, 31 hours). It fills depth, gpus, deviceBatchSize and hours
+/// where the spec leaves them unset. (The values live in `preset.rs`.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Preset {
+    /// Depth 24, 2 GPUs, micro-batch 8, 16 hours.
+    #[serde(rename = "budget-100")]
+    Budget100,
+    /// Depth 48, 8 GPUs, micro-batch 4, 31 hours.
+    #[serde(rename = "budget-1000")]
+    Budget1000,
+}
+
+/// Sequences per GPU per micro-step: a number, or `auto` for the largest power of two that fits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceBatchSize {
+    #[default]
+    Auto,
+    Fixed(i32),
+}
+
+impl std::fmt::Display for DeviceBatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceBatchSize::Auto => f.write_str("auto"),
+            DeviceBatchSize::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceBatchSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DeviceBatchSize::Auto => s.serialize_str("auto"),
+            DeviceBatchSize::Fixed(n) => s.serialize_i32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceBatchSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "deviceBatchSize must be auto or a whole number from 1 to 4096",
+            )
+        };
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => i32::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(DeviceBatchSize::Fixed)
+                .ok_or_else(bad),
+            Raw::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(DeviceBatchSize::Auto),
+            Raw::Text(t) => t
+                .trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(DeviceBatchSize::Fixed)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl JsonSchema for DeviceBatchSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DeviceBatchSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A number of sequences, or `auto`.",
+            "x-kubernetes-int-or-string": true,
+        })
+    }
+}
+
+/// Ends training as complete once the validation bits per character stop improving.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EarlyStopSpec {
+    /// Evaluations in a row without a better validation bpc before the training stops (the best
+    /// checkpoint is kept in `best/`).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("earlyStop.patience must be between 1 and 100000 evaluations"))]
+    pub patience: i32,
 }
 
 /// The training text: `.txt` files, documents separated by a blank line.
@@ -404,6 +541,81 @@ pub struct CharLMTrainingStatus {
     /// Validation bits per character when the training succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_val_bpc: Option<f64>,
+    /// The best validation bits per character so far (its checkpoint is kept in `best/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_bpc: Option<f64>,
+    /// The step of `bestValBpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
+    /// The settings the workers run with: the spec, with the preset's values where it leaves
+    /// fields unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective: Option<EffectiveSettings>,
+    /// GPU-hours used and what they cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// The settings a training runs with (`status.effective`): explicit spec fields, else the
+/// preset's, else the defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    pub depth: i32,
+    pub gpus: i32,
+    pub gpus_per_node: i32,
+    /// Worker pods: one per node with GPUs, `cpuWorkers` on CPU.
+    pub workers: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<i64>,
+    pub device_batch_size: DeviceBatchSize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop_patience: Option<i32>,
+    #[serde(default)]
+    pub tensorboard: bool,
+}
+
+impl EffectiveSettings {
+    /// GPUs of each worker pod (0 on CPU).
+    pub fn gpus_per_worker(&self) -> i32 {
+        if self.gpus == 0 {
+            0
+        } else {
+            self.gpus / self.workers.max(1)
+        }
+    }
+
+    /// GPU-hours the budget allows (`gpus x hours`), when it is in hours.
+    pub fn budget_gpu_hours(&self) -> Option<f64> {
+        self.hours.map(|h| h * f64::from(self.gpus))
+    }
+}
+
+/// GPU-hours used: GPUs x the wall time during which all the workers of an attempt ran the
+/// trainer (from the start of the last worker's trainer container to the end of the first one),
+/// summed over attempts. Preparing data, waiting for nodes and restart backoffs are not counted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// GPU-hours so far (while training, updated about every minute).
+    pub gpu_hours: f64,
+    /// gpuHours x pricePerGpuHour, rounded to cents.
+    pub estimated_cost: f64,
+    /// The operator's price per GPU-hour (chart value `pricePerGpuHour`).
+    pub price_per_gpu_hour: f64,
+    /// GPU-seconds of the attempts that have ended.
+    #[serde(default)]
+    pub ended_attempts_gpu_seconds: i64,
+    /// When all workers of the current attempt were training; unset while they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_since: Option<Time>,
+    /// GPUs of the attempt that is training.
+    #[serde(default)]
+    pub training_gpus: i32,
 }
 
 /// The trainer's progress report (docs/contract.md), in the API's camelCase.
@@ -462,26 +674,6 @@ pub fn crd_yaml() -> String {
 }
 
 impl CharLMTrainingSpec {
-    /// Worker pods of this training: one per node with GPUs, `cpuWorkers` on CPU.
-    pub fn worker_count(&self) -> i32 {
-        if self.gpus == 0 {
-            self.cpu_workers.unwrap_or(1).max(1)
-        } else if self.gpus <= self.gpus_per_node {
-            1
-        } else {
-            self.gpus / self.gpus_per_node
-        }
-    }
-
-    /// GPUs of each worker pod (0 on CPU).
-    pub fn gpus_per_worker(&self) -> i32 {
-        if self.gpus == 0 {
-            0
-        } else {
-            self.gpus / self.worker_count()
-        }
-    }
-
     pub fn suspended(&self) -> bool {
         self.suspend.unwrap_or(false)
     }
@@ -505,18 +697,30 @@ mod tests {
         assert_eq!(spec.checkpoint.size.0, "10Gi");
         assert_eq!(spec.restart_policy, RestartPolicySpec::default());
         assert_eq!(spec.dataset.synthetic.as_ref().unwrap().seed, 0);
-        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (2, 8));
+        assert_eq!(
+            (spec.depth, spec.gpus, spec.preset),
+            (Some(4), Some(16), None)
+        );
+        assert_eq!(
+            spec.device_batch_size, None,
+            "no default: a preset may fill it"
+        );
     }
 
     #[test]
-    fn worker_count_follows_gpus_and_cpu_workers() {
-        let mut spec: CharLMTrainingSpec = serde_json::from_value(spec_json()).unwrap();
-        spec.gpus = 4;
-        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (1, 4));
-        spec.gpus = 0;
-        assert_eq!((spec.worker_count(), spec.gpus_per_worker()), (1, 0));
-        spec.cpu_workers = Some(3);
-        assert_eq!(spec.worker_count(), 3);
+    fn a_spec_round_trips_as_written() {
+        let v = serde_json::json!({
+            "preset": "budget-100", "deviceBatchSize": "auto", "earlyStop": {"patience": 3},
+            "tensorboard": true, "dataset": {"synthetic": {"chars": 5000}}
+        });
+        let spec: CharLMTrainingSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(spec.preset, Some(Preset::Budget100));
+        assert_eq!(spec.device_batch_size, Some(DeviceBatchSize::Auto));
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["preset"], "budget-100");
+        assert_eq!(back["deviceBatchSize"], "auto");
+        assert_eq!(back["earlyStop"]["patience"], 3);
+        assert!(back.get("depth").is_none() && back.get("gpus").is_none());
     }
 
     #[test]
@@ -534,11 +738,14 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Phase", "Depth", "GPUs", "Step", "Loss", "ETA", "Age", "Restarts", "ValBPC"]
+            [
+                "Phase", "Depth", "GPUs", "Step", "Loss", "ETA", "Cost", "Age", "Restarts",
+                "ValBPC", "BestBPC", "Epoch", "GPUHours", "Preset"
+            ]
         );
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let rules = spec["x-kubernetes-validations"].as_array().unwrap();
-        assert_eq!(rules.len(), 4);
+        assert_eq!(rules.len(), 6);
         assert!(rules.iter().all(|r| r["message"].is_string()));
         let depth_rule = &spec["properties"]["depth"]["x-kubernetes-validations"][0];
         assert_eq!(depth_rule["message"], "depth must be between 1 and 128");
@@ -548,6 +755,13 @@ mod tests {
             .unwrap()
             .contains("exactly one"));
         assert_eq!(spec["properties"]["gpusPerNode"]["default"], 8);
+        let batch = &spec["properties"]["deviceBatchSize"];
+        assert_eq!(batch["x-kubernetes-int-or-string"], true);
+        assert!(batch.get("default").is_none());
+        assert_eq!(
+            spec["properties"]["preset"]["enum"],
+            serde_json::json!(["budget-100", "budget-1000"])
+        );
         let mut required: Vec<&str> = spec["required"]
             .as_array()
             .unwrap()
@@ -555,7 +769,11 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         required.sort();
-        assert_eq!(required, ["dataset", "depth", "gpus"]);
+        assert_eq!(
+            required,
+            ["dataset"],
+            "depth and gpus may come from a preset"
+        );
     }
 
     #[test]

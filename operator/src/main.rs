@@ -64,6 +64,9 @@ struct RunArgs {
     /// Watch only this namespace instead of all (the ClusterRole still grants all).
     #[arg(long, env = "CHARLM_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Price of one GPU-hour (any currency) for the estimated cost in each training's status.
+    #[arg(long, env = "CHARLM_PRICE_PER_GPU_HOUR", default_value_t = 3.0, value_parser = parse_price)]
+    price_per_gpu_hour: f64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CHARLM_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -144,7 +147,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_image: args.trainer_image.clone(),
         image_pull_policy: args.trainer_image_pull_policy.clone(),
     };
-    let ctx = Arc::new(Context::new(client, &identity, settings, metrics.clone())?);
+    let ctx = Arc::new(Context::new(
+        client,
+        &identity,
+        settings,
+        metrics.clone(),
+        args.price_per_gpu_hour,
+    )?);
     tracing::info!(%identity, "controller starting");
     let controller = controller::run(ctx, args.watch_namespace.clone(), stopped(stop_rx));
     match &elector {
@@ -183,6 +192,15 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+fn parse_price(text: &str) -> Result<f64, String> {
+    match text.trim().trim_start_matches('$').parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "{text:?} is not a price: give a number of at least 0, e.g. 3 or 2.49"
+        )),
     }
 }
 

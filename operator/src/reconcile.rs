@@ -16,9 +16,13 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::conditions::{self, FALSE, TRUE, UNKNOWN};
-use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus, Phase};
+use crate::crd::{
+    condition as cond, CharLMTraining, CharLMTrainingStatus, EffectiveSettings, Phase,
+};
+use crate::effective;
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
+use crate::usage;
 use crate::workers::{Worker, WorkerState};
 
 /// Longest wait between gang restarts, however many there were.
@@ -45,11 +49,13 @@ pub struct Observed<'a> {
     /// Rank 0's `/progress`, read just now if the training runs.
     pub progress: Option<TrainerReport>,
     pub now: Timestamp,
+    /// The operator's price per GPU-hour, for `status.usage.estimatedCost`.
+    pub price_per_gpu_hour: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decision {
-    /// The complete status to write.
+    /// The complete status to write. Its `effective` settings shape the workers to create.
     pub status: CharLMTrainingStatus,
     /// Worker indices to create, for attempt `status.attempt`.
     pub create: Vec<i32>,
@@ -61,6 +67,8 @@ pub struct Decision {
 pub fn decide(o: &Observed) -> Decision {
     let mut d = Decider::new(o);
     d.run();
+    let usage = d.decision.status.usage.get_or_insert_with(Default::default);
+    usage::refresh(usage, o.now, o.price_per_gpu_hour);
     d.decision
 }
 
@@ -76,7 +84,6 @@ impl<'a> Decider<'a> {
         let t = o.training;
         let mut status = t.status.clone().unwrap_or_default();
         status.observed_generation = t.metadata.generation;
-        status.workers = t.spec.worker_count();
         status.checkpoint_pvc = Some(pvc_name(&t.name_any()));
         Decider {
             o,
@@ -113,6 +120,19 @@ impl<'a> Decider<'a> {
 
     fn is(&self, type_: &str) -> bool {
         conditions::is_true(&self.decision.status.conditions, type_)
+    }
+
+    fn usage(&mut self) -> &mut crate::crd::UsageStatus {
+        self.decision
+            .status
+            .usage
+            .get_or_insert_with(Default::default)
+    }
+
+    /// The gang stopped training (now, or when its first trainer ended).
+    fn stop_usage(&mut self, current: &[&Worker]) {
+        let (ended, now) = (usage::gang_ended(current), self.o.now);
+        usage::stop(self.usage(), ended, now);
     }
 
     fn delete(&mut self, workers: &[&Worker], active_only: bool) {
@@ -175,8 +195,18 @@ impl<'a> Decider<'a> {
             );
         }
 
+        let effective = match effective::resolve(spec) {
+            Ok(e) => e,
+            Err(message) => {
+                self.invalid_spec(message);
+                return;
+            }
+        };
+        self.st().workers = effective.workers;
+        self.st().effective = Some(effective.clone());
+
         let attempt = self.decision.status.attempt;
-        let wanted = spec.worker_count();
+        let wanted = effective.workers;
         let (current, stale): (Vec<&Worker>, Vec<&Worker>) = o.workers.iter().partition(|w| {
             w.attempt == Some(attempt) && w.index.is_some_and(|i| (0..wanted).contains(&i))
         });
@@ -235,10 +265,23 @@ impl<'a> Decider<'a> {
             self.start(&current, &stale, missing);
             return;
         }
-        self.observe_gang(&current);
+        self.observe_gang(&current, &effective);
+    }
+
+    /// A spec the operator cannot run (one the API server stored before its rules said so): fail
+    /// with the fix, once per generation; a new generation is looked at afresh.
+    fn invalid_spec(&mut self, message: String) {
+        self.st().effective = None;
+        if self.decision.status.phase == Some(Phase::Failed) {
+            return;
+        }
+        let all: Vec<&Worker> = self.o.workers.iter().collect();
+        self.fail(&all, "InvalidSpec", message);
     }
 
     fn suspend(&mut self, current: &[&Worker]) {
+        let now = self.o.now;
+        usage::stop(self.usage(), None, now);
         self.delete(current, false);
         self.st().launched_attempt = None;
         self.st().running_workers = 0;
@@ -308,6 +351,7 @@ impl<'a> Decider<'a> {
     }
 
     fn succeed(&mut self, current: &[&Worker], report: TrainerReport) {
+        self.stop_usage(current);
         self.delete(current, true);
         self.take_progress(&report);
         let now = self.now.clone();
@@ -320,9 +364,14 @@ impl<'a> Decider<'a> {
             .val_bpc
             .map(|v| format!("{v:.4}"))
             .unwrap_or_else(|| "not measured".into());
+        let best = match (st.best_val_bpc, st.best_step) {
+            (Some(v), Some(step)) => format!("; best {v:.4} at step {step} (checkpoint best/)"),
+            (Some(v), None) => format!("; best {v:.4}"),
+            _ => String::new(),
+        };
         let early = report.stop_reason.as_deref() == Some("early_stop");
         let msg = format!(
-            "training complete at step {}{}; validation bits per character {bpc}; checkpoint {}",
+            "training complete at step {}{}; validation bits per character {bpc}{best}; checkpoint {}",
             report.step,
             if early { " (early stop)" } else { "" },
             report.checkpoint.as_deref().unwrap_or("none")
@@ -336,6 +385,7 @@ impl<'a> Decider<'a> {
     }
 
     fn fail(&mut self, current: &[&Worker], reason: &str, message: String) {
+        self.stop_usage(current);
         self.delete(current, true);
         let (now, generation) = (self.now.clone(), self.generation);
         let st = self.st();
@@ -352,6 +402,7 @@ impl<'a> Decider<'a> {
 
     fn restart(&mut self, current: &[&Worker], reason: &str, message: String) {
         // The attempt's pods go now; the new attempt's pods come after the backoff.
+        self.stop_usage(current);
         self.delete(current, false);
         let policy = &self.o.training.spec.restart_policy;
         let (max, base) = (policy.max_restarts, policy.backoff_seconds);
@@ -414,7 +465,10 @@ impl<'a> Decider<'a> {
                 return;
             }
         }
-        let n = self.o.training.spec.worker_count();
+        // A gang being completed is not training; a training figure left open would run on.
+        let now = self.o.now;
+        usage::stop(self.usage(), None, now);
+        let n = self.decision.status.workers;
         let msg = format!("creating {} of {n} workers", missing.len());
         self.decision.create = missing;
         let attempt = self.decision.status.attempt;
@@ -443,7 +497,7 @@ impl<'a> Decider<'a> {
     }
 
     /// All workers of the attempt exist: are they running yet?
-    fn observe_gang(&mut self, current: &[&Worker]) {
+    fn observe_gang(&mut self, current: &[&Worker], effective: &EffectiveSettings) {
         let n = current.len();
         let running = current
             .iter()
@@ -475,6 +529,8 @@ impl<'a> Decider<'a> {
             }
             let now = self.now.clone();
             self.st().start_time.get_or_insert(now);
+            let (started, gpus, now) = (usage::gang_started(current), effective.gpus, self.o.now);
+            usage::start(self.usage(), started, gpus, now);
             if let Some(report) = &self.o.progress {
                 self.take_progress(report);
             }
@@ -547,6 +603,11 @@ impl<'a> Decider<'a> {
         if progress.checkpoint.is_some() {
             st.latest_checkpoint = progress.checkpoint.clone();
         }
+        // A report without a best (e.g. before the first evaluation of an attempt) keeps the last one.
+        if let Some(best) = progress.best_val_bpc {
+            st.best_val_bpc = Some(best);
+            st.best_step = progress.best_step;
+        }
         st.progress = Some(progress);
     }
 }
@@ -587,6 +648,7 @@ mod tests {
             dataset: DatasetCheck::Available,
             progress: None,
             now: at(now),
+            price_per_gpu_hour: 3.0,
         })
     }
 
@@ -640,6 +702,7 @@ mod tests {
                 r#"{"step": 1200, "total_steps_estimate": 9000, "train_loss": 0.92, "eta_s": 51600.0, "checkpoint": "/checkpoints/step-000001200", "complete": false}"#,
             ),
             now: at(40),
+            price_per_gpu_hour: 3.0,
         });
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -903,6 +966,7 @@ mod tests {
             ),
             progress: None,
             now: at(0),
+            price_per_gpu_hour: 3.0,
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -949,5 +1013,150 @@ mod tests {
         let d = decide_at(&t2, &pods, 0);
         assert_eq!(d.delete, ["demo-worker-0", "demo-worker-5"]);
         assert!(d.create.is_empty());
+    }
+
+    /// The pod with its trainer container started (running) or started and ended (terminated)
+    /// at the given seconds, as a kubelet stamps them.
+    fn stamped(mut pod: Pod, started: i64, finished: Option<i64>) -> Pod {
+        let status = pod.status.as_mut().unwrap();
+        for c in status.container_statuses.iter_mut().flatten() {
+            let state = c.state.as_mut().unwrap();
+            if let Some(r) = state.running.as_mut() {
+                r.started_at = Some(Time(at(started)));
+            }
+            if let Some(t) = state.terminated.as_mut() {
+                t.started_at = Some(Time(at(started)));
+                t.finished_at = finished.map(|f| Time(at(f)));
+            }
+        }
+        pod
+    }
+
+    #[test]
+    fn gpu_hours_count_the_time_the_whole_gang_trained() {
+        let t = training(gpu_spec());
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        // Worker 1's trainer starts 20 s after worker 0's: the gang trains from then on.
+        let pods = vec![
+            stamped(running(pod(&t, 0, 0), "10.0.0.1"), 100, None),
+            stamped(running(pod(&t, 1, 0), "10.0.0.2"), 120, None),
+        ];
+        let d = decide_at(&t, &pods, 130);
+        let u = d.status.usage.clone().unwrap();
+        assert_eq!(u.training_since, Some(Time(at(120))));
+        assert_eq!(
+            (u.training_gpus, u.gpu_hours, u.estimated_cost),
+            (16, 0.0, 0.0)
+        );
+        let t = with(t, &d);
+
+        // An hour later: 16 GPU-hours at $3.
+        let d = decide_at(&t, &pods, 120 + 3600 + 30);
+        let u = d.status.usage.clone().unwrap();
+        assert_eq!(
+            (u.gpu_hours, u.estimated_cost, u.price_per_gpu_hour),
+            (16.0, 48.0, 3.0)
+        );
+        let t = with(t, &d);
+
+        // Worker 1 crashes 2 hours in; the gang is restarted, and those 2 hours are kept.
+        let mut ended = pods.clone();
+        ended[1] = stamped(
+            terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "crash"),
+            120,
+            Some(120 + 7200),
+        );
+        let d = decide_at(&t, &ended, 120 + 7200 + 40);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        let u = d.status.usage.clone().unwrap();
+        assert_eq!(u.ended_attempts_gpu_seconds, 16 * 7200);
+        assert!(u.training_since.is_none());
+        assert_eq!((u.gpu_hours, u.estimated_cost), (32.0, 96.0));
+        // Waiting for the backoff costs nothing.
+        let t = with(t, &d);
+        let d = decide_at(&t, &[], 120 + 7200 + 45);
+        assert_eq!(d.status.usage.unwrap().gpu_hours, 32.0);
+    }
+
+    #[test]
+    fn the_best_validation_and_epochs_survive_an_early_stop() {
+        let (t, pods) = running_gpu_training();
+        let d = decide(&Observed {
+            training: &t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: TrainerReport::parse(
+                r#"{"step": 3000, "val_bpc": 1.25, "best_val_bpc": 1.2, "best_step": 2500, "epoch": 2.5, "tokens_per_epoch": 343932928, "complete": false}"#,
+            ),
+            now: at(40),
+            price_per_gpu_hour: 3.0,
+        });
+        assert_eq!(
+            (d.status.best_val_bpc, d.status.best_step),
+            (Some(1.2), Some(2500))
+        );
+        let t = with(t, &d);
+        let mut pods = pods;
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 4000, "val_bpc": 1.26, "best_val_bpc": 1.2, "best_step": 2500, "epoch": 3.3, "tokens_per_epoch": 343932928, "complete": true, "stop_reason": "early_stop"}"#,
+        );
+        let d = decide_at(&t, &pods, 500);
+        assert_eq!(condition(&d, c::SUCCEEDED), ("True", "EarlyStopped"));
+        let st = &d.status;
+        assert_eq!((st.best_val_bpc, st.best_step), (Some(1.2), Some(2500)));
+        let p = st.progress.as_ref().unwrap();
+        assert_eq!((p.epoch, p.tokens_per_epoch), (3.3, Some(343932928)));
+        let msg = st.message.as_deref().unwrap();
+        assert!(
+            msg.contains("(early stop)") && msg.contains("best 1.2000 at step 2500"),
+            "{msg}"
+        );
+        // A report without a best keeps the one known.
+        let t = with(t, &d);
+        assert_eq!(decide_at(&t, &pods, 600).status.best_val_bpc, Some(1.2));
+    }
+
+    #[test]
+    fn a_preset_training_gets_its_workers_and_shows_its_settings() {
+        let t = training(serde_json::json!({
+            "preset": "budget-100", "dataset": {"synthetic": {}}
+        }));
+        let d = decide_at(&t, &[], 0);
+        assert_eq!(d.create, [0]);
+        assert_eq!(d.status.workers, 1);
+        let e = d.status.effective.unwrap();
+        assert_eq!((e.depth, e.gpus, e.hours), (24, 2, Some(16.0)));
+        assert_eq!(e.device_batch_size, crate::crd::DeviceBatchSize::Fixed(8));
+        let u = d.status.usage.unwrap();
+        assert_eq!((u.gpu_hours, u.estimated_cost), (0.0, 0.0));
+    }
+
+    #[test]
+    fn a_spec_the_operator_cannot_run_fails_with_the_fix() {
+        // Stored before the schema's rules demanded a depth.
+        let mut t = training(cpu_spec());
+        t.spec.depth = None;
+        let d = decide_at(&t, &[], 0);
+        assert!(d.create.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidSpec"));
+        assert!(d
+            .status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("set spec.depth"));
+        assert!(d.status.effective.is_none());
+
+        // The fix, a new generation, starts the training.
+        let mut t = with(t, &d);
+        t.spec.depth = Some(2);
+        t.metadata.generation = Some(2);
+        let d = decide_at(&t, &[], 5);
+        assert_eq!(d.create, [0]);
+        assert_eq!(d.status.effective.unwrap().depth, 2);
     }
 }

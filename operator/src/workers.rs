@@ -2,6 +2,7 @@
 //! reconciler decides on facts instead of digging through `PodStatus`.
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::progress::TrainerReport;
@@ -17,6 +18,10 @@ pub struct Worker {
     /// Being deleted.
     pub terminating: bool,
     pub pod_ip: Option<String>,
+    /// When the trainer container started, as the kubelet reports it.
+    pub trainer_started: Option<Timestamp>,
+    /// When the trainer container ended.
+    pub trainer_finished: Option<Timestamp>,
     pub state: WorkerState,
 }
 
@@ -150,8 +155,30 @@ pub fn observe(pod: &Pod) -> Worker {
         attempt: labels.get(ATTEMPT_LABEL).and_then(|v| v.parse().ok()),
         terminating: pod.metadata.deletion_timestamp.is_some(),
         pod_ip: status.pod_ip.clone(),
+        trainer_started: trainer.and_then(started_at),
+        trainer_finished: trainer.and_then(finished_at),
         state,
     }
+}
+
+fn started_at(s: &ContainerStatus) -> Option<Timestamp> {
+    let state = s.state.as_ref()?;
+    let running = state.running.as_ref().and_then(|r| r.started_at.as_ref());
+    let ended = state
+        .terminated
+        .as_ref()
+        .and_then(|t| t.started_at.as_ref());
+    running.or(ended).map(|t| t.0)
+}
+
+fn finished_at(s: &ContainerStatus) -> Option<Timestamp> {
+    s.state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .finished_at
+        .as_ref()
+        .map(|t| t.0)
 }
 
 fn failure(
@@ -231,7 +258,8 @@ pub(crate) mod testing {
     }
 
     pub fn pod(t: &CharLMTraining, index: i32, attempt: i64) -> Pod {
-        worker_pod(t, index, attempt, &settings())
+        let effective = crate::effective::resolve(&t.spec).expect("a valid test spec");
+        worker_pod(t, &effective, index, attempt, &settings())
     }
 
     pub fn running(mut pod: Pod, ip: &str) -> Pod {

@@ -5,7 +5,7 @@ mod pod;
 mod pvc;
 mod service;
 
-pub use pod::{worker_pod, PodSettings, TRAINER_CONTAINER};
+pub use pod::{worker_pod, PodSettings, TENSORBOARD_DIR, TRAINER_CONTAINER};
 pub use pvc::{checkpoint_pvc, pvc_owner_update};
 pub use service::workers_service;
 
@@ -26,6 +26,8 @@ pub const ATTEMPT_LABEL: &str = "charlm.dev/attempt";
 pub const RENDEZVOUS_PORT: i32 = 29500;
 /// The trainer's progress and metrics port (CHARLM_METRICS_PORT).
 pub const PROGRESS_PORT: i32 = 9090;
+/// Name of that port on the pods and the headless Service, for PodMonitors and ServiceMonitors.
+pub const METRICS_PORT_NAME: &str = "metrics";
 
 pub fn pod_name(training: &str, index: i32) -> String {
     format!("{training}-worker-{index}")

@@ -12,9 +12,9 @@ use kube::ResourceExt;
 
 use super::{
     common_labels, master_addr, namespace_of, owner_reference, pod_name, pvc_name, service_name,
-    ATTEMPT_LABEL, PROGRESS_PORT, RENDEZVOUS_PORT, WORKER_INDEX_LABEL,
+    ATTEMPT_LABEL, METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, WORKER_INDEX_LABEL,
 };
-use crate::crd::{CharLMTraining, DatasetSpec};
+use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
 
 pub const TRAINER_CONTAINER: &str = "trainer";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -29,6 +29,8 @@ const WORK_DIR: &str = "/work";
 const DATASET_DIR: &str = "/dataset";
 const CHECKPOINT_DIR: &str = "/checkpoints";
 const TERMINATION_LOG: &str = "/dev/termination-log";
+/// TensorBoard event files, on the checkpoint volume so they outlive the pods.
+pub const TENSORBOARD_DIR: &str = "/checkpoints/tensorboard";
 
 /// Operator-wide settings that shape every worker pod.
 #[derive(Clone, Debug)]
@@ -38,10 +40,12 @@ pub struct PodSettings {
     pub image_pull_policy: Option<String>,
 }
 
-/// Worker pod `index` of `training`, for the given attempt. Worker 0 hosts the rendezvous store,
-/// reports progress and alone mounts the checkpoint volume (docs/contract.md).
+/// Worker pod `index` of `training`, for the given attempt, with the training's effective settings
+/// (`effective::resolve`). Worker 0 hosts the rendezvous store, reports progress and metrics, and
+/// alone mounts the checkpoint volume (docs/contract.md).
 pub fn worker_pod(
     training: &CharLMTraining,
+    effective: &EffectiveSettings,
     index: i32,
     attempt: i64,
     settings: &PodSettings,
@@ -49,7 +53,7 @@ pub fn worker_pod(
     let name = training.name_any();
     let namespace = namespace_of(training);
     let spec = &training.spec;
-    let gpus = spec.gpus_per_worker();
+    let gpus = effective.gpus_per_worker();
 
     let mut labels = common_labels(&name);
     labels.insert(WORKER_INDEX_LABEL.to_string(), index.to_string());
@@ -130,10 +134,10 @@ pub fn worker_pod(
         image_pull_policy: settings.image_pull_policy.clone(),
         command: Some(vec!["charlm-trainer".to_string()]),
         args: Some(strings(&["launch", "--", "train"])),
-        env: Some(trainer_env(training, &name, &namespace, index)),
+        env: Some(trainer_env(training, effective, &name, &namespace, index)),
         ports: Some(vec![
             container_port("rendezvous", RENDEZVOUS_PORT),
-            container_port("progress", PROGRESS_PORT),
+            container_port(METRICS_PORT_NAME, PROGRESS_PORT),
         ]),
         resources: Some(trainer_resources),
         volume_mounts: Some(mounts),
@@ -149,6 +153,7 @@ pub fn worker_pod(
             name: Some(pod_name(&name, index)),
             namespace: Some(namespace),
             labels: Some(labels),
+            annotations: (index == 0).then(scrape_annotations),
             owner_references: Some(vec![owner_reference(training)]),
             ..Default::default()
         },
@@ -159,8 +164,8 @@ pub fn worker_pod(
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
             priority_class_name: spec.priority_class_name.clone(),
-            node_selector: node_selector(training),
-            tolerations: tolerations(training),
+            node_selector: node_selector(training, effective),
+            tolerations: tolerations(training, effective),
             affinity: spec.affinity.clone(),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
@@ -222,12 +227,27 @@ fn dataset_input(dataset: &DatasetSpec) -> (Option<Volume>, String, Option<(i64,
     }
 }
 
+/// Prometheus' conventional annotations: rank 0 (in worker 0) alone serves the trainer's `/metrics`.
+fn scrape_annotations() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), PROGRESS_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ])
+}
+
 /// The contract's environment (docs/contract.md); `spec.env` wins over any variable of the same name.
-fn trainer_env(training: &CharLMTraining, name: &str, namespace: &str, index: i32) -> Vec<EnvVar> {
+fn trainer_env(
+    training: &CharLMTraining,
+    effective: &EffectiveSettings,
+    name: &str,
+    namespace: &str,
+    index: i32,
+) -> Vec<EnvVar> {
     let spec = &training.spec;
-    let gpus = spec.gpus_per_worker();
+    let gpus = effective.gpus_per_worker();
     let mut env = vec![
-        value("NNODES", spec.worker_count()),
+        value("NNODES", effective.workers),
         value("NODE_RANK", index),
         value("NPROC_PER_NODE", if gpus > 0 { gpus } else { 1 }),
         value("MASTER_ADDR", master_addr(name, namespace)),
@@ -244,18 +264,18 @@ fn trainer_env(training: &CharLMTraining, name: &str, namespace: &str, index: i3
             }),
         },
         value("CHARLM_DATA", format!("{WORK_DIR}/data")),
-        value("CHARLM_DEPTH", spec.depth),
+        value("CHARLM_DEPTH", effective.depth),
+        value("CHARLM_DEVICE_BATCH_SIZE", effective.device_batch_size),
         value("CHARLM_DEVICE", if gpus > 0 { "cuda" } else { "cpu" }),
         value("CHARLM_CHECKPOINT_DIR", CHECKPOINT_DIR),
         value("CHARLM_METRICS_PORT", PROGRESS_PORT),
         value("CHARLM_TERMINATION_LOG", TERMINATION_LOG),
     ];
     let optional = [
-        ("CHARLM_HOURS", spec.hours.map(|v| v.to_string())),
-        ("CHARLM_MAX_STEPS", spec.max_steps.map(|v| v.to_string())),
+        ("CHARLM_HOURS", effective.hours.map(|v| v.to_string())),
         (
-            "CHARLM_DEVICE_BATCH_SIZE",
-            spec.device_batch_size.map(|v| v.to_string()),
+            "CHARLM_MAX_STEPS",
+            effective.max_steps.map(|v| v.to_string()),
         ),
         (
             "CHARLM_TOTAL_BATCH_SIZE",
@@ -271,6 +291,14 @@ fn trainer_env(training: &CharLMTraining, name: &str, namespace: &str, index: i3
         (
             "CHARLM_KEEP_CHECKPOINTS",
             spec.checkpoint.keep.map(|v| v.to_string()),
+        ),
+        (
+            "CHARLM_EARLY_STOP_PATIENCE",
+            effective.early_stop_patience.map(|v| v.to_string()),
+        ),
+        (
+            "CHARLM_TENSORBOARD_DIR",
+            effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
         ),
     ];
     env.extend(
@@ -322,8 +350,11 @@ fn without_gpus(resources: &ResourceRequirements) -> ResourceRequirements {
     r
 }
 
-fn node_selector(training: &CharLMTraining) -> Option<BTreeMap<String, String>> {
-    match (&training.spec.node_selector, training.spec.gpus > 0) {
+fn node_selector(
+    training: &CharLMTraining,
+    effective: &EffectiveSettings,
+) -> Option<BTreeMap<String, String>> {
+    match (&training.spec.node_selector, effective.gpus > 0) {
         (Some(user), _) => Some(user.clone()),
         (None, true) => Some(BTreeMap::from([(
             GPU_PRODUCT_LABEL.to_string(),
@@ -333,8 +364,11 @@ fn node_selector(training: &CharLMTraining) -> Option<BTreeMap<String, String>> 
     }
 }
 
-fn tolerations(training: &CharLMTraining) -> Option<Vec<Toleration>> {
-    match (&training.spec.tolerations, training.spec.gpus > 0) {
+fn tolerations(
+    training: &CharLMTraining,
+    effective: &EffectiveSettings,
+) -> Option<Vec<Toleration>> {
+    match (&training.spec.tolerations, effective.gpus > 0) {
         (Some(user), _) => Some(user.clone()),
         (None, true) => Some(vec![Toleration {
             key: Some(GPU_RESOURCE.to_string()),
@@ -404,6 +438,11 @@ mod tests {
     use super::*;
     use crate::resources::testing::{cpu_spec, gpu_spec, training};
 
+    fn pod_of(t: &CharLMTraining, index: i32, attempt: i64) -> Pod {
+        let effective = crate::effective::resolve(&t.spec).unwrap();
+        worker_pod(t, &effective, index, attempt, &settings())
+    }
+
     fn settings() -> PodSettings {
         PodSettings {
             default_image: "charlm-trainer:test".into(),
@@ -437,7 +476,7 @@ mod tests {
     #[test]
     fn gpu_worker_follows_the_contract() {
         let t = training(gpu_spec());
-        let pod = worker_pod(&t, 1, 4, &settings());
+        let pod = pod_of(&t, 1, 4);
         assert_eq!(pod.metadata.name.as_deref(), Some("demo-worker-1"));
         let labels = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(labels[WORKER_INDEX_LABEL], "1");
@@ -481,7 +520,16 @@ mod tests {
         assert_eq!(env["CHARLM_DEVICE"], "cuda");
         assert_eq!(env["CHARLM_CHECKPOINT_DIR"], "/checkpoints");
         assert_eq!(env["CHARLM_TERMINATION_LOG"], "/dev/termination-log");
-        assert!(!env.contains_key("CHARLM_DEVICE_BATCH_SIZE"));
+        assert_eq!(
+            env["CHARLM_DEVICE_BATCH_SIZE"], "auto",
+            "the trainer probes the GPU"
+        );
+        assert!(!env.contains_key("CHARLM_EARLY_STOP_PATIENCE"));
+        assert!(!env.contains_key("CHARLM_TENSORBOARD_DIR"));
+        assert!(
+            pod.metadata.annotations.is_none(),
+            "only worker 0 serves /metrics"
+        );
 
         // Only worker 0 mounts the checkpoint volume.
         let mounts: Vec<&str> = c
@@ -505,7 +553,7 @@ mod tests {
 
     #[test]
     fn worker_zero_mounts_checkpoints_and_prepares_from_the_pvc() {
-        let pod = worker_pod(&training(gpu_spec()), 0, 0, &settings());
+        let pod = pod_of(&training(gpu_spec()), 0, 0);
         let spec = pod.spec.unwrap();
         let c = &spec.containers[0];
         assert!(c
@@ -541,7 +589,7 @@ mod tests {
 
     #[test]
     fn cpu_worker_generates_data_and_has_no_gpu_placement() {
-        let pod = worker_pod(&training(cpu_spec()), 0, 0, &settings());
+        let pod = pod_of(&training(cpu_spec()), 0, 0);
         let env = env_of(&pod);
         assert_eq!(env["CHARLM_DEVICE"], "cpu");
         assert_eq!(env["NPROC_PER_NODE"], "1");
@@ -570,7 +618,7 @@ mod tests {
 
     #[test]
     fn pods_run_as_non_root() {
-        let pod = worker_pod(&training(cpu_spec()), 0, 0, &settings());
+        let pod = pod_of(&training(cpu_spec()), 0, 0);
         let spec = pod.spec.unwrap();
         let psc = spec.security_context.unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
@@ -597,7 +645,7 @@ mod tests {
         spec["image"] = "registry.example/trainer:v2".into();
         spec["priorityClassName"] = "high".into();
         spec["dataset"] = serde_json::json!({"configMap": {"name": "tiny"}});
-        let pod = worker_pod(&training(spec), 0, 0, &settings());
+        let pod = pod_of(&training(spec), 0, 0);
         let env = env_of(&pod);
         assert_eq!(env["CHARLM_DEVICE"], "auto");
         assert_eq!(env["NCCL_DEBUG"], "INFO");
@@ -618,5 +666,69 @@ mod tests {
             .find(|v| v.name == "dataset")
             .unwrap();
         assert_eq!(cm.config_map.unwrap().name, "tiny");
+    }
+
+    #[test]
+    fn a_preset_shapes_the_pods() {
+        let mut spec = gpu_spec();
+        let obj = spec.as_object_mut().unwrap();
+        for field in ["depth", "gpus", "hours"] {
+            obj.remove(field);
+        }
+        spec["preset"] = "budget-1000".into();
+        let pod = pod_of(&training(spec.clone()), 0, 0);
+        let env = env_of(&pod);
+        assert_eq!(env["CHARLM_DEPTH"], "48");
+        assert_eq!(env["CHARLM_HOURS"], "31");
+        assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "4");
+        assert_eq!(
+            (env["NNODES"].as_str(), env["NPROC_PER_NODE"].as_str()),
+            ("1", "8")
+        );
+        let limits = pod.spec.as_ref().unwrap().containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
+        assert_eq!(limits[GPU_RESOURCE].0, "8");
+        assert_eq!(
+            pod.spec.unwrap().node_selector.unwrap()[GPU_PRODUCT_LABEL],
+            H100_PRODUCT
+        );
+
+        // Explicit fields win.
+        spec["depth"] = 12.into();
+        spec["deviceBatchSize"] = "auto".into();
+        let env = env_of(&pod_of(&training(spec), 0, 0));
+        assert_eq!(env["CHARLM_DEPTH"], "12");
+        assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "auto");
+        assert_eq!(env["CHARLM_HOURS"], "31");
+    }
+
+    #[test]
+    fn early_stop_and_tensorboard_reach_the_trainer() {
+        let mut spec = cpu_spec();
+        spec["earlyStop"] = serde_json::json!({"patience": 4});
+        spec["tensorboard"] = true.into();
+        spec["deviceBatchSize"] = 16.into();
+        let env = env_of(&pod_of(&training(spec), 0, 0));
+        assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "4");
+        assert_eq!(env["CHARLM_TENSORBOARD_DIR"], "/checkpoints/tensorboard");
+        assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "16");
+    }
+
+    #[test]
+    fn worker_zero_invites_prometheus_to_scrape_its_metrics() {
+        let pod = pod_of(&training(gpu_spec()), 0, 0);
+        let annotations = pod.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "9090");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+        let ports = pod.spec.unwrap().containers[0].ports.clone().unwrap();
+        assert!(ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9090));
     }
 }

@@ -3,8 +3,8 @@ use kube::api::ObjectMeta;
 use kube::ResourceExt;
 
 use super::{
-    common_labels, namespace_of, owner_reference, service_name, PROGRESS_PORT, RENDEZVOUS_PORT,
-    TRAINING_LABEL,
+    common_labels, namespace_of, owner_reference, service_name, METRICS_PORT_NAME, PROGRESS_PORT,
+    RENDEZVOUS_PORT, TRAINING_LABEL,
 };
 use crate::crd::CharLMTraining;
 
@@ -32,7 +32,7 @@ pub fn workers_service(training: &CharLMTraining) -> Service {
             selector: Some([(TRAINING_LABEL.to_string(), name.clone())].into()),
             ports: Some(vec![
                 port("rendezvous", RENDEZVOUS_PORT),
-                port("progress", PROGRESS_PORT),
+                port(METRICS_PORT_NAME, PROGRESS_PORT),
             ]),
             ..Default::default()
         }),
@@ -53,7 +53,18 @@ mod tests {
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         assert_eq!(spec.selector.unwrap()[TRAINING_LABEL], "demo");
-        let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
-        assert_eq!(ports, [29500, 9090]);
+        let ports: Vec<(String, i32)> = spec
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("rendezvous".to_string(), 29500),
+                ("metrics".to_string(), 9090)
+            ]
+        );
     }
 }
