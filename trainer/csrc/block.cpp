@@ -88,12 +88,14 @@ enum KernelId {
   kRelu2Fwd,
   kRelu2Bwd,
   kRelu2BwdDh,
+  kMuonMomentum,
   kNumKernels
 };
 const char* const kKernelNames[kNumKernels] = {
     "charlm_rmsnorm_fwd",   "charlm_rmsnorm_bwd",   "charlm_rmsnorm_fwd_row",
     "charlm_rmsnorm_bwd_row", "charlm_rope_norm_fwd", "charlm_rope_norm_bwd",
-    "charlm_relu2_fwd",     "charlm_relu2_bwd",     "charlm_relu2_bwd_dh"};
+    "charlm_relu2_fwd",     "charlm_relu2_bwd",     "charlm_relu2_bwd_dh",
+    "charlm_muon_momentum"};
 // Widths that are a multiple of 256 (up to 8192) use the block-per-row norms, cols/8 threads.
 bool row_norm(int cols) { return cols % 256 == 0 && cols <= 8192; }
 
@@ -853,6 +855,37 @@ char* charlm_attention_probe(int64_t batch, int64_t heads, int64_t seq, int devi
       worst = std::isfinite(v) ? std::max(worst, v) : INFINITY;
     }
     *rel = worst;
+  });
+}
+
+// Muon's momentum step for fp32 gradients g and momentum m of one shape (m updated in place;
+// coef, a 0-dim fp32 clipping factor, may be NULL): returns bf16 lerp(coef·g, m, beta).
+char* charlm_muon_momentum(const at::Tensor* g, at::Tensor* m, const at::Tensor* coef,
+                           double beta, int fused, at::Tensor** out) {
+  return guarded([&] {
+    Tensor gs = coef != nullptr ? *g * *coef : *g;
+    if (fused == 0) {
+      m->lerp_(gs, 1.0 - beta);
+      *out = new at::Tensor(gs.lerp(*m, beta).to(at::kBFloat16));
+      return;
+    }
+    TORCH_CHECK(g->is_cuda() && g->scalar_type() == at::kFloat && m->scalar_type() == at::kFloat &&
+                    g->is_contiguous() && m->is_contiguous() && g->numel() % 4 == 0 &&
+                    aligned16(*g) && aligned16(*m) && g->sizes() == m->sizes(),
+                "muon momentum: contiguous fp32 CUDA tensors of one shape");
+    Tensor x = at::empty(g->sizes(), g->options().dtype(at::kBFloat16));
+#ifdef CHARLM_WITH_CUDA
+    const void* gp = g->data_ptr();
+    void* mp = m->data_ptr();
+    void* xp = x.data_ptr();
+    Tensor c = coef != nullptr ? coef->to(at::kFloat).contiguous() : Tensor();
+    const void* cp = c.defined() ? c.data_ptr() : nullptr;
+    int64_t n4 = g->numel() / 4;
+    float b = static_cast<float>(beta);
+    void* args[] = {&gp, &mp, &xp, &cp, &n4, &b};
+    launch(*g, kMuonMomentum, n4, 256, args);
+#endif
+    *out = new at::Tensor(std::move(x));
   });
 }
 

@@ -357,3 +357,31 @@ extern "C" __global__ void charlm_relu2_bwd(const bf16* __restrict__ h, bf16* __
   reinterpret_cast<uint4*>(a)[i] = pack8(f);
   reinterpret_cast<uint4*>(da_dh)[i] = pack8(g);
 }
+
+// Muon's Nesterov momentum in one pass, 4 elements a thread (n is a multiple of 4):
+// g' = coef·g (the gradient clipping factor, when given), m ← lerp(m, g', 1 − β),
+// x = bf16(lerp(g', m, β)), the Newton–Schulz input. The lerps are ATen's formulas for those
+// weights (1 − β < 0.5 ≤ β): a + w·(b − a), and b − (b − a)·(1 − w).
+extern "C" __global__ void charlm_muon_momentum(const float* __restrict__ g, float* __restrict__ m,
+                                                bf16* __restrict__ x,
+                                                const float* __restrict__ coef, int64_t n4,
+                                                float beta) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n4) return;
+  const float c = coef ? *coef : 1.f;
+  float4 gv = reinterpret_cast<const float4*>(g)[i];
+  float4 mv = reinterpret_cast<float4*>(m)[i];
+  float gs[4] = {gv.x * c, gv.y * c, gv.z * c, gv.w * c};
+  float ms[4] = {mv.x, mv.y, mv.z, mv.w};
+  const float w = 1.f - beta;
+  float out[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    ms[k] = ms[k] + w * (gs[k] - ms[k]);
+    out[k] = ms[k] - (ms[k] - gs[k]) * (1.f - beta);
+  }
+  reinterpret_cast<float4*>(m)[i] = make_float4(ms[0], ms[1], ms[2], ms[3]);
+  bf162* xo = reinterpret_cast<bf162*>(x + 4 * i);
+  xo[0] = __floats2bfloat162_rn(out[0], out[1]);
+  xo[1] = __floats2bfloat162_rn(out[2], out[3]);
+}

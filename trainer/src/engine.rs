@@ -405,6 +405,7 @@ impl Engine {
             keep_activations,
         };
         self.muon.fused = kernels != Kernels::Reference;
+        self.muon.cuda_kernels = kernels == Kernels::Fused;
         self.muon.chunk_bytes = muon_chunk_bytes;
         self.cache = weight_cache.then(|| WeightCache {
             stacks: self
@@ -536,8 +537,9 @@ impl Engine {
             bail!("optimizer step before any backward pass");
         }
         pg.all_reduce(&grads, ReduceOp::Avg)?;
+        let fused = self.muon.fused;
+        let mut clip = None;
         if grad_clip > 0.0 {
-            let fused = self.muon.fused;
             tch::no_grad(|| {
                 // The fast path reads each buffer once (a norm); the reference squares first.
                 let total = if fused {
@@ -558,12 +560,19 @@ impl Engine {
                     .reciprocal()
                     .g_mul_scalar(grad_clip)
                     .clamp_max(1.0);
-                for g in &grads {
-                    let _ = g.shallow_clone().g_mul_(&coef);
+                // The fast path folds the factor into Muon's momentum pass; AdamW's gradients
+                // (and all of the reference's) are scaled here.
+                let muon_grads = self.muon.grads().len();
+                for (i, g) in grads.iter().enumerate() {
+                    if !(fused && i < muon_grads) {
+                        let _ = g.shallow_clone().g_mul_(&coef);
+                    }
                 }
+                clip = Some(coef);
             });
         }
-        self.muon.step(lr_mult, momentum);
+        self.muon
+            .step(lr_mult, momentum, if fused { clip.as_ref() } else { None });
         self.adamw.step(lr_mult);
         self.muon.zero_grads();
         for mut p in self.adamw.params() {

@@ -30,6 +30,14 @@ extern "C" {
         device: c_int,
         rel: *mut f64,
     ) -> *mut c_char;
+    fn charlm_muon_momentum(
+        g: *const CTensor,
+        m: *mut CTensor,
+        coef: *const CTensor,
+        beta: f64,
+        fused: c_int,
+        out: *mut *mut CTensor,
+    ) -> *mut c_char;
     fn charlm_add_scaled(dst: *mut CTensor, src: *const CTensor, alpha: f64) -> *mut c_char;
     fn charlm_set_grad(param: *mut CTensor, grad: *const CTensor) -> *mut c_char;
     fn charlm_fused_status(device: c_int) -> *mut c_char;
@@ -143,6 +151,30 @@ pub fn attention_probe(batch: i64, heads: i64, seq: i64, index: usize) -> Result
     let mut rel = f64::NAN;
     check(unsafe { charlm_attention_probe(batch, heads, seq, index as c_int, &mut rel) })?;
     Ok(rel)
+}
+
+/// Muon's momentum step: `m ← lerp(m, coef·g, 1 − β)` in place, and returns
+/// `bf16(lerp(coef·g, m, β))`, one CUDA kernel when `fused`, else ATen's lerps.
+pub fn muon_momentum(
+    g: &Tensor,
+    m: &Tensor,
+    coef: Option<&Tensor>,
+    beta: f64,
+    fused: bool,
+) -> Result<Tensor> {
+    let mut out: *mut CTensor = std::ptr::null_mut();
+    // SAFETY: live tensors; m is updated in place through its storage; out is a new tensor.
+    check(unsafe {
+        charlm_muon_momentum(
+            ptr(Some(g)),
+            m.as_ptr() as *mut CTensor,
+            ptr(coef),
+            beta,
+            fused as c_int,
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
 
 /// `dst += alpha · src` in `dst`'s type, in place.

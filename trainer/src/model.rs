@@ -424,6 +424,9 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_full_forward() {
+        let _seed = crate::verify::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let model = Gpt::new(GptConfig::new(2, 32), Device::Cpu, 7);
         // Perturb the zero-initialised projections so attention actually mixes positions.
         tch::no_grad(|| {

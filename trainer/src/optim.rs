@@ -46,29 +46,28 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
 
 /// [`orthogonalize`] with each polynomial step as two fused matrix products (cuBLAS's
 /// `β·C + α·A·B`): the same iteration, with one bf16 rounding per product instead of one per
-/// elementwise operation, and no elementwise passes over strided (transposed) matrices.
+/// elementwise operation. A tall matrix is not transposed: its Gram matrix is `XᵀX` and the
+/// update `a·X + X·P` (P is symmetric), the transpose of the wide iteration, so every operand
+/// stays contiguous.
 pub fn orthogonalize_fused(g: &Tensor, steps: usize) -> Tensor {
     let (a, b, c) = NS_COEFFS;
     let size = g.size();
     let tall = size[size.len() - 2] > size[size.len() - 1];
-    let oriented = if tall {
-        g.transpose(-2, -1)
-    } else {
-        g.shallow_clone()
-    };
-    let mut x = oriented.to_kind(Kind::BFloat16).contiguous();
+    let mut x = g.to_kind(Kind::BFloat16).contiguous();
     let norm = x.norm_scalaropt_dim_dtype(2.0, &[-2i64, -1][..], true, Kind::Float);
     x /= (norm + 1e-7).to_kind(Kind::BFloat16);
     for _ in 0..steps {
-        let gram = x.matmul(&x.transpose(-2, -1));
-        let poly = gram.baddbmm(&gram, &gram, b, c);
-        x = x.baddbmm(&poly, &x, a, 1.0);
+        if tall {
+            let gram = x.transpose(-2, -1).matmul(&x);
+            let poly = gram.baddbmm(&gram, &gram, b, c);
+            x = x.baddbmm(&x, &poly, a, 1.0);
+        } else {
+            let gram = x.matmul(&x.transpose(-2, -1));
+            let poly = gram.baddbmm(&gram, &gram, b, c);
+            x = x.baddbmm(&poly, &x, a, 1.0);
+        }
     }
-    if tall {
-        x.transpose(-2, -1)
-    } else {
-        x
-    }
+    x
 }
 
 /// Matrices of one shape, updated together: one batched Newton–Schulz call per shape (or per chunk
@@ -89,8 +88,11 @@ pub struct Muon {
     /// Most fp32 gradient bytes one Newton–Schulz batch takes (0: a whole group at once), which
     /// bounds the step's temporary memory; the arithmetic per matrix does not change.
     pub chunk_bytes: i64,
-    /// [`orthogonalize_fused`] and one fused update per matrix, instead of the first version.
+    /// [`orthogonalize_fused`], one momentum pass and one fused update per matrix, instead of
+    /// the first version.
     pub fused: bool,
+    /// The momentum pass as a CUDA kernel (else its ATen twin).
+    pub cuda_kernels: bool,
     groups: Vec<MuonGroup>,
     /// Parameter name → (group, index in the group).
     index: BTreeMap<String, (usize, i64)>,
@@ -131,6 +133,7 @@ impl Muon {
             ns_steps: 5,
             chunk_bytes: 0,
             fused: false,
+            cuda_kernels: false,
             groups,
             index,
         }
@@ -157,8 +160,9 @@ impl Muon {
     }
 
     /// One update with learning-rate multiplier `lr_mult` and momentum `beta`. The gradients are
-    /// consumed (overwritten by their Nesterov blend).
-    pub fn step(&mut self, lr_mult: f64, beta: f64) {
+    /// consumed (overwritten by their Nesterov blend in the first version). `clip` scales the
+    /// gradients first (the fused path only; the first version expects them scaled already).
+    pub fn step(&mut self, lr_mult: f64, beta: f64, clip: Option<&Tensor>) {
         let _guard = tch::no_grad_guard();
         for group in &mut self.groups {
             let n = group.params.len() as i64;
@@ -174,16 +178,18 @@ impl Muon {
                 let k = per.min(n - start);
                 let mut g = group.grads.narrow(0, start, k);
                 let mut m = group.momentum.narrow(0, start, k);
-                let _ = m.lerp_(&g, 1.0 - beta);
-                let _ = g.lerp_(&m, beta);
                 let scale = -self.lr * lr_mult * aspect;
                 if self.fused {
-                    let update = orthogonalize_fused(&g, self.ns_steps);
+                    let x = crate::fused::muon_momentum(&g, &m, clip, beta, self.cuda_kernels)
+                        .expect("Muon momentum");
+                    let update = orthogonalize_fused(&x, self.ns_steps);
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
                         crate::fused::add_scaled(p, &update.get(i), scale).expect("Muon update");
                     }
                 } else {
+                    let _ = m.lerp_(&g, 1.0 - beta);
+                    let _ = g.lerp_(&m, beta);
                     let update = orthogonalize(&g, self.ns_steps).to_kind(Kind::Float) * scale;
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
@@ -331,6 +337,9 @@ mod tests {
 
     #[test]
     fn newton_schulz_gives_near_orthogonal_rows() {
+        let _seed = crate::verify::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(0);
         for shape in [[2i64, 16, 48], [1, 48, 16]] {
             let g = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
@@ -372,6 +381,9 @@ mod tests {
 
     #[test]
     fn fused_newton_schulz_is_as_close_to_exact_as_the_first_version() {
+        let _seed = crate::verify::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
         for shape in [[3i64, 64, 192], [2, 192, 64], [4, 128, 128]] {
             let g = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
@@ -399,6 +411,9 @@ mod tests {
 
     #[test]
     fn adamw_matches_the_closed_form_first_step() {
+        let _seed = crate::verify::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // After one step Adam moves each weight by lr·sign(g) (up to eps).
         let p = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
         (&p * Tensor::from_slice(&[0.5f32, -0.25, 2.0]))

@@ -59,6 +59,15 @@ pub fn fused_vs_eager(shape: OpShape, device: Device) -> Result<Vec<Diff>> {
             out.push(diff(format!("{name}[{i}]"), f, e));
         }
     }
+    // Muon's momentum pass, on [4, C, 4C] fp32 gradients with a clipping factor.
+    let g = Tensor::randn([4, shape.c, 4 * shape.c], (Kind::Float, device));
+    let m0 = Tensor::randn([4, shape.c, 4 * shape.c], (Kind::Float, device));
+    let coef = Tensor::from(0.7f32).to_device(device);
+    let (m_eager, m_fused) = (m0.copy(), m0.copy());
+    let x_eager = fused::muon_momentum(&g, &m_eager, Some(&coef), 0.9, false)?;
+    let x_fused = fused::muon_momentum(&g, &m_fused, Some(&coef), 0.9, true)?;
+    out.push(diff("muon_momentum.x", &x_fused, &x_eager));
+    out.push(diff("muon_momentum.m", &m_fused, &m_eager));
     Ok(out)
 }
 
