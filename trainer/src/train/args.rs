@@ -81,4 +81,9 @@ pub struct Args {
     /// Write TensorBoard event files (loss, bpc, tokens/s, MFU) into this directory.
     #[arg(long, env = "CHARLM_TENSORBOARD_DIR")]
     pub tensorboard_dir: Option<PathBuf>,
+    /// Speed and memory choices of the training step (--kernels, --recompute, --weight-cache,
+    /// --attention, --keep-activations); `auto` picks by device and memory.
+    /// (Boxed: it would make `Args` the one large variant of the command enum.)
+    #[command(flatten)]
+    pub engine: Box<crate::engine::EngineOptions>,
 }

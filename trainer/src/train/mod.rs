@@ -99,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
         embedding: args.embedding_lr,
         unembedding: args.unembedding_lr,
     };
-    let mut engine = Engine::new(config, device, plan.seed, lrs);
+    let mut engine = Engine::with_options(config, device, plan.seed, lrs, *args.engine);
     if is_main {
         eprintln!(
             "model: depth {} width {} heads {} | {} parameters ({} in matrices) | {:.3e} FLOPs/token",
