@@ -1,6 +1,7 @@
 // Device facts libtorch has but tch does not expose: the GPU's name and the caching allocator's
 // peak, which `bench` and the progress endpoint report. Compiled only into CUDA-capable builds
 // (every build from the PyPI wheel); the functions return -1 when no GPU is present.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -57,6 +58,17 @@ int charlm_cuda_empty_cache() {
     return 0;
   } catch (...) {
     return -1;
+  }
+}
+
+// A pinned copy of a host tensor, as a new `at::Tensor*` (tch's `C_tensor`), or null on failure.
+// tch's own pin_memory always names the device, which libtorch 2.11 deprecates with a warning
+// printed on every call, i.e. on every micro-batch.
+void* charlm_pin_memory(const void* tensor) {
+  try {
+    return new at::Tensor(static_cast<const at::Tensor*>(tensor)->pin_memory());
+  } catch (...) {
+    return nullptr;
   }
 }
 

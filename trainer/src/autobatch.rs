@@ -3,9 +3,9 @@
 //! total batch, so the optimisation itself does not change with the GPU.
 //!
 //! On a GPU the check is a real probe: one forward, backward and optimizer step (learning rate 0)
-//! at each candidate size, largest first, on a throwaway copy of the model, reading the caching
-//! allocator's peak; an out-of-memory error just means "too big". On a CPU (and to test this logic
-//! without a GPU) the check is an analytic estimate against a memory limit: the
+//! at a candidate size, on a throwaway copy of the model with the run's engine options, reading
+//! the caching allocator's peak; an out-of-memory error just means "too big". On a CPU (and to
+//! test this logic without a GPU) the check is an analytic estimate against a memory limit: the
 //! `CHARLM_MEMORY_LIMIT_GIB` variable, or half the machine's memory.
 
 use std::fmt;
@@ -16,7 +16,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{DistEnv, ProcessGroup};
-use crate::engine::{Engine, LearningRates};
+use crate::engine::{Engine, EngineOptions, LearningRates, Recompute};
 use crate::model::GptConfig;
 
 /// Share of the GPU's memory a probe may peak at: the rest is headroom for fragmentation,
@@ -69,17 +69,24 @@ pub fn candidates(per_rank_sequences: Option<i64>) -> Vec<i64> {
     out
 }
 
-/// The first (largest) candidate that fits; `fits` is asked largest first and may fail.
+/// The largest of `candidates` (sorted largest first) that fits. Memory only grows with the
+/// micro-batch, so "fits" is monotone and a binary search asks `fits` about log2(n) candidates
+/// instead of each in turn: a GPU probe at depth 48 builds a 5 B-parameter model every time.
 pub fn largest_fitting(
     candidates: &[i64],
     mut fits: impl FnMut(i64) -> Result<bool>,
 ) -> Result<Option<i64>> {
-    for &b in candidates {
-        if fits(b)? {
-            return Ok(Some(b));
+    // candidates[..lo] are known not to fit; candidates[hi..] are known to fit (or hi = len).
+    let (mut lo, mut hi) = (0, candidates.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if fits(candidates[mid])? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
         }
     }
-    Ok(None)
+    Ok(candidates.get(lo).copied())
 }
 
 /// A rough upper estimate of the bytes one training step needs at micro-batch `b`: fp32 weights,
@@ -121,17 +128,43 @@ pub fn cpu_limit_bytes() -> u64 {
     total_kib * 1024 / 2
 }
 
-/// Whether one training step at micro-batch `b` fits on `device`.
-pub fn fits(config: &GptConfig, b: i64, device: Device) -> Result<bool> {
-    match device {
-        Device::Cuda(_) => probe_gpu(config, b, device),
-        _ => Ok(estimate_bytes(config, b, Kind::Float) <= cpu_limit_bytes()),
+/// The largest candidate whose training step fits on `device` with the run's engine `options`.
+/// Recomputing activations buys memory with time, so on a GPU it is only a second resort: first
+/// the largest micro-batch that fits without it; only when none does (depth 48 on one H100, say),
+/// the largest that fits when every block recomputes — the engine's planner then recomputes as few
+/// blocks as fit at that size.
+pub fn choose(
+    config: &GptConfig,
+    candidates: &[i64],
+    device: Device,
+    options: &EngineOptions,
+) -> Result<Option<i64>> {
+    if !device.is_cuda() {
+        let limit = cpu_limit_bytes();
+        return largest_fitting(candidates, |b| {
+            Ok(estimate_bytes(config, b, Kind::Float) <= limit)
+        });
     }
+    if options.recompute != Recompute::Auto {
+        return largest_fitting(candidates, |b| probe_gpu(config, b, device, options));
+    }
+    let without = EngineOptions {
+        recompute: Recompute::Blocks(0),
+        ..*options
+    };
+    if let Some(b) = largest_fitting(candidates, |b| probe_gpu(config, b, device, &without))? {
+        return Ok(Some(b));
+    }
+    let every_block = EngineOptions {
+        recompute: Recompute::Blocks(i64::MAX),
+        ..*options
+    };
+    largest_fitting(candidates, |b| probe_gpu(config, b, device, &every_block))
 }
 
 /// Runs one step at micro-batch `b` on a fresh model; false when it runs out of memory or peaks
 /// above [`HEADROOM`] of the GPU.
-fn probe_gpu(config: &GptConfig, b: i64, device: Device) -> Result<bool> {
+fn probe_gpu(config: &GptConfig, b: i64, device: Device, options: &EngineOptions) -> Result<bool> {
     let total = crate::cuda::total_memory(device).unwrap_or(u64::MAX) as f64;
     let pg = ProcessGroup::init(
         &DistEnv::single(),
@@ -142,7 +175,8 @@ fn probe_gpu(config: &GptConfig, b: i64, device: Device) -> Result<bool> {
     let quiet = panic::take_hook();
     panic::set_hook(Box::new(|_| {}));
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| -> Result<f64> {
-        let mut engine = Engine::new(*config, device, 0, LearningRates::default());
+        let lr = LearningRates::default();
+        let mut engine = Engine::with_options(*config, device, 0, lr, *options);
         crate::cuda::reset_peak_memory(device);
         let t = config.seq_len;
         let all = Tensor::randint(crate::vocab::BOS as i64, [b, t + 1], (Kind::Int64, device));
@@ -192,16 +226,19 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_fitting_candidate_is_chosen_and_probing_stops_there() {
-        let mut asked = Vec::new();
-        let chosen = largest_fitting(&[16, 8, 4, 2, 1], |b| {
-            asked.push(b);
-            Ok(b <= 4)
-        })
-        .unwrap();
-        assert_eq!(chosen, Some(4));
-        assert_eq!(asked, vec![16, 8, 4]);
-        assert_eq!(largest_fitting(&[2, 1], |_| Ok(false)).unwrap(), None);
+    fn the_largest_fitting_candidate_is_found_with_few_probes() {
+        let all = candidates(None);
+        for limit in [0, 1, 2, 4, 16, 128, 256] {
+            let mut asked = Vec::new();
+            let chosen = largest_fitting(&all, |b| {
+                asked.push(b);
+                Ok(b <= limit)
+            })
+            .unwrap();
+            assert_eq!(chosen, (limit > 0).then_some(limit), "limit {limit}");
+            assert!(asked.len() <= 4, "limit {limit}: asked {asked:?}");
+        }
+        assert_eq!(largest_fitting(&[], |_| Ok(true)).unwrap(), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! GPU facts from libtorch's CUDA side (see csrc/cuda_info.cpp): the device's name and the caching
 //! allocator's peak, for benchmarks and progress reports. On CPU they say so instead of guessing.
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 extern "C" {
     fn charlm_cuda_device_name(device: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
@@ -9,6 +9,7 @@ extern "C" {
     fn charlm_cuda_reset_peak(device: i32) -> i32;
     fn charlm_cuda_total_memory(device: i32) -> i64;
     fn charlm_cuda_empty_cache() -> i32;
+    fn charlm_pin_memory(tensor: *const std::ffi::c_void) -> *mut std::ffi::c_void;
 }
 
 pub fn device_name(device: Device) -> String {
@@ -67,4 +68,16 @@ pub fn empty_cache(device: Device) {
         // SAFETY: a plain allocator call.
         unsafe { charlm_cuda_empty_cache() };
     }
+}
+
+/// A copy of host tensor `t` in pinned memory, so that its copy to the GPU can overlap with the
+/// GPU's work; `t` itself when pinning fails (the copy is then merely synchronous).
+pub fn pinned(t: &Tensor) -> Tensor {
+    // SAFETY: a tch tensor handle is an `at::Tensor*`; the bridge only reads through it and
+    // returns a new heap handle (or null), whose ownership passes to the returned Tensor.
+    let out = unsafe { charlm_pin_memory(t.as_ptr().cast()) };
+    if out.is_null() {
+        return t.shallow_clone();
+    }
+    unsafe { Tensor::from_ptr(out.cast()) }
 }

@@ -111,9 +111,8 @@ pub fn resolve_micro_batch(
         None => None,
     };
     let t0 = Instant::now();
-    let chosen = autobatch::largest_fitting(&autobatch::candidates(per_rank), |b| {
-        autobatch::fits(config, b, device)
-    })?;
+    let candidates = autobatch::candidates(per_rank);
+    let chosen = autobatch::choose(config, &candidates, device, &args.engine)?;
     let least = consensus::min_over_ranks(pg, device, chosen.map_or(0.0, |b| b as f64))?;
     if least < 1.0 {
         let limit = if device.is_cuda() {

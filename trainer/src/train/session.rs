@@ -430,8 +430,7 @@ fn train_batch(
     let all = Tensor::from_slice(&buf).view([b, t + 1]);
     // Pinned memory lets the copy overlap with the GPU's work instead of waiting for it.
     let all = if device.is_cuda() {
-        all.pin_memory(device)
-            .to_device_(device, Kind::Int64, true, false)
+        crate::cuda::pinned(&all).to_device_(device, Kind::Int64, true, false)
     } else {
         all
     };
