@@ -42,9 +42,10 @@ ARG RUST_VERSION
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential curl pkg-config \
  && rm -rf /var/lib/apt/lists/*
-# Headers the trainer's C++ bridge compiles against (as scripts/setup installs them).
+# Headers the trainer's C++ bridge compiles against and nvcc for its fused CUDA kernels (the same
+# list as scripts/setup; without nvcc the build warns and the image falls back to eager kernels).
 RUN /opt/torch/bin/pip install --no-cache-dir --disable-pip-version-check \
-    "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*"
+    "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.*"
 ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
 ENV PATH=/opt/torch/bin:/opt/cargo/bin:$PATH VIRTUAL_ENV=/opt/torch LIBTORCH_USE_PYTORCH=1
