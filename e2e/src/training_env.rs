@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use charlm_operator::crd::{CharLMTraining, Phase};
@@ -93,6 +93,26 @@ impl TestEnv {
 
     pub fn pvcs(&self) -> Api<PersistentVolumeClaim> {
         Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    /// A ReadOnlyMany claim `name` with a volume made for it, as a user's dataset claim: the
+    /// control plane's hostPath provisioner cannot offer that access mode.
+    pub async fn provide_read_only_claim(&self, name: &str) {
+        let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                "resources": {"requests": {"storage": "1Gi"}}
+            }
+        }))
+        .unwrap();
+        self.pvcs()
+            .create(&PostParams::default(), &claim)
+            .await
+            .unwrap();
+        cluster::provide_volume(&self.admin, &self.ns, name)
+            .await
+            .unwrap();
     }
 
     pub fn services(&self) -> Api<Service> {

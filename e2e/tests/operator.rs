@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ResourceQuota};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
@@ -245,21 +245,7 @@ async fn gpu_example_runs_on_h100_nodes_under_the_chart_rbac() {
     // The example reads .txt files from the claim `charlm-texts`, which the user provides; every
     // worker mounts it read-only, which the control plane's hostPath provisioner cannot offer, so
     // it gets a volume made for it.
-    let texts: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": "charlm-texts"},
-        "spec": {
-            "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-            "resources": {"requests": {"storage": "1Gi"}}
-        }
-    }))
-    .unwrap();
-    env.pvcs()
-        .create(&PostParams::default(), &texts)
-        .await
-        .unwrap();
-    cluster::provide_volume(&env.admin, &env.ns, "charlm-texts")
-        .await
-        .unwrap();
+    env.provide_read_only_claim("charlm-texts").await;
 
     let manifest = example("gpu-training.yaml");
     env.apply(&manifest.to_string()).await;
@@ -1321,21 +1307,7 @@ fn at_second(second: i64) -> String {
 async fn a_preset_fills_the_spec_and_explicit_fields_win() {
     let mut env = TestEnv::new("preset").await;
     env.start_operator("operator-1").await;
-    let texts: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": "charlm-texts"},
-        "spec": {
-            "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-            "resources": {"requests": {"storage": "1Gi"}}
-        }
-    }))
-    .unwrap();
-    env.pvcs()
-        .create(&PostParams::default(), &texts)
-        .await
-        .unwrap();
-    cluster::provide_volume(&env.admin, &env.ns, "charlm-texts")
-        .await
-        .unwrap();
+    env.provide_read_only_claim("charlm-texts").await;
 
     // The example as the README shows it: budget-100 with early stop and TensorBoard.
     let manifest = example("budget-100.yaml");

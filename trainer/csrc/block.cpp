@@ -43,6 +43,8 @@
 #include "charlm_kernels_fatbin.inc"  // kCharlmFatbin, kCharlmFatbinSize (0 when nvcc was absent)
 #endif
 
+#include "guarded.h"
+
 namespace {
 
 using at::Tensor;
@@ -53,25 +55,8 @@ using torch::autograd::variable_list;
 constexpr double kEps = 1.1920928955078125e-07;
 constexpr int64_t kHead = 128;
 
-char* copy_message(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) std::memcpy(out, message.c_str(), message.size() + 1);
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
+using charlm::copy_message;
+using charlm::guarded;
 
 // ---------------------------------------------------------------------------------------------
 // Fused kernels: the fatbin built from kernels.cu, loaded once per device with the driver API

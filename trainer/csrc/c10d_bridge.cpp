@@ -21,31 +21,12 @@
 #include <string>
 #include <vector>
 
+#include "guarded.h"
+
 namespace {
 
-char* copy_message(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message.c_str(), message.size() + 1);
-  }
-  return out;
-}
-
-// Runs `body`; returns NULL, or the exception's message. c10::Error's what() carries a C++
-// backtrace; what_without_backtrace() is the part a user can act on.
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
+using charlm::copy_message;
+using charlm::guarded;
 
 struct Store {
   c10::intrusive_ptr<c10d::Store> inner;

@@ -254,6 +254,17 @@ impl Gpt {
         }
     }
 
+    /// The normed token embeddings of `idx` in the compute precision `kind`.
+    fn embed(&self, idx: &Tensor, kind: Kind) -> Tensor {
+        norm(&Tensor::embedding(
+            &self.wte.to_kind(kind),
+            idx,
+            -1,
+            false,
+            false,
+        ))
+    }
+
     /// Logits `[B, T, vocab]` in fp32 for token ids `[B, T]`, optionally continuing a KV cache.
     // `x = x + …` stays out of place: autograd saved `x` for the backward of `norm(&x)`.
     #[allow(clippy::assign_op_pattern)]
@@ -263,13 +274,7 @@ impl Gpt {
         let start = cache.as_ref().map_or(0, |c| c.pos);
         let (cos, sin) = rotary_tables(start, t, idx.device(), kind);
         let (h, d) = (self.config.heads(), HEAD_DIM);
-        let mut x = norm(&Tensor::embedding(
-            &self.wte.to_kind(kind),
-            idx,
-            -1,
-            false,
-            false,
-        ));
+        let mut x = self.embed(idx, kind);
         for (layer, blk) in self.blocks.iter().enumerate() {
             let xn = norm(&x);
             let q = xn.matmul(&blk.c_q.to_kind(kind).tr()).view([b, t, h, d]);
@@ -324,14 +329,7 @@ impl Gpt {
         let (cos, sin) = rotary_tables(0, t, idx.device(), kind);
         let (cos, sin) = (cos.view([t, HEAD_DIM / 2]), sin.view([t, HEAD_DIM / 2]));
         let c = self.config.width();
-        let mut x = norm(&Tensor::embedding(
-            &self.wte.to_kind(kind),
-            idx,
-            -1,
-            false,
-            false,
-        ))
-        .view([b * t, c]);
+        let mut x = self.embed(idx, kind).view([b * t, c]);
         for (blk, v) in self.blocks.iter().zip(&runner.blocks) {
             let tensors = crate::fused::BlockTensors {
                 wqkv: v.wqkv.as_ref(),
