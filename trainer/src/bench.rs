@@ -10,7 +10,9 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{DistEnv, ProcessGroup};
-use crate::engine::{Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Toggle};
+use crate::engine::{
+    Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved, Toggle,
+};
 use crate::model::GptConfig;
 use crate::train::PEAK_FLOPS;
 use crate::{cuda, user_bail};
@@ -66,11 +68,8 @@ pub struct Report {
     pub step_ms: f64,
     pub peak_gib: Option<f64>,
     /// What the engine options resolved to.
-    pub kernels: Kernels,
-    pub recompute_blocks: i64,
-    pub weight_cache: bool,
-    pub attention: Attention,
-    pub keep_activations: bool,
+    #[serde(flatten)]
+    pub engine: Resolved,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -91,16 +90,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let report = measure(&args, device)?;
     eprintln!(
-        "bench: depth {} batch {}×{} on {} ({:?}, {:?} attention, recompute {}, weight cache {}, keep act {}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
+        "bench: depth {} batch {}×{} on {} ({}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
         report.depth,
         report.device_batch_size,
         report.accum,
         report.device,
-        report.kernels,
-        report.attention,
-        report.recompute_blocks,
-        report.weight_cache,
-        report.keep_activations,
+        report.engine,
         report.tokens_per_s,
         report.mfu * 100.0,
         report.step_ms,
@@ -179,11 +174,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
         mfu: config.flops_per_token() * tokens_per_s / PEAK_FLOPS,
         step_ms: seconds * 1000.0 / args.steps as f64,
         peak_gib: cuda::peak_memory_gib(device),
-        kernels: resolved.kernels,
-        recompute_blocks: resolved.recompute_blocks,
-        weight_cache: resolved.weight_cache,
-        attention: resolved.attention,
-        keep_activations: resolved.keep_activations,
+        engine: resolved,
     })
 }
 

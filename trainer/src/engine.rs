@@ -147,6 +147,20 @@ pub struct Resolved {
     pub keep_activations: bool,
 }
 
+impl std::fmt::Display for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} kernels, {:?} attention, recompute {}, weight cache {}, keep act {}",
+            self.kernels,
+            self.attention,
+            self.recompute_blocks,
+            self.weight_cache,
+            self.keep_activations
+        )
+    }
+}
+
 /// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
 /// docs/performance.md for how they compare with measured peaks).
 #[derive(Clone, Copy, Debug)]

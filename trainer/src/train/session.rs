@@ -124,6 +124,11 @@ impl Session<'_> {
             let lr_mult = lr_multiplier(progress, self.args.warmdown_ratio);
             let t0 = Instant::now();
             let loss = self.train_step(lr_mult)?;
+            if step_times.is_empty() && self.is_main() {
+                if let Some(resolved) = self.engine.resolved() {
+                    eprintln!("engine: {resolved}");
+                }
+            }
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
             if step_times.len() == 20 {
                 step_times.pop_front();
