@@ -124,7 +124,8 @@ impl Session<'_> {
             let lr_mult = lr_multiplier(progress, self.args.warmdown_ratio);
             let t0 = Instant::now();
             let loss = self.train_step(lr_mult)?;
-            if step_times.is_empty() && self.is_main() {
+            // What `auto` chose is a GPU matter (on a CPU the block path is plain eager ATen).
+            if step_times.is_empty() && self.is_main() && self.device.is_cuda() {
                 if let Some(resolved) = self.engine.resolved() {
                     eprintln!("engine: {resolved}");
                 }
