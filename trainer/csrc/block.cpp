@@ -425,6 +425,21 @@ Tensor cpu_probs(const Tensor& q4, const Tensor& k4) {
   return at::softmax(s.masked_fill(mask, -std::numeric_limits<double>::infinity()), -1);
 }
 
+// cuDNN's and flash's forwards both begin their outputs with these eight, which their backwards take.
+template <typename Outputs>
+Attention from_outputs(const Outputs& r) {
+  Attention a;
+  a.y4 = std::get<0>(r);
+  a.lse = std::get<1>(r);
+  a.cum_q = std::get<2>(r);
+  a.cum_k = std::get<3>(r);
+  a.max_q = std::get<4>(r).expect_int();
+  a.max_k = std::get<5>(r).expect_int();
+  a.seed = std::get<6>(r);
+  a.offset = std::get<7>(r);
+  return a;
+}
+
 Attention attn_fwd(const Tensor& q4, const Tensor& k4, const Tensor& v4, bool cudnn) {
   Attention a;
   if (q4.is_cuda() && cudnn) {
@@ -432,25 +447,11 @@ Attention attn_fwd(const Tensor& q4, const Tensor& k4, const Tensor& v4, bool cu
                                                      /*compute_log_sumexp=*/true, 0.0,
                                                      /*is_causal=*/true,
                                                      /*return_debug_mask=*/false);
-    a.y4 = std::get<0>(r);
-    a.lse = std::get<1>(r);
-    a.cum_q = std::get<2>(r);
-    a.cum_k = std::get<3>(r);
-    a.max_q = std::get<4>(r).expect_int();
-    a.max_k = std::get<5>(r).expect_int();
-    a.seed = std::get<6>(r);
-    a.offset = std::get<7>(r);
+    a = from_outputs(r);
   } else if (q4.is_cuda()) {
     auto r = at::_scaled_dot_product_flash_attention(q4, k4, v4, 0.0, /*is_causal=*/true,
                                                      /*return_debug_mask=*/false);
-    a.y4 = std::get<0>(r);
-    a.lse = std::get<1>(r);
-    a.cum_q = std::get<2>(r);
-    a.cum_k = std::get<3>(r);
-    a.max_q = std::get<4>(r).expect_int();
-    a.max_k = std::get<5>(r).expect_int();
-    a.seed = std::get<6>(r);
-    a.offset = std::get<7>(r);
+    a = from_outputs(r);
   } else {
     a.y4 = at::matmul(cpu_probs(q4, k4), v4);
   }
