@@ -406,6 +406,15 @@ pub fn operator_binary() -> PathBuf {
     .clone()
 }
 
+/// `--progress-networks` of the operators the tests start: the networks `traffic` allows.
+fn progress_networks() -> String {
+    crate::traffic::allowed_networks()
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -414,11 +423,13 @@ fn free_port() -> u16 {
 }
 
 /// One `charlm-operator run` process; killed (SIGKILL) when dropped.
+/// Its sockets are watched for peers off this machine from start to end (`traffic`).
 pub struct Operator {
     child: Child,
     pub identity: String,
     pub log: PathBuf,
     pub metrics_port: u16,
+    traffic: crate::traffic::TrafficWatch,
 }
 
 #[derive(Clone, Debug)]
@@ -454,6 +465,9 @@ impl Operator {
                 options.lease_duration_seconds
             ))
             .arg(format!("--identity={}", options.identity))
+            // The plane's pods live on loopback (kwok's --cidr, the stand-in's 127.0.0.N): the
+            // operator is told so and dials nothing else; the watch below checks that it does not.
+            .arg(format!("--progress-networks={}", progress_networks()))
             .args(&options.extra_args)
             .env("KUBECONFIG", &options.kubeconfig)
             .env("RUST_LOG", "info,charlm_operator=debug,kube=warn")
@@ -462,12 +476,34 @@ impl Operator {
             .stderr(err)
             .spawn()
             .expect("starting charlm-operator");
+        let traffic =
+            crate::traffic::TrafficWatch::start(child.id(), crate::traffic::allowed_networks());
         Operator {
             child,
             identity: options.identity.clone(),
             log,
             metrics_port,
+            traffic,
         }
+    }
+
+    /// Peers outside loopback (and the run's own networks) that the operator had a socket to.
+    pub fn off_machine_peers(&self) -> Vec<String> {
+        self.traffic.seen()
+    }
+
+    /// `charlm_operator_progress_polls_total` for one `result` (`ok`, `unreachable`, `bad_answer`,
+    /// `refused`: the pod's address was outside `--progress-networks`, so nothing was sent); 0 when
+    /// the operator cannot be asked.
+    pub async fn progress_polls(&self, result: &str) -> u64 {
+        let Ok((200, text)) = self.get("/metrics").await else {
+            return 0;
+        };
+        let prefix = format!(r#"charlm_operator_progress_polls_total{{result="{result}"}} "#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// SIGKILL: no chance to release the lease or finish a reconcile.

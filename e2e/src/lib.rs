@@ -2,4 +2,5 @@
 
 pub mod cluster;
 pub mod standin;
+pub mod traffic;
 pub mod training_env;

@@ -23,6 +23,8 @@ pub struct TestEnv {
     pub dir: PathBuf,
     pub options: OperatorOptions,
     pub operators: Vec<Operator>,
+    /// Set by a test that points a pod at an address the operators must refuse.
+    pub expect_refused_polls: bool,
     finished: bool,
 }
 
@@ -53,6 +55,7 @@ impl TestEnv {
             dir,
             options,
             operators: vec![],
+            expect_refused_polls: false,
             finished: false,
         }
     }
@@ -219,6 +222,32 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("patching the status of pod {pod}: {e}"));
     }
 
+    /// The suite's network rule, checked for every operator of every test: no socket to a peer
+    /// off this machine (seen in the kernel's tables), and no progress read refused for an
+    /// address outside loopback, which would mean a pod got one (a fake node's CIDR, say).
+    pub async fn assert_traffic_stayed_on_machine(&self) {
+        for op in &self.operators {
+            let peers = op.off_machine_peers();
+            assert!(
+                peers.is_empty(),
+                "operator {} had sockets to peers off this machine: {peers:?}\n{}",
+                op.identity,
+                self.log_tails()
+            );
+            if !self.expect_refused_polls {
+                let refused = op.progress_polls("refused").await;
+                assert_eq!(
+                    refused,
+                    0,
+                    "operator {} was asked to read progress from an address off loopback {refused} \
+                     time(s) (see 'progress not read' in its log)\n{}",
+                    op.identity,
+                    self.log_tails()
+                );
+            }
+        }
+    }
+
     /// Deletes every training (the operator's finalizer cleans up), stops the operators, and removes
     /// the namespace and the test's volumes.
     pub async fn finish(mut self) {
@@ -242,6 +271,7 @@ impl TestEnv {
             },
         )
         .await;
+        self.assert_traffic_stayed_on_machine().await;
         for op in &mut self.operators {
             op.terminate();
         }

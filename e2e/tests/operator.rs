@@ -1265,6 +1265,60 @@ async fn progress_of_worker_zero_reaches_the_status() {
     env.finish().await;
 }
 
+/// The suite's network rule on the fake GPU nodes: their pods get loopback addresses (kwok's
+/// --cidr), the operator reads worker 0's progress there (nothing listens, so the read is
+/// `unreachable`), and a pod address off loopback is refused before anything is sent. Every
+/// operator of every test is also watched in the kernel's socket tables (`TestEnv::finish`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_pods_live_on_loopback_and_nothing_is_dialled_off_the_machine() {
+    let mut env = TestEnv::new("traffic").await;
+    let op = env.start_operator("operator-1").await;
+    start_training(&env, &small_gpu("fake", 1)).await;
+    let pod = env.pods().get("fake-worker-0").await.unwrap();
+    let ip: std::net::IpAddr = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .expect("kwok gives the running pod an address")
+        .parse()
+        .unwrap();
+    assert!(
+        ip.is_loopback() && ip != std::net::Ipv4Addr::LOCALHOST,
+        "a fake pod's address must be loopback (not 127.0.0.1, where real services listen): {ip}"
+    );
+    env.wait("a progress read of the fake pod", 2 * MINUTE, || {
+        let op = &env.operators[op];
+        async move {
+            match op.progress_polls("unreachable").await {
+                0 => Err("no read yet".to_string()),
+                _ => Ok(Some(())),
+            }
+        }
+    })
+    .await;
+    // A pod that reports an address elsewhere (as a fake node of another plane would) is never
+    // dialled: the read is refused and counted.
+    env.expect_refused_polls = true;
+    env.set_pod_status(
+        "fake-worker-0",
+        json!({"podIP": "10.244.0.7", "podIPs": [{"ip": "10.244.0.7"}]}),
+    )
+    .await;
+    env.wait("the off-loopback address to be refused", 2 * MINUTE, || {
+        let op = &env.operators[op];
+        async move {
+            match op.progress_polls("refused").await {
+                0 => Err("not refused yet".to_string()),
+                _ => Ok(Some(())),
+            }
+        }
+    })
+    .await;
+    assert!(env.operators[op].log_contains("is outside --progress-networks"));
+    assert_eq!(env.operators[op].off_machine_peers(), Vec::<String>::new());
+    env.finish().await;
+}
+
 /// The cells of a one-row `kubectl get` table by column name; empty cells stay empty (the
 /// columns are aligned, so the header's offsets cut the row).
 fn printed_row(table: &str) -> BTreeMap<String, String> {

@@ -20,8 +20,8 @@ use serde_json::json;
 
 use crate::conditions;
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
-use crate::metrics::{Metrics, PhaseLabel, ReasonLabel};
-use crate::progress::ProgressClient;
+use crate::metrics::{Metrics, PhaseLabel, ReasonLabel, ResultLabel};
+use crate::progress::{Networks, PollError, ProgressClient};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
     checkpoint_pvc, owner_reference, pvc_name, pvc_owner_update, service_name, worker_pod,
@@ -63,6 +63,7 @@ impl Context {
         settings: PodSettings,
         metrics: Arc<Metrics>,
         price_per_gpu_hour: f64,
+        progress_networks: Networks,
     ) -> anyhow::Result<Self> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
@@ -73,7 +74,7 @@ impl Context {
             client,
             settings,
             metrics,
-            progress: ProgressClient::new(Duration::from_secs(3))?,
+            progress: ProgressClient::new(Duration::from_secs(3), progress_networks)?,
             price_per_gpu_hour,
             last_poll: Mutex::default(),
         })
@@ -353,7 +354,28 @@ async fn poll_progress(
         }
         last.insert(key, now);
     }
-    ctx.progress.fetch(ip, PROGRESS_PORT).await
+    let polled = ctx.progress.fetch(ip, PROGRESS_PORT).await;
+    let result = match &polled {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    ctx.metrics
+        .progress_polls
+        .get_or_create(&ResultLabel {
+            result: result.to_string(),
+        })
+        .inc();
+    match polled {
+        Ok(report) => Some(report),
+        Err(PollError::Refused(why)) => {
+            tracing::warn!(training = %poll_key(training), %why, "progress not read: the worker's address is not allowed");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(training = %poll_key(training), error = ?e, "progress not read");
+            None
+        }
+    }
 }
 
 fn poll_key(training: &CharLMTraining) -> String {

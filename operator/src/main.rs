@@ -12,6 +12,7 @@ use charlm_operator::controller::{self, Context};
 use charlm_operator::crd::crd_yaml;
 use charlm_operator::leader::{LeaderElector, LeaseConfig};
 use charlm_operator::metrics::{self, Health, Metrics};
+use charlm_operator::progress::Networks;
 use charlm_operator::resources::PodSettings;
 
 #[derive(Parser)]
@@ -28,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (kubeconfig from KUBECONFIG, ~/.kube/config, or the pod's service account).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition as YAML.
     Crd,
 }
@@ -67,6 +68,10 @@ struct RunArgs {
     /// Price of one GPU-hour (any currency) for the estimated cost in each training's status.
     #[arg(long, env = "CHARLM_PRICE_PER_GPU_HOUR", default_value_t = 3.0, value_parser = parse_price)]
     price_per_gpu_hour: f64,
+    /// Networks whose pod addresses the operator may dial for worker 0's /progress (CIDRs,
+    /// comma-separated); empty: any. Pods elsewhere run unobserved (no progress in the status).
+    #[arg(long, env = "CHARLM_PROGRESS_NETWORKS", value_delimiter = ',', value_parser = parse_network)]
+    progress_networks: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CHARLM_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -84,7 +89,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(args))
+                .block_on(run(*args))
         }
     }
 }
@@ -153,6 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         settings,
         metrics.clone(),
         args.price_per_gpu_hour,
+        Networks::parse(&args.progress_networks).map_err(anyhow::Error::msg)?,
     )?);
     tracing::info!(%identity, "controller starting");
     let controller = controller::run(ctx, args.watch_namespace.clone(), stopped(stop_rx));
@@ -202,6 +208,10 @@ fn parse_price(text: &str) -> Result<f64, String> {
             "{text:?} is not a price: give a number of at least 0, e.g. 3 or 2.49"
         )),
     }
+}
+
+fn parse_network(text: &str) -> Result<String, String> {
+    Networks::parse(&[text.to_string()]).map(|_| text.trim().to_string())
 }
 
 /// Host name and process id: unique per process, so two local replicas never share a lease identity.

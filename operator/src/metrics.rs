@@ -41,6 +41,7 @@ pub struct Metrics {
     pub phase_changes: Family<PhaseLabel, Counter>,
     pub pods_created: Counter,
     pub pods_deleted: Counter,
+    pub progress_polls: Family<ResultLabel, Counter>,
     pub leader: Gauge,
 }
 
@@ -83,6 +84,13 @@ impl Default for Metrics {
             "Worker pods deleted",
             pods_deleted.clone(),
         );
+        let progress_polls = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "progress_polls",
+            "Reads of worker 0's /progress, by result (ok, unreachable, bad_answer, refused: the \
+             address is outside --progress-networks and nothing was sent)",
+            progress_polls.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -97,6 +105,7 @@ impl Default for Metrics {
             phase_changes,
             pods_created,
             pods_deleted,
+            progress_polls,
             leader,
         }
     }
