@@ -171,8 +171,20 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         return Ok(Action::await_change());
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    // A spec that already failed stays put until it changes: nothing is created for it, so an
+    // object the API server refused is not sent again every few seconds.
+    let failed_as_is = training.status.as_ref().is_some_and(|s| {
+        s.phase == Some(crate::crd::Phase::Failed)
+            && s.failed_generation.is_some()
+            && s.failed_generation >= training.metadata.generation
+    });
 
-    ensure_checkpoint_pvc(&training, ctx).await?;
+    let mut rejection = None;
+    if !failed_as_is {
+        if let Err(e) = ensure_checkpoint_pvc(&training, ctx).await {
+            rejection = Some(rejected(e, "the checkpoint PersistentVolumeClaim")?);
+        }
+    }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     services
         .patch(
@@ -206,14 +218,16 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 
     let dataset = check_dataset(&training, ctx).await?;
     let progress = poll_progress(&training, &workers, ctx).await;
-    let decision = decide(&Observed {
+    let mut observed = Observed {
         training: &training,
         workers,
         dataset,
         progress,
         now: Timestamp::now(),
         price_per_gpu_hour: ctx.price_per_gpu_hour,
-    });
+        rejection,
+    };
+    let mut decision = decide(&observed);
 
     for pod_name in &decision.delete {
         match pods.delete(pod_name, &DeleteParams::default()).await {
@@ -225,13 +239,22 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         }
     }
     // Workers are created only for a spec that resolved into effective settings.
-    if let Some(effective) = &decision.status.effective {
-        for &index in &decision.create {
+    if let Some(effective) = decision.status.effective.clone() {
+        for &index in &decision.create.clone() {
             let attempt = decision.status.attempt;
-            let pod = worker_pod(&training, effective, index, attempt, &ctx.settings);
-            pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod))
-                .await?;
-            ctx.metrics.pods_created.inc();
+            let pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            match pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod)).await {
+                Ok(_) => {
+                    ctx.metrics.pods_created.inc();
+                }
+                Err(e) => {
+                    // The gang fails as a whole; the workers already made go at the next look.
+                    observed.rejection =
+                        Some(rejected(e.into(), &format!("pod {}", pod.name_any()))?);
+                    decision = decide(&observed);
+                    break;
+                }
+            }
         }
     }
 
@@ -242,6 +265,53 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// An error of the API server that retrying the same spec cannot fix, as the message of an
+/// `InvalidSpec` failure: the object made from the spec is invalid (400, 422) or refused by
+/// admission (403, e.g. a priorityClassName that does not exist). RBAC refusals, quota, conflicts
+/// and passing faults are returned as errors, to be retried.
+fn rejected(err: Error, object: &str) -> Result<String, Error> {
+    let Error::Kube(kube::Error::Api(api)) = &err else {
+        return Err(err);
+    };
+    let rbac = api.message.contains("cannot create resource")
+        || api.message.contains("cannot patch resource");
+    let spec_fault = matches!(api.code, 400 | 422)
+        || (api.code == 403 && !rbac && !api.message.contains("exceeded quota"));
+    if !spec_fault {
+        return Err(err);
+    }
+    Ok(format!(
+        "the API server rejected {object}: {}; fix {} and apply the training again",
+        api.message.trim_end_matches('.'),
+        spec_field(object, &api.message)
+    ))
+}
+
+/// The spec field an API server message about an object made from it points at.
+fn spec_field(object: &str, message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if object.contains("PersistentVolumeClaim") {
+        return if m.contains("storageclass") {
+            "spec.checkpoint.storageClassName"
+        } else {
+            "spec.checkpoint.size"
+        };
+    }
+    [
+        ("env", "spec.env"),
+        ("toleration", "spec.tolerations"),
+        ("priorityclass", "spec.priorityClassName"),
+        ("priority", "spec.priorityClassName"),
+        ("resources", "spec.resources"),
+        ("nodeselector", "spec.nodeSelector"),
+        ("affinity", "spec.affinity"),
+        ("image", "spec.image"),
+    ]
+    .iter()
+    .find(|(needle, _)| m.contains(needle))
+    .map_or("the spec", |(_, field)| field)
 }
 
 /// Creates the checkpoint claim once; afterwards only its owner references follow

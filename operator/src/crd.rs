@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::preset;
+use crate::rules;
 
 pub const GROUP: &str = "charlm.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -19,6 +20,8 @@ pub const KIND: &str = "CharLMTraining";
 
 /// One training run of a character-level GPT: the model size, the hardware, the budget and the
 /// data. The operator turns it into worker pods, a headless Service and a checkpoint volume.
+// The printer columns repeat `type_ = ...`, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "charlm.dev",
@@ -29,13 +32,29 @@ pub const KIND: &str = "CharLMTraining";
     namespaced,
     status = "CharLMTrainingStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Depth", type_ = "integer", json_path = ".status.effective.depth"),
+    printcolumn(
+        name = "Depth",
+        type_ = "integer",
+        json_path = ".status.effective.depth"
+    ),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.effective.gpus"),
     printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
-    printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.trainLoss"),
+    printcolumn(
+        name = "Loss",
+        type_ = "number",
+        json_path = ".status.progress.trainLoss"
+    ),
     printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta"),
-    printcolumn(name = "Cost", type_ = "number", json_path = ".status.usage.estimatedCost"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Cost",
+        type_ = "number",
+        json_path = ".status.usage.estimatedCost"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     printcolumn(
         name = "Restarts",
         type_ = "integer",
@@ -71,9 +90,7 @@ pub const KIND: &str = "CharLMTraining";
         type_ = "string",
         json_path = ".spec.preset",
         priority = 1
-    ),
-    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40")
-        .message("metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels")
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -83,6 +100,10 @@ pub const KIND: &str = "CharLMTraining";
     validation = preset::rules::gpus_fill_nodes(),
     validation = preset::rules::cpu_workers_only_on_cpu(),
     validation = preset::rules::batch_divides(),
+    validation = rules::dataset_given(),
+    validation = rules::fixed_at_creation("depth", rules::MODEL_FIXED),
+    validation = rules::fixed_at_creation("seqLen", rules::MODEL_FIXED),
+    validation = rules::fixed_at_creation("preset", rules::MODEL_FIXED),
 )]
 pub struct CharLMTrainingSpec {
     /// A budget preset that fills depth, gpus, deviceBatchSize and hours where they are unset:
@@ -157,7 +178,9 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensorboard: Option<bool>,
 
-    /// Where the training text comes from: exactly one source.
+    /// Where the training text comes from: exactly one source. (Not `required` in the schema:
+    /// a missing one defaults to `{}`, which the dataset's own rule explains in one message.)
+    #[serde(default)]
     pub dataset: DatasetSpec,
 
     /// Trainer image; the operator's default (chart value `trainerImage`) when unset.
@@ -167,6 +190,7 @@ pub struct CharLMTrainingSpec {
 
     /// Resources of the trainer container. `nvidia.com/gpu` is always set from `gpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::resource_quantities())]
     pub resources: Option<ResourceRequirements>,
 
     /// Replaces the default node selector (H100 nodes when gpus > 0).
@@ -175,6 +199,11 @@ pub struct CharLMTrainingSpec {
 
     /// Replaces the default tolerations (the `nvidia.com/gpu` taint when gpus > 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = rules::toleration_operators(),
+        validation = rules::toleration_effects(),
+        validation = rules::toleration_exists_without_value()
+    )]
     pub tolerations: Option<Vec<Toleration>>,
 
     /// Affinity of the worker pods.
@@ -193,13 +222,29 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
 
-    /// Extra environment of the trainer container; wins over the operator's variables of the same name.
+    /// Extra environment of the trainer container. The operator's own variables (the gang's
+    /// rendezvous and what the spec's fields set) are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::env_names(), validation = rules::env_not_reserved())]
     pub env: Option<Vec<EnvVar>>,
 
     /// PriorityClass of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+
+    /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
+    /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
+    /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("startupTimeoutSeconds must be between 1 and 604800 (a week)"))]
+    pub startup_timeout_seconds: Option<i32>,
+}
+
+/// How long a gang may wait to be placed when the spec does not say.
+pub const DEFAULT_STARTUP_TIMEOUT_SECONDS: i32 = 600;
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_gpus_per_node() -> i32 {
@@ -366,14 +411,18 @@ impl Default for SyntheticDataset {
 /// The checkpoint PersistentVolumeClaim, mounted at /checkpoints in worker 0.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = rules::storage_class_fixed())]
 pub struct CheckpointSpec {
-    /// StorageClass of the checkpoint volume; the cluster default when unset. Fixed at creation.
+    /// StorageClass of the checkpoint volume; the cluster default when unset. Fixed at creation
+    /// (set, unset or changed alike).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpoint.storageClassName cannot change: the checkpoint volume already exists"))]
     pub storage_class_name: Option<String>,
     /// Size of the checkpoint volume. Fixed at creation.
     #[serde(default = "default_checkpoint_size")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("checkpoint.size cannot change: the checkpoint volume already exists"))]
+    #[x_kube(
+        validation = rules::checkpoint_size(),
+        validation = Rule::new("self == oldSelf").message("checkpoint.size cannot change: the checkpoint volume already exists")
+    )]
     pub size: Quantity,
     /// Minutes between checkpoints; unset lets the trainer choose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,6 +566,12 @@ pub struct CharLMTrainingStatus {
     /// The attempt whose worker pods have all been created; a worker missing from it was lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_attempt: Option<i64>,
+    /// When the pods of the current attempt were created (the start of `startupTimeoutSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_start_time: Option<Time>,
+    /// Attempts whose workers could not all be placed in time (not counted as restarts).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub startup_timeouts: i32,
     /// Generation of the spec whose failure ended the last attempt; a newer spec starts afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_generation: Option<i64>,
@@ -547,8 +602,9 @@ pub struct CharLMTrainingStatus {
     /// The step of `bestValBpc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_step: Option<i64>,
-    /// The settings the workers run with: the spec, with the preset's values where it leaves
-    /// fields unset.
+    /// The settings the workers of the current attempt run with: the spec (with the preset's
+    /// values where it leaves fields unset) as it was when the attempt started. A spec changed
+    /// while they run shows here from the next start on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective: Option<EffectiveSettings>,
     /// GPU-hours used and what they cost.
@@ -577,6 +633,9 @@ pub struct EffectiveSettings {
     pub early_stop_patience: Option<i32>,
     #[serde(default)]
     pub tensorboard: bool,
+    /// The generation of the spec these settings come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 impl EffectiveSettings {
@@ -663,9 +722,19 @@ pub struct ProgressStatus {
     pub observed_time: Option<Time>,
 }
 
+/// The CRD the API server gets: the derived one, completed by `rules::complete_schema`.
+pub fn crd(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = serde_json::to_value(CharLMTraining::crd()).expect("the CRD serialises");
+    for version in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
+        rules::complete_schema(&mut version["schema"]["openAPIV3Schema"]);
+    }
+    serde_json::from_value(crd).expect("the completed CRD is still a CRD")
+}
+
 /// The CRD as YAML, exactly as `charlm-operator crd` prints it and `crds/` stores it.
 pub fn crd_yaml() -> String {
-    let crd = CharLMTraining::crd();
+    let crd = crd();
     let body = serde_yaml::to_string(&crd).expect("the CRD serialises to YAML");
     format!(
         "# Generated by `charlm-operator crd` from operator/src/crd.rs; do not edit.\n\
@@ -725,7 +794,7 @@ mod tests {
 
     #[test]
     fn crd_carries_names_columns_and_rules() {
-        let crd = serde_json::to_value(CharLMTraining::crd()).unwrap();
+        let crd = serde_json::to_value(crd()).unwrap();
         assert_eq!(crd["metadata"]["name"], "charlmtrainings.charlm.dev");
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "clt");
         let version = &crd["spec"]["versions"][0];
@@ -745,7 +814,13 @@ mod tests {
         );
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let rules = spec["x-kubernetes-validations"].as_array().unwrap();
-        assert_eq!(rules.len(), 6);
+        assert_eq!(rules.len(), 10);
+        let name =
+            &version["schema"]["openAPIV3Schema"]["properties"]["metadata"]["properties"]["name"];
+        assert!(name["x-kubernetes-validations"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("metadata.name must be at most 40"));
         assert!(rules.iter().all(|r| r["message"].is_string()));
         let depth_rule = &spec["properties"]["depth"]["x-kubernetes-validations"][0];
         assert_eq!(depth_rule["message"], "depth must be between 1 and 128");
@@ -762,17 +837,15 @@ mod tests {
             spec["properties"]["preset"]["enum"],
             serde_json::json!(["budget-100", "budget-1000"])
         );
-        let mut required: Vec<&str> = spec["required"]
+        let required: Vec<&str> = spec["required"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .map(|v| v.as_str().unwrap())
             .collect();
-        required.sort();
-        assert_eq!(
-            required,
-            ["dataset"],
-            "depth and gpus may come from a preset"
+        assert!(
+            required.is_empty(),
+            "depth and gpus may come from a preset, and a missing dataset is explained by its rule: {required:?}"
         );
     }
 

@@ -72,6 +72,7 @@ pub fn resolve(spec: &CharLMTrainingSpec) -> Result<EffectiveSettings, String> {
         device_batch_size,
         early_stop_patience: spec.early_stop.as_ref().map(|e| e.patience),
         tensorboard: spec.tensorboard.unwrap_or(false),
+        generation: None,
     })
 }
 

@@ -13,5 +13,6 @@ pub mod preset;
 pub mod progress;
 pub mod reconcile;
 pub mod resources;
+pub mod rules;
 pub mod usage;
 pub mod workers;

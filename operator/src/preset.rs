@@ -116,7 +116,7 @@ pub mod rules {
     pub fn gpus_fill_nodes() -> Rule {
         let g = gpus();
         Rule::new(format!(
-            "{g} <= self.gpusPerNode || {g} % self.gpusPerNode == 0"
+            "self.gpusPerNode < 1 || {g} <= self.gpusPerNode || {g} % self.gpusPerNode == 0"
         ))
         .message(
             "gpus must be a multiple of gpusPerNode when above it (e.g. 8, 16 or 32 with gpusPerNode 8), counting a preset's GPUs when gpus is unset: each worker pod takes a whole node",

@@ -51,6 +51,9 @@ pub struct Observed<'a> {
     pub now: Timestamp,
     /// The operator's price per GPU-hour, for `status.usage.estimatedCost`.
     pub price_per_gpu_hour: f64,
+    /// The API server refused an object made from the spec (a pod, the claim): its message,
+    /// with the spec field to fix. Retrying the same spec cannot help.
+    pub rejection: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -195,12 +198,26 @@ impl<'a> Decider<'a> {
             );
         }
 
-        let effective = match effective::resolve(spec) {
+        let mut resolved = match effective::resolve(spec) {
             Ok(e) => e,
             Err(message) => {
                 self.invalid_spec(message);
                 return;
             }
+        };
+        if let Some(message) = &o.rejection {
+            self.invalid_spec(message.clone());
+            return;
+        }
+        resolved.generation = self.generation;
+        // The running attempt keeps the settings it was started with; a changed spec shapes the
+        // next attempt (docs/operator.md, "Spec changes while running").
+        let st = &self.decision.status;
+        let launched =
+            st.launched_attempt == Some(st.attempt) || st.phase.is_some_and(|p| p.is_terminal());
+        let effective = match st.effective.clone() {
+            Some(recorded) if launched => recorded,
+            _ => resolved,
         };
         self.st().workers = effective.workers;
         self.st().effective = Some(effective.clone());
@@ -280,6 +297,10 @@ impl<'a> Decider<'a> {
     }
 
     fn suspend(&mut self, current: &[&Worker]) {
+        // The workers save a checkpoint on SIGTERM and say so in their termination message.
+        if let Some(report) = current.iter().find_map(|w| worker_report(w)) {
+            self.take_progress(&report);
+        }
         let now = self.o.now;
         usage::stop(self.usage(), None, now);
         self.delete(current, false);
@@ -324,13 +345,15 @@ impl<'a> Decider<'a> {
                 }
             }
         }
+        let ran = self.is(cond::PODS_READY);
+        let when = if ran {
+            "while the training ran"
+        } else {
+            "before every worker ran (it was still starting)"
+        };
         for w in current {
             if w.terminating && w.is_active() {
-                return Some((
-                    "WorkerLost",
-                    format!("{}: deleted while the training ran", w.name),
-                    false,
-                ));
+                return Some(("WorkerLost", format!("{}: deleted {when}", w.name), false));
             }
         }
         // A worker missing after the whole gang was created has been deleted by someone else.
@@ -340,7 +363,7 @@ impl<'a> Decider<'a> {
                 return Some((
                     "WorkerLost",
                     format!(
-                        "{}: disappeared while the training ran",
+                        "{}: disappeared {when}",
                         pod_name(&self.o.training.name_any(), i)
                     ),
                     false,
@@ -471,8 +494,11 @@ impl<'a> Decider<'a> {
         let n = self.decision.status.workers;
         let msg = format!("creating {} of {n} workers", missing.len());
         self.decision.create = missing;
-        let attempt = self.decision.status.attempt;
+        let (attempt, now) = (self.decision.status.attempt, self.now.clone());
         let st = self.st();
+        if st.launched_attempt != Some(attempt) || st.attempt_start_time.is_none() {
+            st.attempt_start_time = Some(now);
+        }
         st.launched_attempt = Some(attempt);
         st.restart_after = None;
         if !self.is(cond::DATASET_READY) {
@@ -547,6 +573,9 @@ impl<'a> Decider<'a> {
             return;
         }
 
+        if self.startup_timed_out(current) {
+            return;
+        }
         let unschedulable = current.iter().find_map(|w| match &w.state {
             WorkerState::Pending {
                 unschedulable: Some(why),
@@ -593,6 +622,65 @@ impl<'a> Decider<'a> {
         };
         self.phase(phase, msg);
         self.decision.requeue = Some(STARTING_REQUEUE);
+    }
+
+    /// A gang that is not all placed `startupTimeoutSeconds` after its pods were created holds
+    /// GPUs that train nothing: its workers go, and after the backoff a new attempt tries again.
+    /// Not a failure of the training, so `restarts` stays; `startupTimeouts` counts it.
+    fn startup_timed_out(&mut self, current: &[&Worker]) -> bool {
+        let spec = &self.o.training.spec;
+        let timeout = spec
+            .startup_timeout_seconds
+            .unwrap_or(crate::crd::DEFAULT_STARTUP_TIMEOUT_SECONDS);
+        let Some(started) = self.decision.status.attempt_start_time.clone() else {
+            return false;
+        };
+        if self.o.now.duration_since(started.0) < SignedDuration::from_secs(i64::from(timeout)) {
+            return false;
+        }
+        let unplaced: Vec<String> = current
+            .iter()
+            .filter_map(|w| match &w.state {
+                WorkerState::Pending {
+                    unschedulable: Some(why),
+                    ..
+                } => Some(format!("{} ({why})", w.name)),
+                WorkerState::Pending {
+                    unschedulable: None,
+                    scheduled: false,
+                    ..
+                } => Some(format!("{} (not scheduled yet)", w.name)),
+                _ => None,
+            })
+            .collect();
+        if unplaced.is_empty() {
+            return false;
+        }
+        self.stop_usage(current);
+        self.delete(current, false);
+        let base = spec.restart_policy.backoff_seconds;
+        let backoff = Duration::from_secs(u64::try_from(base).unwrap_or(0));
+        let (now, placed) = (self.o.now, current.len() - unplaced.len());
+        let st = self.st();
+        st.attempt += 1;
+        st.startup_timeouts += 1;
+        st.launched_attempt = None;
+        st.attempt_start_time = None;
+        st.running_workers = 0;
+        st.restart_after = Some(Time(
+            now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
+        ));
+        let msg = format!(
+            "not every worker was placed within {timeout}s (startupTimeoutSeconds): {}; \
+             released the {placed} placed worker(s) and trying again in {}s (not counted as a restart)",
+            unplaced.join("; "),
+            backoff.as_secs()
+        );
+        self.set(cond::PODS_READY, FALSE, "StartupTimeout", msg.clone());
+        self.set(cond::RUNNING, FALSE, "StartupTimeout", msg.clone());
+        self.phase(Phase::Pending, msg);
+        self.decision.requeue = Some(backoff.max(STOPPING_REQUEUE));
+        true
     }
 
     fn take_progress(&mut self, report: &TrainerReport) {
@@ -649,6 +737,7 @@ mod tests {
             progress: None,
             now: at(now),
             price_per_gpu_hour: 3.0,
+            rejection: None,
         })
     }
 
@@ -703,6 +792,7 @@ mod tests {
             ),
             now: at(40),
             price_per_gpu_hour: 3.0,
+            rejection: None,
         });
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -967,6 +1057,7 @@ mod tests {
             progress: None,
             now: at(0),
             price_per_gpu_hour: 3.0,
+            rejection: None,
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -1090,6 +1181,7 @@ mod tests {
             ),
             now: at(40),
             price_per_gpu_hour: 3.0,
+            rejection: None,
         });
         assert_eq!(
             (d.status.best_val_bpc, d.status.best_step),
@@ -1158,5 +1250,138 @@ mod tests {
         let d = decide_at(&t, &[], 5);
         assert_eq!(d.create, [0]);
         assert_eq!(d.status.effective.unwrap().depth, 2);
+    }
+
+    fn decide_rejected(t: &CharLMTraining, pods: &[Pod], now: i64, message: &str) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: None,
+            now: at(now),
+            price_per_gpu_hour: 3.0,
+            rejection: Some(message.to_string()),
+        })
+    }
+
+    #[test]
+    fn a_rejected_object_fails_the_spec_once_and_a_new_spec_starts_again() {
+        let t = training(gpu_spec());
+        let d = decide_rejected(&t, &[], 0, "the API server rejected pod demo-worker-0: bad");
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidSpec"));
+        assert!(d.create.is_empty());
+        assert_eq!(d.status.failed_generation, Some(1));
+        let mut t = with(t, &d);
+        t.metadata.generation = Some(2);
+        let d = decide_at(&t, &[], 5);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(d.create, [0, 1]);
+    }
+
+    /// `status.effective` is what the running pods were made from; a spec changed meanwhile
+    /// shapes the next attempt.
+    #[test]
+    fn effective_settings_follow_the_attempt_not_the_edited_spec() {
+        let (mut t, pods) = running_gpu_training();
+        t.spec.hours = Some(9.0);
+        t.metadata.generation = Some(2);
+        let d = decide_at(&t, &pods, 40);
+        let e = d.status.effective.clone().unwrap();
+        assert_eq!((e.hours, e.generation), (Some(2.0), Some(1)));
+        // The gang restarts (a worker failed): the new attempt takes the new spec.
+        let t = with(t, &d);
+        let failed = vec![
+            terminated(pods[0].clone(), TRAINER_CONTAINER, 1, "boom"),
+            pods[1].clone(),
+        ];
+        let d = decide_at(&t, &failed, 50);
+        let t = with(t, &d);
+        let d = decide_at(&t, &[], 200);
+        assert_eq!(d.create, [0, 1]);
+        let e = d.status.effective.unwrap();
+        assert_eq!((e.hours, e.generation), (Some(9.0), Some(2)));
+    }
+
+    #[test]
+    fn a_gang_not_placed_in_time_lets_go_without_counting_a_restart() {
+        let mut spec = gpu_spec();
+        spec["startupTimeoutSeconds"] = 60.into();
+        let t = training(spec);
+        let d = decide_at(&t, &[], 0);
+        let t = with(t, &d);
+        let pods = vec![
+            running(pod(&t, 0, 0), "10.0.0.1"),
+            unschedulable(
+                pod(&t, 1, 0),
+                "0/4 nodes are available: 4 Insufficient nvidia.com/gpu",
+            ),
+        ];
+        let d = decide_at(&t, &pods, 30);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "Unschedulable"));
+        assert!(d.delete.is_empty());
+        let t = with(t, &d);
+        let d = decide_at(&t, &pods, 61);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "StartupTimeout"));
+        let msg = &conditions::get(&d.status.conditions, c::PODS_READY)
+            .unwrap()
+            .message;
+        assert!(
+            msg.contains("demo-worker-1 (0/4 nodes are available: 4 Insufficient nvidia.com/gpu)"),
+            "{msg}"
+        );
+        assert_eq!(d.delete.len(), 2, "the placed worker is released too");
+        assert_eq!(
+            (
+                d.status.restarts,
+                d.status.startup_timeouts,
+                d.status.attempt
+            ),
+            (0, 1, 1)
+        );
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        // After the backoff, a fresh attempt.
+        let t = with(t, &d);
+        let d = decide_at(&t, &[], 61 + 11);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(d.status.launched_attempt, Some(1));
+    }
+
+    #[test]
+    fn a_worker_lost_before_the_gang_ran_says_so() {
+        let t = training(gpu_spec());
+        let d = decide_at(&t, &[], 0);
+        let t = with(t, &d);
+        let pods = vec![running(pod(&t, 0, 0), "10.0.0.1")];
+        let d = decide_at(&t, &pods, 5);
+        let msg = &conditions::get(&d.status.conditions, c::RESTARTING)
+            .unwrap()
+            .message;
+        assert!(
+            msg.contains("demo-worker-1: disappeared before every worker ran"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn suspend_records_the_checkpoint_of_the_sigterm() {
+        let (t, pods) = running_gpu_training();
+        let mut t = t;
+        t.spec.suspend = Some(true);
+        let stopped = vec![
+            terminated(
+                deleting(pods[0].clone()),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+            ),
+            deleting(pods[1].clone()),
+        ];
+        let d = decide_at(&t, &stopped, 60);
+        assert_eq!(d.status.phase, Some(Phase::Suspended));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
     }
 }

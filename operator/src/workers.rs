@@ -33,6 +33,8 @@ pub enum WorkerState {
         unschedulable: Option<String>,
         /// The init containers (generate, prepare) have started but not all finished.
         preparing: bool,
+        /// Bound to a node (placed), even if not started yet (e.g. pulling its image).
+        scheduled: bool,
     },
     Running,
     /// The trainer exited 0.
@@ -78,7 +80,7 @@ impl Failure {
                 .error
                 .clone()
                 .or_else(|| Some(format!("last report at step {}", r.step))),
-            None => self.message.as_deref().and_then(last_line),
+            None => self.message.as_deref().and_then(error_line),
         };
         if let Some(detail) = detail {
             out.push_str(": ");
@@ -141,9 +143,16 @@ pub fn observe(pod: &Pod) -> Worker {
                         .as_ref()
                         .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
                 });
+                let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+                    || status
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "PodScheduled" && c.status == "True");
                 WorkerState::Pending {
                     unschedulable,
                     preparing,
+                    scheduled,
                 }
             }
         }
@@ -219,6 +228,23 @@ fn failed_container(statuses: &[ContainerStatus]) -> Option<Failure> {
 
 fn terminated_message(s: &ContainerStatus) -> Option<&str> {
     s.state.as_ref()?.terminated.as_ref()?.message.as_deref()
+}
+
+/// The line of a log tail that says what went wrong: the trainer's own `error:` line (under
+/// `launch`, a rank's `[rank N] error: ...`) before `launch`'s summary of it, which only points
+/// back at it; else the last line.
+fn error_line(text: &str) -> Option<String> {
+    let errors: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("error:") || (l.starts_with("[rank ") && l.contains("] error:")))
+        .collect();
+    errors
+        .iter()
+        .find(|l| l.starts_with("[rank "))
+        .or_else(|| errors.last())
+        .map(|l| l.to_string())
+        .or_else(|| last_line(text))
 }
 
 fn last_line(text: &str) -> Option<String> {
@@ -351,7 +377,8 @@ mod tests {
             w.state,
             WorkerState::Pending {
                 unschedulable: None,
-                preparing: false
+                preparing: false,
+                scheduled: false
             }
         );
         assert!(!w.has_started());
@@ -428,5 +455,34 @@ mod tests {
             f.describe("demo-worker-0"),
             "demo-worker-0 failed (Evicted): The node was low on resource: memory."
         );
+    }
+
+    #[test]
+    fn the_trainers_own_error_line_explains_a_failure() {
+        let tail = "[rank 0] step 0 ...\n[rank 0] error: the validation split of 1518 tokens is shorter than seqLen 2048; lower --seq-len\nlaunch: rank 0: exit code 2\nerror: rank 0 failed: exit code 2 (bad input or settings: see its message above)\n";
+        let f = Failure {
+            container: Some("trainer".into()),
+            exit_code: Some(2),
+            reason: Some("Error".into()),
+            message: Some(tail.into()),
+            report: None,
+        };
+        let text = f.describe("t-worker-0");
+        assert!(
+            text.contains("the validation split of 1518 tokens is shorter than seqLen 2048"),
+            "{text}"
+        );
+        let plain = Failure {
+            message: Some("loading\nerror: no .txt files in /data\n".into()),
+            ..f.clone()
+        };
+        assert!(plain
+            .describe("p")
+            .ends_with("error: no .txt files in /data"));
+        let no_error = Failure {
+            message: Some("Killed\n".into()),
+            ..f
+        };
+        assert!(no_error.describe("p").ends_with(": Killed"));
     }
 }

@@ -668,6 +668,38 @@ mod tests {
         assert_eq!(cm.config_map.unwrap().name, "tiny");
     }
 
+    /// Every variable the operator sets is either reserved (the CRD refuses it in spec.env) or
+    /// named as one a user may replace: a new variable cannot be forgotten in the rule.
+    #[test]
+    fn every_operator_variable_is_reserved_or_overridable() {
+        let mut spec = gpu_spec();
+        spec["gpus"] = 4.into();
+        spec["hours"] = 2.0.into();
+        spec["maxSteps"] = 10.into();
+        spec["totalBatchSize"] = 8192.into();
+        spec["seqLen"] = 256.into();
+        spec["evalEvery"] = 5.into();
+        spec["seed"] = 1.into();
+        spec["earlyStop"] = serde_json::json!({"patience": 3});
+        spec["tensorboard"] = true.into();
+        spec["checkpoint"] = serde_json::json!({"intervalMinutes": 5.0, "keep": 2});
+        let pod = pod_of(&training(spec), 1, 0);
+        let names: Vec<String> = pod.spec.unwrap().containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.clone())
+            .collect();
+        assert!(names.len() >= 20, "{names:?}");
+        for name in &names {
+            assert!(
+                crate::resources::RESERVED_ENV.contains(&name.as_str())
+                    || crate::resources::OVERRIDABLE_ENV.contains(&name.as_str()),
+                "{name} is set by the operator but neither reserved nor overridable"
+            );
+        }
+    }
+
     #[test]
     fn a_preset_shapes_the_pods() {
         let mut spec = gpu_spec();

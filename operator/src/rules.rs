@@ -1,0 +1,143 @@
+//! CEL rules of the spec that are not a single field's bounds: fields fixed at creation, the
+//! reserved environment, and the Kubernetes values (quantities, tolerations, env names) the API
+//! server would otherwise reject only when the operator creates a pod or a claim, an hour later and
+//! in the operator's log. Each rule names the field and the fix, so `kubectl apply` says it.
+
+use kube::core::{Message, Reason, Rule};
+
+use crate::resources::RESERVED_ENV;
+
+/// `field` of the spec cannot be set, unset or changed after creation.
+pub fn fixed_at_creation(field: &str, why: &str) -> Rule {
+    Rule::new(format!(
+        "has(self.{field}) ? (has(oldSelf.{field}) && self.{field} == oldSelf.{field}) : !has(oldSelf.{field})"
+    ))
+    .message(Message::Message(format!(
+        "{field} cannot change after creation: {why}; create a new training (another name) instead"
+    )))
+    .reason(Reason::FieldValueForbidden)
+}
+
+/// Why the model-defining fields are fixed.
+pub const MODEL_FIXED: &str =
+    "the checkpoints hold a model of the first shape, and a checkpoint cannot resume into another";
+
+pub fn storage_class_fixed() -> Rule {
+    fixed_at_creation(
+        "storageClassName",
+        "the checkpoint volume already exists with its class",
+    )
+    .message(
+        "checkpoint.storageClassName cannot be set, unset or changed after creation: the checkpoint \
+         volume already exists with its class; create a new training (another name) instead",
+    )
+}
+
+pub fn env_names() -> Rule {
+    Rule::new("self.all(e, size(e.name) > 0 && !e.name.contains('='))")
+        .message("every spec.env entry needs a name, without '=' (e.g. name: MY_SETTING)")
+        .reason(Reason::FieldValueRequired)
+}
+
+/// The operator's own variables: the gang's rendezvous (torchrun's names) and the settings the
+/// status reports as effective. A user's value would silently break the gang or make the status lie.
+pub fn env_not_reserved() -> Rule {
+    let list: Vec<String> = RESERVED_ENV.iter().map(|n| format!("'{n}'")).collect();
+    Rule::new(format!("self.all(e, !(e.name in [{}]))", list.join(", ")))
+        .message(Message::Message(format!(
+            "spec.env must not set {}: the operator sets them for the gang and from the spec's own \
+             fields (depth, deviceBatchSize, hours, seqLen, checkpoint, ...), which are what to change",
+            RESERVED_ENV.join(", ")
+        )))
+        .reason(Reason::FieldValueForbidden)
+}
+
+pub fn toleration_operators() -> Rule {
+    Rule::new("self.all(t, !has(t.operator) || t.operator in ['Exists', 'Equal'])")
+        .message("tolerations[].operator must be Exists or Equal (Equal when unset)")
+}
+
+pub fn toleration_effects() -> Rule {
+    Rule::new(
+        "self.all(t, !has(t.effect) || t.effect in ['', 'NoSchedule', 'PreferNoSchedule', 'NoExecute'])",
+    )
+    .message("tolerations[].effect must be NoSchedule, PreferNoSchedule or NoExecute (all when empty)")
+}
+
+pub fn toleration_exists_without_value() -> Rule {
+    Rule::new(
+        "self.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')",
+    )
+    .message("a toleration with operator Exists matches any value: remove its value")
+}
+
+/// Every request and limit a quantity of at least 0 (`500m`, `2Gi`, `4`).
+pub fn resource_quantities() -> Rule {
+    let map_ok = |m: &str| {
+        format!(
+            "(!has(self.{m}) || self.{m}.all(k, isQuantity(string(self.{m}[k])) && !quantity(string(self.{m}[k])).isLessThan(quantity('0'))))"
+        )
+    };
+    Rule::new(format!("{} && {}", map_ok("requests"), map_ok("limits"))).message(
+        "resources.requests and resources.limits must be quantities of at least 0, such as 500m, 4 or 16Gi",
+    )
+}
+
+pub fn checkpoint_size() -> Rule {
+    Rule::new("isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))")
+        .message("checkpoint.size must be a positive quantity, such as 10Gi or 500Mi")
+}
+
+pub fn dataset_given() -> Rule {
+    Rule::new("has(self.dataset)")
+        .message(
+            "spec.dataset is required: set one of dataset.pvc (a claim holding .txt files), \
+             dataset.configMap or dataset.synthetic",
+        )
+        .reason(Reason::FieldValueRequired)
+}
+
+/// The name rule, on `metadata.name` itself so that the error names the field.
+pub const NAME_RULE: &str = "size(self) <= 40 && self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+pub const NAME_MESSAGE: &str = "metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels";
+
+/// What the derived schema cannot say, added to the CRD: the name rule on `metadata.name`, and
+/// the bounds that keep the quantity rules' estimated cost within the API server's budget (it
+/// refuses a rule over an unbounded map or string).
+pub fn complete_schema(schema: &mut serde_json::Value) {
+    schema["properties"]["metadata"] = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {
+            "type": "string",
+            "maxLength": 253,
+            "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}]
+        }}
+    });
+    let spec = &mut schema["properties"]["spec"];
+    for map in ["requests", "limits"] {
+        let m = &mut spec["properties"]["resources"]["properties"][map];
+        m["maxProperties"] = 32.into();
+        m["additionalProperties"]["maxLength"] = 64.into();
+    }
+    spec["properties"]["checkpoint"]["properties"]["size"]["maxLength"] = 64.into();
+    let env = &mut spec["properties"]["env"];
+    env["maxItems"] = 256.into();
+    env["items"]["properties"]["name"]["maxLength"] = 256.into();
+    let tolerations = &mut spec["properties"]["tolerations"];
+    tolerations["maxItems"] = 64.into();
+    for field in ["operator", "effect"] {
+        tolerations["items"]["properties"][field]["maxLength"] = 32.into();
+    }
+    tolerations["items"]["properties"]["value"]["maxLength"] = 63.into(); // a label value
+                                                                          // A missing dataset is explained by `dataset_given`, not by the schema's terse "Required
+                                                                          // value" (which also suppresses every rule with "some validation rules were not checked").
+    if let Some(props) = spec["properties"]["dataset"].as_object_mut() {
+        props.remove("default");
+    }
+    if let Some(required) = spec["required"].as_array_mut() {
+        required.retain(|r| r != "dataset");
+    }
+    if spec["required"].as_array().is_some_and(|r| r.is_empty()) {
+        spec.as_object_mut().unwrap().remove("required");
+    }
+}
