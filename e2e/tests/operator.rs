@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ResourceQuota};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
 use charlm_e2e::cluster::{self, repo_root, tool, CHART_NAMESPACE};
+use charlm_e2e::specs::{condition, events_of, small_cpu, small_gpu, terminated};
 use charlm_e2e::training_env::TestEnv;
 use charlm_operator::crd::{CharLMTraining, DeviceBatchSize, Phase};
 
@@ -23,40 +23,6 @@ fn example(file: &str) -> Value {
     serde_yaml::from_str(&text).unwrap()
 }
 
-/// A small training of `workers` pods of one GPU each, for behaviour tests. It lands on the kwok
-/// H100 nodes, whose pods only ever do what the API says: the tests play the kubelet by writing pod
-/// statuses, and no real process races them (CPU nodes may be run by the stand-in kubelet).
-fn small_gpu(name: &str, workers: i32) -> Value {
-    json!({
-        "apiVersion": "charlm.dev/v1alpha1",
-        "kind": "CharLMTraining",
-        "metadata": {"name": name},
-        "spec": {
-            "depth": 2, "gpus": workers, "gpusPerNode": 1, "maxSteps": 100,
-            "dataset": {"synthetic": {"chars": 100000}},
-            "checkpoint": {"size": "1Gi"},
-            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
-        }
-    })
-}
-
-/// A small CPU training of `workers` pods, as a base for invalid variants.
-fn small_cpu(name: &str, workers: i32) -> Value {
-    json!({
-        "apiVersion": "charlm.dev/v1alpha1",
-        "kind": "CharLMTraining",
-        "metadata": {"name": name},
-        "spec": {
-            "depth": 2, "gpus": 0, "cpuWorkers": workers, "maxSteps": 100,
-            "dataset": {"synthetic": {"chars": 100000}},
-            "checkpoint": {"size": "1Gi"},
-            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
-        }
-    })
-}
-
 fn env_of(pod: &Pod) -> BTreeMap<String, String> {
     pod.spec.as_ref().unwrap().containers[0]
         .env
@@ -64,15 +30,6 @@ fn env_of(pod: &Pod) -> BTreeMap<String, String> {
         .flatten()
         .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
         .collect()
-}
-
-fn condition(t: &CharLMTraining, type_: &str) -> (String, String) {
-    let c = t
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .unwrap_or_else(|| panic!("no condition {type_} in {:?}", t.status));
-    (c.status.clone(), c.reason.clone())
 }
 
 fn phase(t: &CharLMTraining) -> Option<Phase> {
@@ -98,18 +55,6 @@ fn is_h100(node: &Node) -> bool {
         == Some("NVIDIA-H100-80GB-HBM3")
 }
 
-async fn events_of(env: &TestEnv, training: &str) -> Vec<Event> {
-    let events: Api<Event> = Api::namespaced(env.admin.clone(), &env.ns);
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(training))
-        .collect()
-}
-
 /// Applies a training and waits until all its workers run. (The control plane's default
 /// StorageClass provisions the checkpoint volume.)
 async fn start_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
@@ -120,15 +65,6 @@ async fn start_training(env: &TestEnv, manifest: &Value) -> CharLMTraining {
 
 /// A change that makes a valid manifest invalid.
 type Mutation = Box<dyn Fn(&mut Value)>;
-
-/// A terminated trainer container, as a kubelet reports it.
-fn terminated(container: &str, code: i32, reason: &str, message: &str) -> Value {
-    json!([{
-        "name": container, "image": "charlm-trainer:e2e", "imageID": "", "ready": false,
-        "restartCount": 0,
-        "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}
-    }])
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_lints_and_refuses_unsafe_values() {

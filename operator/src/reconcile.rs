@@ -463,11 +463,16 @@ impl<'a> Decider<'a> {
         if let Some(after) = self.decision.status.restart_after.clone() {
             if after.0 > self.o.now {
                 let wait = after.0.duration_since(self.o.now).unsigned_abs();
-                // The restart's own message (why, and when) stays until the workers start.
-                self.wait_phase(
-                    waiting_phase,
-                    format!("waiting until {} before the gang restart", after.0),
-                );
+                // The restart's own message (why, and when) stays until the workers start, and so
+                // does a startup timeout's (in PodsReady).
+                let why = conditions::get(&self.decision.status.conditions, cond::PODS_READY)
+                    .filter(|c| c.reason == "StartupTimeout")
+                    .map(|c| c.message.clone());
+                let msg = match why {
+                    Some(why) => why,
+                    None => format!("waiting until {} before the gang restart", after.0),
+                };
+                self.wait_phase(waiting_phase, msg);
                 self.decision.requeue = Some(Duration::from_secs(wait.as_secs() + 1));
                 return;
             }

@@ -1,0 +1,76 @@
+//! Small trainings and kubelet-style statuses that the operator tests on the fake nodes share.
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use kube::Api;
+use serde_json::{json, Value};
+
+use charlm_operator::crd::CharLMTraining;
+
+use crate::training_env::TestEnv;
+
+/// A small training of `workers` pods of one GPU each, for behaviour tests. It lands on the kwok
+/// H100 nodes, whose pods only ever do what the API says: the tests play the kubelet by writing pod
+/// statuses, and no real process races them (CPU nodes may be run by the stand-in kubelet).
+pub fn small_gpu(name: &str, workers: i32) -> Value {
+    json!({
+        "apiVersion": "charlm.dev/v1alpha1",
+        "kind": "CharLMTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "depth": 2, "gpus": workers, "gpusPerNode": 1, "maxSteps": 100,
+            "dataset": {"synthetic": {"chars": 100000}},
+            "checkpoint": {"size": "1Gi"},
+            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        }
+    })
+}
+
+/// A small CPU training of `workers` pods, as a base for invalid variants.
+pub fn small_cpu(name: &str, workers: i32) -> Value {
+    json!({
+        "apiVersion": "charlm.dev/v1alpha1",
+        "kind": "CharLMTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "depth": 2, "gpus": 0, "cpuWorkers": workers, "maxSteps": 100,
+            "dataset": {"synthetic": {"chars": 100000}},
+            "checkpoint": {"size": "1Gi"},
+            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 3},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        }
+    })
+}
+
+/// A condition's (status, reason); panics when the training has none of that type.
+pub fn condition(t: &CharLMTraining, type_: &str) -> (String, String) {
+    let c = t
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no condition {type_} in {:?}", t.status));
+    (c.status.clone(), c.reason.clone())
+}
+
+/// Events about one training in the test's namespace.
+pub async fn events_of(env: &TestEnv, training: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(env.admin.clone(), &env.ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(training))
+        .collect()
+}
+
+/// A terminated container, as a kubelet reports it.
+pub fn terminated(container: &str, code: i32, reason: &str, message: &str) -> Value {
+    json!([{
+        "name": container, "image": "charlm-trainer:e2e", "imageID": "", "ready": false,
+        "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}
+    }])
+}
