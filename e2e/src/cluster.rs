@@ -487,6 +487,20 @@ impl Operator {
         }
     }
 
+    /// Resident memory of the process (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// Peers outside loopback (and the run's own networks) that the operator had a socket to.
     pub fn off_machine_peers(&self) -> Vec<String> {
         self.traffic.seen()

@@ -258,7 +258,7 @@ impl TestEnv {
         let list_api = api.clone();
         self.wait(
             "all trainings to be deleted",
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             || {
                 let api = list_api.clone();
                 async move {
@@ -312,6 +312,24 @@ impl Drop for TestEnv {
             "-p",
             r#"{"metadata":{"finalizers":null}}"#,
         ]);
+        // Worker pods wait for the operator to read their final status; no operator runs now.
+        let pods = Command::new(&kubectl)
+            .env("KUBECONFIG", cluster::kubeconfig_path())
+            .args(["-n", &self.ns, "get", "pods", "-o", "name"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for pod in pods.lines().filter(|l| !l.is_empty()) {
+            run(&[
+                "-n",
+                &self.ns,
+                "patch",
+                pod,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ]);
+        }
         run(&["delete", "namespace", &self.ns, "--wait=false"]);
         let selector = format!("{}={}", cluster::TEST_LABEL, self.ns);
         run(&["delete", "pv", "-l", &selector, "--wait=false"]);

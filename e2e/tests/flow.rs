@@ -942,3 +942,65 @@ async fn two_cpu_pods_meet_through_the_service_name_and_complete() {
     eprintln!("pods on {nodes:?}");
     flow.env.finish().await;
 }
+
+/// Suspend sends the trainer SIGTERM, which saves a checkpoint: the status names that one (not the
+/// one before), and resuming continues from it to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_names_the_checkpoint_the_sigterm_saved_and_resume_continues() {
+    let flow = Flow::start("flow-suspend").await;
+    let name = "pause";
+    let mut manifest = tiny_cpu(name, 1);
+    manifest["spec"]["hours"] = json!(0.006);
+    flow.env.apply(&manifest.to_string()).await;
+    flow.wait_phase(name, Phase::Running, MINUTE).await;
+    let dir = flow.checkpoint_dir(name).await;
+    let dir_probe = dir.clone();
+    flow.until("a first checkpoint", MINUTE, || {
+        let dir = dir_probe.clone();
+        async move {
+            match checkpoints_in(&dir).last() {
+                Some(&step) => Seen::Done(step),
+                None => Seen::Waiting("no step-* folder yet".into()),
+            }
+        }
+    })
+    .await;
+    let api = flow.env.trainings();
+    let suspend = |on: bool| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"spec": {"suspend": on}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    suspend(true).await;
+    flow.wait_phase(name, Phase::Suspended, MINUTE).await;
+    flow.until("the workers to be gone", MINUTE, || async {
+        match flow.env.workers(name).await.len() {
+            0 => Seen::Done(()),
+            n => Seen::Waiting(format!("{n} pods")),
+        }
+    })
+    .await;
+    let newest = *checkpoints_in(&dir)
+        .last()
+        .expect("checkpoints on the claim");
+    let t = api.get(name).await.unwrap();
+    assert_eq!(
+        t.status.as_ref().unwrap().latest_checkpoint,
+        Some(format!("/checkpoints/step-{newest:09}")),
+        "the status names the newest checkpoint on the claim (the SIGTERM's)"
+    );
+    suspend(false).await;
+    let done = flow
+        .wait_phase(name, Phase::Succeeded, Duration::from_secs(120))
+        .await;
+    let last = done.status.unwrap().progress.unwrap();
+    assert!(last.complete && last.step > newest, "{last:?}");
+    flow.env.finish().await;
+}

@@ -921,7 +921,11 @@ async fn killing_the_operator_mid_reconcile_creates_no_duplicates() {
         .unwrap();
 
     // Later replicas die at arbitrary moments; each must take over the lease from a dead holder.
-    for (i, delay_ms) in [0u64, 150, 600].into_iter().enumerate() {
+    // Ten kills in all, at moments spread over a reconcile's life.
+    for (i, delay_ms) in [0u64, 150, 600, 20, 300, 900, 60, 450, 1200]
+        .into_iter()
+        .enumerate()
+    {
         let k = env.start_operator(&format!("operator-{}", i + 2)).await;
         env.wait(
             "the new replica to lead",

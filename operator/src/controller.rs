@@ -25,9 +25,10 @@ use crate::progress::{Networks, PollError, ProgressClient};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
     checkpoint_pvc, owner_reference, pvc_name, pvc_owner_update, service_name, worker_pod,
-    workers_selector, workers_service, PodSettings, PROGRESS_PORT, TRAINING_LABEL,
+    workers_selector, workers_service, PodSettings, PROGRESS_PORT, REPORT_FINALIZER,
+    TRAINING_LABEL,
 };
-use crate::workers::{observe, Worker, WorkerState};
+use crate::workers::{observe, report_read, Worker, WorkerState};
 
 pub const FIELD_MANAGER: &str = "charlm-operator";
 pub const FINALIZER: &str = "charlm.dev/cleanup";
@@ -260,11 +261,62 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 
     write_status(&trainings, &name, &decision.status).await?;
     report(&training, &decision, ctx).await;
-
-    Ok(match decision.requeue {
+    // Only now, with their final reports in the status, may ended pods go.
+    let now = Timestamp::now();
+    let mut waiting_for_a_report = false;
+    for pod in &listed.items {
+        if report_read(pod, now) {
+            release(&pods, pod).await?;
+        } else if pod.metadata.deletion_timestamp.is_some() && holds_report(pod) {
+            waiting_for_a_report = true;
+        }
+    }
+    let requeue = match (decision.requeue, waiting_for_a_report) {
+        (Some(after), true) => Some(after.min(REPORT_RECHECK)),
+        (None, true) => Some(REPORT_RECHECK),
+        (after, false) => after,
+    };
+    Ok(match requeue {
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// How often a pod being deleted is looked at while its node has not reported its end.
+const REPORT_RECHECK: Duration = Duration::from_secs(10);
+
+fn holds_report(pod: &Pod) -> bool {
+    pod.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == REPORT_FINALIZER)
+}
+
+/// Drops `REPORT_FINALIZER` from a pod (keeping any other finalizer).
+async fn release(pods: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
+    let rest: Vec<&String> = pod
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != REPORT_FINALIZER)
+        .collect();
+    // The resourceVersion makes it a no-op (409) if someone changed the list meanwhile.
+    let patch =
+        json!({"metadata": {"finalizers": rest, "resourceVersion": pod.resource_version()}});
+    match pods
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// An error of the API server that retrying the same spec cannot fix, as the message of an
@@ -574,6 +626,10 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
             .any(|o| Some(&o.uid) == uid.as_ref());
         if owned && pod.metadata.deletion_timestamp.is_none() {
             ignore_not_found(pods.delete(&pod.name_any(), &DeleteParams::default()).await)?;
+        }
+        // The training is going: there is no status left to report into.
+        if holds_report(&pod) {
+            release(&pods, &pod).await?;
         }
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);

@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::progress::TrainerReport;
-use crate::resources::{ATTEMPT_LABEL, TRAINER_CONTAINER, WORKER_INDEX_LABEL};
+use crate::resources::{ATTEMPT_LABEL, REPORT_FINALIZER, TRAINER_CONTAINER, WORKER_INDEX_LABEL};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Worker {
@@ -118,6 +118,17 @@ pub fn observe(pod: &Pod) -> Worker {
         .and_then(terminated_message)
         .and_then(TrainerReport::parse);
 
+    // A kubelet reports a container's end before the pod's phase (and a deleted pod may vanish
+    // before the phase follows): the trainer's own end decides first.
+    let trainer_exit = trainer
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code);
+    let phase = match (phase, trainer_exit) {
+        ("Running", Some(0)) => "Succeeded",
+        ("Running", Some(_)) => "Failed",
+        (phase, _) => phase,
+    };
     let state = match phase {
         "Running" => WorkerState::Running,
         "Succeeded" => WorkerState::Succeeded { report },
@@ -168,6 +179,36 @@ pub fn observe(pod: &Pod) -> Worker {
         trainer_finished: trainer.and_then(finished_at),
         state,
     }
+}
+
+/// A pod whose container a dead node will never report stopped is let go this long after its
+/// deletion was due.
+pub const REPORT_WAIT_SECONDS: i64 = 30;
+
+/// May the operator drop `REPORT_FINALIZER` from this pod? Once it is being deleted and its
+/// trainer no longer runs (its final status, read in this reconcile, is in the training's status),
+/// or when its node has not said so `REPORT_WAIT_SECONDS` after the deletion was due.
+pub fn report_read(pod: &Pod, now: Timestamp) -> bool {
+    let holds = pod
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == REPORT_FINALIZER);
+    let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else {
+        return false;
+    };
+    let trainer_running = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.name == TRAINER_CONTAINER && c.state.as_ref().is_some_and(|s| s.running.is_some())
+        });
+    let overdue = now.as_second() >= deleted.0.as_second() + REPORT_WAIT_SECONDS;
+    holds && (!trainer_running || overdue)
 }
 
 fn started_at(s: &ContainerStatus) -> Option<Timestamp> {
@@ -484,5 +525,26 @@ mod tests {
             ..f
         };
         assert!(no_error.describe("p").ends_with(": Killed"));
+    }
+
+    #[test]
+    fn a_deleted_pod_is_let_go_once_its_trainer_ended_or_its_node_is_silent() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t = crate::resources::testing::training(crate::resources::testing::cpu_spec());
+        let at = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let mut p = running(pod(&t, 0, 0), "10.0.0.1");
+        p.metadata.finalizers = Some(vec![REPORT_FINALIZER.into()]);
+        assert!(!report_read(&p, at(0)), "not being deleted");
+        p.metadata.deletion_timestamp = Some(Time(at(0)));
+        assert!(!report_read(&p, at(5)), "its trainer still runs");
+        assert!(
+            report_read(&p, at(REPORT_WAIT_SECONDS)),
+            "the node never said"
+        );
+        let mut ended = terminated(p.clone(), TRAINER_CONTAINER, 0, "{}");
+        ended.metadata.deletion_timestamp = Some(Time(at(0)));
+        assert!(report_read(&ended, at(1)));
+        ended.metadata.finalizers = None;
+        assert!(!report_read(&ended, at(1)), "nothing to drop");
     }
 }

@@ -69,6 +69,11 @@ pub const RESERVED_ENV: [&str; 31] = [
 /// Operator variables `spec.env` may replace: nothing in the status depends on them.
 pub const OVERRIDABLE_ENV: [&str; 1] = ["CHARLM_DEVICE"];
 
+/// On every worker pod: a pod being deleted stays until the operator has read its final status
+/// (the SIGTERM checkpoint of a suspend, a failure's message), as the Job controller's tracking
+/// finalizer does; a kubelet otherwise removes it a moment after writing that status.
+pub const REPORT_FINALIZER: &str = "charlm.dev/final-report";
+
 pub const METRICS_PORT_NAME: &str = "metrics";
 
 pub fn pod_name(training: &str, index: i32) -> String {

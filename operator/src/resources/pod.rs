@@ -12,7 +12,8 @@ use kube::ResourceExt;
 
 use super::{
     common_labels, master_addr, namespace_of, owner_reference, pod_name, pvc_name, service_name,
-    ATTEMPT_LABEL, METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, WORKER_INDEX_LABEL,
+    ATTEMPT_LABEL, METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER,
+    WORKER_INDEX_LABEL,
 };
 use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
 
@@ -155,6 +156,7 @@ pub fn worker_pod(
             labels: Some(labels),
             annotations: (index == 0).then(scrape_annotations),
             owner_references: Some(vec![owner_reference(training)]),
+            finalizers: Some(vec![REPORT_FINALIZER.to_string()]),
             ..Default::default()
         },
         spec: Some(PodSpec {
