@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::UserError;
+use crate::sys::error::UserError;
 use store::StoreGroup;
 
 /// Where this process sits in the job, from the variables torchrun (and `charlm-trainer launch`,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::autobatch::MicroBatch;
+use crate::engine::autobatch::MicroBatch;
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct Args {

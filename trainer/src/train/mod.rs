@@ -6,8 +6,10 @@
 //! to stop, evaluate and save and tells the others, so every rank takes the same branch.
 
 mod args;
+pub mod checkpoint;
 mod consensus;
 mod plan;
+pub mod progress;
 mod resume;
 mod session;
 
@@ -22,13 +24,13 @@ pub use args::Args;
 pub use plan::{budget_fraction, lr_multiplier, Plan};
 pub use session::{evaluate, StopReason};
 
-use crate::autobatch::MicroBatch;
-use crate::dataset::Dataset;
+use crate::engine::autobatch::MicroBatch;
+use crate::data::dataset::Dataset;
 use crate::dist::{DistEnv, GroupOptions, ProcessGroup};
 use crate::engine::{Engine, LearningRates};
 use crate::model::GptConfig;
-use crate::progress::{self, Progress, SharedProgress};
-use crate::tensorboard::EventWriter;
+use progress::{Progress, SharedProgress};
+use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
 use session::{RunState, Session};
 
@@ -38,7 +40,6 @@ pub const PEAK_FLOPS: f64 = 989e12;
 pub fn run(args: Args) -> Result<()> {
     let env = DistEnv::from_env();
     let device = pick_device(&args.device, env.local_rank)?;
-    quiet_out_of_memory_panics();
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
@@ -117,7 +118,7 @@ pub fn run(args: Args) -> Result<()> {
             plan.accum_steps,
             plan.device_batch_size,
             plan.seq_len,
-            crate::cuda::device_name(device),
+            crate::sys::cuda::device_name(device),
             pg.backend()
         );
         eprintln!(
@@ -204,21 +205,4 @@ fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
         "auto" => Ok(Device::Cpu),
         other => user_bail!("--device {other:?} is not one of auto, cpu, cuda"),
     }
-}
-
-/// Out-of-memory panics are turned into a clear error (see the session); their stack trace would
-/// only bury it. Every other panic is printed as usual.
-fn quiet_out_of_memory_panics() {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if !msg.contains("out of memory") {
-            default_hook(info);
-        }
-    }));
 }

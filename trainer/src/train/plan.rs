@@ -9,7 +9,7 @@ use tch::Device;
 
 use super::consensus;
 use super::Args;
-use crate::autobatch::{self, MicroBatch};
+use crate::engine::autobatch::{self, MicroBatch};
 use crate::dist::ProcessGroup;
 use crate::model::GptConfig;
 use crate::user_bail;
@@ -132,7 +132,7 @@ pub fn resolve_micro_batch(
             "micro-batch auto: {} sequences per device (chosen in {:.1} s on {})",
             least as i64,
             t0.elapsed().as_secs_f64(),
-            crate::cuda::device_name(device)
+            crate::sys::cuda::device_name(device)
         );
     }
     Ok(least as i64)
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn plan_rejects_a_total_batch_that_does_not_divide() {
         let err = Plan::new(&args(&["--total-batch-size", "40"]), 1, 2).unwrap_err();
-        assert_eq!(crate::error::exit_code(&err), 2);
+        assert_eq!(crate::sys::error::exit_code(&err), 2);
         assert!(format!("{err}").contains("try 32"), "{err}");
         let plan = Plan::new(&args(&["--total-batch-size", "64"]), 2, 2).unwrap();
         assert_eq!(plan.accum_steps, 2);

@@ -8,9 +8,9 @@ use anyhow::Result;
 use super::plan::{budget_fraction, Plan};
 use super::session::{RunState, StopReason};
 use super::Args;
-use crate::checkpoint::{self, Manifest};
+use crate::train::checkpoint::{self, Manifest};
 use crate::engine::Engine;
-use crate::progress::Progress;
+use crate::train::progress::Progress;
 use crate::user_bail;
 
 /// The summary of a training that is already over: its newest checkpoint spent the *current*

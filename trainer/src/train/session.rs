@@ -15,15 +15,14 @@ use super::consensus::{agree, agree_flag};
 use super::plan::{budget_fraction, lr_multiplier, Plan};
 use super::resume::manifest_for;
 use super::{Args, PEAK_FLOPS};
-use crate::autobatch;
-use crate::checkpoint;
-use crate::dataset::Dataset;
+use crate::train::checkpoint;
+use crate::data::dataset::Dataset;
 use crate::dist::{ProcessGroup, ReduceOp};
-use crate::engine::Engine;
+use crate::engine::{memory, oom, Engine};
 use crate::model::GptConfig;
-use crate::optim::muon_momentum;
-use crate::progress::{self, Progress, SharedProgress};
-use crate::tensorboard::EventWriter;
+use crate::engine::optim::muon_momentum;
+use crate::train::progress::{self, Progress, SharedProgress};
+use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
 
 /// Why a session ended.
@@ -213,7 +212,7 @@ impl Session<'_> {
             p.train_loss = Some(loss);
             p.tokens_per_s = Some(tokens_per_s);
             p.mfu = mfu;
-            p.peak_memory_gib = crate::cuda::peak_memory_gib(self.device);
+            p.peak_memory_gib = crate::sys::cuda::peak_memory_gib(self.device);
             self.fill_progress(&mut p, Some(step_s));
             p.clone()
         };
@@ -389,28 +388,22 @@ fn explain_out_of_memory(
     device: Device,
     step: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
-        Ok(result) => result,
-        Err(payload) if autobatch::is_out_of_memory(&payload) => {
-            let config = GptConfig::new(plan.depth, plan.seq_len);
-            let limit = crate::cuda::total_memory(device)
-                .map_or(autobatch::cpu_limit_bytes(), |m| {
-                    (m as f64 * autobatch::HEADROOM) as u64
-                });
-            let b = plan.device_batch_size;
-            let fits = autobatch::smaller_that_fits(&config, b, limit, Kind::BFloat16);
-            let hint = fits.map_or(String::new(), |f| {
-                format!("--device-batch-size {f} (estimated to fit) or ")
-            });
-            user_bail!(
-                "out of memory with a micro-batch of {b} sequences of {} tokens at depth {}: use \
-                 {hint}--device-batch-size auto; the total batch stays the same",
-                plan.seq_len,
-                plan.depth
-            )
-        }
-        Err(payload) => std::panic::resume_unwind(payload),
-    }
+    let oom::OutOfMemory = match oom::catch(step) {
+        Ok(result) => return result,
+        Err(out_of_memory) => out_of_memory,
+    };
+    let config = GptConfig::new(plan.depth, plan.seq_len);
+    let b = plan.device_batch_size;
+    let fits = memory::smaller_that_fits(&config, b, memory::limit_bytes(device), Kind::BFloat16);
+    let hint = fits.map_or(String::new(), |f| {
+        format!("--device-batch-size {f} (estimated to fit) or ")
+    });
+    user_bail!(
+        "out of memory with a micro-batch of {b} sequences of {} tokens at depth {}: use \
+         {hint}--device-batch-size auto; the total batch stays the same",
+        plan.seq_len,
+        plan.depth
+    )
 }
 
 /// One micro-batch of this rank: inputs and targets `[B, T]` on the device.
@@ -423,7 +416,7 @@ fn train_batch(
     device: Device,
 ) -> (Tensor, Tensor) {
     let (b, t) = (plan.device_batch_size, plan.seq_len);
-    let seqs = crate::dataset::rank_sequences(
+    let seqs = crate::data::dataset::rank_sequences(
         step as u64,
         plan.sequences_per_step(),
         micro as u64,
@@ -436,7 +429,7 @@ fn train_batch(
     let all = Tensor::from_slice(&buf).view([b, t + 1]);
     // Pinned memory lets the copy overlap with the GPU's work instead of waiting for it.
     let all = if device.is_cuda() {
-        crate::cuda::pinned(&all).to_device_(device, Kind::Int64, true, false)
+        crate::sys::cuda::pinned(&all).to_device_(device, Kind::Int64, true, false)
     } else {
         all
     };
@@ -459,7 +452,7 @@ pub fn evaluate(
     let mut buf = vec![0i64; (b * (t + 1)) as usize];
     let world = pg.world_size() as u64;
     let mut first = pg.rank() as u64 * b as u64;
-    let bos = crate::vocab::BOS as i64;
+    let bos = crate::data::vocab::BOS as i64;
     tch::no_grad(|| {
         while first < windows {
             let n = (windows - first).min(b as u64) as i64;

@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use signal_hook::consts::{SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::error::UserError;
+use crate::sys::error::UserError;
 use crate::user_bail;
 
 /// How long the other workers get to exit after one of them failed, before SIGKILL.

@@ -19,7 +19,7 @@ impl std::error::Error for UserError {}
 #[macro_export]
 macro_rules! user_bail {
     ($($arg:tt)*) => {
-        return Err(anyhow::Error::new($crate::error::UserError(format!($($arg)*))))
+        return Err(anyhow::Error::new($crate::sys::error::UserError(format!($($arg)*))))
     };
 }
 

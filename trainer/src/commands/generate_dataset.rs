@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::rng::{Rng, STREAM_GENERATE};
-use crate::staging::StagingDir;
+use crate::sys::rng::{Rng, STREAM_GENERATE};
+use crate::sys::staging::StagingDir;
 use crate::user_bail;
 
 /// Files are cut at this size so large datasets come as several files, like real ones.
@@ -183,7 +183,7 @@ mod tests {
             let (q, a) = exercise(&mut rng);
             for c in q.bytes().chain(a.bytes()) {
                 assert!(
-                    crate::vocab::id_of(c).is_some() && c != b'\n',
+                    crate::data::vocab::id_of(c).is_some() && c != b'\n',
                     "{q:?} {a:?}"
                 );
             }
