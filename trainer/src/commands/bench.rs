@@ -14,8 +14,8 @@ use crate::engine::{
     Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved, Toggle,
 };
 use crate::model::GptConfig;
-use crate::train::PEAK_FLOPS;
 use crate::sys::cuda;
+use crate::train::PEAK_FLOPS;
 use crate::user_bail;
 
 #[derive(clap::Args, Debug)]
@@ -265,8 +265,12 @@ fn check(args: &Args, device: Device) -> Result<()> {
         "block path vs reference model (depth {}, {}×{} tokens):",
         args.depth, args.device_batch_size, args.seq_len
     );
-    for d in crate::engine::verify::models_vs_reference(config, args.device_batch_size, device, &candidates)
-    {
+    for d in crate::engine::verify::models_vs_reference(
+        config,
+        args.device_batch_size,
+        device,
+        &candidates,
+    ) {
         show(&d, MODEL_TOLERANCE);
     }
     if !failed.is_empty() {
@@ -280,7 +284,8 @@ fn curve(args: &Args, device: Device) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let tokens_needed = (args.steps * args.accum * args.device_batch_size * args.seq_len) as u64;
     // Enough text that windows rarely repeat, at most 64 M characters.
-    let tokens = crate::engine::verify::synthetic_tokens(tokens_needed.clamp(1 << 20, 64 << 20), 1)?;
+    let tokens =
+        crate::engine::verify::synthetic_tokens(tokens_needed.clamp(1 << 20, 64 << 20), 1)?;
     let run = |options: EngineOptions, perturb: f64| {
         let t0 = Instant::now();
         let losses = crate::engine::verify::loss_curve(

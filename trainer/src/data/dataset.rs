@@ -20,9 +20,9 @@ use anyhow::{Context, Result};
 use memmap2::Mmap;
 
 use crate::data::prepare::{self, Manifest};
+use crate::data::vocab::BOS;
 use crate::sys::rng::{Rng, STREAM_EPOCH};
 use crate::user_bail;
-use crate::data::vocab::BOS;
 
 pub struct Dataset {
     pub manifest: Manifest,

@@ -23,11 +23,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::data::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
 use crate::sys::error::UserError;
 use crate::sys::rng::{Units, STREAM_VAL_SPLIT};
 use crate::sys::staging::StagingDir;
 use crate::user_bail;
-use crate::data::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
 
 /// Bumped whenever the meaning of the files changes; `Dataset::open` refuses other formats.
 pub const FORMAT: u32 = 1;

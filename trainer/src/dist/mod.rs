@@ -30,7 +30,7 @@ pub struct DistEnv {
     problem: Option<String>,
 }
 
-pub const DEFAULT_MASTER_PORT: u16 = 29500;
+pub const DEFAULT_MASTER_PORT: u16 = charlm_contract::RENDEZVOUS_PORT;
 
 impl DistEnv {
     /// A single process: rank 0 of 1.

@@ -135,7 +135,11 @@ fn probe_gpu(config: &GptConfig, b: i64, device: Device, options: &EngineOptions
         let mut engine = Engine::with_options(*config, device, 0, lr, *options);
         crate::sys::cuda::reset_peak_memory(device);
         let t = config.seq_len;
-        let all = Tensor::randint(crate::data::vocab::BOS as i64, [b, t + 1], (Kind::Int64, device));
+        let all = Tensor::randint(
+            crate::data::vocab::BOS as i64,
+            [b, t + 1],
+            (Kind::Int64, device),
+        );
         let _ = engine.micro_step(&all.narrow(1, 0, t), &all.narrow(1, 1, t), 1.0);
         engine.optimizer_step(&pg, 0.0, 0.95, 1.0)?;
         if let Device::Cuda(i) = device {

@@ -185,7 +185,8 @@ impl Muon {
                     let update = orthogonalize_fused(&x, self.ns_steps);
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
-                        super::optim_ops::add_scaled(p, &update.get(i), scale).expect("Muon update");
+                        super::optim_ops::add_scaled(p, &update.get(i), scale)
+                            .expect("Muon update");
                     }
                 } else {
                     let _ = m.lerp_(&g, 1.0 - beta);

@@ -64,4 +64,3 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     // SAFETY: both are live tensors; the bridge only assigns the gradient handle.
     check(unsafe { charlm_set_grad(param.as_ptr() as *mut CTensor, ptr(Some(grad))) })
 }
-

@@ -340,15 +340,7 @@ impl Gpt {
                 cudnn: runner.cudnn,
                 keep_act: runner.keep_act,
             };
-            x = block::block(
-                &x,
-                v,
-                blk,
-                (&cos, &sin),
-                b,
-                self.config.heads(),
-                mode,
-            )?;
+            x = block::block(&x, v, blk, (&cos, &sin), b, self.config.heads(), mode)?;
         }
         let logits = norm(&x)
             .matmul(&self.lm_head.to_kind(kind).tr())

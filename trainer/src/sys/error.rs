@@ -26,8 +26,8 @@ macro_rules! user_bail {
 /// The process exit code for an error: 2 when the user can fix it, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if err.chain().any(|e| e.is::<UserError>()) {
-        2
+        charlm_contract::exit::BAD_INPUT
     } else {
-        1
+        charlm_contract::exit::FAILURE
     }
 }

@@ -5,7 +5,7 @@
 pub mod cuda;
 pub mod error;
 pub mod ffi;
+pub mod profiler;
 pub mod rng;
 pub mod staging;
 pub mod tensorboard;
-pub mod profiler;
