@@ -12,7 +12,7 @@ extern "C" {
 }
 
 /// Turns a bridge call's return value into a Result, freeing the message.
-pub fn check(message: *mut c_char) -> Result<()> {
+pub(crate) fn check(message: *mut c_char) -> Result<()> {
     if message.is_null() {
         return Ok(());
     }
@@ -24,7 +24,7 @@ pub fn check(message: *mut c_char) -> Result<()> {
 ///
 /// # Safety
 /// `p` is a non-NULL, NUL-terminated string from malloc that nothing else frees.
-pub unsafe fn take_string(p: *mut c_char) -> String {
+pub(crate) unsafe fn take_string(p: *mut c_char) -> String {
     // SAFETY: as the caller promises.
     let text = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
     // SAFETY: freed once, by the allocator that made it.
@@ -36,7 +36,7 @@ pub unsafe fn take_string(p: *mut c_char) -> String {
 ///
 /// # Safety
 /// `p` came from malloc in the bridge and is freed only here.
-pub unsafe fn free(p: *mut c_void) {
+pub(crate) unsafe fn free(p: *mut c_void) {
     // SAFETY: as the caller promises.
     unsafe { charlm_free(p) }
 }
