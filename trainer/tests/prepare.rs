@@ -5,8 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use charlm_trainer::commands::generate_dataset as generate;
 use charlm_trainer::data::prepare::{self, Manifest};
+use charlm_trainer::data::synthetic as generate;
 use charlm_trainer::data::vocab;
 use charlm_trainer::sys::error::exit_code;
 use charlm_trainer::sys::rng::{self, STREAM_VAL_SPLIT};

@@ -3,4 +3,5 @@
 
 pub mod dataset;
 pub mod prepare;
+pub mod synthetic;
 pub mod vocab;

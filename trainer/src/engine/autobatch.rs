@@ -154,6 +154,14 @@ fn probe_gpu(config: &GptConfig, b: i64, device: Device, options: &EngineOptions
     }
 }
 
+/// A micro-batch below `b` that the estimate says fits in `limit` bytes, for error messages.
+pub fn smaller_that_fits(config: &GptConfig, b: i64, limit: u64, kind: Kind) -> Option<i64> {
+    candidates(None)
+        .into_iter()
+        .filter(|&c| c < b)
+        .find(|&c| estimate_bytes(config, c, kind) <= limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

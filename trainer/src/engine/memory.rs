@@ -153,14 +153,6 @@ pub fn limit_bytes(device: Device) -> u64 {
         .map_or_else(cpu_limit_bytes, |m| (m as f64 * HEADROOM) as u64)
 }
 
-/// A micro-batch below `b` that the estimate says fits in `limit` bytes, for error messages.
-pub fn smaller_that_fits(config: &GptConfig, b: i64, limit: u64, kind: Kind) -> Option<i64> {
-    super::autobatch::candidates(None)
-        .into_iter()
-        .filter(|&c| c < b)
-        .find(|&c| estimate_bytes(config, c, kind) <= limit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn newton_schulz_gives_near_orthogonal_rows() {
-        let _seed = crate::engine::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(0);
@@ -382,7 +382,7 @@ mod tests {
 
     #[test]
     fn fused_newton_schulz_is_as_close_to_exact_as_the_first_version() {
-        let _seed = crate::engine::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_the_closed_form_first_step() {
-        let _seed = crate::engine::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // After one step Adam moves each weight by lr·sign(g) (up to eps).

@@ -427,7 +427,7 @@ pub fn loss_curve(
 pub fn synthetic_tokens(chars: u64, seed: u64) -> Result<Tensor> {
     let dir = std::env::temp_dir().join(format!("charlm-verify-{}-{seed}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    crate::commands::generate_dataset::generate(&dir, chars, seed)?;
+    crate::data::synthetic::generate(&dir, chars, seed)?;
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
@@ -484,17 +484,14 @@ pub fn curve_diff(got: &[f64], reference: &[f64]) -> CurveDiff {
     }
 }
 
-/// Serializes tests that build two models and compare them: tch's random generator is global,
-/// so tests running in parallel threads would interleave their draws.
-#[cfg(test)]
-pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lock() -> std::sync::MutexGuard<'static, ()> {
-        SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+        crate::model::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     #[test]

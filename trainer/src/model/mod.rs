@@ -12,6 +12,10 @@ pub mod block;
 
 use tch::{Device, Kind, Tensor};
 
+/// Serializes tests that build two models and compare them: tch's random generator is global,
+/// so tests running in parallel threads would interleave their draws.
+#[cfg(test)]
+pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Logits are squashed into (-15, 15) by `15 * tanh(logits / 15)`.
 const SOFTCAP: f64 = 15.0;
 const HEAD_DIM: i64 = 128;
@@ -410,9 +414,7 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_full_forward() {
-        let _seed = crate::engine::verify::SEED_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _seed = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let model = Gpt::new(GptConfig::new(2, 32), Device::Cpu, 7);
         // Perturb the zero-initialised projections so attention actually mixes positions.
         tch::no_grad(|| {

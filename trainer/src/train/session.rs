@@ -19,7 +19,7 @@ use super::PEAK_FLOPS;
 use crate::data::dataset::Dataset;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::engine::optim::muon_momentum;
-use crate::engine::{memory, oom, Engine};
+use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
 use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
@@ -333,7 +333,8 @@ fn explain_out_of_memory(
     };
     let config = GptConfig::new(plan.batch.depth, plan.batch.seq_len);
     let b = plan.batch.device_batch_size;
-    let fits = memory::smaller_that_fits(&config, b, memory::limit_bytes(device), Kind::BFloat16);
+    let fits =
+        autobatch::smaller_that_fits(&config, b, memory::limit_bytes(device), Kind::BFloat16);
     let hint = fits.map_or(String::new(), |f| {
         format!("--device-batch-size {f} (estimated to fit) or ")
     });
