@@ -18,7 +18,8 @@ const SCENARIO: &str = "CHARLM_DIST_TEST_WORKER";
 #[test]
 #[ignore = "a rank of the other tests; they start it"]
 fn worker() {
-    let scenario = std::env::var(SCENARIO).expect("started by the other tests of tests/dist.rs");
+    let scenario =
+        std::env::var(SCENARIO).expect("started by the other tests of tests/collectives.rs");
     tch::set_num_threads(1);
     let result = match scenario.as_str() {
         "collectives" => collectives(
