@@ -1,7 +1,7 @@
 //! `charlm-trainer bench`: the training step's speed on synthetic tokens, as one JSON line with the
 //! fields of docs/performance.md and the reference anchors (tokens/s, MFU, step time, peak memory).
 //! `--profile` adds GPU time per kernel; `--check` and `--curve` verify the fast path instead of
-//! timing it (see src/verify.rs).
+//! timing it (see src/engine/verify.rs).
 
 use std::time::Instant;
 
