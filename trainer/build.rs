@@ -105,7 +105,7 @@ fn from_libtorch_dir() -> Torch {
 }
 
 /// Compiles csrc/kernels.cu into a fatbin (sm_90 machine code + compute_90 PTX) and writes it as
-/// a C array to OUT_DIR/charlm_kernels_fatbin.inc, which block.cpp embeds and loads through the
+/// a C array to OUT_DIR/charlm_kernels_fatbin.inc, which driver.cpp embeds and loads through the
 /// CUDA driver API at run time (so the binary links no CUDA runtime of its own). Without nvcc the
 /// array is empty and the trainer falls back to its eager kernels. Returns whether it was built.
 fn build_kernels(torch: &Torch, out_dir: &Path) -> bool {
@@ -196,7 +196,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let with_kernels = with_cuda && have("cuda.h") && build_kernels(&torch, &out_dir);
     if !with_kernels {
-        // block.cpp includes it either way; empty means "no fused kernels in this binary".
+        // driver.cpp includes it either way; empty means "no fused kernels in this binary".
         build_kernels_placeholder(&out_dir);
     }
 

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::preset;
+pub use crate::preset::Preset;
 use crate::rules;
 
 pub const GROUP: &str = "charlm.dev";
@@ -249,19 +250,6 @@ fn is_zero(n: &i32) -> bool {
 
 fn default_gpus_per_node() -> i32 {
     8
-}
-
-/// A budget preset: `budget-100` (depth 24, 2 GPUs, micro-batch 8, 16 hours) or `budget-1000`
-/// (depth 48, 8 GPUs, micro-batch 4, 31 hours). It fills depth, gpus, deviceBatchSize and hours
-/// where the spec leaves them unset. (The values live in `preset.rs`.)
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Preset {
-    /// Depth 24, 2 GPUs, micro-batch 8, 16 hours.
-    #[serde(rename = "budget-100")]
-    Budget100,
-    /// Depth 48, 8 GPUs, micro-batch 4, 31 hours.
-    #[serde(rename = "budget-1000")]
-    Budget1000,
 }
 
 /// Sequences per GPU per micro-step: a number, or `auto` for the largest power of two that fits.

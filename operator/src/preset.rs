@@ -4,8 +4,21 @@
 //! a training with a preset exactly as the operator will run it.
 
 use kube::core::Rule;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use crate::crd::Preset;
+/// A budget preset: `budget-100` (depth 24, 2 GPUs, micro-batch 8, 16 hours) or `budget-1000`
+/// (depth 48, 8 GPUs, micro-batch 4, 31 hours). It fills depth, gpus, deviceBatchSize and hours
+/// where the spec leaves them unset. (The values live in `preset.rs`.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Preset {
+    /// Depth 24, 2 GPUs, micro-batch 8, 16 hours.
+    #[serde(rename = "budget-100")]
+    Budget100,
+    /// Depth 48, 8 GPUs, micro-batch 4, 31 hours.
+    #[serde(rename = "budget-1000")]
+    Budget1000,
+}
 
 /// What a preset gives a training.
 #[derive(Clone, Copy, Debug, PartialEq)]

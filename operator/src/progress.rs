@@ -4,87 +4,57 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::crd::ProgressStatus;
 
-/// One report of rank 0, exactly as the trainer writes it.
-#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct TrainerReport {
-    pub step: i64,
-    #[serde(default)]
-    pub total_steps_estimate: Option<i64>,
-    #[serde(default)]
-    pub tokens: u64,
-    #[serde(default)]
-    pub epoch: f64,
-    #[serde(default)]
-    pub train_loss: Option<f64>,
-    #[serde(default)]
-    pub val_bpc: Option<f64>,
-    #[serde(default)]
-    pub best_val_bpc: Option<f64>,
-    #[serde(default)]
-    pub best_step: Option<i64>,
-    #[serde(default)]
-    pub tokens_per_s: Option<f64>,
-    #[serde(default)]
-    pub mfu: Option<f64>,
-    #[serde(default)]
-    pub elapsed_s: f64,
-    #[serde(default)]
-    pub eta_s: Option<f64>,
-    #[serde(default)]
-    pub checkpoint: Option<String>,
-    #[serde(default)]
-    pub world_size: u64,
-    #[serde(default)]
-    pub peak_memory_gib: Option<f64>,
-    #[serde(default)]
-    pub tokens_per_epoch: Option<u64>,
-    #[serde(default)]
-    pub complete: bool,
-    /// Why the trainer exited: `budget`, `early_stop` or `signal`.
-    #[serde(default)]
-    pub stop_reason: Option<String>,
-    /// Not in the contract's example; read when a failing trainer explains itself in the report.
-    #[serde(default)]
-    pub error: Option<String>,
-}
+/// One report of rank 0, exactly as the trainer writes it: the contract crate's type.
+pub use charlm_contract::ProgressReport as TrainerReport;
 
-impl TrainerReport {
-    /// Parses a termination message or a `/progress` body; `None` when it is not a report (e.g. the
-    /// log tail Kubernetes keeps when the trainer died before writing one).
-    pub fn parse(text: &str) -> Option<TrainerReport> {
-        let text = text.trim();
-        if !text.starts_with('{') {
-            return None;
-        }
-        serde_json::from_str(text).ok()
-    }
-
-    pub fn to_status(&self) -> ProgressStatus {
+/// The API's camelCase copy of a report. Destructured field by field, so that a field added to
+/// the contract does not compile until the status says what becomes of it.
+impl From<&TrainerReport> for ProgressStatus {
+    fn from(report: &TrainerReport) -> Self {
+        let TrainerReport {
+            step,
+            total_steps_estimate,
+            tokens,
+            epoch,
+            train_loss,
+            val_bpc,
+            best_val_bpc,
+            best_step,
+            tokens_per_s,
+            mfu,
+            elapsed_s,
+            eta_s,
+            checkpoint,
+            world_size,
+            peak_memory_gib,
+            tokens_per_epoch,
+            complete,
+            stop_reason,
+            // Read by the reconciler for failure messages; not part of the status.
+            error: _,
+        } = report;
+        let finite = |v: &Option<f64>| v.filter(|v| v.is_finite());
         ProgressStatus {
-            step: self.step,
-            total_steps_estimate: self.total_steps_estimate,
-            tokens: i64::try_from(self.tokens).unwrap_or(i64::MAX),
-            epoch: self.epoch,
-            train_loss: self.train_loss.filter(|v| v.is_finite()),
-            val_bpc: self.val_bpc.filter(|v| v.is_finite()),
-            best_val_bpc: self.best_val_bpc.filter(|v| v.is_finite()),
-            best_step: self.best_step,
-            tokens_per_s: self.tokens_per_s.filter(|v| v.is_finite()),
-            mfu: self.mfu.filter(|v| v.is_finite()),
-            elapsed_s: self.elapsed_s,
-            eta_s: self.eta_s.filter(|v| v.is_finite()),
-            checkpoint: self.checkpoint.clone(),
-            world_size: i64::try_from(self.world_size).unwrap_or(i64::MAX),
-            peak_memory_gib: self.peak_memory_gib.filter(|v| v.is_finite()),
-            tokens_per_epoch: self
-                .tokens_per_epoch
-                .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
-            complete: self.complete,
-            stop_reason: self.stop_reason.clone(),
+            step: *step,
+            total_steps_estimate: *total_steps_estimate,
+            tokens: i64::try_from(*tokens).unwrap_or(i64::MAX),
+            epoch: *epoch,
+            train_loss: finite(train_loss),
+            val_bpc: finite(val_bpc),
+            best_val_bpc: finite(best_val_bpc),
+            best_step: *best_step,
+            tokens_per_s: finite(tokens_per_s),
+            mfu: finite(mfu),
+            elapsed_s: *elapsed_s,
+            eta_s: finite(eta_s),
+            checkpoint: checkpoint.clone(),
+            world_size: i64::try_from(*world_size).unwrap_or(i64::MAX),
+            peak_memory_gib: finite(peak_memory_gib),
+            tokens_per_epoch: tokens_per_epoch.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+            complete: *complete,
+            stop_reason: stop_reason.clone(),
             observed_time: None,
         }
     }
@@ -252,7 +222,7 @@ mod tests {
         let r = TrainerReport::parse(text).unwrap();
         assert_eq!(r.step, 1200);
         assert!(!r.complete);
-        let s = r.to_status();
+        let s = ProgressStatus::from(&r);
         assert_eq!(s.tokens, 629145600);
         assert_eq!(s.val_bpc, Some(1.31));
         assert_eq!(s.checkpoint.as_deref(), Some("/checkpoints/step-000001200"));

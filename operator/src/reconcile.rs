@@ -18,6 +18,7 @@ use kube::ResourceExt;
 use crate::conditions::{self, FALSE, TRUE, UNKNOWN};
 use crate::crd::{
     condition as cond, CharLMTraining, CharLMTrainingStatus, EffectiveSettings, Phase,
+    ProgressStatus,
 };
 use crate::effective;
 use crate::progress::{human_duration, TrainerReport};
@@ -689,7 +690,7 @@ impl<'a> Decider<'a> {
     }
 
     fn take_progress(&mut self, report: &TrainerReport) {
-        let mut progress = report.to_status();
+        let mut progress = ProgressStatus::from(report);
         progress.observed_time = Some(self.now.clone());
         let st = self.st();
         st.eta = progress.eta_s.map(human_duration);

@@ -58,7 +58,7 @@ pub struct Failure {
 }
 
 /// The trainer's "bad input" exit code (docs/contract.md): retrying cannot help.
-pub const EXIT_BAD_INPUT: i32 = 2;
+pub const EXIT_BAD_INPUT: i32 = charlm_contract::exit::BAD_INPUT;
 
 impl Failure {
     pub fn is_bad_input(&self) -> bool {

@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 
-use charlm_trainer::{bench, error, generate, launch, prepare, sample, train};
+use charlm_trainer::commands::{bench, generate_dataset, launch, prepare, sample};
+use charlm_trainer::{sys::error, train};
 
 /// Character-level GPT training on libtorch: prepare data, train, sample, benchmark.
 #[derive(Parser)]
@@ -15,7 +16,7 @@ enum Command {
     /// Turn a directory of .txt files into train.bin, val.bin and manifest.json.
     Prepare(prepare::Args),
     /// Write a synthetic dataset of .txt files (for demos and tests).
-    Generate(generate::Args),
+    Generate(generate_dataset::Args),
     /// Train (or resume) a model on a prepared dataset.
     Train(train::Args),
     /// Start one worker process per GPU with torchrun's environment, and supervise them.
@@ -30,7 +31,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => prepare::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate_dataset::run(args),
         Command::Train(args) => train::run(args),
         Command::Launch(args) => launch::run(args),
         Command::Sample(args) => sample::run(args),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use charlm_trainer::autobatch::estimate_bytes;
+use charlm_trainer::engine::memory::estimate_bytes;
 use charlm_trainer::model::GptConfig;
 use common::{json_lines, run, s, stderr, synthetic_data, tiny_train};
 use std::process::Command;

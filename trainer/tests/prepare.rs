@@ -5,10 +5,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use charlm_trainer::error::exit_code;
-use charlm_trainer::prepare::{self, Manifest};
-use charlm_trainer::rng::{self, STREAM_VAL_SPLIT};
-use charlm_trainer::{generate, vocab};
+use charlm_trainer::data::prepare::{self, Manifest};
+use charlm_trainer::data::synthetic as generate;
+use charlm_trainer::data::vocab;
+use charlm_trainer::sys::error::exit_code;
+use charlm_trainer::sys::rng::{self, STREAM_VAL_SPLIT};
 use sha2::{Digest, Sha256};
 
 const FIX: &str = "allowed: 0-9 + - H B L . and newline; remove or replace it";

@@ -23,9 +23,9 @@ pub const WORKER_INDEX_LABEL: &str = "charlm.dev/worker-index";
 /// Label of a worker pod: the attempt it belongs to (status.attempt when it was created).
 pub const ATTEMPT_LABEL: &str = "charlm.dev/attempt";
 /// The rendezvous port of the trainer's TCPStore on worker 0 (MASTER_PORT).
-pub const RENDEZVOUS_PORT: i32 = 29500;
+pub const RENDEZVOUS_PORT: i32 = charlm_contract::RENDEZVOUS_PORT as i32;
 /// The trainer's progress and metrics port (CHARLM_METRICS_PORT).
-pub const PROGRESS_PORT: i32 = 9090;
+pub const PROGRESS_PORT: i32 = charlm_contract::PROGRESS_PORT as i32;
 /// Name of that port on the pods and the headless Service, for PodMonitors and ServiceMonitors.
 /// Environment names `spec.env` may not set (a CEL rule says so at apply): what the operator
 /// sets in every worker (`trainer_env`; a test holds the two lists together) and what `launch`

@@ -16,6 +16,7 @@ use super::{
     WORKER_INDEX_LABEL,
 };
 use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
+use charlm_contract::{env, METRICS_PATH};
 
 pub const TRAINER_CONTAINER: &str = "trainer";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -234,7 +235,7 @@ fn scrape_annotations() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
         ("prometheus.io/port".to_string(), PROGRESS_PORT.to_string()),
-        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+        ("prometheus.io/path".to_string(), METRICS_PATH.to_string()),
     ])
 }
 
@@ -249,13 +250,13 @@ fn trainer_env(
     let spec = &training.spec;
     let gpus = effective.gpus_per_worker();
     let mut env = vec![
-        value("NNODES", effective.workers),
-        value("NODE_RANK", index),
-        value("NPROC_PER_NODE", if gpus > 0 { gpus } else { 1 }),
-        value("MASTER_ADDR", master_addr(name, namespace)),
-        value("MASTER_PORT", RENDEZVOUS_PORT),
+        value(env::NNODES, effective.workers),
+        value(env::NODE_RANK, index),
+        value(env::NPROC_PER_NODE, if gpus > 0 { gpus } else { 1 }),
+        value(env::MASTER_ADDR, master_addr(name, namespace)),
+        value(env::MASTER_PORT, RENDEZVOUS_PORT),
         EnvVar {
-            name: "POD_IP".to_string(),
+            name: env::POD_IP.to_string(),
             value: None,
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
@@ -265,41 +266,38 @@ fn trainer_env(
                 ..Default::default()
             }),
         },
-        value("CHARLM_DATA", format!("{WORK_DIR}/data")),
-        value("CHARLM_DEPTH", effective.depth),
-        value("CHARLM_DEVICE_BATCH_SIZE", effective.device_batch_size),
-        value("CHARLM_DEVICE", if gpus > 0 { "cuda" } else { "cpu" }),
-        value("CHARLM_CHECKPOINT_DIR", CHECKPOINT_DIR),
-        value("CHARLM_METRICS_PORT", PROGRESS_PORT),
-        value("CHARLM_TERMINATION_LOG", TERMINATION_LOG),
+        value(env::DATA, format!("{WORK_DIR}/data")),
+        value(env::DEPTH, effective.depth),
+        value(env::DEVICE_BATCH_SIZE, effective.device_batch_size),
+        value(env::DEVICE, if gpus > 0 { "cuda" } else { "cpu" }),
+        value(env::CHECKPOINT_DIR, CHECKPOINT_DIR),
+        value(env::METRICS_PORT, PROGRESS_PORT),
+        value(env::TERMINATION_LOG, TERMINATION_LOG),
     ];
     let optional = [
-        ("CHARLM_HOURS", effective.hours.map(|v| v.to_string())),
+        (env::HOURS, effective.hours.map(|v| v.to_string())),
+        (env::MAX_STEPS, effective.max_steps.map(|v| v.to_string())),
         (
-            "CHARLM_MAX_STEPS",
-            effective.max_steps.map(|v| v.to_string()),
-        ),
-        (
-            "CHARLM_TOTAL_BATCH_SIZE",
+            env::TOTAL_BATCH_SIZE,
             spec.total_batch_size.map(|v| v.to_string()),
         ),
-        ("CHARLM_SEQ_LEN", spec.seq_len.map(|v| v.to_string())),
-        ("CHARLM_EVAL_EVERY", spec.eval_every.map(|v| v.to_string())),
-        ("CHARLM_SEED", spec.seed.map(|v| v.to_string())),
+        (env::SEQ_LEN, spec.seq_len.map(|v| v.to_string())),
+        (env::EVAL_EVERY, spec.eval_every.map(|v| v.to_string())),
+        (env::SEED, spec.seed.map(|v| v.to_string())),
         (
-            "CHARLM_CHECKPOINT_EVERY_MINUTES",
+            env::CHECKPOINT_EVERY_MINUTES,
             spec.checkpoint.interval_minutes.map(|v| v.to_string()),
         ),
         (
-            "CHARLM_KEEP_CHECKPOINTS",
+            env::KEEP_CHECKPOINTS,
             spec.checkpoint.keep.map(|v| v.to_string()),
         ),
         (
-            "CHARLM_EARLY_STOP_PATIENCE",
+            env::EARLY_STOP_PATIENCE,
             effective.early_stop_patience.map(|v| v.to_string()),
         ),
         (
-            "CHARLM_TENSORBOARD_DIR",
+            env::TENSORBOARD_DIR,
             effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
         ),
     ];

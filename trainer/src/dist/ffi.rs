@@ -1,15 +1,16 @@
 //! Safe handles over csrc/c10d_bridge.cpp: a c10d `TCPStore` client (or server, on rank 0), a
 //! `ProcessGroupNCCL`, and the `Work` of an NCCL collective in flight. Each bridge call returns
-//! NULL or a malloc'd error message; [`check`] turns that into an `anyhow::Error`.
+//! NULL or a malloc'd error message; `sys::ffi::check` turns that into an `anyhow::Error`.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use tch::Tensor;
 
+use crate::sys::ffi::{self, check};
+
 extern "C" {
-    fn charlm_free(p: *mut c_void);
     fn charlm_have_nccl() -> c_int;
 
     fn charlm_store_connect(
@@ -80,20 +81,6 @@ extern "C" {
     fn charlm_work_free(work: *mut c_void);
 }
 
-/// Turns the bridge's error convention into a Result, freeing the message.
-fn check(err: *mut c_char) -> Result<()> {
-    if err.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-NULL return is a NUL-terminated string from malloc that we now own.
-    let message = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    // SAFETY: allocated by the bridge with malloc, freed once.
-    unsafe { charlm_free(err.cast()) };
-    Err(anyhow!(message))
-}
-
 fn c_string(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("{s:?} contains a NUL byte"))
 }
@@ -155,7 +142,7 @@ impl Store {
         // SAFETY: `data` points to `len` initialised bytes (or is a 1-byte allocation when len is 0).
         let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
         // SAFETY: freed once, by the allocator that made it.
-        unsafe { charlm_free(data.cast()) };
+        unsafe { ffi::free(data.cast()) };
         Ok(value)
     }
 

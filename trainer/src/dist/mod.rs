@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::UserError;
+use crate::sys::error::UserError;
 use store::StoreGroup;
 
 /// Where this process sits in the job, from the variables torchrun (and `charlm-trainer launch`,
@@ -30,7 +30,7 @@ pub struct DistEnv {
     problem: Option<String>,
 }
 
-pub const DEFAULT_MASTER_PORT: u16 = 29500;
+pub const DEFAULT_MASTER_PORT: u16 = charlm_contract::RENDEZVOUS_PORT;
 
 impl DistEnv {
     /// A single process: rank 0 of 1.

@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::ffi::Store;
 use super::{GroupOptions, ReduceOp};
-use crate::error::UserError;
+use crate::sys::error::UserError;
 
 /// A group of ranks whose collectives go through one TCPStore.
 pub struct StoreGroup {

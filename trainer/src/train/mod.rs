@@ -6,31 +6,36 @@
 //! to stop, evaluate and save and tells the others, so every rank takes the same branch.
 
 mod args;
+pub mod checkpoint;
 mod consensus;
 mod plan;
+pub mod progress;
 mod resume;
 mod session;
+mod state;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use charlm_contract::ProgressReport;
 use tch::Device;
 
 pub use args::Args;
-pub use plan::{budget_fraction, lr_multiplier, Plan};
-pub use session::{evaluate, StopReason};
+pub use plan::{budget_fraction, lr_multiplier, Batch, Budget, Plan};
+pub use session::evaluate;
 
-use crate::autobatch::MicroBatch;
-use crate::dataset::Dataset;
+use crate::data::dataset::Dataset;
 use crate::dist::{DistEnv, GroupOptions, ProcessGroup};
-use crate::engine::{Engine, LearningRates};
+use crate::engine::autobatch::MicroBatch;
+use crate::engine::Engine;
 use crate::model::GptConfig;
-use crate::progress::{self, Progress, SharedProgress};
-use crate::tensorboard::EventWriter;
+use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
-use session::{RunState, Session};
+use progress::SharedProgress;
+use session::Session;
+use state::RunState;
 
 /// H100 dense bf16 peak, the denominator of MFU (as in nanochat and our anchors).
 pub const PEAK_FLOPS: f64 = 989e12;
@@ -38,7 +43,6 @@ pub const PEAK_FLOPS: f64 = 989e12;
 pub fn run(args: Args) -> Result<()> {
     let env = DistEnv::from_env();
     let device = pick_device(&args.device, env.local_rank)?;
-    quiet_out_of_memory_panics();
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
@@ -49,7 +53,7 @@ pub fn run(args: Args) -> Result<()> {
         MicroBatch::Fixed(n) => n,
         MicroBatch::Auto => 1,
     };
-    Plan::new(&args, env.world_size, early_micro)?;
+    let early = Plan::new(&args, env.world_size, early_micro)?;
     let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
     let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
     // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
@@ -58,99 +62,25 @@ pub fn run(args: Args) -> Result<()> {
     let pg = ProcessGroup::init_with(&env, device, &options)?;
     let is_main = pg.rank() == 0;
 
-    let shared: SharedProgress = Arc::new(Mutex::new(Progress {
-        world_size: pg.world_size(),
+    let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
+        world_size: pg.world_size() as u64,
         ..Default::default()
     }));
     if is_main && args.metrics_port != 0 {
-        let host = std::env::var("POD_IP").unwrap_or_else(|_| "0.0.0.0".to_string());
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host
-        };
-        progress::serve(&format!("{host}:{}", args.metrics_port), shared.clone());
+        serve_progress(args.metrics_port, &shared);
     }
-
-    let done = if is_main {
-        resume::finished_summary(&args)?
-    } else {
-        None
-    };
-    if consensus::agree_flag(&pg, device, done.is_some())? {
-        if let Some(summary) = done {
-            *shared.lock().expect("progress lock") = summary.clone();
-            println!(
-                "{}",
-                serde_json::json!({"event": "end", "progress": summary})
-            );
-            if let Some(path) = &args.termination_log {
-                progress::write_termination_log(path, &summary);
-            }
-        }
+    if already_over(&early, &pg, device, &shared)? {
         return Ok(());
     }
 
     let config = GptConfig::new(args.depth, args.seq_len);
     let micro = plan::resolve_micro_batch(&args, &config, &pg, device)?;
     let plan = Plan::new(&args, env.world_size, micro)?;
-    let lrs = LearningRates {
-        matrix: args.matrix_lr,
-        embedding: args.embedding_lr,
-        unembedding: args.unembedding_lr,
-    };
-    let mut engine = Engine::with_options(config, device, plan.seed, lrs, *args.engine);
+    let mut engine = Engine::with_options(config, device, plan.batch.seed, plan.lrs, *args.engine);
     if is_main {
-        eprintln!(
-            "model: depth {} width {} heads {} | {} parameters ({} in matrices) | {:.3e} FLOPs/token",
-            config.depth,
-            config.width(),
-            config.heads(),
-            config.total_params(),
-            config.total_params() - 2 * config.embedding_params(),
-            config.flops_per_token()
-        );
-        eprintln!(
-            "batch: {} tokens/step = {} ranks × {} accum × {} seqs × {} tokens | {} | collectives: {}",
-            plan.total_batch_size,
-            plan.world_size,
-            plan.accum_steps,
-            plan.device_batch_size,
-            plan.seq_len,
-            crate::cuda::device_name(device),
-            pg.backend()
-        );
-        eprintln!(
-            "data: {} tokens per epoch ({} sequences of {})",
-            data.train_windows() * plan.seq_len as u64,
-            data.train_windows(),
-            plan.seq_len
-        );
+        describe(&plan, &config, &data, &pg, device);
     }
-
-    let mut state = RunState::new(data.train_windows());
-    let resumed = if is_main {
-        resume::restore(&args, &plan, &mut engine, &mut state)?
-    } else {
-        None
-    };
-    let header = consensus::agree(
-        &pg,
-        device,
-        &[state.step as f64, state.elapsed_s, engine.adamw.step as f64],
-    )?;
-    state.step = header[0] as i64;
-    state.elapsed_s = header[1];
-    engine.adamw.step = header[2] as i64;
-    engine.broadcast_from_rank0(&pg)?;
-    if let Some(dir) = resumed {
-        eprintln!(
-            "resumed from {} at step {} ({:.0} s trained)",
-            dir.display(),
-            state.step,
-            state.elapsed_s
-        );
-    }
+    let state = start_state(&plan, &data, &pg, device, &mut engine)?;
     let tensorboard = match (&args.tensorboard_dir, is_main) {
         (Some(dir), true) => match EventWriter::create(dir) {
             Ok(w) => Some(w),
@@ -167,7 +97,6 @@ pub fn run(args: Args) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
 
     let session = Session {
-        args: &args,
         plan: &plan,
         data: &data,
         pg: &pg,
@@ -183,6 +112,111 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("rank {}: training failed: {err:#}", pg.rank());
     }
     result
+}
+
+/// Serves `/progress` and `/metrics` on the pod's IP (all interfaces outside a pod).
+fn serve_progress(port: u16, shared: &SharedProgress) {
+    let host = std::env::var(charlm_contract::env::POD_IP).unwrap_or_else(|_| "0.0.0.0".into());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    progress::serve(&format!("{host}:{port}"), shared.clone());
+}
+
+/// Whether the newest checkpoint already ended this training (rank 0 looks, every rank agrees);
+/// if so, rank 0 reports its summary as a finished run would.
+fn already_over(
+    plan: &Plan,
+    pg: &ProcessGroup,
+    device: Device,
+    shared: &SharedProgress,
+) -> Result<bool> {
+    let done = if pg.rank() == 0 {
+        resume::finished_summary(plan)?
+    } else {
+        None
+    };
+    if !consensus::agree_flag(pg, device, done.is_some())? {
+        return Ok(false);
+    }
+    if let Some(summary) = done {
+        *shared.lock().expect("progress lock") = summary.clone();
+        println!(
+            "{}",
+            serde_json::json!({"event": "end", "progress": summary})
+        );
+        if let Some(path) = &plan.termination_log {
+            progress::write_termination_log(path, &summary);
+        }
+    }
+    Ok(true)
+}
+
+/// The model, batch and data lines of rank 0's log.
+fn describe(plan: &Plan, config: &GptConfig, data: &Dataset, pg: &ProcessGroup, device: Device) {
+    let batch = &plan.batch;
+    eprintln!(
+        "model: depth {} width {} heads {} | {} parameters ({} in matrices) | {:.3e} FLOPs/token",
+        config.depth,
+        config.width(),
+        config.heads(),
+        config.total_params(),
+        config.total_params() - 2 * config.embedding_params(),
+        config.flops_per_token()
+    );
+    eprintln!(
+        "batch: {} tokens/step = {} ranks × {} accum × {} seqs × {} tokens | {} | collectives: {}",
+        batch.total_batch_size,
+        batch.world_size,
+        batch.accum_steps,
+        batch.device_batch_size,
+        batch.seq_len,
+        crate::sys::cuda::device_name(device),
+        pg.backend()
+    );
+    eprintln!(
+        "data: {} tokens per epoch ({} sequences of {})",
+        data.train_windows() * batch.seq_len as u64,
+        data.train_windows(),
+        batch.seq_len
+    );
+}
+
+/// Where the session starts: rank 0 restores the newest good checkpoint, then every rank takes
+/// rank 0's position, clock and weights.
+fn start_state(
+    plan: &Plan,
+    data: &Dataset,
+    pg: &ProcessGroup,
+    device: Device,
+    engine: &mut Engine,
+) -> Result<RunState> {
+    let mut state = RunState::new(data.train_windows());
+    let resumed = if pg.rank() == 0 {
+        resume::restore(plan, engine, &mut state)?
+    } else {
+        None
+    };
+    let header = consensus::agree(
+        pg,
+        device,
+        &[state.step as f64, state.elapsed_s, engine.adamw.step as f64],
+    )?;
+    state.step = header[0] as i64;
+    state.elapsed_s = header[1];
+    engine.adamw.step = header[2] as i64;
+    engine.broadcast_from_rank0(pg)?;
+    if let Some(dir) = resumed {
+        eprintln!(
+            "resumed from {} at step {} ({:.0} s trained)",
+            dir.display(),
+            state.step,
+            state.elapsed_s
+        );
+    }
+    Ok(state)
 }
 
 fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
@@ -204,21 +238,4 @@ fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
         "auto" => Ok(Device::Cpu),
         other => user_bail!("--device {other:?} is not one of auto, cpu, cuda"),
     }
-}
-
-/// Out-of-memory panics are turned into a clear error (see the session); their stack trace would
-/// only bury it. Every other panic is printed as usual.
-fn quiet_out_of_memory_panics() {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if !msg.contains("out of memory") {
-            default_hook(info);
-        }
-    }));
 }

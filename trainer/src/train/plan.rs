@@ -1,6 +1,7 @@
-//! What a run will do, decided before it starts: batch geometry, the budget and the learning-rate
-//! schedule, and the micro-batch when it is `auto`.
+//! What a run will do, decided from the flags before it starts: batch geometry, the budget, the
+//! learning-rate schedule, evaluation and checkpoint cadence, and the micro-batch when it is `auto`.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -9,14 +10,16 @@ use tch::Device;
 
 use super::consensus;
 use super::Args;
-use crate::autobatch::{self, MicroBatch};
 use crate::dist::ProcessGroup;
+use crate::engine::autobatch::{self, MicroBatch};
+use crate::engine::LearningRates;
 use crate::model::GptConfig;
 use crate::user_bail;
 
-/// Settings derived from the arguments and the world size, checked once.
+/// The batch geometry, derived from the flags and the world size; checkpoints record it as their
+/// `settings`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Plan {
+pub struct Batch {
     pub depth: i64,
     pub seq_len: i64,
     pub device_batch_size: i64,
@@ -24,6 +27,57 @@ pub struct Plan {
     pub world_size: usize,
     pub accum_steps: i64,
     pub seed: u64,
+}
+
+impl Batch {
+    pub fn sequences_per_step(&self) -> u64 {
+        (self.total_batch_size / self.seq_len) as u64
+    }
+}
+
+/// How long a training may run: hours and/or steps, whichever ends first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    pub seconds: Option<f64>,
+    pub max_steps: Option<i64>,
+}
+
+impl Budget {
+    pub fn from_args(args: &Args) -> Self {
+        Self {
+            seconds: args.hours.map(|h| h * 3600.0),
+            max_steps: args.max_steps,
+        }
+    }
+
+    /// How far along the budget is at `step` after `elapsed_s` of training.
+    pub fn fraction(&self, step: i64, elapsed_s: f64) -> f64 {
+        budget_fraction(step, elapsed_s, self.seconds, self.max_steps)
+    }
+}
+
+/// Everything a run does, resolved from the flags once and checked: the session reads this, never
+/// the flags.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub batch: Batch,
+    pub budget: Budget,
+    pub lrs: LearningRates,
+    /// Share of the budget over which the learning rate decays to zero.
+    pub warmdown_ratio: f64,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f64,
+    /// Evaluate every N steps (0: only at the end), over up to `eval_tokens` tokens.
+    pub eval_every: i64,
+    pub eval_tokens: i64,
+    /// Log every N steps (0: never).
+    pub log_every: i64,
+    pub checkpoint_every_s: f64,
+    pub keep_checkpoints: usize,
+    /// Evaluations without a better val bpc before stopping (0: never).
+    pub early_stop_patience: u32,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub termination_log: Option<String>,
 }
 
 impl Plan {
@@ -53,7 +107,7 @@ impl Plan {
                 (total / per_micro).max(1) * per_micro
             );
         }
-        Ok(Self {
+        let batch = Batch {
             depth: args.depth,
             seq_len: args.seq_len,
             device_batch_size: micro,
@@ -61,11 +115,26 @@ impl Plan {
             world_size,
             accum_steps: total / per_micro,
             seed: args.seed,
+        };
+        Ok(Self {
+            batch,
+            budget: Budget::from_args(args),
+            lrs: LearningRates {
+                matrix: args.matrix_lr,
+                embedding: args.embedding_lr,
+                unembedding: args.unembedding_lr,
+            },
+            warmdown_ratio: args.warmdown_ratio,
+            grad_clip: args.grad_clip,
+            eval_every: args.eval_every,
+            eval_tokens: args.eval_tokens,
+            log_every: args.log_every,
+            checkpoint_every_s: args.checkpoint_every_minutes * 60.0,
+            keep_checkpoints: args.keep_checkpoints,
+            early_stop_patience: args.early_stop_patience,
+            checkpoint_dir: args.checkpoint_dir.clone(),
+            termination_log: args.termination_log.clone(),
         })
-    }
-
-    pub fn sequences_per_step(&self) -> u64 {
-        (self.total_batch_size / self.seq_len) as u64
     }
 }
 
@@ -132,7 +201,7 @@ pub fn resolve_micro_batch(
             "micro-batch auto: {} sequences per device (chosen in {:.1} s on {})",
             least as i64,
             t0.elapsed().as_secs_f64(),
-            crate::cuda::device_name(device)
+            crate::sys::cuda::device_name(device)
         );
     }
     Ok(least as i64)
@@ -171,10 +240,10 @@ mod tests {
     #[test]
     fn plan_rejects_a_total_batch_that_does_not_divide() {
         let err = Plan::new(&args(&["--total-batch-size", "40"]), 1, 2).unwrap_err();
-        assert_eq!(crate::error::exit_code(&err), 2);
+        assert_eq!(crate::sys::error::exit_code(&err), 2);
         assert!(format!("{err}").contains("try 32"), "{err}");
         let plan = Plan::new(&args(&["--total-batch-size", "64"]), 2, 2).unwrap();
-        assert_eq!(plan.accum_steps, 2);
+        assert_eq!(plan.batch.accum_steps, 2);
     }
 
     #[test]
@@ -191,6 +260,9 @@ mod tests {
         let micro = resolve_micro_batch(&a, &GptConfig::new(1, 8), &pg, Device::Cpu).unwrap();
         assert_eq!(micro, 32);
         let plan = Plan::new(&a, 1, micro).unwrap();
-        assert_eq!((plan.accum_steps, plan.total_batch_size), (1, 256));
+        assert_eq!(
+            (plan.batch.accum_steps, plan.batch.total_batch_size),
+            (1, 256)
+        );
     }
 }

@@ -5,19 +5,19 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::plan::{budget_fraction, Plan};
-use super::session::{RunState, StopReason};
-use super::Args;
-use crate::checkpoint::{self, Manifest};
+use charlm_contract::{ProgressReport, StopReason};
+
+use super::checkpoint;
+use super::plan::{Batch, Plan};
+use super::state::RunState;
 use crate::engine::Engine;
-use crate::progress::Progress;
 use crate::user_bail;
 
 /// The summary of a training that is already over: its newest checkpoint spent the *current*
 /// budget (a raised budget continues training), or it stopped early at that checkpoint. A
 /// restarted pod must not train past its end.
-pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
-    let Some(root) = &args.checkpoint_dir else {
+pub fn finished_summary(plan: &Plan) -> Result<Option<ProgressReport>> {
+    let Some(root) = &plan.checkpoint_dir else {
         return Ok(None);
     };
     let Some((_, newest)) = checkpoint::list(root)?.into_iter().next() else {
@@ -27,10 +27,9 @@ pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
         return Ok(None);
     };
     let recorded = checkpoint::read_complete(root)?
-        .and_then(|v| serde_json::from_value::<Progress>(v).ok())
+        .and_then(|v| serde_json::from_value::<ProgressReport>(v).ok())
         .filter(|p| p.step == m.step);
-    let budget_s = args.hours.map(|h| h * 3600.0);
-    let spent = budget_fraction(m.step, m.elapsed_s, budget_s, args.max_steps) >= 1.0;
+    let spent = plan.budget.fraction(m.step, m.elapsed_s) >= 1.0;
     let stopped_early = recorded
         .as_ref()
         .is_some_and(|p| p.stop_reason.as_deref() == Some(StopReason::EarlyStop.as_str()));
@@ -48,7 +47,7 @@ pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
         return Ok(Some(p));
     }
     let best = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)).ok();
-    Ok(Some(Progress {
+    Ok(Some(ProgressReport {
         step: m.step,
         total_steps_estimate: Some(m.step),
         epoch: m.epoch,
@@ -58,7 +57,7 @@ pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
         elapsed_s: m.elapsed_s,
         eta_s: Some(0.0),
         checkpoint: Some(newest.display().to_string()),
-        world_size: m.world_size,
+        world_size: m.world_size as u64,
         complete: true,
         stop_reason: Some(StopReason::Budget.as_str().to_string()),
         ..Default::default()
@@ -66,13 +65,8 @@ pub fn finished_summary(args: &Args) -> Result<Option<Progress>> {
 }
 
 /// Loads the newest good checkpoint into the engine and state (rank 0); returns its directory.
-pub fn restore(
-    args: &Args,
-    plan: &Plan,
-    engine: &mut Engine,
-    state: &mut RunState,
-) -> Result<Option<PathBuf>> {
-    let Some(root) = &args.checkpoint_dir else {
+pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result<Option<PathBuf>> {
+    let Some(root) = &plan.checkpoint_dir else {
         eprintln!("warning: no --checkpoint-dir: this run cannot be resumed");
         return Ok(None);
     };
@@ -87,16 +81,16 @@ pub fn restore(
             loaded.dir.display(),
             m.model.depth,
             m.model.seq_len,
-            plan.depth,
-            plan.seq_len
+            plan.batch.depth,
+            plan.batch.seq_len
         );
     }
-    if let Ok(old) = serde_json::from_value::<Plan>(m.settings.clone()) {
-        if old.total_batch_size != plan.total_batch_size || old.seed != plan.seed {
+    if let Ok(old) = serde_json::from_value::<Batch>(m.settings.clone()) {
+        if old.total_batch_size != plan.batch.total_batch_size || old.seed != plan.batch.seed {
             eprintln!(
                 "warning: resuming with total batch {} and seed {} (the checkpoint had {} and {}): \
                  the data order changes",
-                plan.total_batch_size, plan.seed, old.total_batch_size, old.seed
+                plan.batch.total_batch_size, plan.batch.seed, old.total_batch_size, old.seed
             );
         }
     }
@@ -109,23 +103,4 @@ pub fn restore(
     }
     state.last_checkpoint = Some(loaded.dir.clone());
     Ok(Some(loaded.dir))
-}
-
-/// The manifest of a checkpoint taken now.
-pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest {
-    let consumed = state.step as u64 * plan.sequences_per_step();
-    Manifest {
-        format: 0,
-        step: state.step,
-        model: engine.model.config,
-        settings: serde_json::to_value(plan).unwrap_or_default(),
-        sequences_consumed: consumed,
-        epoch: consumed as f64 / state.train_windows.max(1) as f64,
-        seed: plan.seed,
-        elapsed_s: state.elapsed_s,
-        val_bpc: state.val_bpc,
-        world_size: plan.world_size,
-        adamw_step: engine.adamw.step,
-        files: Default::default(),
-    }
 }

@@ -3,7 +3,6 @@
 //! validation stops improving, or a signal asks to stop.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,80 +10,22 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use super::checkpoint;
 use super::consensus::{agree, agree_flag};
-use super::plan::{budget_fraction, lr_multiplier, Plan};
-use super::resume::manifest_for;
-use super::{Args, PEAK_FLOPS};
-use crate::autobatch;
-use crate::checkpoint;
-use crate::dataset::Dataset;
+use super::plan::{lr_multiplier, Plan};
+use super::progress::{self, SharedProgress};
+use super::state::{manifest_for, RunState};
+use super::PEAK_FLOPS;
+use crate::data::dataset::Dataset;
 use crate::dist::{ProcessGroup, ReduceOp};
-use crate::engine::Engine;
+use crate::engine::optim::muon_momentum;
+use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
-use crate::optim::muon_momentum;
-use crate::progress::{self, Progress, SharedProgress};
-use crate::tensorboard::EventWriter;
+use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
-
-/// Why a session ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// The hours or the step limit are spent: complete.
-    Budget,
-    /// `--early-stop-patience` evaluations without a better validation bpc: complete.
-    EarlyStop,
-    /// SIGTERM or SIGINT: a checkpoint is saved and the training resumes when started again.
-    Signal,
-}
-
-impl StopReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Budget => "budget",
-            Self::EarlyStop => "early_stop",
-            Self::Signal => "signal",
-        }
-    }
-
-    pub fn is_complete(self) -> bool {
-        self != Self::Signal
-    }
-}
-
-/// What the loop mutates besides the model.
-pub struct RunState {
-    /// Training windows per epoch, to express positions in epochs.
-    pub train_windows: u64,
-    pub step: i64,
-    /// Training time so far, earlier sessions included.
-    pub elapsed_s: f64,
-    pub val_bpc: Option<f64>,
-    /// The step `val_bpc` was measured at.
-    pub val_step: Option<i64>,
-    /// Best validation bpc and its step.
-    pub best: Option<(f64, i64)>,
-    /// Evaluations since the best one (for early stopping).
-    pub evals_since_best: u32,
-    pub last_checkpoint: Option<PathBuf>,
-}
-
-impl RunState {
-    pub fn new(train_windows: u64) -> Self {
-        Self {
-            train_windows,
-            step: 0,
-            elapsed_s: 0.0,
-            val_bpc: None,
-            val_step: None,
-            best: None,
-            evals_since_best: 0,
-            last_checkpoint: None,
-        }
-    }
-}
+use charlm_contract::{ProgressReport, StopReason};
 
 pub struct Session<'a> {
-    pub args: &'a Args,
     pub plan: &'a Plan,
     pub data: &'a Dataset,
     pub pg: &'a ProcessGroup,
@@ -102,26 +43,20 @@ impl Session<'_> {
         self.pg.rank() == 0
     }
 
-    fn budget_s(&self) -> Option<f64> {
-        self.args.hours.map(|h| h * 3600.0)
-    }
-
     pub fn run(mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
         let mut last_save = Instant::now();
         let mut step_times = VecDeque::with_capacity(20);
         loop {
-            let progress = budget_fraction(
-                self.state.step,
-                self.state.elapsed_s,
-                self.budget_s(),
-                self.args.max_steps,
-            );
+            let progress = self
+                .plan
+                .budget
+                .fraction(self.state.step, self.state.elapsed_s);
             if let Some(reason) = self.stop_reason(progress)? {
                 return self.finish(reason);
             }
-            let lr_mult = lr_multiplier(progress, self.args.warmdown_ratio);
+            let lr_mult = lr_multiplier(progress, self.plan.warmdown_ratio);
             let t0 = Instant::now();
             let loss = self.train_step(lr_mult)?;
             // What `auto` chose is a GPU matter (on a CPU the block path is plain eager ATen).
@@ -138,11 +73,10 @@ impl Session<'_> {
             let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
             self.report_step(loss, lr_mult, step_s);
 
-            if self.args.eval_every > 0 && self.state.step % self.args.eval_every == 0 {
+            if self.plan.eval_every > 0 && self.state.step % self.plan.eval_every == 0 {
                 self.evaluate()?;
             }
-            let save_due =
-                last_save.elapsed().as_secs_f64() >= self.args.checkpoint_every_minutes * 60.0;
+            let save_due = last_save.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
             if agree_flag(self.pg, self.device, save_due)? {
                 self.save()?;
                 last_save = Instant::now();
@@ -152,7 +86,7 @@ impl Session<'_> {
 
     /// Rank 0's verdict on stopping now (and its clock, which every rank adopts).
     fn stop_reason(&mut self, progress: f64) -> Result<Option<StopReason>> {
-        let patience = self.args.early_stop_patience;
+        let patience = self.plan.early_stop_patience;
         let flags = [
             progress >= 1.0,
             patience > 0 && self.state.evals_since_best >= patience,
@@ -179,20 +113,20 @@ impl Session<'_> {
         let (plan, data, pg, device) = (self.plan, self.data, self.pg, self.device);
         let step = self.state.step;
         let momentum = muon_momentum(step);
-        let grad_clip = self.args.grad_clip;
+        let grad_clip = self.plan.grad_clip;
         let engine = &mut self.engine;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         explain_out_of_memory(plan, device, || {
-            for micro in 0..plan.accum_steps {
+            for micro in 0..plan.batch.accum_steps {
                 let (x, y) = train_batch(data, plan, step, micro, pg.rank(), device);
-                loss_sum += engine.micro_step(&x, &y, 1.0 / plan.accum_steps as f64);
+                loss_sum += engine.micro_step(&x, &y, 1.0 / plan.batch.accum_steps as f64);
             }
             engine.optimizer_step(pg, lr_mult, momentum, grad_clip)
         })?;
         self.state.step += 1;
         pg.all_reduce(std::slice::from_ref(&loss_sum), ReduceOp::Avg)?;
         // One host synchronisation per step: the loss value, which also makes the timing honest.
-        let loss = loss_sum.double_value(&[]) / plan.accum_steps as f64;
+        let loss = loss_sum.double_value(&[]) / plan.batch.accum_steps as f64;
         if !loss.is_finite() {
             anyhow::bail!("training diverged at step {}: loss {loss}", self.state.step);
         }
@@ -203,7 +137,7 @@ impl Session<'_> {
         if !self.is_main() {
             return;
         }
-        let tokens_per_s = self.plan.total_batch_size as f64 / step_s;
+        let tokens_per_s = self.plan.batch.total_batch_size as f64 / step_s;
         let config = self.engine.model.config;
         let mfu = self.device.is_cuda().then(|| {
             config.flops_per_token() * tokens_per_s / (PEAK_FLOPS * self.pg.world_size() as f64)
@@ -213,11 +147,11 @@ impl Session<'_> {
             p.train_loss = Some(loss);
             p.tokens_per_s = Some(tokens_per_s);
             p.mfu = mfu;
-            p.peak_memory_gib = crate::cuda::peak_memory_gib(self.device);
+            p.peak_memory_gib = crate::sys::cuda::peak_memory_gib(self.device);
             self.fill_progress(&mut p, Some(step_s));
             p.clone()
         };
-        let every = self.args.log_every;
+        let every = self.plan.log_every;
         if every > 0 && (snapshot.step % every == 0 || snapshot.step == 1) {
             log_step(&snapshot, lr_mult);
             let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
@@ -230,7 +164,7 @@ impl Session<'_> {
 
     /// Validation bits per character, the best so far (saved to `best/`), and early-stop counting.
     fn evaluate(&mut self) -> Result<()> {
-        let bpc = evaluate(self.args, self.plan, self.data, self.pg, &self.engine)?;
+        let bpc = evaluate(self.plan, self.data, self.pg, &self.engine)?;
         let step = self.state.step;
         self.state.val_bpc = Some(bpc);
         self.state.val_step = Some(step);
@@ -245,8 +179,8 @@ impl Session<'_> {
             return Ok(());
         }
         if improved {
-            if let Some(root) = &self.args.checkpoint_dir {
-                let manifest = manifest_for(self.plan, &self.engine, &self.state);
+            if let Some(root) = &self.plan.checkpoint_dir {
+                let manifest = manifest_for(&self.plan.batch, &self.engine, &self.state);
                 let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
                 checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
                     .context("save the best checkpoint")?;
@@ -276,19 +210,19 @@ impl Session<'_> {
 
     /// A rolling checkpoint (rank 0), then pruning to `--keep-checkpoints`.
     fn save(&mut self) -> Result<()> {
-        let Some(root) = self.args.checkpoint_dir.clone() else {
+        let Some(root) = self.plan.checkpoint_dir.clone() else {
             return Ok(());
         };
         if !self.is_main() {
             return Ok(());
         }
         let t0 = Instant::now();
-        let manifest = manifest_for(self.plan, &self.engine, &self.state);
+        let manifest = manifest_for(&self.plan.batch, &self.engine, &self.state);
         let name = checkpoint::step_dir_name(self.state.step);
         let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
         let dir = checkpoint::save(&root, &name, manifest, &model, &optimizer)
             .with_context(|| format!("save a checkpoint in {}", root.display()))?;
-        checkpoint::prune(&root, self.args.keep_checkpoints)?;
+        checkpoint::prune(&root, self.plan.keep_checkpoints)?;
         eprintln!(
             "checkpoint {} saved in {:.1} s",
             dir.display(),
@@ -319,7 +253,7 @@ impl Session<'_> {
         if p.complete {
             p.eta_s = Some(0.0);
             p.total_steps_estimate = Some(p.step);
-            if let Some(dir) = &self.args.checkpoint_dir {
+            if let Some(dir) = &self.plan.checkpoint_dir {
                 checkpoint::write_complete(dir, &serde_json::to_value(&p)?)?;
             }
         }
@@ -327,25 +261,25 @@ impl Session<'_> {
             StopReason::Budget => eprintln!("training complete at step {}", p.step),
             StopReason::EarlyStop => eprintln!(
                 "stopped early at step {}: {} evaluations without a better val bpc (best {:?} at step {:?})",
-                p.step, self.args.early_stop_patience, p.best_val_bpc, p.best_step
+                p.step, self.plan.early_stop_patience, p.best_val_bpc, p.best_step
             ),
             StopReason::Signal => {
                 eprintln!("stopped by a signal at step {}; checkpoint saved, exiting", p.step)
             }
         }
         println!("{}", serde_json::json!({"event": "end", "progress": p}));
-        if let Some(path) = &self.args.termination_log {
+        if let Some(path) = &self.plan.termination_log {
             progress::write_termination_log(path, &p);
         }
         Ok(())
     }
 
-    fn fill_progress(&self, p: &mut Progress, step_s: Option<f64>) {
+    fn fill_progress(&self, p: &mut ProgressReport, step_s: Option<f64>) {
         let (state, plan) = (&self.state, self.plan);
         p.step = state.step;
-        p.tokens = state.step as u64 * plan.total_batch_size as u64;
-        p.tokens_per_epoch = Some(state.train_windows * plan.seq_len as u64);
-        p.epoch = (state.step as u64 * plan.sequences_per_step()) as f64
+        p.tokens = state.step as u64 * plan.batch.total_batch_size as u64;
+        p.tokens_per_epoch = Some(state.train_windows * plan.batch.seq_len as u64);
+        p.epoch = (state.step as u64 * plan.batch.sequences_per_step()) as f64
             / state.train_windows.max(1) as f64;
         p.elapsed_s = state.elapsed_s;
         p.val_bpc = state.val_bpc;
@@ -355,8 +289,12 @@ impl Session<'_> {
             .last_checkpoint
             .as_ref()
             .map(|d| d.display().to_string());
-        let by_time = self.budget_s().map(|b| (b - state.elapsed_s).max(0.0));
-        let by_steps = match (self.args.max_steps, step_s) {
+        let by_time = self
+            .plan
+            .budget
+            .seconds
+            .map(|b| (b - state.elapsed_s).max(0.0));
+        let by_steps = match (self.plan.budget.max_steps, step_s) {
             (Some(m), Some(dt)) => Some((m - state.step).max(0) as f64 * dt),
             _ => None,
         };
@@ -367,7 +305,7 @@ impl Session<'_> {
             };
             p.total_steps_estimate = match (p.eta_s, step_s) {
                 (Some(eta), Some(dt)) if dt > 0.0 => Some(state.step + (eta / dt).round() as i64),
-                _ => self.args.max_steps,
+                _ => self.plan.budget.max_steps,
             };
         }
     }
@@ -389,28 +327,23 @@ fn explain_out_of_memory(
     device: Device,
     step: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
-        Ok(result) => result,
-        Err(payload) if autobatch::is_out_of_memory(&payload) => {
-            let config = GptConfig::new(plan.depth, plan.seq_len);
-            let limit = crate::cuda::total_memory(device)
-                .map_or(autobatch::cpu_limit_bytes(), |m| {
-                    (m as f64 * autobatch::HEADROOM) as u64
-                });
-            let b = plan.device_batch_size;
-            let fits = autobatch::smaller_that_fits(&config, b, limit, Kind::BFloat16);
-            let hint = fits.map_or(String::new(), |f| {
-                format!("--device-batch-size {f} (estimated to fit) or ")
-            });
-            user_bail!(
-                "out of memory with a micro-batch of {b} sequences of {} tokens at depth {}: use \
-                 {hint}--device-batch-size auto; the total batch stays the same",
-                plan.seq_len,
-                plan.depth
-            )
-        }
-        Err(payload) => std::panic::resume_unwind(payload),
-    }
+    let oom::OutOfMemory = match oom::catch(step) {
+        Ok(result) => return result,
+        Err(out_of_memory) => out_of_memory,
+    };
+    let config = GptConfig::new(plan.batch.depth, plan.batch.seq_len);
+    let b = plan.batch.device_batch_size;
+    let fits =
+        autobatch::smaller_that_fits(&config, b, memory::limit_bytes(device), Kind::BFloat16);
+    let hint = fits.map_or(String::new(), |f| {
+        format!("--device-batch-size {f} (estimated to fit) or ")
+    });
+    user_bail!(
+        "out of memory with a micro-batch of {b} sequences of {} tokens at depth {}: use \
+         {hint}--device-batch-size auto; the total batch stays the same",
+        plan.batch.seq_len,
+        plan.batch.depth
+    )
 }
 
 /// One micro-batch of this rank: inputs and targets `[B, T]` on the device.
@@ -422,12 +355,12 @@ fn train_batch(
     rank: usize,
     device: Device,
 ) -> (Tensor, Tensor) {
-    let (b, t) = (plan.device_batch_size, plan.seq_len);
-    let seqs = crate::dataset::rank_sequences(
+    let (b, t) = (plan.batch.device_batch_size, plan.batch.seq_len);
+    let seqs = crate::data::dataset::rank_sequences(
         step as u64,
-        plan.sequences_per_step(),
+        plan.batch.sequences_per_step(),
         micro as u64,
-        plan.world_size as u64,
+        plan.batch.world_size as u64,
         rank as u64,
         b as u64,
     );
@@ -436,7 +369,7 @@ fn train_batch(
     let all = Tensor::from_slice(&buf).view([b, t + 1]);
     // Pinned memory lets the copy overlap with the GPU's work instead of waiting for it.
     let all = if device.is_cuda() {
-        crate::cuda::pinned(&all).to_device_(device, Kind::Int64, true, false)
+        crate::sys::cuda::pinned(&all).to_device_(device, Kind::Int64, true, false)
     } else {
         all
     };
@@ -445,21 +378,15 @@ fn train_batch(
 
 /// Validation bits per character over up to `--eval-tokens` tokens, summed over ranks.
 /// Targets that are BOS are not characters and don't count.
-pub fn evaluate(
-    args: &Args,
-    plan: &Plan,
-    data: &Dataset,
-    pg: &ProcessGroup,
-    engine: &Engine,
-) -> Result<f64> {
+pub fn evaluate(plan: &Plan, data: &Dataset, pg: &ProcessGroup, engine: &Engine) -> Result<f64> {
     let device = engine.model.device();
-    let (b, t) = (plan.device_batch_size, plan.seq_len);
-    let windows = data.val_windows().min((args.eval_tokens / t).max(1) as u64);
+    let (b, t) = (plan.batch.device_batch_size, plan.batch.seq_len);
+    let windows = data.val_windows().min((plan.eval_tokens / t).max(1) as u64);
     let mut sums = Tensor::zeros([2], (Kind::Double, device));
     let mut buf = vec![0i64; (b * (t + 1)) as usize];
     let world = pg.world_size() as u64;
     let mut first = pg.rank() as u64 * b as u64;
-    let bos = crate::vocab::BOS as i64;
+    let bos = crate::data::vocab::BOS as i64;
     tch::no_grad(|| {
         while first < windows {
             let n = (windows - first).min(b as u64) as i64;
@@ -486,7 +413,7 @@ pub fn evaluate(
     Ok(v[0] / v[1] / std::f64::consts::LN_2)
 }
 
-fn log_step(p: &Progress, lr_mult: f64) {
+fn log_step(p: &ProgressReport, lr_mult: f64) {
     let total = p
         .total_steps_estimate
         .map_or("?".to_string(), |t| t.to_string());

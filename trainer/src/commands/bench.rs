@@ -1,7 +1,7 @@
 //! `charlm-trainer bench`: the training step's speed on synthetic tokens, as one JSON line with the
 //! fields of docs/performance.md and the reference anchors (tokens/s, MFU, step time, peak memory).
 //! `--profile` adds GPU time per kernel; `--check` and `--curve` verify the fast path instead of
-//! timing it (see src/verify.rs).
+//! timing it (see src/engine/verify.rs).
 
 use std::time::Instant;
 
@@ -14,8 +14,9 @@ use crate::engine::{
     Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved, Toggle,
 };
 use crate::model::GptConfig;
+use crate::sys::cuda;
 use crate::train::PEAK_FLOPS;
-use crate::{cuda, user_bail};
+use crate::user_bail;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -116,7 +117,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
     )?;
     let mut engine = Engine::with_options(config, device, 0, LearningRates::default(), args.engine);
     let (b, t) = (args.device_batch_size, args.seq_len);
-    let vocab = crate::vocab::BOS as i64 + 1;
+    let vocab = crate::data::vocab::BOS as i64 + 1;
     // Fresh random tokens per micro-batch, generated on the device so the host is not the bottleneck.
     let batch = || Tensor::randint(vocab, [b, t + 1], (Kind::Int64, device));
     let sync = || {
@@ -133,7 +134,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
                 1.0 / args.accum as f64,
             );
         }
-        engine.optimizer_step(&pg, 1.0, crate::optim::muon_momentum(i), 1.0)
+        engine.optimizer_step(&pg, 1.0, crate::engine::optim::muon_momentum(i), 1.0)
     };
     for i in 0..args.warmup {
         step(i)?;
@@ -141,7 +142,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
     sync();
     cuda::reset_peak_memory(device);
     if args.profile {
-        crate::fused::profiler_start()?;
+        crate::sys::profiler::start()?;
     }
     let t0 = Instant::now();
     for i in 0..args.steps {
@@ -154,7 +155,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
             "profile of {} steps ({:.1} ms wall):\n{}",
             args.steps,
             seconds * 1000.0,
-            crate::fused::profiler_stop(45)?
+            crate::sys::profiler::stop(45)?
         );
     }
     let resolved = engine
@@ -187,7 +188,7 @@ const MODEL_TOLERANCE: f64 = 5e-2;
 fn check(args: &Args, device: Device) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let mut failed = Vec::new();
-    let mut show = |d: &crate::verify::Diff, tol: f64| {
+    let mut show = |d: &crate::engine::verify::Diff, tol: f64| {
         // NaN fails too.
         let bad = d.rel.is_nan() || d.rel > tol;
         println!(
@@ -201,7 +202,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
             failed.push(d.what.clone());
         }
     };
-    let shape = crate::verify::OpShape {
+    let shape = crate::engine::verify::OpShape {
         b: args.device_batch_size,
         t: args.seq_len,
         heads: config.heads(),
@@ -214,25 +215,25 @@ fn check(args: &Args, device: Device) -> Result<()> {
     };
     tch::manual_seed(1);
     println!("eager twins vs formulas ({kind:?}):");
-    for d in crate::verify::eager_vs_formula(shape, kind, device)? {
+    for d in crate::engine::verify::eager_vs_formula(shape, kind, device)? {
         show(&d, MODEL_TOLERANCE);
     }
     let mut candidates = vec![
         (
             "eager",
-            crate::verify::fast(Kernels::Eager, Recompute::Blocks(0)),
+            crate::engine::verify::fast(Kernels::Eager, Recompute::Blocks(0)),
         ),
         (
             "eager+recompute",
-            crate::verify::fast(Kernels::Eager, Recompute::Blocks(i64::MAX)),
+            crate::engine::verify::fast(Kernels::Eager, Recompute::Blocks(i64::MAX)),
         ),
     ];
     if device.is_cuda() {
         println!("fused kernels vs eager twins:");
-        for d in crate::verify::fused_vs_eager(shape, device)? {
+        for d in crate::engine::verify::fused_vs_eager(shape, device)? {
             show(&d, KERNEL_TOLERANCE);
         }
-        let fused = crate::verify::fast(Kernels::Fused, Recompute::Blocks(0));
+        let fused = crate::engine::verify::fast(Kernels::Fused, Recompute::Blocks(0));
         candidates.push(("fused (auto options)", fused));
         candidates.push((
             "fused, flash attention",
@@ -250,7 +251,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
         ));
         candidates.push((
             "fused+recompute",
-            crate::verify::fast(Kernels::Fused, Recompute::Blocks(i64::MAX)),
+            crate::engine::verify::fast(Kernels::Fused, Recompute::Blocks(i64::MAX)),
         ));
         candidates.push((
             "fused, no weight cache",
@@ -264,8 +265,12 @@ fn check(args: &Args, device: Device) -> Result<()> {
         "block path vs reference model (depth {}, {}×{} tokens):",
         args.depth, args.device_batch_size, args.seq_len
     );
-    for d in crate::verify::models_vs_reference(config, args.device_batch_size, device, &candidates)
-    {
+    for d in crate::engine::verify::models_vs_reference(
+        config,
+        args.device_batch_size,
+        device,
+        &candidates,
+    ) {
         show(&d, MODEL_TOLERANCE);
     }
     if !failed.is_empty() {
@@ -279,10 +284,11 @@ fn curve(args: &Args, device: Device) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let tokens_needed = (args.steps * args.accum * args.device_batch_size * args.seq_len) as u64;
     // Enough text that windows rarely repeat, at most 64 M characters.
-    let tokens = crate::verify::synthetic_tokens(tokens_needed.clamp(1 << 20, 64 << 20), 1)?;
+    let tokens =
+        crate::engine::verify::synthetic_tokens(tokens_needed.clamp(1 << 20, 64 << 20), 1)?;
     let run = |options: EngineOptions, perturb: f64| {
         let t0 = Instant::now();
-        let losses = crate::verify::loss_curve(
+        let losses = crate::engine::verify::loss_curve(
             config,
             &tokens,
             args.device_batch_size,
@@ -304,8 +310,8 @@ fn curve(args: &Args, device: Device) -> Result<()> {
     // alone moves the curve.
     let (noise, _) = run(reference, 1e-6);
     let (want, got, noise) = (want?, got?, noise?);
-    let d = crate::verify::curve_diff(&got, &want);
-    let n = crate::verify::curve_diff(&noise, &want);
+    let d = crate::engine::verify::curve_diff(&got, &want);
+    let n = crate::engine::verify::curve_diff(&noise, &want);
     println!(
         "{}",
         serde_json::json!({

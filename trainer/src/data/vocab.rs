@@ -181,7 +181,7 @@ mod tests {
     fn prompt_errors_name_the_position() {
         assert_eq!(encode_prompt("1+2").unwrap(), vec![1, 10, 2]);
         let err = encode_prompt("12é+x").unwrap_err();
-        assert_eq!(crate::error::exit_code(&err), 2);
+        assert_eq!(crate::sys::error::exit_code(&err), 2);
         assert!(
             err.to_string().contains("'é' (U+00E9) at character 3"),
             "{err}"

@@ -1,98 +1,80 @@
-//! What a running training reports about itself (docs/contract.md): one `Progress` value, served as
-//! JSON on `/progress` and as Prometheus text on `/metrics` by global rank 0, and written once to the
-//! termination log on exit. Reporting never stops training: a port that is taken is a warning.
+//! What a running training reports about itself (docs/contract.md): one `ProgressReport` (of
+//! the contract crate), served as JSON on `/progress` and as Prometheus text on `/metrics` by
+//! global rank 0, and written once to the termination log on exit. Reporting never stops training: a port that is taken is a warning.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
+use charlm_contract::{ProgressReport, METRICS_PATH, PROGRESS_PATH};
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Progress {
-    pub step: i64,
-    pub total_steps_estimate: Option<i64>,
-    pub tokens: u64,
-    pub epoch: f64,
-    pub train_loss: Option<f64>,
-    pub val_bpc: Option<f64>,
-    pub best_val_bpc: Option<f64>,
-    pub best_step: Option<i64>,
-    pub tokens_per_s: Option<f64>,
-    pub mfu: Option<f64>,
-    pub elapsed_s: f64,
-    pub eta_s: Option<f64>,
-    pub checkpoint: Option<String>,
-    pub world_size: usize,
-    pub peak_memory_gib: Option<f64>,
-    /// Training tokens in one pass over the training split.
-    pub tokens_per_epoch: Option<u64>,
-    pub complete: bool,
-    /// Why training ended: `budget`, `early_stop` or `signal` (absent while it runs).
-    pub stop_reason: Option<String>,
-}
+pub type SharedProgress = Arc<Mutex<ProgressReport>>;
 
-pub type SharedProgress = Arc<Mutex<Progress>>;
-
-impl Progress {
-    /// The same figures in Prometheus' text exposition format.
-    pub fn to_prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: Option<f64>| {
-            if let Some(v) = value {
-                out.push_str(&format!(
-                    "# HELP charlm_{name} {help}\n# TYPE charlm_{name} gauge\n"
-                ));
-                out.push_str(&format!("charlm_{name} {v}\n"));
-            }
-        };
-        gauge("step", "Optimizer steps taken.", Some(self.step as f64));
-        gauge("tokens", "Training tokens seen.", Some(self.tokens as f64));
-        gauge("epoch", "Passes over the training split.", Some(self.epoch));
-        gauge(
-            "train_loss",
-            "Training loss (nats per token).",
-            self.train_loss,
-        );
-        gauge("val_bpc", "Validation bits per character.", self.val_bpc);
-        gauge(
-            "best_val_bpc",
-            "Best validation bits per character.",
-            self.best_val_bpc,
-        );
-        gauge(
-            "tokens_per_second",
-            "Training throughput.",
-            self.tokens_per_s,
-        );
-        gauge(
-            "mfu",
-            "Model FLOPs utilisation (0..1) over 989 TFLOP/s per GPU.",
-            self.mfu,
-        );
-        gauge(
-            "elapsed_seconds",
-            "Training time spent, resumes included.",
-            Some(self.elapsed_s),
-        );
-        gauge("eta_seconds", "Estimated training time left.", self.eta_s);
-        gauge(
-            "gpu_peak_memory_gib",
-            "Peak GPU memory allocated.",
-            self.peak_memory_gib,
-        );
-        gauge(
-            "world_size",
-            "Worker processes.",
-            Some(self.world_size as f64),
-        );
-        gauge(
-            "complete",
-            "1 once the budget is spent.",
-            Some(u8::from(self.complete) as f64),
-        );
-        out
-    }
+/// The report's figures in Prometheus' text exposition format.
+pub fn to_prometheus(report: &ProgressReport) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            out.push_str(&format!(
+                "# HELP charlm_{name} {help}\n# TYPE charlm_{name} gauge\n"
+            ));
+            out.push_str(&format!("charlm_{name} {v}\n"));
+        }
+    };
+    gauge("step", "Optimizer steps taken.", Some(report.step as f64));
+    gauge(
+        "tokens",
+        "Training tokens seen.",
+        Some(report.tokens as f64),
+    );
+    gauge(
+        "epoch",
+        "Passes over the training split.",
+        Some(report.epoch),
+    );
+    gauge(
+        "train_loss",
+        "Training loss (nats per token).",
+        report.train_loss,
+    );
+    gauge("val_bpc", "Validation bits per character.", report.val_bpc);
+    gauge(
+        "best_val_bpc",
+        "Best validation bits per character.",
+        report.best_val_bpc,
+    );
+    gauge(
+        "tokens_per_second",
+        "Training throughput.",
+        report.tokens_per_s,
+    );
+    gauge(
+        "mfu",
+        "Model FLOPs utilisation (0..1) over 989 TFLOP/s per GPU.",
+        report.mfu,
+    );
+    gauge(
+        "elapsed_seconds",
+        "Training time spent, resumes included.",
+        Some(report.elapsed_s),
+    );
+    gauge("eta_seconds", "Estimated training time left.", report.eta_s);
+    gauge(
+        "gpu_peak_memory_gib",
+        "Peak GPU memory allocated.",
+        report.peak_memory_gib,
+    );
+    gauge(
+        "world_size",
+        "Worker processes.",
+        Some(report.world_size as f64),
+    );
+    gauge(
+        "complete",
+        "1 once the budget is spent.",
+        Some(u8::from(report.complete) as f64),
+    );
+    out
 }
 
 /// Serves `/progress` and `/metrics` on `addr` from a background thread. Returns the bound address,
@@ -128,15 +110,15 @@ fn handle(stream: std::net::TcpStream, progress: &SharedProgress) -> std::io::Re
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     let snapshot = progress.lock().map(|p| p.clone()).unwrap_or_default();
     let (status, kind, body) = match path {
-        "/progress" => (
+        PROGRESS_PATH => (
             "200 OK",
             "application/json",
             serde_json::to_string(&snapshot)?,
         ),
-        "/metrics" => (
+        METRICS_PATH => (
             "200 OK",
             "text/plain; version=0.0.4",
-            snapshot.to_prometheus(),
+            to_prometheus(&snapshot),
         ),
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
         _ => (
@@ -154,7 +136,7 @@ fn handle(stream: std::net::TcpStream, progress: &SharedProgress) -> std::io::Re
 }
 
 /// Writes the final state where a supervisor reads it (Kubernetes' termination message).
-pub fn write_termination_log(path: &str, progress: &Progress) {
+pub fn write_termination_log(path: &str, progress: &ProgressReport) {
     if let Err(e) = std::fs::write(path, serde_json::to_string(progress).unwrap_or_default()) {
         eprintln!("warning: could not write the termination log {path}: {e}");
     }
@@ -167,7 +149,7 @@ mod tests {
 
     #[test]
     fn serves_progress_and_metrics() {
-        let shared: SharedProgress = Arc::new(Mutex::new(Progress {
+        let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
             step: 42,
             val_bpc: Some(1.25),
             ..Default::default()
@@ -183,7 +165,7 @@ mod tests {
         let progress = get("/progress");
         assert!(progress.starts_with("HTTP/1.1 200"), "{progress}");
         let json = progress.split("\r\n\r\n").nth(1).unwrap();
-        let parsed: Progress = serde_json::from_str(json).unwrap();
+        let parsed: ProgressReport = serde_json::from_str(json).unwrap();
         assert_eq!((parsed.step, parsed.val_bpc), (42, Some(1.25)));
         let metrics = get("/metrics");
         assert!(metrics.contains("charlm_step 42\n"), "{metrics}");

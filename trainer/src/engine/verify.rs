@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::{DistEnv, ProcessGroup};
 use crate::engine::{Engine, EngineOptions, Kernels, LearningRates, Recompute, Toggle};
-use crate::fused::{self, Op};
+use crate::model::block::{self, Op};
 use crate::model::{apply_rotary, norm, rotary_tables, GptConfig};
 
 /// How far `got` is from `want`: ‖got − want‖ / ‖want‖ and the largest absolute difference.
@@ -52,9 +52,9 @@ pub fn fused_vs_eager(shape: OpShape, device: Device) -> Result<Vec<Diff>> {
     let mut out = Vec::new();
     for (name, op, inputs, p0, p1) in &cases {
         let refs: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_ref()).collect();
-        let eager = fused::op(*op, &refs, false, *p0, *p1)?;
+        let eager = block::op(*op, &refs, false, *p0, *p1)?;
         let fast =
-            fused::op(*op, &refs, true, *p0, *p1).with_context(|| format!("fused {name}"))?;
+            block::op(*op, &refs, true, *p0, *p1).with_context(|| format!("fused {name}"))?;
         for (i, (f, e)) in fast.iter().zip(&eager).enumerate() {
             out.push(diff(format!("{name}[{i}]"), f, e));
         }
@@ -64,8 +64,8 @@ pub fn fused_vs_eager(shape: OpShape, device: Device) -> Result<Vec<Diff>> {
     let m0 = Tensor::randn([4, shape.c, 4 * shape.c], (Kind::Float, device));
     let coef = Tensor::from(0.7f32).to_device(device);
     let (m_eager, m_fused) = (m0.copy(), m0.copy());
-    let x_eager = fused::muon_momentum(&g, &m_eager, Some(&coef), 0.9, false)?;
-    let x_fused = fused::muon_momentum(&g, &m_fused, Some(&coef), 0.9, true)?;
+    let x_eager = super::optim_ops::muon_momentum(&g, &m_eager, Some(&coef), 0.9, false)?;
+    let x_fused = super::optim_ops::muon_momentum(&g, &m_fused, Some(&coef), 0.9, true)?;
     out.push(diff("muon_momentum.x", &x_fused, &x_eager));
     out.push(diff("muon_momentum.m", &m_fused, &m_eager));
     Ok(out)
@@ -79,12 +79,12 @@ fn op_cases(s: OpShape, kind: Kind, device: Device) -> Vec<OpCase> {
     let (cos, sin) = (cos.view([s.t, 64]), sin.view([s.t, 64]));
     let x = rand(&[n, s.c], kind, device);
     let (y, rstd) = {
-        let r = fused::op(Op::RmsNormFwd, &[Some(&x)], false, 0, 0).expect("eager rmsnorm");
+        let r = block::op(Op::RmsNormFwd, &[Some(&x)], false, 0, 0).expect("eager rmsnorm");
         (r[0].shallow_clone(), r[1].shallow_clone())
     };
     let qkv = rand(&[n, 3 * a], kind, device);
     let (qkv_n, rstd_qk) = {
-        let r = fused::op(
+        let r = block::op(
             Op::RopeNormFwd,
             &[Some(&qkv), Some(&cos), Some(&sin)],
             false,
@@ -189,9 +189,9 @@ pub fn eager_vs_formula(s: OpShape, kind: Kind, device: Device) -> Result<Vec<Di
     let dy = rand(&[n, s.c], kind, device);
     let dres = rand(&[n, s.c], kind, device);
     (&y * &dy).sum(Kind::Float).backward();
-    let r = fused::op(Op::RmsNormFwd, &[Some(&x.detach())], false, 0, 0)?;
+    let r = block::op(Op::RmsNormFwd, &[Some(&x.detach())], false, 0, 0)?;
     out.push(diff("rmsnorm_fwd", &r[0], &y.detach()));
-    let dx = fused::op(
+    let dx = block::op(
         Op::RmsNormBwd,
         &[Some(&dy), Some(&r[0]), Some(&r[1]), Some(&dres)],
         false,
@@ -216,7 +216,7 @@ pub fn eager_vs_formula(s: OpShape, kind: Kind, device: Device) -> Result<Vec<Di
         + (&zk * &gk).sum(Kind::Float)
         + (heads(2) * &gv).sum(Kind::Float))
     .backward();
-    let r = fused::op(
+    let r = block::op(
         Op::RopeNormFwd,
         &[Some(&qkv.detach()), Some(&cos), Some(&sin)],
         false,
@@ -232,7 +232,7 @@ pub fn eager_vs_formula(s: OpShape, kind: Kind, device: Device) -> Result<Vec<Di
         1,
     );
     out.push(diff("rope_norm_fwd", &r[0], &want));
-    let g = fused::op(
+    let g = block::op(
         Op::RopeNormBwd,
         &[
             Some(&gq.transpose(1, 2)),
@@ -254,12 +254,12 @@ pub fn eager_vs_formula(s: OpShape, kind: Kind, device: Device) -> Result<Vec<Di
     let act = hid.relu().square();
     let da = rand(&[n, 4 * s.c], kind, device);
     (&act * &da).sum(Kind::Float).backward();
-    let r = fused::op(Op::Relu2Fwd, &[Some(&hid.detach())], false, 0, 0)?;
+    let r = block::op(Op::Relu2Fwd, &[Some(&hid.detach())], false, 0, 0)?;
     out.push(diff("relu2_fwd", &r[0], &act.detach()));
-    let r = fused::op(Op::Relu2Bwd, &[Some(&hid.detach()), Some(&da)], false, 0, 0)?;
+    let r = block::op(Op::Relu2Bwd, &[Some(&hid.detach()), Some(&da)], false, 0, 0)?;
     out.push(diff("relu2_bwd.a", &r[0], &act.detach()));
     out.push(diff("relu2_bwd.dh", &r[1], &hid.grad()));
-    let r = fused::op(
+    let r = block::op(
         Op::Relu2BwdDh,
         &[Some(&hid.detach()), Some(&da)],
         false,
@@ -312,7 +312,7 @@ pub fn models_vs_reference(
 ) -> Vec<Diff> {
     tch::manual_seed(3);
     let all = Tensor::randint(
-        crate::vocab::BOS as i64 + 1,
+        crate::data::vocab::BOS as i64 + 1,
         [batch, config.seq_len + 1],
         (Kind::Int64, device),
     );
@@ -400,7 +400,7 @@ pub fn loss_curve(
     let t = config.seq_len;
     let windows = tokens.size()[0] - t - 1;
     let offsets = Tensor::arange(t + 1, (Kind::Int64, Device::Cpu));
-    let mut rng = crate::rng::Rng::new(1234);
+    let mut rng = crate::sys::rng::Rng::new(1234);
     let mut losses = Vec::with_capacity(steps as usize);
     for step in 0..steps {
         let mut sum = Tensor::zeros([], (Kind::Float, device));
@@ -417,7 +417,7 @@ pub fn loss_curve(
                 1.0 / accum as f64,
             );
         }
-        engine.optimizer_step(&pg, 1.0, crate::optim::muon_momentum(step), 1.0)?;
+        engine.optimizer_step(&pg, 1.0, crate::engine::optim::muon_momentum(step), 1.0)?;
         losses.push(sum.double_value(&[]) / accum as f64);
     }
     Ok(losses)
@@ -427,7 +427,7 @@ pub fn loss_curve(
 pub fn synthetic_tokens(chars: u64, seed: u64) -> Result<Tensor> {
     let dir = std::env::temp_dir().join(format!("charlm-verify-{}-{seed}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    crate::generate::generate(&dir, chars, seed)?;
+    crate::data::synthetic::generate(&dir, chars, seed)?;
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
@@ -438,7 +438,7 @@ pub fn synthetic_tokens(chars: u64, seed: u64) -> Result<Tensor> {
         text.extend(std::fs::read(&f)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let ids = crate::vocab::encode(&text)
+    let ids = crate::data::vocab::encode(&text)
         .map_err(|at| anyhow::anyhow!("generated text has an invalid byte at {at}"))?;
     let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
     Ok(Tensor::from_slice(&ids))
@@ -484,17 +484,14 @@ pub fn curve_diff(got: &[f64], reference: &[f64]) -> CurveDiff {
     }
 }
 
-/// Serializes tests that build two models and compare them: tch's random generator is global,
-/// so tests running in parallel threads would interleave their draws.
-#[cfg(test)]
-pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lock() -> std::sync::MutexGuard<'static, ()> {
-        SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+        crate::model::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     #[test]
@@ -538,7 +535,7 @@ mod tests {
     #[test]
     fn fused_kernels_are_refused_on_the_cpu() {
         let x = Tensor::randn([4, 64], (Kind::Float, Device::Cpu));
-        let err = fused::op(Op::RmsNormFwd, &[Some(&x)], true, 0, 0).unwrap_err();
+        let err = block::op(Op::RmsNormFwd, &[Some(&x)], true, 0, 0).unwrap_err();
         assert!(err.to_string().contains("bf16 CUDA"), "{err}");
     }
 

@@ -23,11 +23,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::UserError;
-use crate::rng::{Units, STREAM_VAL_SPLIT};
-use crate::staging::StagingDir;
+use crate::data::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
+use crate::sys::error::UserError;
+use crate::sys::rng::{Units, STREAM_VAL_SPLIT};
+use crate::sys::staging::StagingDir;
 use crate::user_bail;
-use crate::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
 
 /// Bumped whenever the meaning of the files changes; `Dataset::open` refuses other formats.
 pub const FORMAT: u32 = 1;
@@ -41,22 +41,6 @@ const OUTPUT_FILES: [&str; 3] = [TRAIN_FILE, VAL_FILE, MANIFEST_FILE];
 const CHUNK: usize = 256 << 10;
 /// Each split's output buffer; written out when the next chunk might not fit.
 const OUT_BUFFER: usize = 4 << 20;
-
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// A directory searched recursively for `*.txt` files.
-    #[arg(long)]
-    pub input: PathBuf,
-    /// The prepared dataset's directory (replaced only when the new one is complete).
-    #[arg(long)]
-    pub output: PathBuf,
-    /// Share of documents held out for validation (each document decided by a hash of --seed).
-    #[arg(long, default_value_t = 0.01)]
-    pub val_fraction: f64,
-    /// Chooses which documents are held out.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SplitCounts {
@@ -87,26 +71,6 @@ pub struct Manifest {
     pub val_fraction: f64,
     pub seed: u64,
     pub sources: Vec<SourceFile>,
-}
-
-pub fn run(args: Args) -> Result<()> {
-    let start = std::time::Instant::now();
-    let manifest = prepare(&args.input, &args.output, args.val_fraction, args.seed)?;
-    let bytes: u64 = manifest.sources.iter().map(|s| s.bytes).sum();
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "prepared {} files ({:.1} MB) in {secs:.2} s ({:.0} MB/s): train {} documents / {} tokens, \
-         val {} documents / {} tokens → {}",
-        manifest.sources.len(),
-        bytes as f64 / 1e6,
-        bytes as f64 / 1e6 / secs.max(1e-9),
-        manifest.train.documents,
-        manifest.train.tokens,
-        manifest.val.documents,
-        manifest.val.tokens,
-        args.output.display()
-    );
-    Ok(())
 }
 
 pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Result<Manifest> {

@@ -8,8 +8,14 @@
 //! used for sampling and evaluation); `forward_blocks` runs each block as one node of csrc/block.cpp
 //! with a hand-written backward, fused kernels and optional recomputation (see [`BlockRunner`]).
 
+pub mod block;
+
 use tch::{Device, Kind, Tensor};
 
+/// Serializes tests that build two models and compare them: tch's random generator is global,
+/// so tests running in parallel threads would interleave their draws.
+#[cfg(test)]
+pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Logits are squashed into (-15, 15) by `15 * tanh(logits / 15)`.
 const SOFTCAP: f64 = 15.0;
 const HEAD_DIM: i64 = 128;
@@ -28,7 +34,7 @@ impl GptConfig {
     pub fn new(depth: i64, seq_len: i64) -> Self {
         Self {
             depth,
-            vocab_size: crate::vocab::VOCAB_SIZE as i64,
+            vocab_size: crate::data::vocab::VOCAB_SIZE as i64,
             seq_len,
         }
     }
@@ -124,7 +130,8 @@ pub struct BlockRunner {
     pub blocks: Vec<BlockViews>,
 }
 
-/// One block's inputs to csrc/block.cpp besides the model's own fp32 matrices.
+/// One block's tensors that the engine keeps, besides the model's own fp32 matrices (the bridge
+/// hands both to csrc/block.cpp in the order of [`block::TENSOR_NAMES`]).
 pub struct BlockViews {
     /// `[3A, C]` compute-kind copy of q, k, v, when the engine keeps one.
     pub wqkv: Option<Tensor>,
@@ -331,28 +338,13 @@ impl Gpt {
         let c = self.config.width();
         let mut x = self.embed(idx, kind).view([b * t, c]);
         for (blk, v) in self.blocks.iter().zip(&runner.blocks) {
-            let tensors = crate::fused::BlockTensors {
-                wqkv: v.wqkv.as_ref(),
-                wq: &blk.c_q,
-                wk: &blk.c_k,
-                wv: &blk.c_v,
-                wo: &v.wo,
-                wfc: &v.wfc,
-                wp: &v.wp,
-                gqkv: &v.gqkv,
-                go: &v.go,
-                gfc: &v.gfc,
-                gp: &v.gp,
-                cos: &cos,
-                sin: &sin,
-            };
-            let mode = crate::fused::BlockMode {
+            let mode = block::BlockMode {
                 fused: runner.fused,
                 recompute: v.recompute,
                 cudnn: runner.cudnn,
                 keep_act: runner.keep_act,
             };
-            x = crate::fused::block(&x, &tensors, b, self.config.heads(), mode)?;
+            x = block::block(&x, v, blk, (&cos, &sin), b, self.config.heads(), mode)?;
         }
         let logits = norm(&x)
             .matmul(&self.lm_head.to_kind(kind).tr())
@@ -422,9 +414,7 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_full_forward() {
-        let _seed = crate::verify::SEED_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _seed = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let model = Gpt::new(GptConfig::new(2, 32), Device::Cpu, 7);
         // Perturb the zero-initialised projections so attention actually mixes positions.
         tch::no_grad(|| {

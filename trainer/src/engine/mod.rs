@@ -7,253 +7,27 @@
 //! casts on every use, and per-block activation recomputation. `auto` picks by device and memory
 //! on the first micro-batch, when the micro-batch size is known.
 
+pub mod autobatch;
+pub mod memory;
+pub mod oom;
+pub mod optim;
+mod optim_ops;
+pub mod options;
+pub mod verify;
+
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::model::{BlockRunner, BlockViews, Gpt, GptConfig};
-use crate::optim::{AdamW, Muon};
-
-/// Which implementation trains the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
-    /// Fused CUDA kernels where they can run (a Hopper GPU and a binary built with nvcc), else
-    /// eager.
-    Auto,
-    /// The straightforward autograd model (`Gpt::forward`), as first written.
-    Reference,
-    /// The block path with eager ATen ops for each fused step (same math as the kernels).
-    Eager,
-    /// The block path with the CUDA kernels of csrc/kernels.cu.
-    Fused,
-}
-
-/// How many blocks recompute their activations in the backward pass instead of keeping them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Recompute {
-    /// As few as fit the GPU's memory (none on CPU).
-    Auto,
-    /// The first N blocks (0 = none; values above the depth mean all).
-    Blocks(i64),
-}
-
-impl FromStr for Recompute {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "off" | "none" => Ok(Self::Blocks(0)),
-            "all" => Ok(Self::Blocks(i64::MAX)),
-            n => n
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .map(Self::Blocks)
-                .ok_or_else(|| format!("`{s}` is not auto, off, all or a number of blocks")),
-        }
-    }
-}
-
-impl fmt::Display for Recompute {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Auto => write!(f, "auto"),
-            Self::Blocks(i64::MAX) => write!(f, "all"),
-            Self::Blocks(n) => write!(f, "{n}"),
-        }
-    }
-}
-
-/// The attention kernel of the block path on CUDA.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Attention {
-    /// cuDNN's when a probe at the run's shape agrees with flash attention, else flash.
-    Auto,
-    /// FlashAttention-2 (what SDPA picks in the reference model).
-    Flash,
-    /// cuDNN's fused attention (faster on Hopper).
-    Cudnn,
-}
-
-/// On, off, or decided by memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Toggle {
-    Auto,
-    On,
-    Off,
-}
-
-/// The engine's speed and memory choices, as flags of `train` and `bench`.
-#[derive(clap::Args, Clone, Copy, Debug, serde::Serialize)]
-pub struct EngineOptions {
-    /// auto | reference | eager | fused: the implementation of the training step.
-    #[arg(long, env = "CHARLM_KERNELS", value_enum, default_value = "auto")]
-    pub kernels: Kernels,
-    /// auto | off | all | N: blocks that recompute activations in backward (saves memory, costs
-    /// about a third of those blocks' time). auto: the fewest that fit the GPU.
-    #[arg(long, env = "CHARLM_RECOMPUTE", default_value = "auto")]
-    pub recompute: Recompute,
-    /// auto | on | off: keep a bf16 copy of the matrices, refreshed once per optimizer step,
-    /// instead of casting the fp32 weights on every use. auto: on when it fits.
-    #[arg(long, env = "CHARLM_WEIGHT_CACHE", value_enum, default_value = "auto")]
-    pub weight_cache: Toggle,
-    /// auto | flash | cudnn: the block path's attention kernel on CUDA.
-    #[arg(long, env = "CHARLM_ATTENTION", value_enum, default_value = "auto")]
-    pub attention: Attention,
-    /// auto | on | off: blocks keep relu(h)² for the backward (4·width bf16 values a token a
-    /// block) instead of recomputing it there. auto: on when it fits without recomputation.
-    #[arg(
-        long,
-        env = "CHARLM_KEEP_ACTIVATIONS",
-        value_enum,
-        default_value = "auto"
-    )]
-    pub keep_activations: Toggle,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        Self {
-            kernels: Kernels::Auto,
-            recompute: Recompute::Auto,
-            weight_cache: Toggle::Auto,
-            attention: Attention::Auto,
-            keep_activations: Toggle::Auto,
-        }
-    }
-}
+use memory::{plan_keep_activations, plan_memory};
+use optim::{AdamW, Muon};
+pub use options::{Attention, EngineOptions, Kernels, Recompute, Resolved, Toggle};
 
 /// cuDNN and flash attention may differ by bf16 rounding, not more.
 const ATTENTION_PROBE_TOLERANCE: f64 = 2e-2;
-
-/// What `auto` resolved to for one micro-batch size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Resolved {
-    pub kernels: Kernels,
-    pub recompute_blocks: i64,
-    pub weight_cache: bool,
-    /// Muon's Newton–Schulz chunk, in fp32 gradient bytes (0: whole groups).
-    pub muon_chunk_bytes: i64,
-    /// The attention kernel (flash on the CPU means plain math).
-    pub attention: Attention,
-    /// Blocks keep relu(h)² for their backward.
-    pub keep_activations: bool,
-}
-
-impl std::fmt::Display for Resolved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:?} kernels, {:?} attention, recompute {}, weight cache {}, keep act {}",
-            self.kernels,
-            self.attention,
-            self.recompute_blocks,
-            self.weight_cache,
-            self.keep_activations
-        )
-    }
-}
-
-/// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
-/// docs/performance.md for how they compare with measured peaks).
-#[derive(Clone, Copy, Debug)]
-pub struct MemoryEstimate {
-    /// fp32 parameters, gradients and optimizer state.
-    pub fixed: f64,
-    /// The bf16 copy of the matrices.
-    pub weight_cache: f64,
-    /// Activations one block keeps for its backward, without and with recomputation.
-    pub block_saved: f64,
-    pub block_recompute: f64,
-    /// What keeping relu(h)² adds to `block_saved`.
-    pub block_activation: f64,
-    /// One block's backward workspace, logits, Muon's chunk and allocator slack.
-    pub transient: f64,
-}
-
-impl MemoryEstimate {
-    pub fn new(config: &GptConfig, micro_batch: i64, seq_len: i64) -> Self {
-        let n = (micro_batch * seq_len) as f64;
-        let (c, a) = (
-            config.width() as f64,
-            (config.heads() * config.head_dim()) as f64,
-        );
-        let matrices = (config.depth * config.block_params()) as f64;
-        let embeddings = 2.0 * config.embedding_params() as f64;
-        Self {
-            fixed: 12.0 * matrices + 16.0 * embeddings,
-            weight_cache: 2.0 * matrices,
-            // xn, qkv, attention output, xn2 and the 4C-wide hidden, bf16.
-            block_saved: 2.0 * n * (6.0 * c + 4.0 * a),
-            block_recompute: 2.0 * n * c,
-            block_activation: 2.0 * n * 4.0 * c,
-            transient: 2.0 * n * (18.0 * c + 11.0 * a) + 2.5 * (1u64 << 30) as f64,
-        }
-    }
-
-    pub fn total(&self, depth: i64, recompute: i64, cache: bool) -> f64 {
-        let r = recompute.clamp(0, depth) as f64;
-        self.fixed
-            + if cache { self.weight_cache } else { 0.0 }
-            + (depth as f64 - r) * self.block_saved
-            + r * self.block_recompute
-            + self.transient
-    }
-}
-
-/// Whether blocks can also keep relu(h)² within `total_bytes` (only without recomputation).
-pub fn plan_keep_activations(
-    config: &GptConfig,
-    micro_batch: i64,
-    seq_len: i64,
-    total_bytes: f64,
-    cache: bool,
-) -> bool {
-    let est = MemoryEstimate::new(config, micro_batch, seq_len);
-    est.total(config.depth, 0, cache) + config.depth as f64 * est.block_activation
-        <= MEMORY_FILL * total_bytes
-}
-
-/// Share of the GPU's memory the plan may fill (the rest: CUDA context, fragmentation).
-const MEMORY_FILL: f64 = 0.92;
-
-/// Decides the weight cache and recomputation for `total_bytes` of GPU memory: the cache first
-/// while everything fits (it saves a little time), then as few recomputed blocks as fit.
-pub fn plan_memory(
-    config: &GptConfig,
-    micro_batch: i64,
-    seq_len: i64,
-    total_bytes: f64,
-    options: &EngineOptions,
-) -> (bool, i64) {
-    let est = MemoryEstimate::new(config, micro_batch, seq_len);
-    let budget = MEMORY_FILL * total_bytes;
-    let depth = config.depth;
-    let fits = |r: i64, cache: bool| est.total(depth, r, cache) <= budget;
-    let least = |cache: bool| (0..=depth).find(|&r| fits(r, cache));
-    match (options.weight_cache, options.recompute) {
-        (Toggle::On, Recompute::Auto) => (true, least(true).unwrap_or(depth)),
-        (Toggle::Off, Recompute::Auto) => (false, least(false).unwrap_or(depth)),
-        (Toggle::Auto, Recompute::Auto) => match least(true) {
-            Some(0) => (true, 0),
-            _ => (false, least(false).unwrap_or(depth)),
-        },
-        (cache, Recompute::Blocks(r)) => {
-            let r = r.min(depth);
-            (
-                cache == Toggle::On || (cache == Toggle::Auto && fits(r, true)),
-                r,
-            )
-        }
-    }
-}
 
 /// A bf16 copy of every Muon matrix, stacked like Muon's gradients so blocks read views of it.
 struct WeightCache {
@@ -351,12 +125,12 @@ impl Engine {
         let config = self.model.config;
         let kernels = match self.options.kernels {
             Kernels::Auto => match device {
-                Device::Cuda(i) if crate::fused::status(i).is_ok() => Kernels::Fused,
+                Device::Cuda(i) if crate::model::block::status(i).is_ok() => Kernels::Fused,
                 _ => Kernels::Eager,
             },
             Kernels::Fused => match device {
                 Device::Cuda(i) => {
-                    crate::fused::status(i)?;
+                    crate::model::block::status(i)?;
                     Kernels::Fused
                 }
                 _ => bail!("--kernels fused needs a CUDA GPU; use eager or auto on the CPU"),
@@ -366,7 +140,7 @@ impl Engine {
         let (weight_cache, recompute_blocks) = match (kernels, device) {
             (Kernels::Reference, _) => (false, 0),
             (_, Device::Cuda(_)) => {
-                let total = crate::cuda::total_memory(device).unwrap_or(0) as f64;
+                let total = crate::sys::cuda::total_memory(device).unwrap_or(0) as f64;
                 plan_memory(&config, b, t, total, &self.options)
             }
             // The CPU computes in fp32: the parameters are already the compute kind.
@@ -380,7 +154,7 @@ impl Engine {
             (_, Toggle::On) => true,
             (_, Toggle::Auto) => match device {
                 Device::Cuda(_) if recompute_blocks == 0 => {
-                    let total = crate::cuda::total_memory(device).unwrap_or(0) as f64;
+                    let total = crate::sys::cuda::total_memory(device).unwrap_or(0) as f64;
                     plan_keep_activations(&config, b, t, total, weight_cache)
                 }
                 _ => false,
@@ -389,7 +163,7 @@ impl Engine {
         let attention = match (kernels, device, self.options.attention) {
             (Kernels::Reference, _, _) | (_, Device::Cpu, _) => Attention::Flash,
             (_, Device::Cuda(i), Attention::Auto) => {
-                match crate::fused::attention_probe(1, config.heads(), t, i) {
+                match crate::model::block::attention_probe(1, config.heads(), t, i) {
                     Ok(rel) if rel <= ATTENTION_PROBE_TOLERANCE => Attention::Cudnn,
                     Ok(rel) => {
                         eprintln!("attention: cuDNN differs from flash attention by {rel:.2e}; using flash");

@@ -115,7 +115,7 @@ impl Muon {
                 let momentum = Tensor::zeros(full.as_slice(), (Kind::Float, device));
                 let grads = Tensor::zeros(full.as_slice(), (Kind::Float, device));
                 for (i, (name, p)) in members.iter().enumerate() {
-                    crate::fused::set_grad(p, &grads.get(i as i64))
+                    super::optim_ops::set_grad(p, &grads.get(i as i64))
                         .expect("assigning a gradient buffer");
                     index.insert(name.clone(), (g, i as i64));
                 }
@@ -180,12 +180,13 @@ impl Muon {
                 let mut m = group.momentum.narrow(0, start, k);
                 let scale = -self.lr * lr_mult * aspect;
                 if self.fused {
-                    let x = crate::fused::muon_momentum(&g, &m, clip, beta, self.cuda_kernels)
+                    let x = super::optim_ops::muon_momentum(&g, &m, clip, beta, self.cuda_kernels)
                         .expect("Muon momentum");
                     let update = orthogonalize_fused(&x, self.ns_steps);
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
-                        crate::fused::add_scaled(p, &update.get(i), scale).expect("Muon update");
+                        super::optim_ops::add_scaled(p, &update.get(i), scale)
+                            .expect("Muon update");
                     }
                 } else {
                     let _ = m.lerp_(&g, 1.0 - beta);
@@ -337,7 +338,7 @@ mod tests {
 
     #[test]
     fn newton_schulz_gives_near_orthogonal_rows() {
-        let _seed = crate::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(0);
@@ -381,7 +382,7 @@ mod tests {
 
     #[test]
     fn fused_newton_schulz_is_as_close_to_exact_as_the_first_version() {
-        let _seed = crate::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
@@ -411,7 +412,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_the_closed_form_first_step() {
-        let _seed = crate::verify::SEED_LOCK
+        let _seed = crate::model::SEED_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // After one step Adam moves each weight by lr·sign(g) (up to eps).

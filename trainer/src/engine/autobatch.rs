@@ -9,19 +9,16 @@
 //! `CHARLM_MEMORY_LIMIT_GIB` variable, or half the machine's memory.
 
 use std::fmt;
-use std::panic::{self, AssertUnwindSafe};
 use std::str::FromStr;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
+use super::memory::{cpu_limit_bytes, estimate_bytes, HEADROOM};
+use super::{oom, Engine, EngineOptions, LearningRates, Recompute};
 use crate::dist::{DistEnv, ProcessGroup};
-use crate::engine::{Engine, EngineOptions, LearningRates, Recompute};
 use crate::model::GptConfig;
 
-/// Share of the GPU's memory a probe may peak at: the rest is headroom for fragmentation,
-/// evaluation and the occasional longer-lived temporary.
-pub const HEADROOM: f64 = 0.90;
 /// The largest micro-batch tried.
 const MAX_CANDIDATE: i64 = 256;
 
@@ -89,45 +86,6 @@ pub fn largest_fitting(
     Ok(candidates.get(lo).copied())
 }
 
-/// A rough upper estimate of the bytes one training step needs at micro-batch `b`: fp32 weights,
-/// gradients and optimizer state, plus the activations autograd keeps (about 36 values of the
-/// model's width per token and layer, plus the 4×-wide MLP hidden) in the compute precision.
-pub fn estimate_bytes(config: &GptConfig, b: i64, kind: Kind) -> u64 {
-    let n = config.total_params() as u64;
-    let matrices = (config.total_params() - 2 * config.embedding_params()) as u64;
-    let state = 4 * n + 4 * n + 4 * matrices + 8 * (n - matrices);
-    let act_elt = kind.elt_size_in_bytes() as u64;
-    let tokens = (b * config.seq_len) as u64;
-    let per_token_layer = 36 * config.width() as u64;
-    let logits = 4 * 3 * config.vocab_size as u64;
-    let activations = tokens * (config.depth as u64 * per_token_layer * act_elt + logits);
-    state + activations
-}
-
-/// The memory limit the CPU estimate is held to, in bytes.
-pub fn cpu_limit_bytes() -> u64 {
-    if let Some(gib) = std::env::var("CHARLM_MEMORY_LIMIT_GIB")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-    {
-        return (gib * (1u64 << 30) as f64) as u64;
-    }
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(8 << 20);
-    total_kib * 1024 / 2
-}
-
 /// The largest candidate whose training step fits on `device` with the run's engine `options`.
 /// Recomputing activations buys memory with time, so on a GPU it is only a second resort: first
 /// the largest micro-batch that fits without it; only when none does (depth 48 on one H100, say),
@@ -165,45 +123,35 @@ pub fn choose(
 /// Runs one step at micro-batch `b` on a fresh model; false when it runs out of memory or peaks
 /// above [`HEADROOM`] of the GPU.
 fn probe_gpu(config: &GptConfig, b: i64, device: Device, options: &EngineOptions) -> Result<bool> {
-    let total = crate::cuda::total_memory(device).unwrap_or(u64::MAX) as f64;
+    let total = crate::sys::cuda::total_memory(device).unwrap_or(u64::MAX) as f64;
     let pg = ProcessGroup::init(
         &DistEnv::single(),
         device,
         std::time::Duration::from_secs(60),
     )?;
     // Out-of-memory surfaces as a panic from tch; while probing it is an answer, not a crash.
-    let quiet = panic::take_hook();
-    panic::set_hook(Box::new(|_| {}));
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| -> Result<f64> {
+    let outcome = oom::catch(|| -> Result<f64> {
         let lr = LearningRates::default();
         let mut engine = Engine::with_options(*config, device, 0, lr, *options);
-        crate::cuda::reset_peak_memory(device);
+        crate::sys::cuda::reset_peak_memory(device);
         let t = config.seq_len;
-        let all = Tensor::randint(crate::vocab::BOS as i64, [b, t + 1], (Kind::Int64, device));
+        let all = Tensor::randint(
+            crate::data::vocab::BOS as i64,
+            [b, t + 1],
+            (Kind::Int64, device),
+        );
         let _ = engine.micro_step(&all.narrow(1, 0, t), &all.narrow(1, 1, t), 1.0);
         engine.optimizer_step(&pg, 0.0, 0.95, 1.0)?;
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
         }
-        Ok(crate::cuda::peak_memory_gib(device).unwrap_or(0.0) * (1u64 << 30) as f64)
-    }));
-    panic::set_hook(quiet);
-    crate::cuda::empty_cache(device);
+        Ok(crate::sys::cuda::peak_memory_gib(device).unwrap_or(0.0) * (1u64 << 30) as f64)
+    });
+    crate::sys::cuda::empty_cache(device);
     match outcome {
         Ok(peak) => Ok(peak? <= HEADROOM * total),
-        Err(payload) if is_out_of_memory(&payload) => Ok(false),
-        Err(payload) => panic::resume_unwind(payload),
+        Err(oom::OutOfMemory) => Ok(false),
     }
-}
-
-/// Whether a panic payload is libtorch's out-of-memory error.
-pub fn is_out_of_memory(payload: &Box<dyn std::any::Any + Send>) -> bool {
-    let text = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("");
-    text.contains("out of memory")
 }
 
 /// A micro-batch below `b` that the estimate says fits in `limit` bytes, for error messages.
@@ -239,17 +187,6 @@ mod tests {
             assert!(asked.len() <= 4, "limit {limit}: asked {asked:?}");
         }
         assert_eq!(largest_fitting(&[], |_| Ok(true)).unwrap(), None);
-    }
-
-    #[test]
-    fn the_estimate_grows_with_batch_and_depth() {
-        let d24 = GptConfig::new(24, 2048);
-        let a = estimate_bytes(&d24, 8, Kind::BFloat16);
-        assert!(a < estimate_bytes(&d24, 16, Kind::BFloat16));
-        assert!(a < estimate_bytes(&GptConfig::new(32, 2048), 8, Kind::BFloat16));
-        // In the range seen on an H100 (29.9 GiB measured at d24, micro-batch 8).
-        let gib = a as f64 / (1u64 << 30) as f64;
-        assert!((15.0..60.0).contains(&gib), "{gib}");
     }
 
     #[test]

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint;
+use crate::data::vocab;
 use crate::model::{Gpt, KvCache};
+use crate::train::checkpoint;
 use crate::user_bail;
-use crate::vocab;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -13,10 +13,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use charlm_contract::{env, RENDEZVOUS_PORT};
 use signal_hook::consts::{SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::error::UserError;
+use crate::sys::error::UserError;
 use crate::user_bail;
 
 /// How long the other workers get to exit after one of them failed, before SIGKILL.
@@ -26,19 +27,19 @@ const POLL: Duration = Duration::from_millis(20);
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Worker processes on this node: a number, or `auto` (one per visible GPU; 1 without GPUs).
-    #[arg(long, env = "NPROC_PER_NODE", default_value = "auto")]
+    #[arg(long, env = env::NPROC_PER_NODE, default_value = "auto")]
     pub nproc_per_node: String,
     /// Number of nodes (pods) in the job, each running one `launch`.
-    #[arg(long, env = "NNODES", default_value_t = 1)]
+    #[arg(long, env = env::NNODES, default_value_t = 1)]
     pub nnodes: usize,
     /// This node's index, 0-based; node 0 hosts the rendezvous.
-    #[arg(long, env = "NODE_RANK", default_value_t = 0)]
+    #[arg(long, env = env::NODE_RANK, default_value_t = 0)]
     pub node_rank: usize,
     /// Host of node 0, where global rank 0 serves the TCPStore.
-    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    #[arg(long, env = env::MASTER_ADDR, default_value = "127.0.0.1")]
     pub master_addr: String,
     /// TCP port of that store.
-    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    #[arg(long, env = env::MASTER_PORT, default_value_t = RENDEZVOUS_PORT)]
     pub master_port: u16,
     /// Seconds workers get to exit after a forwarded SIGTERM/SIGINT before they are killed.
     #[arg(long, env = "CHARLM_LAUNCH_GRACE_S", default_value_t = 30)]
@@ -94,11 +95,11 @@ pub fn run(args: Args) -> Result<()> {
             ("WORLD_SIZE", world.to_string()),
             ("LOCAL_RANK", local.to_string()),
             ("LOCAL_WORLD_SIZE", nproc.to_string()),
-            ("NODE_RANK", args.node_rank.to_string()),
-            ("NNODES", args.nnodes.to_string()),
-            ("NPROC_PER_NODE", nproc.to_string()),
-            ("MASTER_ADDR", args.master_addr.clone()),
-            ("MASTER_PORT", args.master_port.to_string()),
+            (env::NODE_RANK, args.node_rank.to_string()),
+            (env::NNODES, args.nnodes.to_string()),
+            (env::NPROC_PER_NODE, nproc.to_string()),
+            (env::MASTER_ADDR, args.master_addr.clone()),
+            (env::MASTER_PORT, args.master_port.to_string()),
         ];
         match Worker::start(&program, &args.worker_args, rank, &env) {
             Ok(w) => workers.push(w),

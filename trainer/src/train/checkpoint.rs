@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::staging::{fsync, StagingDir};
+use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
 
 const FORMAT: u32 = 1;
@@ -202,14 +202,14 @@ pub fn load_dir(dir: &Path) -> Result<Loaded> {
 /// Reads and verifies the weights alone (for sampling).
 pub fn load_model(dir: &Path) -> Result<Loaded> {
     let manifest = load_manifest(dir).map_err(|e| {
-        anyhow::Error::new(crate::error::UserError(format!(
+        anyhow::Error::new(crate::sys::error::UserError(format!(
             "{} is not a readable checkpoint ({e:#}): pass a `step-…` or `best` directory, or the \
              checkpoint root",
             dir.display()
         )))
     })?;
     let model = read_verified(dir, &manifest, MODEL_FILE)
-        .map_err(|e| crate::error::UserError(format!("{}: {e:#}", dir.display())))?;
+        .map_err(|e| crate::sys::error::UserError(format!("{}: {e:#}", dir.display())))?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         manifest,
@@ -362,7 +362,7 @@ mod tests {
         .unwrap();
         fs::write(dir.join(OPTIMIZER_FILE), b"garbage").unwrap();
         let err = load_latest(root.path()).err().expect("must fail");
-        assert_eq!(crate::error::exit_code(&err), 2, "{err:#}");
+        assert_eq!(crate::sys::error::exit_code(&err), 2, "{err:#}");
     }
 
     #[test]

@@ -18,7 +18,8 @@ const SCENARIO: &str = "CHARLM_DIST_TEST_WORKER";
 #[test]
 #[ignore = "a rank of the other tests; they start it"]
 fn worker() {
-    let scenario = std::env::var(SCENARIO).expect("started by the other tests of tests/dist.rs");
+    let scenario =
+        std::env::var(SCENARIO).expect("started by the other tests of tests/collectives.rs");
     tch::set_num_threads(1);
     let result = match scenario.as_str() {
         "collectives" => collectives(
@@ -497,7 +498,7 @@ fn bad_env_is_a_user_error_naming_the_variable() {
     for (vars, wanted) in cases {
         let env = env_of(vars);
         let err = env.check().unwrap_err();
-        assert_eq!(charlm_trainer::error::exit_code(&err), 2, "{vars:?}");
+        assert_eq!(charlm_trainer::sys::error::exit_code(&err), 2, "{vars:?}");
         assert!(format!("{err:#}").contains(wanted), "{vars:?}: {err:#}");
         let err = ProcessGroup::init(&env, Device::Cpu, Duration::from_secs(1))
             .err()

@@ -19,10 +19,10 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use memmap2::Mmap;
 
-use crate::prepare::{self, Manifest};
-use crate::rng::{Rng, STREAM_EPOCH};
+use crate::data::prepare::{self, Manifest};
+use crate::data::vocab::BOS;
+use crate::sys::rng::{Rng, STREAM_EPOCH};
 use crate::user_bail;
-use crate::vocab::BOS;
 
 pub struct Dataset {
     pub manifest: Manifest,
@@ -360,7 +360,7 @@ mod tests {
         let data = root.path().join("data");
         let open_err = |seq_len| {
             let err = Dataset::open(&data, seq_len, 0).err().expect("an error");
-            assert_eq!(crate::error::exit_code(&err), 2, "{err}");
+            assert_eq!(crate::sys::error::exit_code(&err), 2, "{err}");
             err.to_string()
         };
         let err = open_err(100_000);
@@ -411,7 +411,7 @@ mod tests {
         let err = Dataset::open(&root.path().join("nope"), 4, 0)
             .err()
             .unwrap();
-        assert_eq!(crate::error::exit_code(&err), 2);
+        assert_eq!(crate::sys::error::exit_code(&err), 2);
         assert!(err.to_string().contains("charlm-trainer prepare"), "{err}");
     }
 }

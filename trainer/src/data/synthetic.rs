@@ -1,4 +1,4 @@
-//! `charlm-trainer generate`: a synthetic dataset in the training format, for demos and tests.
+//! The synthetic dataset of `charlm-trainer generate`, in the training format, for demos and tests.
 //!
 //! Each document is a worksheet of 1–8 exercises; an exercise is a question line and an answer
 //! line, and documents are separated by one blank line. Kinds of exercise (their meaning is
@@ -14,37 +14,16 @@
 //! text is a pure function of `--seed` (its own RNG stream) and `--chars`.
 
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::rng::{Rng, STREAM_GENERATE};
-use crate::staging::StagingDir;
+use crate::sys::rng::{Rng, STREAM_GENERATE};
+use crate::sys::staging::StagingDir;
 use crate::user_bail;
 
 /// Files are cut at this size so large datasets come as several files, like real ones.
 const MAX_FILE_CHARS: u64 = 64 << 20;
-
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// Directory to write `part-NNNN.txt` files into (replaced only once complete).
-    #[arg(long)]
-    pub output: PathBuf,
-    /// Approximate total characters.
-    #[arg(long, default_value_t = 10_000_000)]
-    pub chars: u64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
-pub fn run(args: Args) -> Result<()> {
-    let written = generate(&args.output, args.chars, args.seed)?;
-    eprintln!(
-        "wrote {written} characters of synthetic data to {}",
-        args.output.display()
-    );
-    Ok(())
-}
 
 /// Writes about `chars` characters of worksheets into `output`; returns the exact count.
 pub fn generate(output: &Path, chars: u64, seed: u64) -> Result<u64> {
@@ -183,7 +162,7 @@ mod tests {
             let (q, a) = exercise(&mut rng);
             for c in q.bytes().chain(a.bytes()) {
                 assert!(
-                    crate::vocab::id_of(c).is_some() && c != b'\n',
+                    crate::data::vocab::id_of(c).is_some() && c != b'\n',
                     "{q:?} {a:?}"
                 );
             }

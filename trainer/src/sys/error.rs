@@ -19,15 +19,15 @@ impl std::error::Error for UserError {}
 #[macro_export]
 macro_rules! user_bail {
     ($($arg:tt)*) => {
-        return Err(anyhow::Error::new($crate::error::UserError(format!($($arg)*))))
+        return Err(anyhow::Error::new($crate::sys::error::UserError(format!($($arg)*))))
     };
 }
 
 /// The process exit code for an error: 2 when the user can fix it, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if err.chain().any(|e| e.is::<UserError>()) {
-        2
+        charlm_contract::exit::BAD_INPUT
     } else {
-        1
+        charlm_contract::exit::FAILURE
     }
 }

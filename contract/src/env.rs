@@ -1,0 +1,34 @@
+//! The environment of a trainer pod. The operator sets these; the trainer reads each as the
+//! default of its flag of the same meaning (`CHARLM_DEPTH` ↔ `--depth`), and `launch` reads
+//! torchrun's names.
+
+/// Worker pods (nodes) of the training.
+pub const NNODES: &str = "NNODES";
+/// This pod's index among them.
+pub const NODE_RANK: &str = "NODE_RANK";
+/// Worker processes on this pod (one per GPU).
+pub const NPROC_PER_NODE: &str = "NPROC_PER_NODE";
+/// Rank 0's host, where the others rendezvous.
+pub const MASTER_ADDR: &str = "MASTER_ADDR";
+/// Rank 0's rendezvous port.
+pub const MASTER_PORT: &str = "MASTER_PORT";
+/// The pod's IP: rank 0 serves its progress there.
+pub const POD_IP: &str = "POD_IP";
+
+pub const DATA: &str = "CHARLM_DATA";
+pub const DEPTH: &str = "CHARLM_DEPTH";
+pub const DEVICE_BATCH_SIZE: &str = "CHARLM_DEVICE_BATCH_SIZE";
+pub const DEVICE: &str = "CHARLM_DEVICE";
+pub const CHECKPOINT_DIR: &str = "CHARLM_CHECKPOINT_DIR";
+pub const METRICS_PORT: &str = "CHARLM_METRICS_PORT";
+pub const TERMINATION_LOG: &str = "CHARLM_TERMINATION_LOG";
+pub const HOURS: &str = "CHARLM_HOURS";
+pub const MAX_STEPS: &str = "CHARLM_MAX_STEPS";
+pub const TOTAL_BATCH_SIZE: &str = "CHARLM_TOTAL_BATCH_SIZE";
+pub const SEQ_LEN: &str = "CHARLM_SEQ_LEN";
+pub const EVAL_EVERY: &str = "CHARLM_EVAL_EVERY";
+pub const SEED: &str = "CHARLM_SEED";
+pub const CHECKPOINT_EVERY_MINUTES: &str = "CHARLM_CHECKPOINT_EVERY_MINUTES";
+pub const KEEP_CHECKPOINTS: &str = "CHARLM_KEEP_CHECKPOINTS";
+pub const EARLY_STOP_PATIENCE: &str = "CHARLM_EARLY_STOP_PATIENCE";
+pub const TENSORBOARD_DIR: &str = "CHARLM_TENSORBOARD_DIR";

@@ -1,0 +1,170 @@
+//! The one memory model of a training step: bytes by part (state, weight cache, what each block
+//! keeps, transients) for the block path, and the reference autograd path's activations beside
+//! them; and the one share of a GPU's memory a step may fill, whether the figure is this estimate
+//! (the engine's plan, the out-of-memory hint) or a probe's measured peak (`auto` micro-batch).
+
+use tch::{Device, Kind};
+
+use super::options::{EngineOptions, Recompute, Toggle};
+use crate::model::GptConfig;
+
+/// Share of the GPU's memory a step may fill: the rest is headroom for the CUDA context,
+/// fragmentation, evaluation and the occasional longer-lived temporary.
+pub const HEADROOM: f64 = 0.90;
+
+/// Bytes the block path needs on the GPU, by part (estimates from tensor sizes; see
+/// docs/performance.md for how they compare with measured peaks).
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// fp32 parameters, gradients and optimizer state.
+    pub fixed: f64,
+    /// The bf16 copy of the matrices.
+    pub weight_cache: f64,
+    /// Activations one block keeps for its backward, without and with recomputation.
+    pub block_saved: f64,
+    pub block_recompute: f64,
+    /// What keeping relu(h)² adds to `block_saved`.
+    pub block_activation: f64,
+    /// One block's backward workspace, logits, Muon's chunk and allocator slack.
+    pub transient: f64,
+    /// The reference autograd path instead: values one block keeps per micro-batch (about 36 of
+    /// the width per token, the 4×-wide MLP hidden included), in elements of the compute kind.
+    pub reference_block_values: f64,
+    /// Its fp32 logits, their softcapped copy and their gradient.
+    pub reference_logits: f64,
+}
+
+impl MemoryEstimate {
+    pub fn new(config: &GptConfig, micro_batch: i64, seq_len: i64) -> Self {
+        let n = (micro_batch * seq_len) as f64;
+        let (c, a) = (
+            config.width() as f64,
+            (config.heads() * config.head_dim()) as f64,
+        );
+        let matrices = (config.depth * config.block_params()) as f64;
+        let embeddings = 2.0 * config.embedding_params() as f64;
+        Self {
+            fixed: 12.0 * matrices + 16.0 * embeddings,
+            weight_cache: 2.0 * matrices,
+            // xn, qkv, attention output, xn2 and the 4C-wide hidden, bf16.
+            block_saved: 2.0 * n * (6.0 * c + 4.0 * a),
+            block_recompute: 2.0 * n * c,
+            block_activation: 2.0 * n * 4.0 * c,
+            transient: 2.0 * n * (18.0 * c + 11.0 * a) + 2.5 * (1u64 << 30) as f64,
+            reference_block_values: n * 36.0 * c,
+            reference_logits: n * 4.0 * 3.0 * config.vocab_size as f64,
+        }
+    }
+
+    /// The reference path's step with activations in `kind` (no cache, no recomputation).
+    pub fn reference_total(&self, depth: i64, kind: Kind) -> f64 {
+        let elt = kind.elt_size_in_bytes() as f64;
+        self.fixed + depth as f64 * self.reference_block_values * elt + self.reference_logits
+    }
+
+    pub fn total(&self, depth: i64, recompute: i64, cache: bool) -> f64 {
+        let r = recompute.clamp(0, depth) as f64;
+        self.fixed
+            + if cache { self.weight_cache } else { 0.0 }
+            + (depth as f64 - r) * self.block_saved
+            + r * self.block_recompute
+            + self.transient
+    }
+}
+
+/// Whether blocks can also keep relu(h)² within `total_bytes` (only without recomputation).
+pub fn plan_keep_activations(
+    config: &GptConfig,
+    micro_batch: i64,
+    seq_len: i64,
+    total_bytes: f64,
+    cache: bool,
+) -> bool {
+    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    est.total(config.depth, 0, cache) + config.depth as f64 * est.block_activation
+        <= HEADROOM * total_bytes
+}
+
+/// Decides the weight cache and recomputation for `total_bytes` of GPU memory: the cache first
+/// while everything fits (it saves a little time), then as few recomputed blocks as fit.
+pub fn plan_memory(
+    config: &GptConfig,
+    micro_batch: i64,
+    seq_len: i64,
+    total_bytes: f64,
+    options: &EngineOptions,
+) -> (bool, i64) {
+    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    let budget = HEADROOM * total_bytes;
+    let depth = config.depth;
+    let fits = |r: i64, cache: bool| est.total(depth, r, cache) <= budget;
+    let least = |cache: bool| (0..=depth).find(|&r| fits(r, cache));
+    match (options.weight_cache, options.recompute) {
+        (Toggle::On, Recompute::Auto) => (true, least(true).unwrap_or(depth)),
+        (Toggle::Off, Recompute::Auto) => (false, least(false).unwrap_or(depth)),
+        (Toggle::Auto, Recompute::Auto) => match least(true) {
+            Some(0) => (true, 0),
+            _ => (false, least(false).unwrap_or(depth)),
+        },
+        (cache, Recompute::Blocks(r)) => {
+            let r = r.min(depth);
+            (
+                cache == Toggle::On || (cache == Toggle::Auto && fits(r, true)),
+                r,
+            )
+        }
+    }
+}
+
+/// A rough upper estimate of the bytes one training step of the reference path needs at
+/// micro-batch `b` with activations in `kind`: what the CPU's `auto` is held to.
+pub fn estimate_bytes(config: &GptConfig, b: i64, kind: Kind) -> u64 {
+    MemoryEstimate::new(config, b, config.seq_len).reference_total(config.depth, kind) as u64
+}
+
+/// The memory limit the CPU estimate is held to, in bytes: `CHARLM_MEMORY_LIMIT_GIB`, or half
+/// the machine's memory.
+pub fn cpu_limit_bytes() -> u64 {
+    if let Some(gib) = std::env::var("CHARLM_MEMORY_LIMIT_GIB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return (gib * (1u64 << 30) as f64) as u64;
+    }
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(8 << 20);
+    total_kib * 1024 / 2
+}
+
+/// The bytes a step may use on `device`: [`HEADROOM`] of a GPU, or the CPU limit.
+pub fn limit_bytes(device: Device) -> u64 {
+    crate::sys::cuda::total_memory(device)
+        .map_or_else(cpu_limit_bytes, |m| (m as f64 * HEADROOM) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_grows_with_batch_and_depth() {
+        let d24 = GptConfig::new(24, 2048);
+        let a = estimate_bytes(&d24, 8, Kind::BFloat16);
+        assert!(a < estimate_bytes(&d24, 16, Kind::BFloat16));
+        assert!(a < estimate_bytes(&GptConfig::new(32, 2048), 8, Kind::BFloat16));
+        // In the range seen on an H100 (29.9 GiB measured at d24, micro-batch 8).
+        let gib = a as f64 / (1u64 << 30) as f64;
+        assert!((15.0..60.0).contains(&gib), "{gib}");
+    }
+}

@@ -1,0 +1,145 @@
+//! The engine's speed and memory choices (flags of `train` and `bench`) and what `auto` resolved
+//! them to for one micro-batch size.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Which implementation trains the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Fused CUDA kernels where they can run (a Hopper GPU and a binary built with nvcc), else
+    /// eager.
+    Auto,
+    /// The straightforward autograd model (`Gpt::forward`), as first written.
+    Reference,
+    /// The block path with eager ATen ops for each fused step (same math as the kernels).
+    Eager,
+    /// The block path with the CUDA kernels of csrc/kernels.cu.
+    Fused,
+}
+
+/// How many blocks recompute their activations in the backward pass instead of keeping them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Recompute {
+    /// As few as fit the GPU's memory (none on CPU).
+    Auto,
+    /// The first N blocks (0 = none; values above the depth mean all).
+    Blocks(i64),
+}
+
+impl FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" | "none" => Ok(Self::Blocks(0)),
+            "all" => Ok(Self::Blocks(i64::MAX)),
+            n => n
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(Self::Blocks)
+                .ok_or_else(|| format!("`{s}` is not auto, off, all or a number of blocks")),
+        }
+    }
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Blocks(i64::MAX) => write!(f, "all"),
+            Self::Blocks(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The attention kernel of the block path on CUDA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// cuDNN's when a probe at the run's shape agrees with flash attention, else flash.
+    Auto,
+    /// FlashAttention-2 (what SDPA picks in the reference model).
+    Flash,
+    /// cuDNN's fused attention (faster on Hopper).
+    Cudnn,
+}
+
+/// On, off, or decided by memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+/// The engine's speed and memory choices, as flags of `train` and `bench`.
+#[derive(clap::Args, Clone, Copy, Debug, serde::Serialize)]
+pub struct EngineOptions {
+    /// auto | reference | eager | fused: the implementation of the training step.
+    #[arg(long, env = "CHARLM_KERNELS", value_enum, default_value = "auto")]
+    pub kernels: Kernels,
+    /// auto | off | all | N: blocks that recompute activations in backward (saves memory, costs
+    /// about a third of those blocks' time). auto: the fewest that fit the GPU.
+    #[arg(long, env = "CHARLM_RECOMPUTE", default_value = "auto")]
+    pub recompute: Recompute,
+    /// auto | on | off: keep a bf16 copy of the matrices, refreshed once per optimizer step,
+    /// instead of casting the fp32 weights on every use. auto: on when it fits.
+    #[arg(long, env = "CHARLM_WEIGHT_CACHE", value_enum, default_value = "auto")]
+    pub weight_cache: Toggle,
+    /// auto | flash | cudnn: the block path's attention kernel on CUDA.
+    #[arg(long, env = "CHARLM_ATTENTION", value_enum, default_value = "auto")]
+    pub attention: Attention,
+    /// auto | on | off: blocks keep relu(h)² for the backward (4·width bf16 values a token a
+    /// block) instead of recomputing it there. auto: on when it fits without recomputation.
+    #[arg(
+        long,
+        env = "CHARLM_KEEP_ACTIVATIONS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub keep_activations: Toggle,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            kernels: Kernels::Auto,
+            recompute: Recompute::Auto,
+            weight_cache: Toggle::Auto,
+            attention: Attention::Auto,
+            keep_activations: Toggle::Auto,
+        }
+    }
+}
+
+/// What `auto` resolved to for one micro-batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Resolved {
+    pub kernels: Kernels,
+    pub recompute_blocks: i64,
+    pub weight_cache: bool,
+    /// Muon's Newton–Schulz chunk, in fp32 gradient bytes (0: whole groups).
+    pub muon_chunk_bytes: i64,
+    /// The attention kernel (flash on the CPU means plain math).
+    pub attention: Attention,
+    /// Blocks keep relu(h)² for their backward.
+    pub keep_activations: bool,
+}
+
+impl std::fmt::Display for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} kernels, {:?} attention, recompute {}, weight cache {}, keep act {}",
+            self.kernels,
+            self.attention,
+            self.recompute_blocks,
+            self.weight_cache,
+            self.keep_activations
+        )
+    }
+}
