@@ -68,8 +68,8 @@ fi
 kubectl config use-context "kind-$cluster" >/dev/null
 
 step "images (docker build --target operator / trainer)"
-docker build --target operator -t "charlm-operator:$tag" "$repo" || fail "building the operator image"
-docker build --target trainer -t "charlm-trainer:$tag" "$repo" || fail "building the trainer image"
+DOCKER_BUILDKIT=1 docker build --target operator -t "charlm-operator:$tag" "$repo" || fail "building the operator image"
+DOCKER_BUILDKIT=1 docker build --target trainer -t "charlm-trainer:$tag" "$repo" || fail "building the trainer image"
 kind load docker-image --name "$cluster" "charlm-operator:$tag" "charlm-trainer:$tag" \
   || fail "loading the images into kind"
 
