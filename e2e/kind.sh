@@ -8,7 +8,15 @@
 # Any failing step stops the script with a message, prints what the cluster knows (status, events,
 # logs) and deletes the cluster. KEEP_CLUSTER=1 keeps it for a look; CHARLM_KIND_TIMEOUT (seconds,
 # default 1800) bounds the wait for the training.
+#
+# `e2e/kind.sh --real-node` runs the same flow on the local control plane's real node instead (no
+# kind, no registry): `e2e/controlplane/up --cpu-nodes=real` must be running (CHARLM_RUN and the
+# port variables as for up); the images come from e2e/images/build and reach the node with
+# `e2e/controlplane/real-node load`; at the end the namespace and the Helm release go, the plane
+# stays.
 set -euo pipefail
+real_node=0
+[ "${1:-}" = --real-node ] && real_node=1
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cluster="${CHARLM_KIND_CLUSTER:-charlm-e2e}"
 ns=charlm-e2e
@@ -40,6 +48,13 @@ diagnose() {
 cleanup() {
   local rc=$?
   if [ $rc -ne 0 ]; then diagnose; fi
+  if [ "$real_node" = 1 ]; then
+    if [ "${KEEP_CLUSTER:-0}" != 1 ]; then
+      kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+      helm uninstall charlm-operator -n charlm-system >/dev/null 2>&1 || true
+    fi
+    exit $rc
+  fi
   if [ "${KEEP_CLUSTER:-0}" = 1 ]; then
     echo "keeping cluster $cluster (kind delete cluster --name $cluster)"
   else
@@ -49,6 +64,18 @@ cleanup() {
 }
 
 step "prerequisites"
+if [ "$real_node" = 1 ]; then
+  "$repo/e2e/controlplane/build"
+  PATH="$("$repo/e2e/controlplane/bin-dir"):$PATH"
+  export PATH KUBECONFIG="${CHARLM_RUN:-$repo/.run}/controlplane/kubeconfig"
+  grep -qx cpu_nodes=real "${CHARLM_RUN:-$repo/.run}/controlplane/options" 2>/dev/null ||
+    fail "no plane with a real node: run e2e/controlplane/up --cpu-nodes=real first"
+  trap cleanup EXIT
+  step "images (e2e/images/build: docker build --target operator / trainer)"
+  "$repo/e2e/images/build" --tag "$tag" || fail "building the images"
+  "$repo/e2e/controlplane/real-node" load "charlm-operator:$tag" "charlm-trainer:$tag" ||
+    fail "loading the images into the real node"
+else
 docker info >/dev/null 2>&1 || fail "no Docker engine answers (docker info); this test needs one"
 # kubectl and helm come from the control plane build (Go modules); kind too, if it is missing.
 "$repo/e2e/controlplane/build"
@@ -68,10 +95,11 @@ fi
 kubectl config use-context "kind-$cluster" >/dev/null
 
 step "images (docker build --target operator / trainer)"
-docker build --target operator -t "charlm-operator:$tag" "$repo" || fail "building the operator image"
-docker build --target trainer -t "charlm-trainer:$tag" "$repo" || fail "building the trainer image"
+DOCKER_BUILDKIT=1 docker build --target operator -t "charlm-operator:$tag" "$repo" || fail "building the operator image"
+DOCKER_BUILDKIT=1 docker build --target trainer -t "charlm-trainer:$tag" "$repo" || fail "building the trainer image"
 kind load docker-image --name "$cluster" "charlm-operator:$tag" "charlm-trainer:$tag" \
   || fail "loading the images into kind"
+fi
 
 step "helm install"
 helm upgrade --install charlm-operator "$repo/charts/charlm-operator" \
