@@ -736,6 +736,16 @@ mod tests {
     }
 
     fn decide_at(t: &CharLMTraining, pods: &[Pod], now: i64) -> Decision {
+        decide_with(t, pods, now, None)
+    }
+
+    /// With `rejection`: the API server refused an object made from the spec.
+    fn decide_with(
+        t: &CharLMTraining,
+        pods: &[Pod],
+        now: i64,
+        rejection: Option<&str>,
+    ) -> Decision {
         decide(&Observed {
             training: t,
             workers: pods.iter().map(observe).collect(),
@@ -743,7 +753,7 @@ mod tests {
             progress: None,
             now: at(now),
             price_per_gpu_hour: 3.0,
-            rejection: None,
+            rejection: rejection.map(str::to_string),
         })
     }
 
@@ -1258,22 +1268,15 @@ mod tests {
         assert_eq!(d.status.effective.unwrap().depth, 2);
     }
 
-    fn decide_rejected(t: &CharLMTraining, pods: &[Pod], now: i64, message: &str) -> Decision {
-        decide(&Observed {
-            training: t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: None,
-            now: at(now),
-            price_per_gpu_hour: 3.0,
-            rejection: Some(message.to_string()),
-        })
-    }
-
     #[test]
     fn a_rejected_object_fails_the_spec_once_and_a_new_spec_starts_again() {
         let t = training(gpu_spec());
-        let d = decide_rejected(&t, &[], 0, "the API server rejected pod demo-worker-0: bad");
+        let d = decide_with(
+            &t,
+            &[],
+            0,
+            Some("the API server rejected pod demo-worker-0: bad"),
+        );
         assert_eq!(d.status.phase, Some(Phase::Failed));
         assert_eq!(condition(&d, c::FAILED), ("True", "InvalidSpec"));
         assert!(d.create.is_empty());
