@@ -65,7 +65,7 @@ cleanup() {
 
 step "prerequisites"
 if [ "$real_node" = 1 ]; then
-  "$repo/e2e/controlplane/build"
+  "$repo/e2e/controlplane/build" --real-node
   PATH="$("$repo/e2e/controlplane/bin-dir"):$PATH"
   export PATH KUBECONFIG="${CHARLM_RUN:-$repo/.run}/controlplane/kubeconfig"
   grep -qx cpu_nodes=real "${CHARLM_RUN:-$repo/.run}/controlplane/options" 2>/dev/null ||
