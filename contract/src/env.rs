@@ -15,6 +15,12 @@ pub const MASTER_PORT: &str = "MASTER_PORT";
 /// The pod's IP: rank 0 serves its progress there.
 pub const POD_IP: &str = "POD_IP";
 
+/// What `launch` sets for each worker process, as torchrun does.
+pub const RANK: &str = "RANK";
+pub const WORLD_SIZE: &str = "WORLD_SIZE";
+pub const LOCAL_RANK: &str = "LOCAL_RANK";
+pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+
 pub const DATA: &str = "CHARLM_DATA";
 pub const DEPTH: &str = "CHARLM_DEPTH";
 pub const DEVICE_BATCH_SIZE: &str = "CHARLM_DEVICE_BATCH_SIZE";
@@ -32,3 +38,44 @@ pub const CHECKPOINT_EVERY_MINUTES: &str = "CHARLM_CHECKPOINT_EVERY_MINUTES";
 pub const KEEP_CHECKPOINTS: &str = "CHARLM_KEEP_CHECKPOINTS";
 pub const EARLY_STOP_PATIENCE: &str = "CHARLM_EARLY_STOP_PATIENCE";
 pub const TENSORBOARD_DIR: &str = "CHARLM_TENSORBOARD_DIR";
+
+/// Names a training's own `spec.env` may not set (the CRD refuses them at apply): the gang's
+/// (pods and processes, and torchrun's names that scripts read), and what the operator sets from
+/// the spec's fields or relies on for the trainer's outputs. A user's value would silently break
+/// the gang or make the status lie. The operator's tests hold this list against what it sets.
+pub const RESERVED: [&str; 31] = [
+    NNODES,
+    NODE_RANK,
+    NPROC_PER_NODE,
+    MASTER_ADDR,
+    MASTER_PORT,
+    POD_IP,
+    RANK,
+    WORLD_SIZE,
+    LOCAL_RANK,
+    LOCAL_WORLD_SIZE,
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    DATA,
+    DEPTH,
+    DEVICE_BATCH_SIZE,
+    CHECKPOINT_DIR,
+    METRICS_PORT,
+    TERMINATION_LOG,
+    HOURS,
+    MAX_STEPS,
+    TOTAL_BATCH_SIZE,
+    SEQ_LEN,
+    EVAL_EVERY,
+    SEED,
+    CHECKPOINT_EVERY_MINUTES,
+    KEEP_CHECKPOINTS,
+    EARLY_STOP_PATIENCE,
+    TENSORBOARD_DIR,
+];
+
+/// What the operator sets that `spec.env` may replace: nothing in the status depends on it.
+pub const OVERRIDABLE: [&str; 1] = [DEVICE];

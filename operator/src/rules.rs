@@ -5,7 +5,7 @@
 
 use kube::core::{Message, Reason, Rule};
 
-use crate::resources::RESERVED_ENV;
+use charlm_contract::env::RESERVED;
 
 /// `field` of the spec cannot be set, unset or changed after creation.
 pub fn fixed_at_creation(field: &str, why: &str) -> Rule {
@@ -42,12 +42,12 @@ pub fn env_names() -> Rule {
 /// The operator's own variables: the gang's rendezvous (torchrun's names) and the settings the
 /// status reports as effective. A user's value would silently break the gang or make the status lie.
 pub fn env_not_reserved() -> Rule {
-    let list: Vec<String> = RESERVED_ENV.iter().map(|n| format!("'{n}'")).collect();
+    let list: Vec<String> = RESERVED.iter().map(|n| format!("'{n}'")).collect();
     Rule::new(format!("self.all(e, !(e.name in [{}]))", list.join(", ")))
         .message(Message::Message(format!(
             "spec.env must not set {}: the operator sets them for the gang and from the spec's own \
              fields (depth, deviceBatchSize, hours, seqLen, checkpoint, ...), which are what to change",
-            RESERVED_ENV.join(", ")
+            RESERVED.join(", ")
         )))
         .reason(Reason::FieldValueForbidden)
 }

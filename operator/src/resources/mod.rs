@@ -26,54 +26,12 @@ pub const ATTEMPT_LABEL: &str = "charlm.dev/attempt";
 pub const RENDEZVOUS_PORT: i32 = charlm_contract::RENDEZVOUS_PORT as i32;
 /// The trainer's progress and metrics port (CHARLM_METRICS_PORT).
 pub const PROGRESS_PORT: i32 = charlm_contract::PROGRESS_PORT as i32;
-/// Name of that port on the pods and the headless Service, for PodMonitors and ServiceMonitors.
-/// Environment names `spec.env` may not set (a CEL rule says so at apply): what the operator
-/// sets in every worker (`trainer_env`; a test holds the two lists together) and what `launch`
-/// sets for each process, torchrun's names. `OVERRIDABLE_ENV` are the exceptions.
-pub const RESERVED_ENV: [&str; 31] = [
-    // The gang: pods (operator) and processes (launch).
-    "NNODES",
-    "NODE_RANK",
-    "NPROC_PER_NODE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "POD_IP",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "TORCHELASTIC_RUN_ID",
-    // What the spec's fields set, and where the operator looks for the trainer's outputs.
-    "CHARLM_DATA",
-    "CHARLM_DEPTH",
-    "CHARLM_DEVICE_BATCH_SIZE",
-    "CHARLM_CHECKPOINT_DIR",
-    "CHARLM_METRICS_PORT",
-    "CHARLM_TERMINATION_LOG",
-    "CHARLM_HOURS",
-    "CHARLM_MAX_STEPS",
-    "CHARLM_TOTAL_BATCH_SIZE",
-    "CHARLM_SEQ_LEN",
-    "CHARLM_EVAL_EVERY",
-    "CHARLM_SEED",
-    "CHARLM_CHECKPOINT_EVERY_MINUTES",
-    "CHARLM_KEEP_CHECKPOINTS",
-    "CHARLM_EARLY_STOP_PATIENCE",
-    "CHARLM_TENSORBOARD_DIR",
-];
-
-/// Operator variables `spec.env` may replace: nothing in the status depends on them.
-pub const OVERRIDABLE_ENV: [&str; 1] = ["CHARLM_DEVICE"];
-
 /// On every worker pod: a pod being deleted stays until the operator has read its final status
 /// (the SIGTERM checkpoint of a suspend, a failure's message), as the Job controller's tracking
 /// finalizer does; a kubelet otherwise removes it a moment after writing that status.
 pub const REPORT_FINALIZER: &str = "charlm.dev/final-report";
 
+/// Name of that port on the pods and the headless Service, for PodMonitors and ServiceMonitors.
 pub const METRICS_PORT_NAME: &str = "metrics";
 
 pub fn pod_name(training: &str, index: i32) -> String {

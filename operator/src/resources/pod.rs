@@ -693,8 +693,7 @@ mod tests {
         assert!(names.len() >= 20, "{names:?}");
         for name in &names {
             assert!(
-                crate::resources::RESERVED_ENV.contains(&name.as_str())
-                    || crate::resources::OVERRIDABLE_ENV.contains(&name.as_str()),
+                env::RESERVED.contains(&name.as_str()) || env::OVERRIDABLE.contains(&name.as_str()),
                 "{name} is set by the operator but neither reserved nor overridable"
             );
         }

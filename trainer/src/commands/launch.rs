@@ -91,10 +91,10 @@ pub fn run(args: Args) -> Result<()> {
     for local in 0..nproc {
         let rank = first + local;
         let env = [
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", world.to_string()),
-            ("LOCAL_RANK", local.to_string()),
-            ("LOCAL_WORLD_SIZE", nproc.to_string()),
+            (env::RANK, rank.to_string()),
+            (env::WORLD_SIZE, world.to_string()),
+            (env::LOCAL_RANK, local.to_string()),
+            (env::LOCAL_WORLD_SIZE, nproc.to_string()),
             (env::NODE_RANK, args.node_rank.to_string()),
             (env::NNODES, args.nnodes.to_string()),
             (env::NPROC_PER_NODE, nproc.to_string()),
