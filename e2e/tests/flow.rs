@@ -529,7 +529,7 @@ fn logged_steps(log: &str) -> Vec<i64> {
 fn worker_pid(runner_state: &Path, pod: &str, rank: usize) -> Option<i32> {
     let marker = format!(
         "{}={}",
-        charlm_e2e::standin::process::MARKER_ENV,
+        charlm_e2e::standin::sandbox::MARKER_ENV,
         runner_state.display()
     );
     let want = [

@@ -12,11 +12,7 @@ use std::process::{ExitStatus, Stdio};
 
 use tokio::process::{Child, Command};
 
-use super::sandbox::{Launch, STATUS_FD};
-
-/// The environment variable that marks every process this runner starts, naming its state
-/// directory, so that a later runner can find and end leftovers of one that was killed.
-pub const MARKER_ENV: &str = "CHARLM_STANDIN_KUBELET_STATE";
+use super::sandbox::{Launch, MARKER_ENV, STATUS_FD};
 
 pub struct Process {
     child: Child,

@@ -25,7 +25,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::process::MARKER_ENV;
+/// The environment variable that marks every process this runner starts, naming its state
+/// directory, so that a later runner can find and end leftovers of one that was killed.
+pub const MARKER_ENV: &str = "CHARLM_STANDIN_KUBELET_STATE";
 
 /// Where the image's programs appear inside the sandbox.
 pub const IMAGE_BIN_DIR: &str = "/.standin/bin";
