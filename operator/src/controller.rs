@@ -28,7 +28,7 @@ use crate::resources::{
     workers_selector, workers_service, PodSettings, PROGRESS_PORT, REPORT_FINALIZER,
     TRAINING_LABEL,
 };
-use crate::workers::{observe, report_read, Worker, WorkerState};
+use crate::workers::{holds_report, observe, report_read, Worker, WorkerState};
 
 pub const FIELD_MANAGER: &str = "charlm-operator";
 pub const FINALIZER: &str = "charlm.dev/cleanup";
@@ -262,10 +262,9 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     write_status(&trainings, &name, &decision.status).await?;
     report(&training, &decision, ctx).await;
     // Only now, with their final reports in the status, may ended pods go.
-    let now = Timestamp::now();
     let mut waiting_for_a_report = false;
     for pod in &listed.items {
-        if report_read(pod, now) {
+        if report_read(pod, observed.now) {
             release(&pods, pod).await?;
         } else if pod.metadata.deletion_timestamp.is_some() && holds_report(pod) {
             waiting_for_a_report = true;
@@ -284,14 +283,6 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 
 /// How often a pod being deleted is looked at while its node has not reported its end.
 const REPORT_RECHECK: Duration = Duration::from_secs(10);
-
-fn holds_report(pod: &Pod) -> bool {
-    pod.metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .any(|f| f == REPORT_FINALIZER)
-}
 
 /// Drops `REPORT_FINALIZER` from a pod (keeping any other finalizer).
 async fn release(pods: &Api<Pod>, pod: &Pod) -> Result<(), Error> {

@@ -189,12 +189,6 @@ pub const REPORT_WAIT_SECONDS: i64 = 30;
 /// trainer no longer runs (its final status, read in this reconcile, is in the training's status),
 /// or when its node has not said so `REPORT_WAIT_SECONDS` after the deletion was due.
 pub fn report_read(pod: &Pod, now: Timestamp) -> bool {
-    let holds = pod
-        .metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .any(|f| f == REPORT_FINALIZER);
     let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else {
         return false;
     };
@@ -208,7 +202,16 @@ pub fn report_read(pod: &Pod, now: Timestamp) -> bool {
             c.name == TRAINER_CONTAINER && c.state.as_ref().is_some_and(|s| s.running.is_some())
         });
     let overdue = now.as_second() >= deleted.0.as_second() + REPORT_WAIT_SECONDS;
-    holds && (!trainer_running || overdue)
+    holds_report(pod) && (!trainer_running || overdue)
+}
+
+/// Carries `REPORT_FINALIZER`.
+pub fn holds_report(pod: &Pod) -> bool {
+    pod.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == REPORT_FINALIZER)
 }
 
 fn started_at(s: &ContainerStatus) -> Option<Timestamp> {
