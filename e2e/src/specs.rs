@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use charlm_operator::crd::CharLMTraining;
 
+use crate::cluster;
 use crate::training_env::TestEnv;
 
 /// A small training of `workers` pods of one GPU each, for behaviour tests. It lands on the kwok
@@ -73,4 +74,31 @@ pub fn terminated(container: &str, code: i32, reason: &str, message: &str) -> Va
         "restartCount": 0,
         "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}
     }])
+}
+
+/// A change that makes a valid manifest invalid (or edits a stored one).
+pub type Mutation = Box<dyn Fn(&mut Value)>;
+
+/// Applies `base` changed by each case's mutation: the API server must refuse every one with an
+/// error containing the case's message. Returns (case, error text) for further checks.
+pub async fn assert_refused(
+    env: &TestEnv,
+    base: &Value,
+    cases: &[(&str, Mutation, &str)],
+) -> Vec<(String, String)> {
+    let mut refused = Vec::new();
+    for (what, mutate, message) in cases {
+        let mut manifest = base.clone();
+        mutate(&mut manifest);
+        let text = cluster::apply_yaml(&env.admin, &env.ns, &manifest.to_string())
+            .await
+            .expect_err(&format!("the API server accepted {what}"))
+            .to_string();
+        assert!(
+            text.contains(message),
+            "{what}: expected {message:?} in {text:?}"
+        );
+        refused.push((what.to_string(), text));
+    }
+    refused
 }

@@ -10,13 +10,13 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
 
 use charlm_e2e::cluster;
-use charlm_e2e::specs::{condition, events_of, small_cpu, small_gpu, terminated};
+use charlm_e2e::specs::{
+    assert_refused, condition, events_of, small_cpu, small_gpu, terminated, Mutation,
+};
 use charlm_e2e::training_env::TestEnv;
 use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-type Mutation = Box<dyn Fn(&mut Value)>;
 
 /// The messages of rules that did not apply, or a field the API server could not name: noise
 /// that hid the one message that mattered.
@@ -94,17 +94,7 @@ async fn kubectl_apply_refuses_what_a_pod_or_claim_would_refuse_and_names_the_fi
             "metadata.name: Invalid value: \"Bad-Name\": metadata.name must be at most 40 characters",
         ),
     ];
-    for (what, mutate, message) in &cases {
-        let mut manifest = base.clone();
-        mutate(&mut manifest);
-        let err = cluster::apply_yaml(&env.admin, &env.ns, &manifest.to_string())
-            .await
-            .expect_err(&format!("the API server accepted a spec with {what}"));
-        let text = err.to_string();
-        assert!(
-            text.contains(message),
-            "{what}: expected {message:?} in {text:?}"
-        );
+    for (what, text) in assert_refused(&env, &base, &cases).await {
         for noise in NOISE {
             assert!(!text.contains(noise), "{what}: {noise:?} in {text:?}");
         }
@@ -145,17 +135,7 @@ async fn kubectl_apply_refuses_what_a_pod_or_claim_would_refuse_and_names_the_fi
             "spec.checkpoint: Forbidden: checkpoint.storageClassName cannot be set, unset or changed",
         ),
     ];
-    for (what, mutate, message) in &changes {
-        let mut manifest = stored.clone();
-        mutate(&mut manifest);
-        let err = cluster::apply_yaml(&env.admin, &env.ns, &manifest.to_string())
-            .await
-            .expect_err(&format!("the API server accepted a change of {what}"));
-        assert!(
-            err.to_string().contains(message),
-            "{what}: expected {message:?} in {err}"
-        );
-    }
+    assert_refused(&env, &stored, &changes).await;
     // And a class set at creation cannot be unset.
     let mut classed = small_cpu("classed", 1);
     classed["spec"]["checkpoint"]["storageClassName"] = json!("standard");
