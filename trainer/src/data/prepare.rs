@@ -97,7 +97,7 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
     let mut chunk = vec![0u8; CHUNK];
     let mut sources = Vec::with_capacity(files.len());
     for (path, rel) in &files {
-        let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+        let mut file = fs::File::open(path).map_err(|e| unreadable(path, e))?;
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         loop {
@@ -188,7 +188,7 @@ fn find_inputs(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
             continue;
         }
         visited.push(real);
-        for entry in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+        for entry in fs::read_dir(&d).map_err(|e| unreadable(&d, e))? {
             let entry = entry.with_context(|| format!("read {}", d.display()))?;
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
@@ -258,6 +258,21 @@ fn check_output(output: &Path, input: &Path) -> Result<()> {
 }
 
 /// Reads until `buf` is full or the file ends, so chunks have one size whatever the reads return.
+/// An input the process may not read is the user's to fix (exit 2, no retry), and the fix depends
+/// on who this process is: a container's uid and gid are rarely the ones that wrote the files.
+fn unreadable(path: &Path, e: std::io::Error) -> anyhow::Error {
+    if e.kind() != ErrorKind::PermissionDenied {
+        return anyhow::Error::new(e).context(format!("read {}", path.display()));
+    }
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    anyhow::Error::new(UserError(format!(
+        "{}: permission denied for uid {uid} (gid {gid}): make it readable by that user or group \
+         (e.g. chmod a+r, or chgrp {gid} and chmod g+r; directories also need +x)",
+        path.display()
+    )))
+}
+
 fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -532,6 +547,28 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_input_is_the_users_to_fix_and_names_who_must_read_it() {
+        let path = Path::new("/dataset/corpus/b.txt");
+        let denied = unreadable(path, std::io::Error::from(ErrorKind::PermissionDenied));
+        assert_eq!(crate::sys::error::exit_code(&denied), 2);
+        // SAFETY: as in `unreadable`.
+        let uid = unsafe { libc::getuid() };
+        let text = denied.to_string();
+        assert!(
+            text.starts_with("/dataset/corpus/b.txt: permission denied for uid "),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("uid {uid} ")) && text.contains("chmod"),
+            "{text}"
+        );
+        // Other failures (a disk error) stay ordinary errors, still naming the file.
+        let other = unreadable(path, std::io::Error::other("I/O error"));
+        assert_eq!(crate::sys::error::exit_code(&other), 1);
+        assert_eq!(other.to_string(), "read /dataset/corpus/b.txt");
+    }
 
     /// Runs the scanner over `text` cut into pieces of `piece` bytes, as files or chunks would.
     fn scan_pieces(texts: &[&str], piece: usize) -> (Vec<u8>, Vec<u8>, u64) {
