@@ -131,13 +131,16 @@ fn help_blocks(sub: &str) -> BTreeMap<String, String> {
     for line in stdout(&out).lines() {
         let t = line.trim_start();
         if t.starts_with("--") && line.starts_with("      --") {
-            let name = t[2..]
+            // `--name <NAME>  help...` (compact help keeps the text on the flag's line).
+            let (spec, rest) = t.split_once("  ").unwrap_or((t, ""));
+            let name = spec[2..]
                 .split(|c: char| c == ' ' || c == '<' || c == ',')
                 .next()
                 .unwrap()
                 .to_string();
             current = Some(name.clone());
-            blocks.insert(name, String::new());
+            let first = rest.trim();
+            blocks.insert(name, if first.is_empty() { String::new() } else { format!("{first}\n") });
         } else if line.starts_with("  -h, --help") || line.starts_with("  -V") {
             current = None;
         } else if let Some(name) = &current {

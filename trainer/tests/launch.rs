@@ -175,7 +175,7 @@ fn workers_get_torchrun_env_and_their_output_their_rank() {
             "env RANK={rank} WORLD_SIZE=6 LOCAL_RANK={local} LOCAL_WORLD_SIZE=3 NODE_RANK=1 NNODES=2 \
              NPROC_PER_NODE=3 MASTER_ADDR=node0 MASTER_PORT=29611"
         );
-        assert_eq!(output_of(&all, rank), [line], "{stdout}");
+        assert!(output_of(&all, rank).contains(&line), "{stdout}");
         assert!(
             all.iter().any(|v| v["event"] == "exit" && v["rank"] == rank && v["exit_code"] == 0),
             "{stdout}"
@@ -197,7 +197,7 @@ fn human_format_prefixes_each_workers_lines_with_its_rank() {
     );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
     for rank in 0..2 {
         assert!(
             stdout
@@ -366,7 +366,10 @@ fn sigterm_reaches_the_workers_and_launch_exits_0_when_they_do() {
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
     let all = events(&stdout);
     for rank in 0..2 {
-        assert_eq!(output_of(&all, rank), ["ready", "stopping after SIGTERM"], "{stdout}");
+        let said = output_of(&all, rank);
+        for line in ["ready", "stopping after SIGTERM"] {
+            assert!(said.iter().any(|l| l == line), "rank {rank}: {stdout}");
+        }
     }
     assert!(
         stderr.contains("launch: got SIGTERM, passing it to 2 running workers"),
@@ -388,6 +391,12 @@ fn workers_that_ignore_sigterm_are_killed_after_the_grace_period() {
         stderr.contains("did not exit in time and was killed (killed by SIGKILL)"),
         "{stderr}"
     );
+    let all = events(&text(&out.stdout));
+    let killed: Vec<_> = all
+        .iter()
+        .filter(|v| v["event"] == "exit" && v["killed"] == true && v["signal"] == "SIGKILL")
+        .collect();
+    assert_eq!(killed.len(), 2, "{all:?}");
     assert!(
         took < Duration::from_secs(15),
         "took {took:?} with a 1 s grace period"

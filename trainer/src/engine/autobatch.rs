@@ -124,10 +124,10 @@ pub fn choose(
     largest_fitting(candidates, |b| probe_gpu(config, b, device, &every_block))
 }
 
-/// Training FLOPs (forward and backward) one CPU thread computes per second at the small
-/// depths a CPU trains, measured on the 2-core development machine (docs/performance.md, "CPU").
-pub const CPU_FLOPS_PER_THREAD: f64 = CPU_FLOPS_MEASURED;
-const CPU_FLOPS_MEASURED: f64 = 4.0e9;
+/// Training FLOPs (forward and backward, [`GptConfig::flops_per_token`]) one CPU thread computes
+/// per second: `bench` at depth 2 (the least efficient of the depths measured, so larger ones
+/// come out shorter, not longer) on the 2-core development machine (docs/performance.md, "CPU").
+pub const CPU_FLOPS_PER_THREAD: f64 = 25e9;
 
 /// How long one micro-batch may take on a CPU: long enough that the step's fixed costs are
 /// small beside it, short enough that a step line comes every few seconds.

@@ -254,13 +254,16 @@ fn announce(
         plan.warmdown_ratio,
     );
     let budget = match (plan.budget.max_steps, plan.budget.seconds) {
-        (Some(m), Some(s)) => format!("{m} steps or {}", session::fmt_duration(s)),
+        (Some(m), Some(s)) => format!(
+            "{m} steps or {} of training, whichever ends first",
+            session::fmt_duration(s)
+        ),
         (Some(m), None) => format!("{m} steps"),
-        (None, Some(s)) => session::fmt_duration(s),
+        (None, Some(s)) => format!("{} of training", session::fmt_duration(s)),
         (None, None) => "none".into(),
     };
     eprintln!(
-        "start: step {} | budget {budget}, whichever ends first | lr ×{lr_mult:.2}",
+        "start: step {} | budget {budget} | lr ×{lr_mult:.2}",
         state.step
     );
     events.emit(Event::Start(events::Start {
