@@ -41,22 +41,110 @@ fn bad_values_exit_2_naming_the_flag_on_every_subcommand() {
             &["--device banana", "auto, cpu, cuda"],
         ),
         (&["bench", "--device", "banana"], &["--device banana"]),
-        (&["bench", "--depth", "1000"], &["--depth 1000: use 1 to 128"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--depth", "0"], &["--depth 0"]),
-        (&["sample", "--checkpoint", "x", "--temperature", "-1"], &["--temperature -1: use 0 or more"]),
-        (&["sample", "--checkpoint", "x", "--top-k", "0"], &["--top-k 0: use 1 to 18"]),
-        (&["sample", "--checkpoint", "x", "--max-tokens", "0"], &["--max-tokens 0"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--log-every", "0"], &["--log-every 0: use 1 or more"]),
-        (&["train", "--data", "x", "--max-steps", "0"], &["--max-steps 0"]),
-        (&["train", "--data", "x", "--hours", "-2"], &["--hours -2: use a number above 0"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--keep-checkpoints", "0"], &["--keep-checkpoints 0"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--seq-len", "1"], &["--seq-len 1: use 2 to 65536"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--warmdown-ratio", "1.5"], &["--warmdown-ratio 1.5"]),
-        (&["train", "--data", "x", "--max-steps", "1", "--device-batch-size", "0"], &["--device-batch-size 0"]),
-        (&["prepare", "--input", "a", "--output", "b", "--val-fraction", "1"], &["--val-fraction 1"]),
-        (&["generate", "--output", "o", "--chars", "0"], &["--chars 0"]),
-        (&["launch", "--nproc-per-node", "0", "--", "train"], &["--nproc-per-node 0"]),
-        (&["launch", "--master-port", "0", "--", "train"], &["--master-port 0: use 1 to 65535"]),
+        (
+            &["bench", "--depth", "1000"],
+            &["--depth 1000: use 1 to 128"],
+        ),
+        (
+            &["train", "--data", "x", "--max-steps", "1", "--depth", "0"],
+            &["--depth 0"],
+        ),
+        (
+            &["sample", "--checkpoint", "x", "--temperature", "-1"],
+            &["--temperature -1: use 0 or more"],
+        ),
+        (
+            &["sample", "--checkpoint", "x", "--top-k", "0"],
+            &["--top-k 0: use 1 to 18"],
+        ),
+        (
+            &["sample", "--checkpoint", "x", "--max-tokens", "0"],
+            &["--max-tokens 0"],
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x",
+                "--max-steps",
+                "1",
+                "--log-every",
+                "0",
+            ],
+            &["--log-every 0: use 1 or more"],
+        ),
+        (
+            &["train", "--data", "x", "--max-steps", "0"],
+            &["--max-steps 0"],
+        ),
+        (
+            &["train", "--data", "x", "--hours", "-2"],
+            &["--hours -2: use a number above 0"],
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x",
+                "--max-steps",
+                "1",
+                "--keep-checkpoints",
+                "0",
+            ],
+            &["--keep-checkpoints 0"],
+        ),
+        (
+            &["train", "--data", "x", "--max-steps", "1", "--seq-len", "1"],
+            &["--seq-len 1: use 2 to 65536"],
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x",
+                "--max-steps",
+                "1",
+                "--warmdown-ratio",
+                "1.5",
+            ],
+            &["--warmdown-ratio 1.5"],
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x",
+                "--max-steps",
+                "1",
+                "--device-batch-size",
+                "0",
+            ],
+            &["--device-batch-size 0"],
+        ),
+        (
+            &[
+                "prepare",
+                "--input",
+                "a",
+                "--output",
+                "b",
+                "--val-fraction",
+                "1",
+            ],
+            &["--val-fraction 1"],
+        ),
+        (
+            &["generate", "--output", "o", "--chars", "0"],
+            &["--chars 0"],
+        ),
+        (
+            &["launch", "--nproc-per-node", "0", "--", "train"],
+            &["--nproc-per-node 0"],
+        ),
+        (
+            &["launch", "--master-port", "0", "--", "train"],
+            &["--master-port 0: use 1 to 65535"],
+        ),
         (&["bench", "--steps", "0"], &["--steps 0"]),
     ];
     for (args, wanted) in cases {
@@ -67,14 +155,42 @@ fn bad_values_exit_2_naming_the_flag_on_every_subcommand() {
 #[test]
 fn a_bad_value_from_the_environment_names_the_variable() {
     let cases: &[(&[&str], (&str, &str), &str)] = &[
-        (&["train", "--data", "x", "--max-steps", "1"], ("CHARLM_DEPTH", "0"), "--depth"),
-        (&["train", "--data", "x", "--max-steps", "1"], ("CHARLM_DIST_TIMEOUT_S", "soon"), "--dist-timeout-s"),
-        (&["sample", "--checkpoint", "x"], ("CHARLM_TOP_K", "0"), "--top-k"),
-        (&["sample", "--checkpoint", "x"], ("CHARLM_DEVICE", "banana"), "--device"),
-        (&["prepare", "--input", "a", "--output", "b"], ("CHARLM_VAL_FRACTION", "2"), "--val-fraction"),
-        (&["generate", "--output", "o"], ("CHARLM_CHARS", "-5"), "--chars"),
+        (
+            &["train", "--data", "x", "--max-steps", "1"],
+            ("CHARLM_DEPTH", "0"),
+            "--depth",
+        ),
+        (
+            &["train", "--data", "x", "--max-steps", "1"],
+            ("CHARLM_DIST_TIMEOUT_S", "soon"),
+            "--dist-timeout-s",
+        ),
+        (
+            &["sample", "--checkpoint", "x"],
+            ("CHARLM_TOP_K", "0"),
+            "--top-k",
+        ),
+        (
+            &["sample", "--checkpoint", "x"],
+            ("CHARLM_DEVICE", "banana"),
+            "--device",
+        ),
+        (
+            &["prepare", "--input", "a", "--output", "b"],
+            ("CHARLM_VAL_FRACTION", "2"),
+            "--val-fraction",
+        ),
+        (
+            &["generate", "--output", "o"],
+            ("CHARLM_CHARS", "-5"),
+            "--chars",
+        ),
         (&["bench"], ("CHARLM_DEPTH", "1000"), "--depth"),
-        (&["launch", "--", "train"], ("NPROC_PER_NODE", "zero"), "--nproc-per-node"),
+        (
+            &["launch", "--", "train"],
+            ("NPROC_PER_NODE", "zero"),
+            "--nproc-per-node",
+        ),
     ];
     for (args, (name, value), flag) in cases {
         let want = format!("{name}=\"{value}\" (the environment variable of {flag})");
@@ -88,7 +204,13 @@ fn a_bad_value_from_the_environment_names_the_variable() {
     refused(&out, &["--depth 999"]);
     // A cross-flag check names both the flag and its variable.
     let out = trainer(&["train", "--data", "x"], &[]);
-    refused(&out, &["--hours H (CHARLM_HOURS)", "--max-steps N (CHARLM_MAX_STEPS"]);
+    refused(
+        &out,
+        &[
+            "--hours H (CHARLM_HOURS)",
+            "--max-steps N (CHARLM_MAX_STEPS",
+        ],
+    );
 }
 
 #[test]
@@ -98,16 +220,35 @@ fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
         &["bench", "--depth", "128", "--device", "cpu", "--steps", "1"],
         &[("CHARLM_MEMORY_LIMIT_GIB", "4")],
     );
-    refused(&out, &["depth 128", "needs about", "CHARLM_MEMORY_LIMIT_GIB"]);
+    refused(
+        &out,
+        &["depth 128", "needs about", "CHARLM_MEMORY_LIMIT_GIB"],
+    );
     let out = trainer(
-        &["train", "--data", "x", "--max-steps", "1", "--depth", "128", "--device", "cpu",
-          "--device-batch-size", "8", "--metrics-port", "0"],
+        &[
+            "train",
+            "--data",
+            "x",
+            "--max-steps",
+            "1",
+            "--depth",
+            "128",
+            "--device",
+            "cpu",
+            "--device-batch-size",
+            "8",
+            "--metrics-port",
+            "0",
+        ],
         &[("CHARLM_MEMORY_LIMIT_GIB", "4")],
     );
     refused(&out, &["depth 128", "--device-batch-size"]);
     if !tch::Cuda::is_available() {
         let out = trainer(&["sample", "--checkpoint", "x", "--device", "cuda"], &[]);
-        refused(&out, &["--device cuda", "no CUDA GPU is visible", "--device cpu"]);
+        refused(
+            &out,
+            &["--device cuda", "no CUDA GPU is visible", "--device cpu"],
+        );
         let out = trainer(&["bench", "--device", "cuda"], &[]);
         refused(&out, &["no CUDA GPU is visible"]);
     }
@@ -115,7 +256,10 @@ fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
 
 #[test]
 fn launch_without_the_separator_shows_the_command_that_works() {
-    let out = trainer(&["launch", "--nproc-per-node", "2", "train", "--depth", "4"], &[]);
+    let out = trainer(
+        &["launch", "--nproc-per-node", "2", "train", "--depth", "4"],
+        &[],
+    );
     refused(
         &out,
         &["run `charlm-trainer launch --nproc-per-node 2 -- train --depth 4`"],
@@ -133,14 +277,17 @@ fn help_blocks(sub: &str) -> BTreeMap<String, String> {
         if t.starts_with("--") && line.starts_with("      --") {
             // `--name <NAME>  help...` (compact help keeps the text on the flag's line).
             let (spec, rest) = t.split_once("  ").unwrap_or((t, ""));
-            let name = spec[2..]
-                .split(|c: char| c == ' ' || c == '<' || c == ',')
-                .next()
-                .unwrap()
-                .to_string();
+            let name = spec[2..].split([' ', '<', ',']).next().unwrap().to_string();
             current = Some(name.clone());
             let first = rest.trim();
-            blocks.insert(name, if first.is_empty() { String::new() } else { format!("{first}\n") });
+            blocks.insert(
+                name,
+                if first.is_empty() {
+                    String::new()
+                } else {
+                    format!("{first}\n")
+                },
+            );
         } else if line.starts_with("  -h, --help") || line.starts_with("  -V") {
             current = None;
         } else if let Some(name) = &current {
@@ -206,9 +353,12 @@ fn help_gives_every_flag_its_meaning_variable_default_and_range() {
 
 /// The fields docs/contract.md lists for each event, from its `### \`name\`` tables.
 fn documented_events() -> BTreeMap<String, BTreeSet<String>> {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/contract.md"))
-        .unwrap();
-    let stream = &doc[doc.find("## The event stream").expect("the stream's section")..];
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/contract.md"))
+            .unwrap();
+    let stream = &doc[doc
+        .find("## The event stream")
+        .expect("the stream's section")..];
     let stream = &stream[..stream[3..].find("\n## ").map_or(stream.len(), |i| i + 3)];
     let mut events = BTreeMap::new();
     let mut current: Option<String> = None;
@@ -245,7 +395,10 @@ fn check_stream(out: &Output, under_launch: bool) -> Vec<serde_json::Value> {
                 .filter(|k| !["schema", "event", "rank"].contains(&k.as_str()))
                 .cloned()
                 .collect();
-            assert_eq!(&have, want, "{event}: fields differ from docs/contract.md: {l}");
+            assert_eq!(
+                &have, want,
+                "{event}: fields differ from docs/contract.md: {l}"
+            );
             let own_launch_line = under_launch && (event == "launch" || event == "error");
             if !own_launch_line {
                 assert!(v["rank"].is_u64(), "no rank: {l}");
@@ -264,7 +417,14 @@ fn train_writes_one_documented_stream_and_human_lines_with_units() {
         &tiny_train(
             s(&data),
             s(&ckpt),
-            &["--num-iterations", "4", "--eval-every", "2", "--log-format", "json"],
+            &[
+                "--num-iterations",
+                "4",
+                "--eval-every",
+                "2",
+                "--log-format",
+                "json",
+            ],
         ),
         &[],
     );
@@ -279,7 +439,13 @@ fn train_writes_one_documented_stream_and_human_lines_with_units() {
     // --num-iterations is --max-steps.
     assert_eq!(lines[0]["max_steps"], 4);
     let end = lines.last().unwrap();
-    assert_eq!((end["progress"]["step"].as_i64(), end["progress"]["complete"].as_bool()), (Some(4), Some(true)));
+    assert_eq!(
+        (
+            end["progress"]["step"].as_i64(),
+            end["progress"]["complete"].as_bool()
+        ),
+        (Some(4), Some(true))
+    );
     let last_step = lines.iter().rev().find(|v| v["event"] == "step").unwrap();
     assert_eq!(last_step["progress"], 1.0);
     assert!(last_step["train_loss"].as_f64().unwrap() > 0.0);
@@ -290,7 +456,11 @@ fn train_writes_one_documented_stream_and_human_lines_with_units() {
 
     // Human only: nothing on stdout.
     let quiet = trainer(
-        &tiny_train(s(&data), s(&root.path().join("h")), &["--max-steps", "1", "--log-format", "human"]),
+        &tiny_train(
+            s(&data),
+            s(&root.path().join("h")),
+            &["--max-steps", "1", "--log-format", "human"],
+        ),
         &[],
     );
     assert!(quiet.status.success(), "{}", stderr(&quiet));
@@ -298,13 +468,20 @@ fn train_writes_one_documented_stream_and_human_lines_with_units() {
 
     // A failure ends the stream with its error event.
     let bad = trainer(
-        &tiny_train(s(&root.path().join("none")), s(&ckpt), &["--max-steps", "1", "--log-format", "json"]),
+        &tiny_train(
+            s(&root.path().join("none")),
+            s(&ckpt),
+            &["--max-steps", "1", "--log-format", "json"],
+        ),
         &[],
     );
     assert_eq!(bad.status.code(), Some(2));
     let lines = check_stream(&bad, false);
     let last = lines.last().unwrap();
-    assert_eq!((&last["event"], &last["exit_code"], &last["rank"]), (&"error".into(), &2.into(), &0.into()));
+    assert_eq!(
+        (&last["event"], &last["exit_code"], &last["rank"]),
+        (&"error".into(), &2.into(), &0.into())
+    );
 }
 
 #[test]
@@ -326,7 +503,11 @@ fn launch_with_torchrun_names_writes_one_stream_with_ranks() {
         "29641",
         "--",
     ];
-    let train = tiny_train(s(&data), s(&ckpt), &["--max-steps", "2", "--eval-every", "2"]);
+    let train = tiny_train(
+        s(&data),
+        s(&ckpt),
+        &["--max-steps", "2", "--eval-every", "2"],
+    );
     args.extend(train);
     let out = trainer(&args, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -334,12 +515,19 @@ fn launch_with_torchrun_names_writes_one_stream_with_ranks() {
     assert_eq!(lines[0]["event"], "launch");
     assert_eq!(lines[0]["world_size"], 2);
     let start = lines.iter().find(|v| v["event"] == "start").unwrap();
-    assert_eq!((&start["rank"], &start["world_size"]), (&0.into(), &2.into()));
+    assert_eq!(
+        (&start["rank"], &start["world_size"]),
+        (&0.into(), &2.into())
+    );
     let exits: Vec<_> = lines.iter().filter(|v| v["event"] == "exit").collect();
     assert_eq!(exits.len(), 2);
     assert!(exits.iter().all(|v| v["exit_code"] == 0));
     // Human lines stay on stderr, prefixed with their rank.
-    assert!(stderr(&out).contains("[rank 0] step      2/2"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[rank 0] step      2/2"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -351,8 +539,19 @@ fn an_unwritable_checkpoint_dir_is_found_at_start() {
     std::fs::write(&file, "x").unwrap();
     let ckpt = file.join("ckpt");
     let out = trainer(&tiny_train(s(&data), s(&ckpt), &["--max-steps", "50"]), &[]);
-    refused(&out, &["--checkpoint-dir", "cannot be written", "another --checkpoint-dir"]);
-    assert!(!stderr(&out).contains("step "), "it trained first: {}", stderr(&out));
+    refused(
+        &out,
+        &[
+            "--checkpoint-dir",
+            "cannot be written",
+            "another --checkpoint-dir",
+        ],
+    );
+    assert!(
+        !stderr(&out).contains("step "),
+        "it trained first: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -368,7 +567,9 @@ fn data_that_is_not_prepared_gets_the_command_that_works() {
     // A folder of raw .txt files: the message's command must work as written.
     let raw = root.path().join("texts");
     std::fs::create_dir_all(raw.join("sub")).unwrap();
-    let docs: String = (0..400).map(|i| format!("{i}+{i}\n{}\n\n", 2 * i)).collect();
+    let docs: String = (0..400)
+        .map(|i| format!("{i}+{i}\n{}\n\n", 2 * i))
+        .collect();
     std::fs::write(raw.join("sub/a.txt"), docs).unwrap();
     let out = train(&raw);
     refused(&out, &["holds raw .txt files"]);
@@ -377,17 +578,31 @@ fn data_that_is_not_prepared_gets_the_command_that_works() {
     let prepared = root.path().join("texts-prepared");
     assert_eq!(
         command,
-        format!("charlm-trainer prepare --input {} --output {}", raw.display(), prepared.display())
+        format!(
+            "charlm-trainer prepare --input {} --output {}",
+            raw.display(),
+            prepared.display()
+        )
     );
     let words: Vec<&str> = command.split(' ').skip(1).collect();
     let run = trainer(&[&words[..], &["--val-fraction", "0.2"]].concat(), &[]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let ok = trainer(&tiny_train(s(&prepared), s(&root.path().join("c")), &["--max-steps", "1"]), &[]);
+    let ok = trainer(
+        &tiny_train(
+            s(&prepared),
+            s(&root.path().join("c")),
+            &["--max-steps", "1"],
+        ),
+        &[],
+    );
     assert!(ok.status.success(), "{}", stderr(&ok));
 
     let empty = root.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    refused(&train(&empty), &["is empty", &format!("--output {}", empty.display())]);
+    refused(
+        &train(&empty),
+        &["is empty", &format!("--output {}", empty.display())],
+    );
 }
 
 #[test]
@@ -398,13 +613,31 @@ fn prepare_replaces_only_what_its_manifest_proves_it_wrote() {
     let docs: String = (0..200).map(|i| format!("{i}\n\n")).collect();
     std::fs::write(input.join("a.txt"), docs).unwrap();
     let prepare = |out: &Path| {
-        trainer(&["prepare", "--input", s(&input), "--output", s(out), "--val-fraction", "0.2"], &[])
+        trainer(
+            &[
+                "prepare",
+                "--input",
+                s(&input),
+                "--output",
+                s(out),
+                "--val-fraction",
+                "0.2",
+            ],
+            &[],
+        )
     };
     for (file, content) in [("train.bin", "the user's own file"), ("notes.md", "notes")] {
         let dir = root.path().join(format!("has-{file}"));
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join(file), content).unwrap();
-        refused(&prepare(&dir), &[&format!("--output {}", dir.display()), file, "nothing is replaced"]);
+        refused(
+            &prepare(&dir),
+            &[
+                &format!("--output {}", dir.display()),
+                file,
+                "nothing is replaced",
+            ],
+        );
         assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), content);
     }
     // Its own output, proven by its manifest, is replaced.
@@ -412,29 +645,75 @@ fn prepare_replaces_only_what_its_manifest_proves_it_wrote() {
     assert!(prepare(&own).status.success());
     assert!(prepare(&own).status.success(), "replaces its own output");
     std::fs::write(own.join("train.bin"), "edited").unwrap();
-    refused(&prepare(&own), &["train.bin is not the size its manifest records"]);
+    refused(
+        &prepare(&own),
+        &["train.bin is not the size its manifest records"],
+    );
 
     // A filesystem error names the user's path and the fix, not the hidden staging directory.
     let file = root.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     let out = prepare(&file.join("data"));
-    refused(&out, &[&format!("cannot write --output {}", file.join("data").display()), "give another --output"]);
+    refused(
+        &out,
+        &[
+            &format!("cannot write --output {}", file.join("data").display()),
+            "give another --output",
+        ],
+    );
     assert!(!stderr(&out).contains(".tmp-"), "{}", stderr(&out));
 }
 
 #[test]
 fn bench_takes_the_total_batch_and_an_auto_micro_batch() {
-    let base = ["bench", "--depth", "1", "--seq-len", "32", "--device", "cpu", "--steps", "1",
-        "--warmup", "0", "--log-format", "json"];
-    let out = trainer(&[&base[..], &["--device-batch-size", "auto", "--total-batch-size", "256"]].concat(), &[]);
+    let base = [
+        "bench",
+        "--depth",
+        "1",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--log-format",
+        "json",
+    ];
+    let out = trainer(
+        &[
+            &base[..],
+            &["--device-batch-size", "auto", "--total-batch-size", "256"],
+        ]
+        .concat(),
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = check_stream(&out, false);
     let report = &lines[0];
     assert_eq!(report["event"], "bench");
     assert_eq!(report["total_batch_size"], 256);
-    let (b, accum) = (report["device_batch_size"].as_i64().unwrap(), report["accum"].as_i64().unwrap());
+    let (b, accum) = (
+        report["device_batch_size"].as_i64().unwrap(),
+        report["accum"].as_i64().unwrap(),
+    );
     assert_eq!(b * accum * 32, 256);
-    let out = trainer(&[&base[..], &["--device-batch-size", "4", "--total-batch-size", "256", "--accum", "3"]].concat(), &[]);
+    let out = trainer(
+        &[
+            &base[..],
+            &[
+                "--device-batch-size",
+                "4",
+                "--total-batch-size",
+                "256",
+                "--accum",
+                "3",
+            ],
+        ]
+        .concat(),
+        &[],
+    );
     refused(&out, &["--accum 3 disagrees with --total-batch-size 256"]);
 }
 
@@ -451,9 +730,22 @@ fn cpu_auto_keeps_a_step_short_and_a_raised_budget_explains_its_schedule() {
             &tiny_train(
                 s(&data),
                 s(&ckpt),
-                &["--depth", "2", "--seq-len", "256", "--device-batch-size", "auto",
-                  "--total-batch-size", "", "--max-steps", max_steps, "--log-format", "json",
-                  "--threads", "2"],
+                &[
+                    "--depth",
+                    "2",
+                    "--seq-len",
+                    "256",
+                    "--device-batch-size",
+                    "auto",
+                    "--total-batch-size",
+                    "",
+                    "--max-steps",
+                    max_steps,
+                    "--log-format",
+                    "json",
+                    "--threads",
+                    "2",
+                ],
             )
             .into_iter()
             .filter(|a| !a.is_empty() && *a != "--total-batch-size")
@@ -480,7 +772,13 @@ fn cpu_auto_keeps_a_step_short_and_a_raised_budget_explains_its_schedule() {
         err.contains("note: the schedule follows the budget, which changed from --max-steps 4"),
         "{err}"
     );
-    assert!(err.contains("multiplier is 1.00 (it was 0.00 under the old budget)"), "{err}");
+    assert!(
+        err.contains("multiplier is 1.00 (it was 0.00 under the old budget)"),
+        "{err}"
+    );
     let start = &check_stream(&again, false)[0];
-    assert_eq!((&start["step"], &start["lr_mult"]), (&4.into(), &1.0.into()));
+    assert_eq!(
+        (&start["step"], &start["lr_mult"]),
+        (&4.into(), &1.0.into())
+    );
 }

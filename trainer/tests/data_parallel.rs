@@ -44,7 +44,12 @@ fn losses(out: &Output) -> Vec<(i64, f64)> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is JSON"))
         .filter(|v| v["event"] == "step" && v["rank"] == 0)
-        .map(|v| (v["step"].as_i64().unwrap(), v["train_loss"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["step"].as_i64().unwrap(),
+                v["train_loss"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 

@@ -166,7 +166,11 @@ fn workers_get_torchrun_env_and_their_output_their_rank() {
     let all = events(&stdout);
     assert_eq!(all[0]["event"], "launch", "{stdout}");
     assert_eq!(
-        (&all[0]["world_size"], &all[0]["first_rank"], &all[0]["nproc_per_node"]),
+        (
+            &all[0]["world_size"],
+            &all[0]["first_rank"],
+            &all[0]["nproc_per_node"]
+        ),
         (&6.into(), &3.into(), &3.into())
     );
     for local in 0..3u64 {
@@ -177,7 +181,8 @@ fn workers_get_torchrun_env_and_their_output_their_rank() {
         );
         assert!(output_of(&all, rank).contains(&line), "{stdout}");
         assert!(
-            all.iter().any(|v| v["event"] == "exit" && v["rank"] == rank && v["exit_code"] == 0),
+            all.iter()
+                .any(|v| v["event"] == "exit" && v["rank"] == rank && v["exit_code"] == 0),
             "{stdout}"
         );
         assert!(
@@ -220,7 +225,9 @@ fn auto_is_one_worker_per_gpu_or_one_without() {
     let all = events(&stdout);
     assert_eq!(
         all.iter()
-            .filter(|v| v["event"] == "output" && v["text"].as_str().unwrap().starts_with("env RANK="))
+            .filter(
+                |v| v["event"] == "output" && v["text"].as_str().unwrap().starts_with("env RANK=")
+            )
             .count(),
         expected,
         "{stdout}"
@@ -260,7 +267,9 @@ fn a_failing_worker_stops_the_others_and_names_its_rank() {
         (&"error".into(), &1.into()),
         "launch's last line is its error: {all:?}"
     );
-    assert!(error.get("rank").is_none() && error["message"].as_str().unwrap().contains("rank 1 failed"));
+    assert!(
+        error.get("rank").is_none() && error["message"].as_str().unwrap().contains("rank 1 failed")
+    );
     assert!(
         took < Duration::from_secs(20),
         "took {took:?}: rank 0 sleeps 60 s unless stopped"

@@ -347,12 +347,7 @@ fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
         "block path vs reference model (depth {}, {}×{} tokens):",
         args.depth, g.b, args.seq_len
     );
-    for d in crate::engine::verify::models_vs_reference(
-        config,
-        g.b,
-        device,
-        &candidates,
-    ) {
+    for d in crate::engine::verify::models_vs_reference(config, g.b, device, &candidates) {
         show(&d, MODEL_TOLERANCE);
     }
     events.emit_other(
@@ -375,14 +370,7 @@ fn curve(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
     let run = |options: EngineOptions, perturb: f64| {
         let t0 = Instant::now();
         let losses = crate::engine::verify::loss_curve(
-            config,
-            &tokens,
-            g.b,
-            g.accum,
-            args.steps,
-            device,
-            options,
-            perturb,
+            config, &tokens, g.b, g.accum, args.steps, device, options, perturb,
         );
         (losses, t0.elapsed().as_secs_f64())
     };

@@ -473,10 +473,13 @@ mod tests {
             serde_json::from_slice(&as_event(br#"{"schema":1,"event":"eval"}"#, 2)).unwrap();
         assert_eq!(without["rank"], 2);
         for text in ["plain text", r#"{"no":"schema"}"#, ""] {
-            let line = Line::parse(std::str::from_utf8(&as_event(text.as_bytes(), 1)).unwrap())
-                .unwrap();
+            let line =
+                Line::parse(std::str::from_utf8(&as_event(text.as_bytes(), 1)).unwrap()).unwrap();
             assert_eq!(line.rank, Some(1));
-            assert_eq!(line.event, Event::Output(events::Output { text: text.into() }));
+            assert_eq!(
+                line.event,
+                Event::Output(events::Output { text: text.into() })
+            );
         }
     }
 }

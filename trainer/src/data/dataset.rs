@@ -101,7 +101,9 @@ fn not_a_dataset(dir: &Path) -> anyhow::Error {
             }
             _ => {
                 let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-                let name = real.file_name().map_or("data".into(), |n| n.to_string_lossy());
+                let name = real
+                    .file_name()
+                    .map_or("data".into(), |n| n.to_string_lossy());
                 real.with_file_name(format!("{name}-prepared"))
             }
         };

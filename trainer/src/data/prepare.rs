@@ -125,7 +125,10 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
 
     let documents = scanner.documents;
     let [train, val] = scanner.splits;
-    let (train, val) = (train.finish().map_err(out_err)?, val.finish().map_err(out_err)?);
+    let (train, val) = (
+        train.finish().map_err(out_err)?,
+        val.finish().map_err(out_err)?,
+    );
     if documents == 0 {
         user_bail!(
             "the .txt files under {} hold no documents (they are empty or only blank lines): add text",
@@ -301,7 +304,10 @@ fn written_by_prepare(dir: &Path) -> std::result::Result<(), String> {
 
 /// A filesystem error while reading an input file: the input is at fault when it cannot be read.
 fn input_error(path: &Path, e: std::io::Error) -> anyhow::Error {
-    let message = format!("cannot read {}: {e}; make it readable or remove it", path.display());
+    let message = format!(
+        "cannot read {}: {e}; make it readable or remove it",
+        path.display()
+    );
     if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::NotFound) {
         anyhow::Error::new(UserError(message))
     } else {

@@ -105,7 +105,12 @@ pub fn choose(
         else {
             return Ok(None);
         };
-        return Ok(Some(quick_on_cpu(config, candidates, fits, tch::get_num_threads())));
+        return Ok(Some(quick_on_cpu(
+            config,
+            candidates,
+            fits,
+            tch::get_num_threads(),
+        )));
     }
     if options.recompute != Recompute::Auto {
         return largest_fitting(candidates, |b| probe_gpu(config, b, device, options));
@@ -224,7 +229,7 @@ mod tests {
         assert_eq!(quick_on_cpu(&GptConfig::new(1, 32), &all, 16, 2), 16);
         let d2 = GptConfig::new(2, 256);
         let on2 = quick_on_cpu(&d2, &all, 256, 2);
-        assert!(on2 < 256 && on2 >= 1, "{on2}");
+        assert!((1..256).contains(&on2), "{on2}");
         assert!(quick_on_cpu(&d2, &all, 256, 8) >= on2);
     }
 

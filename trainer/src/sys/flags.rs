@@ -42,7 +42,11 @@ where
     move |s: &str| whole(s, lo, None)
 }
 
-fn whole<T: FromStr + PartialOrd + Display + Copy>(s: &str, lo: T, hi: Option<T>) -> Result<T, String> {
+fn whole<T: FromStr + PartialOrd + Display + Copy>(
+    s: &str,
+    lo: T,
+    hi: Option<T>,
+) -> Result<T, String> {
     let range = match hi {
         Some(hi) => format!("use {lo} to {hi}"),
         None => format!("use {lo} or more"),
@@ -197,7 +201,10 @@ pub fn explain(cli: &clap::Command, argv: &[OsString], err: &clap::Error) -> Opt
             return Some(hint);
         }
     }
-    if !matches!(err.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
         return None;
     }
     let text = |kind| match err.get(kind) {
@@ -220,7 +227,12 @@ pub fn explain(cli: &clap::Command, argv: &[OsString], err: &clap::Error) -> Opt
         _ => std::error::Error::source(err).map_or_else(|| "not valid".into(), |e| e.to_string()),
     };
     let mut names = vec![long.clone()];
-    names.extend(arg.get_all_aliases().unwrap_or_default().iter().map(|s| s.to_string()));
+    names.extend(
+        arg.get_all_aliases()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.to_string()),
+    );
     let on_command_line = after.iter().take_while(|a| *a != "--").any(|a| {
         names.iter().any(|n| {
             let flag = format!("--{n}");

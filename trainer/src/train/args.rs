@@ -48,10 +48,10 @@ pub struct Args {
     /// newest good one found here. Unset: no checkpoints, and no resume.
     #[arg(long, env = env::CHECKPOINT_DIR)]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Minutes between rolling checkpoints (above 0); one is also saved at the end and on
-    /// SIGTERM/Ctrl-C.
+    /// Minutes between rolling checkpoints, 0 or more (0: after every step); one is also saved
+    /// at the end and on SIGTERM/Ctrl-C.
     #[arg(long, env = env::CHECKPOINT_EVERY_MINUTES, default_value_t = 30.0,
-          value_parser = flags::positive)]
+          value_parser = flags::non_negative)]
     pub checkpoint_every_minutes: f64,
     /// Rolling checkpoints kept, 1 or more (`best/` is kept besides).
     #[arg(long, env = env::KEEP_CHECKPOINTS, default_value_t = 3,
@@ -76,15 +76,17 @@ pub struct Args {
     /// Global gradient-norm clip, 0 or more; 0: off.
     #[arg(long, env = "CHARLM_GRAD_CLIP", default_value_t = 1.0, value_parser = flags::non_negative)]
     pub grad_clip: f64,
-    /// Muon's learning rate for the blocks' matrices (above 0).
-    #[arg(long, env = "CHARLM_MATRIX_LR", default_value_t = 0.02, value_parser = flags::positive)]
+    /// Muon's learning rate for the blocks' matrices, 0 or more (0 freezes them).
+    #[arg(long, env = "CHARLM_MATRIX_LR", default_value_t = 0.02,
+          value_parser = flags::non_negative)]
     pub matrix_lr: f64,
-    /// AdamW's learning rate for the token embedding (above 0).
-    #[arg(long, env = "CHARLM_EMBEDDING_LR", default_value_t = 0.2, value_parser = flags::positive)]
+    /// AdamW's learning rate for the token embedding, 0 or more (0 freezes it).
+    #[arg(long, env = "CHARLM_EMBEDDING_LR", default_value_t = 0.2,
+          value_parser = flags::non_negative)]
     pub embedding_lr: f64,
-    /// AdamW's learning rate for the output projection (above 0).
+    /// AdamW's learning rate for the output projection, 0 or more (0 freezes it).
     #[arg(long, env = "CHARLM_UNEMBEDDING_LR", default_value_t = 0.004,
-          value_parser = flags::positive)]
+          value_parser = flags::non_negative)]
     pub unembedding_lr: f64,
     /// Share of the budget, 0 to 1, over which the learning rate decays linearly to zero; 0: a
     /// constant learning rate.

@@ -201,14 +201,16 @@ impl Schedule {
 /// when the checkpoint was trained under `old`: `None` when the schedule is the same. The
 /// schedule is a function of the budget, so a raised budget moves the warmdown later and the
 /// multiplier back up, possibly to 1 after it had decayed to nearly 0.
-pub fn schedule_change(old: &Schedule, new: &Schedule, step: i64, elapsed_s: f64) -> Option<String> {
+pub fn schedule_change(
+    old: &Schedule,
+    new: &Schedule,
+    step: i64,
+    elapsed_s: f64,
+) -> Option<String> {
     if old == new {
         return None;
     }
-    let before = lr_multiplier(
-        old.budget().fraction(step, elapsed_s),
-        old.warmdown_ratio,
-    );
+    let before = lr_multiplier(old.budget().fraction(step, elapsed_s), old.warmdown_ratio);
     let now = lr_multiplier(new.budget().fraction(step, elapsed_s), new.warmdown_ratio);
     let decay = 1.0 - new.warmdown_ratio;
     let mut from = Vec::new();
@@ -342,8 +344,14 @@ mod tests {
         };
         assert_eq!(schedule_change(&old, &old, 100, 5.0), None);
         let note = schedule_change(&old, &new, 100, 5.0).unwrap();
-        assert!(note.contains("from --max-steps 100 --warmdown-ratio 0.2 to --max-steps 200"), "{note}");
-        assert!(note.contains("multiplier is 1.00 (it was 0.00 under the old budget)"), "{note}");
+        assert!(
+            note.contains("from --max-steps 100 --warmdown-ratio 0.2 to --max-steps 200"),
+            "{note}"
+        );
+        assert!(
+            note.contains("multiplier is 1.00 (it was 0.00 under the old budget)"),
+            "{note}"
+        );
         assert!(note.contains("1 until step 160"), "{note}");
     }
 
@@ -352,8 +360,14 @@ mod tests {
         let plan = Plan::new(&args(&[]), 1, 2).unwrap();
         let v = plan.settings();
         assert_eq!(v["max_steps"], 1);
-        assert_eq!(serde_json::from_value::<Batch>(v.clone()).unwrap(), plan.batch);
-        assert_eq!(serde_json::from_value::<Schedule>(v).unwrap(), plan.schedule());
+        assert_eq!(
+            serde_json::from_value::<Batch>(v.clone()).unwrap(),
+            plan.batch
+        );
+        assert_eq!(
+            serde_json::from_value::<Schedule>(v).unwrap(),
+            plan.schedule()
+        );
     }
 
     #[test]

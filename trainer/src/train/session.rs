@@ -290,8 +290,9 @@ impl Session<'_> {
                 eprintln!("stopped by a signal at step {}; checkpoint saved, exiting", p.step)
             }
         }
-        self.events
-            .emit(Event::End(events::End { progress: p.clone() }));
+        self.events.emit(Event::End(events::End {
+            progress: p.clone(),
+        }));
         if let Some(path) = &self.plan.termination_log {
             progress::write_termination_log(path, &p);
         }
