@@ -14,11 +14,10 @@ mod resume;
 mod session;
 mod state;
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::path::PathBuf;
 
 use anyhow::Result;
 use charlm_contract::events::{self, Event};
