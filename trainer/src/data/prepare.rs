@@ -625,7 +625,9 @@ mod tests {
         // Other failures (a disk error) stay ordinary errors, still naming the file.
         let other = input_error(path, std::io::Error::other("I/O error"));
         assert_eq!(crate::sys::error::exit_code(&other), 1);
-        assert!(other.to_string().starts_with("cannot read /dataset/corpus/b.txt: I/O error"));
+        assert!(other
+            .to_string()
+            .starts_with("cannot read /dataset/corpus/b.txt: I/O error"));
     }
 
     /// Runs the scanner over `text` cut into pieces of `piece` bytes, as files or chunks would.
