@@ -100,7 +100,7 @@ impl Case {
     async fn wait_phase(&self, name: &str, want: Phase, timeout: Duration) -> CharLMTraining {
         self.until(&format!("{name} to be {want:?}"), timeout, || async {
             let t = self.training(name).await?;
-            let phase = t.status.as_ref().and_then(|s| s.phase.clone());
+            let phase = t.status.as_ref().and_then(|s| s.phase);
             match phase {
                 Some(p) if p == want => Ok(Some(t)),
                 Some(Phase::Failed | Phase::Succeeded) => Err(format!(
