@@ -267,8 +267,31 @@ fn free_port() -> u16 {
 
 const MB: f64 = 1e6;
 
+/// 1,000 sockets each in this process and in the training (which inherits the limit): a soft
+/// limit of 1,024 open files, common outside containers, is raised towards the hard one.
+fn allow_open_files(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass, nothing else.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < want {
+            limit.rlim_cur = want.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    assert!(
+        limit.rlim_cur >= want,
+        "the hard limit of open files ({}) is below the {want} this test needs",
+        limit.rlim_max
+    );
+}
+
 #[test]
 fn the_endpoint_holds_under_abuse_and_training_goes_on() {
+    allow_open_files(4096);
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 40_000);
     let port = free_port();
