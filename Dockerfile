@@ -14,12 +14,18 @@
 #   RUST_IMAGE    where the Rust toolchain comes from: /usr/local/cargo and /usr/local/rustup, as
 #                 the official rust images lay them out (copied, never downloaded with curl)
 #   STATIC_IMAGE  the operator's base: glibc and libgcc only, a "nonroot" user 65532 (distroless)
+#   BINARIES      where the two binaries come from: `build` (the default) is the stage below that
+#                 compiles them from this context; any other value is an image holding
+#                 /usr/local/bin/charlm-trainer and /usr/local/bin/charlm-operator, built for the
+#                 same Debian release (e2e/images/build --binaries DIR makes one from a host build,
+#                 so CI compiles Rust once, not twice; BuildKit then skips the build stage)
 # DEBIAN_IMAGE and STATIC_IMAGE must be the same Debian release (glibc), as the defaults are.
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG STATIC_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 ARG TORCH_VERSION=2.11.0
+ARG BINARIES=build
 
 FROM ${RUST_IMAGE} AS rust
 
@@ -71,9 +77,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # binary shrinks from ~100 MB to ~20 MB).
 RUN strip --strip-debug /usr/local/bin/charlm-trainer /usr/local/bin/charlm-operator
 
+# ---- binaries: the build stage, or an image of the two binaries built elsewhere -----------------
+FROM ${BINARIES} AS binaries
+
 # ---- operator ---------------------------------------------------------------------------------
 FROM ${STATIC_IMAGE} AS operator
-COPY --from=build /usr/local/bin/charlm-operator /usr/local/bin/charlm-operator
+COPY --from=binaries /usr/local/bin/charlm-operator /usr/local/bin/charlm-operator
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/charlm-operator"]
@@ -84,7 +93,7 @@ CMD ["run"]
 # (/work, /checkpoints, /dev/shm). NVIDIA_* tell the NVIDIA container runtime to give the
 # container the GPUs and the driver's compute libraries (the CUDA runtime itself is in the wheels).
 FROM torch AS trainer
-COPY --from=build /usr/local/bin/charlm-trainer /usr/local/bin/charlm-trainer
+COPY --from=binaries /usr/local/bin/charlm-trainer /usr/local/bin/charlm-trainer
 RUN groupadd --gid 1000 charlm \
  && useradd --uid 1000 --gid 1000 --home-dir /work --no-create-home --shell /usr/sbin/nologin charlm \
  && mkdir -p /work && chown 1000:1000 /work

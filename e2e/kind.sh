@@ -4,7 +4,8 @@
 #   create a kind cluster → build both images from the Dockerfile → load them → helm install the
 #   chart → apply examples/cpu-training.yaml (gpus: 0, a synthetic dataset, depth 2) → wait for
 #   Succeeded → check the checkpoint on the PVC and sample from it in a pod → delete the training
-#   and check that its pods and PVC are gone → delete the cluster.
+#   and check that its pods and PVC are gone → the in-cluster suite (e2e/tests/in_cluster.rs, the
+#   same Rust tests on either cluster) → delete the cluster.
 # Any failing step stops the script with a message, prints what the cluster knows (status, events,
 # logs) and deletes the cluster. KEEP_CLUSTER=1 keeps it for a look; CHARLM_KIND_TIMEOUT (seconds,
 # default 1800) bounds the wait for the training.
@@ -12,8 +13,8 @@
 # `e2e/kind.sh --real-node` runs the same flow on the local control plane's real node instead (no
 # kind, no registry): `e2e/controlplane/up --cpu-nodes=real` must be running (CHARLM_RUN and the
 # port variables as for up); the images come from e2e/images/build and reach the node with
-# `e2e/controlplane/real-node load`; at the end the namespace and the Helm release go, the plane
-# stays.
+# `e2e/controlplane/real-node load` (CHARLM_IMAGE_BINARIES=DIR: with the binaries in DIR instead of
+# compiling them in the image); at the end the namespace and the Helm release go, the plane stays.
 set -euo pipefail
 real_node=0
 [ "${1:-}" = --real-node ] && real_node=1
@@ -72,7 +73,10 @@ if [ "$real_node" = 1 ]; then
     fail "no plane with a real node: run e2e/controlplane/up --cpu-nodes=real first"
   trap cleanup EXIT
   step "images (e2e/images/build: docker build --target operator / trainer)"
-  "$repo/e2e/images/build" --tag "$tag" || fail "building the images"
+  # CHARLM_IMAGE_BINARIES (scripts/test sets it): the images take this release build's binaries
+  # instead of compiling them in the image (e2e/images/build --binaries).
+  "$repo/e2e/images/build" --tag "$tag" ${CHARLM_IMAGE_BINARIES:+--binaries "$CHARLM_IMAGE_BINARIES"} ||
+    fail "building the images"
   "$repo/e2e/controlplane/real-node" load "charlm-operator:$tag" "charlm-trainer:$tag" ||
     fail "loading the images into the real node"
 else
@@ -165,6 +169,18 @@ kubectl delete clt "$training" -n "$ns" --wait=true --timeout=120s || fail "dele
 kubectl wait -n "$ns" pvc/"$pvc" --for=delete --timeout=120s || fail "the checkpoint PVC was not deleted"
 left="$(kubectl get pods -n "$ns" -l charlm.dev/training="$training" -o name)"
 [ -z "$left" ] || fail "worker pods left after deletion: $left"
+
+step "the in-cluster suite (e2e/tests/in_cluster.rs: PVC datasets, kill and resume, 2-pod DNS, suspend and delete)"
+if [ "$real_node" = 1 ]; then
+  export CHARLM_KUBECONFIG="$KUBECONFIG"
+else
+  mkdir -p "$cache/kind"
+  kind get kubeconfig --name "$cluster" >"$cache/kind/kubeconfig"
+  export CHARLM_KUBECONFIG="$cache/kind/kubeconfig"
+fi
+CHARLM_E2E_TRAINER_IMAGE="charlm-trainer:$tag" \
+  cargo test --release -q -p charlm-e2e --test in_cluster -- --ignored --test-threads=1 ||
+  fail "the in-cluster suite"
 
 echo
 echo "kind e2e passed"

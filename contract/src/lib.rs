@@ -1,9 +1,11 @@
 //! The contract between `charlm-operator` and `charlm-trainer` (docs/contract.md), as code both
 //! crates build against: what the operator sets in a trainer pod's environment, where the trainer
-//! serves its progress, what that report holds, and what its exit codes mean. Plain data only (no
+//! serves its progress, what that report holds, the JSON Lines events it writes on stdout, and
+//! what its exit codes mean. Plain data only (no
 //! Kubernetes, no torch), so that a field added on one side is a compile error on the other.
 
 pub mod env;
+pub mod events;
 pub mod exit;
 mod report;
 

@@ -332,12 +332,19 @@ async fn the_status_says_what_runs_and_what_went_wrong() {
         "{message}"
     );
 
-    // Bad input: the trainer's own error line, not launch's pointer to it.
+    // Bad input: the trainer's own error, not launch's pointer to it. The log tail as today's
+    // `launch -- train` writes it (stdout's events and stderr's human lines interleaved).
     env.apply(&small_gpu("tooshort", 1).to_string()).await;
     env.wait_phase("tooshort", Phase::Running, MINUTE).await;
-    let tail = "[rank 0] error: the validation split of 1518 tokens is shorter than seqLen 2048; \
-        lower spec.seqLen or give more text\nlaunch: rank 0: exit code 2\nerror: rank 0 failed: exit \
-        code 2 (bad input or settings: see its message above)";
+    let tail = r#"launch: starting ranks 0-0 of 1 (node 0 of 1), rendezvous at 127.0.0.1:29500
+{"schema":1,"event":"launch","node_rank":0,"nnodes":1,"nproc_per_node":1,"world_size":1,"first_rank":0,"master_addr":"127.0.0.1","master_port":29500}
+[rank 0] error: the validation split of 1518 tokens is shorter than seqLen 2048; lower spec.seqLen or give more text
+{"schema":1,"rank":0,"event":"error","message":"the validation split of 1518 tokens is shorter than seqLen 2048; lower spec.seqLen or give more text","exit_code":2}
+launch: rank 0 failed (exit status 2); stopping the other workers
+{"schema":1,"rank":0,"event":"exit","exit_code":2,"signal":null,"killed":false}
+launch: rank 0: exit status 2
+error: rank 0 failed: exit status 2 (bad input or settings: see its message above)
+{"schema":1,"event":"error","message":"rank 0 failed: exit status 2 (bad input or settings: see its message above)","exit_code":2}"#;
     env.set_pod_status(
         "tooshort-worker-0",
         json!({"phase": "Failed", "containerStatuses": terminated("trainer", 2, "Error", tail)}),
@@ -347,7 +354,7 @@ async fn the_status_says_what_runs_and_what_went_wrong() {
     assert_eq!(condition(&t, "Failed").1, "InvalidInput");
     let message = t.status.unwrap().message.unwrap();
     assert!(
-        message.contains("the validation split of 1518 tokens is shorter than seqLen 2048"),
+        message.contains("rank 0: the validation split of 1518 tokens is shorter than seqLen 2048"),
         "{message}"
     );
     env.finish().await;

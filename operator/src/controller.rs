@@ -300,30 +300,47 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 const REPORT_RECHECK: Duration = Duration::from_secs(10);
 
 /// Drops `REPORT_FINALIZER` from a pod (keeping any other finalizer).
+///
+/// The patch carries the resourceVersion it was computed from, so it never drops a finalizer
+/// someone added meanwhile; a pod that changed under it (a real kubelet writes status while the
+/// pod stops, right after a delete) is read again and the patch retried, a few times, so that the
+/// finalizer cannot stay behind and hold the pod, and the claim it mounts, forever.
 async fn release(pods: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
-    let rest: Vec<&String> = pod
-        .metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .filter(|f| *f != REPORT_FINALIZER)
-        .collect();
-    // The resourceVersion makes it a no-op (409) if someone changed the list meanwhile.
-    let patch =
-        json!({"metadata": {"finalizers": rest, "resourceVersion": pod.resource_version()}});
-    match pods
-        .patch(
-            &pod.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    let mut current = pod.clone();
+    for _ in 0..RELEASE_TRIES {
+        let rest: Vec<&String> = current
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != REPORT_FINALIZER)
+            .collect();
+        let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": current.resource_version()}});
+        match pods
+            .patch(
+                &current.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                match pods.get_opt(&current.name_any()).await? {
+                    Some(fresh) if holds_report(&fresh) => current = fresh,
+                    _ => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    // Still contended: the next reconcile (the pod's own update wakes it) tries again.
+    Ok(())
 }
+
+/// Conflicts tolerated by one `release` before it leaves the pod to the next reconcile.
+const RELEASE_TRIES: usize = 5;
 
 /// An error of the API server that retrying the same spec cannot fix, as the message of an
 /// `InvalidSpec` failure: the object made from the spec is invalid (400, 422) or refused by
@@ -630,8 +647,17 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
             .owner_references()
             .iter()
             .any(|o| Some(&o.uid) == uid.as_ref());
+        let mut pod = pod;
         if owned && pod.metadata.deletion_timestamp.is_none() {
-            ignore_not_found(pods.delete(&pod.name_any(), &DeleteParams::default()).await)?;
+            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                // Held by the finalizer: the delete changed the pod's resourceVersion, so the
+                // release must start from the object it returned, or its patch is refused
+                // (409) and the pod, and the claim it mounts, stay forever.
+                Ok(either::Either::Left(deleting)) => pod = deleting,
+                Ok(either::Either::Right(_)) => continue,
+                Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
         // The training is going: there is no status left to report into.
         if holds_report(&pod) {

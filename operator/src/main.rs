@@ -102,10 +102,7 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            print!("{}", crd_yaml());
-            Ok(())
-        }
+        Command::Crd => print_crd(),
         Command::Run(args) => {
             init_tracing(args.log_json);
             tokio::runtime::Builder::new_multi_thread()
@@ -113,6 +110,19 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(run(*args))
         }
+    }
+}
+
+/// Prints the CRD; a reader that stops early (`charlm-operator crd | head -1`) is not an error.
+fn print_crd() -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(crd_yaml().as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a worker pod says about itself, read from its labels and status into plain data, so the
 //! reconciler decides on facts instead of digging through `PodStatus`.
 
+use charlm_contract::events::{Event, Line};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -274,10 +275,26 @@ fn terminated_message(s: &ContainerStatus) -> Option<&str> {
     s.state.as_ref()?.terminated.as_ref()?.message.as_deref()
 }
 
-/// The line of a log tail that says what went wrong: the trainer's own `error:` line (under
-/// `launch`, a rank's `[rank N] error: ...`) before `launch`'s summary of it, which only points
+/// The line of a log tail that says what went wrong: a worker's `error` event of the trainer's
+/// JSON Lines stream (docs/contract.md), or its human `error:` line (under `launch`, `[rank N]
+/// error: ...`, as older trainers wrote it), before `launch`'s summary of it, which only points
 /// back at it; else the last line.
 fn error_line(text: &str) -> Option<String> {
+    let events: Vec<(Option<u64>, String)> = text
+        .lines()
+        .filter_map(Line::parse)
+        .filter_map(|l| match l.event {
+            Event::Error(e) => Some((l.rank, e.message)),
+            _ => None,
+        })
+        .collect();
+    let worker = events.iter().find(|(rank, _)| rank.is_some());
+    if let Some((rank, message)) = worker.or_else(|| events.last()) {
+        return Some(match rank {
+            Some(r) => format!("rank {r}: {message}"),
+            None => message.clone(),
+        });
+    }
     let errors: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -523,6 +540,25 @@ mod tests {
         assert!(plain
             .describe("p")
             .ends_with("error: no .txt files in /data"));
+        // Today's trainer: JSON Lines on stdout, human lines on stderr, both in the log tail;
+        // the worker's own `error` event wins over launch's summary.
+        let stream = r#"{"schema":1,"rank":0,"event":"step","step":3}
+[rank 0] error: the validation split is too short; lower --seq-len
+{"schema":1,"rank":1,"event":"error","message":"the validation split is too short; lower --seq-len","exit_code":2}
+launch: rank 1 failed (exit status 2); stopping the other workers
+{"schema":1,"rank":1,"event":"exit","exit_code":2,"signal":null,"killed":false}
+error: rank 1 failed: exit status 2 (bad input or settings: see its message above)
+{"schema":1,"event":"error","message":"rank 1 failed: exit status 2","exit_code":2}
+"#;
+        let new = Failure {
+            message: Some(stream.into()),
+            ..f.clone()
+        };
+        assert_eq!(
+            new.describe("t-worker-0"),
+            "t-worker-0: container trainer exited with code 2: rank 1: the validation split is \
+             too short; lower --seq-len"
+        );
         let no_error = Failure {
             message: Some("Killed\n".into()),
             ..f

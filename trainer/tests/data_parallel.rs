@@ -37,14 +37,19 @@ fn run_launch(args: &[String]) -> Output {
         .unwrap()
 }
 
-/// (step, loss) of rank 0's step lines: launch prefixes each worker line with `[rank N] `.
+/// (step, loss) of rank 0's step events: under launch every stdout line is an event that names
+/// its worker's rank.
 fn losses(out: &Output) -> Vec<(i64, f64)> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.strip_prefix("[rank 0] "))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "step")
-        .map(|v| (v["step"].as_i64().unwrap(), v["loss"].as_f64().unwrap()))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is JSON"))
+        .filter(|v| v["event"] == "step" && v["rank"] == 0)
+        .map(|v| {
+            (
+                v["step"].as_i64().unwrap(),
+                v["train_loss"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -132,7 +137,7 @@ fn start_long_run(
         .map_while(Result::ok);
     let seen = lines
         .by_ref()
-        .filter(|l| l.starts_with("[rank 0] {\"elapsed_s\"") || l.contains("\"event\":\"step\""))
+        .filter(|l| l.contains("\"event\":\"step\""))
         .take(3)
         .count();
     assert_eq!(seen, 3, "the run made progress");

@@ -246,7 +246,7 @@ for tag in sorted(seen):
     let losses: Vec<f64> = json_lines(&out)
         .iter()
         .filter(|v| v["event"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap())
+        .map(|v| v["train_loss"].as_f64().unwrap())
         .collect();
     let line = text
         .lines()

@@ -119,8 +119,31 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Every line of launch's stdout, each of which must be an event of the stream's schema.
+fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+            assert_eq!(v["schema"], 1, "{l}");
+            assert!(v["event"].is_string(), "{l}");
+            v
+        })
+        .collect()
+}
+
+/// The text a worker of `rank` wrote on stdout, as launch wrapped it in `output` events.
+fn output_of(events: &[serde_json::Value], rank: u64) -> Vec<String> {
+    events
+        .iter()
+        .filter(|v| v["event"] == "output" && v["rank"] == rank)
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
-fn workers_get_torchrun_env_and_their_output_a_rank_prefix() {
+fn workers_get_torchrun_env_and_their_output_their_rank() {
     let cmd = launch(
         "echo",
         &[
@@ -139,15 +162,28 @@ fn workers_get_torchrun_env_and_their_output_a_rank_prefix() {
     let (out, _) = run_with_limit(cmd, Duration::from_secs(60));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
-    for local in 0..3 {
+    // stdout is one JSON Lines stream: launch's own events and every worker line with its rank.
+    let all = events(&stdout);
+    assert_eq!(all[0]["event"], "launch", "{stdout}");
+    assert_eq!(
+        (
+            &all[0]["world_size"],
+            &all[0]["first_rank"],
+            &all[0]["nproc_per_node"]
+        ),
+        (&6.into(), &3.into(), &3.into())
+    );
+    for local in 0..3u64 {
         let rank = 3 + local;
         let line = format!(
-            "[rank {rank}] env RANK={rank} WORLD_SIZE=6 LOCAL_RANK={local} LOCAL_WORLD_SIZE=3 NODE_RANK=1 NNODES=2 \
+            "env RANK={rank} WORLD_SIZE=6 LOCAL_RANK={local} LOCAL_WORLD_SIZE=3 NODE_RANK=1 NNODES=2 \
              NPROC_PER_NODE=3 MASTER_ADDR=node0 MASTER_PORT=29611"
         );
+        assert!(output_of(&all, rank).contains(&line), "{stdout}");
         assert!(
-            stdout.lines().any(|l| l == line),
-            "missing {line:?} in:\n{stdout}"
+            all.iter()
+                .any(|v| v["event"] == "exit" && v["rank"] == rank && v["exit_code"] == 0),
+            "{stdout}"
         );
         assert!(
             stderr
@@ -156,8 +192,25 @@ fn workers_get_torchrun_env_and_their_output_a_rank_prefix() {
             "{stderr}"
         );
     }
-    // Every worker line is prefixed; nothing of the workers reaches the output unlabelled.
+}
+
+#[test]
+fn human_format_prefixes_each_workers_lines_with_its_rank() {
+    let (out, _) = run_with_limit(
+        launch("echo", &["--nproc-per-node", "2", "--log-format", "human"]),
+        Duration::from_secs(60),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.lines().all(|l| l.starts_with("[rank ")), "{stdout}");
+    for rank in 0..2 {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("[rank {rank}] env RANK={rank} "))),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]
@@ -169,8 +222,13 @@ fn auto_is_one_worker_per_gpu_or_one_without() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let expected = (tch::Cuda::device_count() as usize).max(1);
     let stdout = text(&out.stdout);
+    let all = events(&stdout);
     assert_eq!(
-        stdout.lines().filter(|l| l.contains("] env RANK=")).count(),
+        all.iter()
+            .filter(
+                |v| v["event"] == "output" && v["text"].as_str().unwrap().starts_with("env RANK=")
+            )
+            .count(),
         expected,
         "{stdout}"
     );
@@ -196,6 +254,21 @@ fn a_failing_worker_stops_the_others_and_names_its_rank() {
     assert!(
         stderr.contains("rank 0: killed by SIGTERM"),
         "rank 0 was not stopped: {stderr}"
+    );
+    let all = events(&text(&out.stdout));
+    assert!(
+        all.iter()
+            .any(|v| v["event"] == "exit" && v["rank"] == 0 && v["signal"] == "SIGTERM"),
+        "{all:?}"
+    );
+    let error = all.last().unwrap();
+    assert_eq!(
+        (&error["event"], &error["exit_code"]),
+        (&"error".into(), &1.into()),
+        "launch's last line is its error: {all:?}"
+    );
+    assert!(
+        error.get("rank").is_none() && error["message"].as_str().unwrap().contains("rank 1 failed")
     );
     assert!(
         took < Duration::from_secs(20),
@@ -264,7 +337,7 @@ fn sigterm_when_ready(
         let mut lines = vec![];
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
-            if line.ends_with("] ready") {
+            if line.contains(r#""text":"ready""#) {
                 let _ = tx.send(());
             }
             lines.push(line);
@@ -300,14 +373,13 @@ fn sigterm_reaches_the_workers_and_launch_exits_0_when_they_do() {
     let (out, _) = sigterm_when_ready("stop-on-sigterm", 2, &[], Duration::from_secs(30));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
-    assert!(
-        stdout.contains("[rank 0] stopping after SIGTERM"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("[rank 1] stopping after SIGTERM"),
-        "{stdout}"
-    );
+    let all = events(&stdout);
+    for rank in 0..2 {
+        let said = output_of(&all, rank);
+        for line in ["ready", "stopping after SIGTERM"] {
+            assert!(said.iter().any(|l| l == line), "rank {rank}: {stdout}");
+        }
+    }
     assert!(
         stderr.contains("launch: got SIGTERM, passing it to 2 running workers"),
         "{stderr}"
@@ -328,6 +400,12 @@ fn workers_that_ignore_sigterm_are_killed_after_the_grace_period() {
         stderr.contains("did not exit in time and was killed (killed by SIGKILL)"),
         "{stderr}"
     );
+    let all = events(&text(&out.stdout));
+    let killed: Vec<_> = all
+        .iter()
+        .filter(|v| v["event"] == "exit" && v["killed"] == true && v["signal"] == "SIGKILL")
+        .collect();
+    assert_eq!(killed.len(), 2, "{all:?}");
     assert!(
         took < Duration::from_secs(15),
         "took {took:?} with a 1 s grace period"

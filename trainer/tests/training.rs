@@ -18,7 +18,7 @@ fn last_step_loss(out: &std::process::Output) -> f64 {
         .iter()
         .rev()
         .find(|v| v["event"] == "step")
-        .and_then(|v| v["loss"].as_f64())
+        .and_then(|v| v["train_loss"].as_f64())
         .expect("a step line")
 }
 
@@ -55,7 +55,7 @@ fn a_tiny_model_overfits_a_tiny_dataset() {
     let first = json_lines(&out)
         .iter()
         .find(|v| v["event"] == "step")
-        .unwrap()["loss"]
+        .unwrap()["train_loss"]
         .as_f64()
         .unwrap();
     let last = last_step_loss(&out);

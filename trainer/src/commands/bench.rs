@@ -9,50 +9,78 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use clap::builder::BoolishValueParser;
+
 use crate::dist::{DistEnv, ProcessGroup};
+use crate::engine::autobatch::{self, MicroBatch};
 use crate::engine::{
-    Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved, Toggle,
+    memory, oom, Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved,
+    Toggle,
 };
 use crate::model::GptConfig;
 use crate::sys::cuda;
+use crate::sys::events::Events;
+use crate::sys::flags::{self, DeviceChoice, LogFormat};
 use crate::train::PEAK_FLOPS;
 use crate::user_bail;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(long, default_value_t = 12)]
+    /// Transformer layers, 1 to 128; the width is 64 × depth.
+    #[arg(long, env = "CHARLM_DEPTH", default_value_t = 12, value_parser = flags::depth)]
     pub depth: i64,
-    #[arg(long, default_value_t = 8)]
-    pub device_batch_size: i64,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub accum: i64,
-    /// Timed optimizer steps, after the warm-up ones.
-    #[arg(long, default_value_t = 10)]
+    /// Sequences per forward/backward (1 or more), or `auto`: the largest power of two whose step
+    /// fits, as for `train` (on a CPU, also one whose micro-batch stays about a second).
+    #[arg(long, env = "CHARLM_DEVICE_BATCH_SIZE", default_value = "8")]
+    pub device_batch_size: MicroBatch,
+    /// Tokens per optimizer step, a multiple of device batch × seq len; accumulation fills it
+    /// (as `train`'s). Unset: --accum micro-batches.
+    #[arg(long, env = "CHARLM_TOTAL_BATCH_SIZE", value_parser = flags::at_least(1i64))]
+    pub total_batch_size: Option<i64>,
+    /// Micro-batches per optimizer step, 1 or more. Unset: what --total-batch-size needs, else 1.
+    #[arg(long, env = "CHARLM_ACCUM", value_parser = flags::at_least(1i64))]
+    pub accum: Option<i64>,
+    /// Timed optimizer steps after the warm-up ones, 1 or more.
+    #[arg(long, env = "CHARLM_STEPS", default_value_t = 10, value_parser = flags::at_least(1i64))]
     pub steps: i64,
-    #[arg(long, default_value_t = 3)]
+    /// Untimed optimizer steps first (kernels load, allocator settles), 0 or more.
+    #[arg(long, env = "CHARLM_WARMUP", default_value_t = 3, value_parser = flags::at_least(0i64))]
     pub warmup: i64,
-    #[arg(long, default_value_t = 2048)]
+    /// Tokens per sequence, 2 to 65536.
+    #[arg(long, env = "CHARLM_SEQ_LEN", default_value_t = 2048, value_parser = flags::seq_len)]
     pub seq_len: i64,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to measure: auto (CUDA when present, else CPU), cpu or cuda.
+    #[arg(long, env = "CHARLM_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
     #[command(flatten)]
     pub engine: EngineOptions,
     /// Print GPU time per kernel over the timed steps (libtorch's Kineto profiler).
-    #[arg(long)]
+    #[arg(long, env = "CHARLM_PROFILE", value_parser = BoolishValueParser::new())]
     pub profile: bool,
     /// Instead of timing: compare each fused kernel with its eager twin, and the block path's loss
     /// and gradients with the reference model's, at this size; fails beyond bf16 tolerances.
-    #[arg(long)]
+    #[arg(long, env = "CHARLM_CHECK", value_parser = BoolishValueParser::new())]
     pub check: bool,
     /// Instead of timing: train --steps steps (micro-batch × accum, constant learning rate) on
     /// generated worksheets twice from the same seed, the reference model and then these options,
     /// and compare the loss curves.
-    #[arg(long)]
+    #[arg(long, env = "CHARLM_CURVE", value_parser = BoolishValueParser::new())]
     pub curve: bool,
-    /// With --curve: fail when any 10-step mean differs by more than this (nats).
-    #[arg(long, default_value_t = 0.05)]
+    /// With --curve: fail when any 10-step mean differs by more than this (nats, above 0).
+    #[arg(long, env = "CHARLM_CURVE_TOLERANCE", default_value_t = 0.05,
+          value_parser = flags::positive)]
     pub curve_tolerance: f64,
+    /// auto (human in a terminal, else json), human (the human line on stderr only) or json (also
+    /// the `bench` event of docs/contract.md on stdout).
+    #[arg(long, env = "CHARLM_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+}
+
+/// The micro-batch and accumulation a bench runs with, from the flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub b: i64,
+    pub accum: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +89,7 @@ pub struct Report {
     pub depth: i64,
     pub device_batch_size: i64,
     pub accum: i64,
+    pub total_batch_size: i64,
     pub seq_len: i64,
     pub steps: i64,
     pub params: i64,
@@ -74,22 +103,26 @@ pub struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.steps < 1 || args.depth < 1 || args.device_batch_size < 1 || args.accum < 1 {
-        user_bail!("--steps, --depth, --device-batch-size and --accum must be at least 1");
-    }
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" | "auto" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => user_bail!("--device cuda but no CUDA GPU is visible"),
-        _ => Device::Cpu,
-    };
+    let events = Events::new(args.log_format, Some(0));
+    let device = args.device.resolve(0)?;
+    let g = geometry(&args, device)?;
+    memory::check_fits(&GptConfig::new(args.depth, args.seq_len), g.b, device)?;
     if args.check {
-        return check(&args, device);
+        return check(&args, g, device, &events);
     }
     if args.curve {
-        return curve(&args, device);
+        return curve(&args, g, device, &events);
     }
-    let report = measure(&args, device)?;
+    let report = match oom::catch(|| measure(&args, g, device)) {
+        Ok(report) => report?,
+        Err(oom::OutOfMemory) => user_bail!(
+            "out of memory at depth {} with a micro-batch of {} sequences of {} tokens: use a \
+             smaller --device-batch-size, or auto",
+            args.depth,
+            g.b,
+            args.seq_len
+        ),
+    };
     eprintln!(
         "bench: depth {} batch {}×{} on {} ({}): {:.0} tok/s, MFU {:.1}%, {:.1} ms/step, peak {} GiB",
         report.depth,
@@ -104,11 +137,59 @@ pub fn run(args: Args) -> Result<()> {
             .peak_gib
             .map_or("n/a".to_string(), |g| format!("{g:.1}"))
     );
-    println!("{}", serde_json::to_string(&report)?);
+    events.emit_other("bench", &report);
     Ok(())
 }
 
-pub fn measure(args: &Args, device: Device) -> Result<Report> {
+/// The micro-batch (`auto` probes, as `train` does) and the accumulation that --total-batch-size
+/// or --accum ask for; they must agree when both are given.
+fn geometry(args: &Args, device: Device) -> Result<Geometry> {
+    let t = args.seq_len;
+    let sequences = match args.total_batch_size {
+        Some(total) if total % t != 0 => user_bail!(
+            "--total-batch-size {total} must be a multiple of --seq-len {t}; try {}",
+            (total / t).max(1) * t
+        ),
+        Some(total) => Some(total / t),
+        None => None,
+    };
+    let b = match args.device_batch_size {
+        MicroBatch::Fixed(b) => b,
+        MicroBatch::Auto => {
+            let config = GptConfig::new(args.depth, t);
+            let candidates = autobatch::candidates(sequences);
+            match autobatch::choose(&config, &candidates, device, &args.engine)? {
+                Some(b) => {
+                    eprintln!("micro-batch auto: {b} sequences");
+                    b
+                }
+                None => user_bail!(
+                    "depth {} with seq len {t} does not fit in memory even with a micro-batch of \
+                     1 sequence: use a smaller --depth or --seq-len",
+                    args.depth
+                ),
+            }
+        }
+    };
+    let accum = match (sequences, args.accum) {
+        (Some(n), _) if n % b != 0 => user_bail!(
+            "--total-batch-size {} must be a multiple of device batch × seq len = {b} × {t} = {}",
+            n * t,
+            b * t
+        ),
+        (Some(n), Some(a)) if a != n / b => user_bail!(
+            "--accum {a} disagrees with --total-batch-size {} = {} micro-batches of {b} × {t}: \
+             give one of them",
+            n * t,
+            n / b
+        ),
+        (Some(n), _) => n / b,
+        (None, a) => a.unwrap_or(1),
+    };
+    Ok(Geometry { b, accum })
+}
+
+pub fn measure(args: &Args, g: Geometry, device: Device) -> Result<Report> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let pg = ProcessGroup::init(
         &DistEnv::single(),
@@ -116,7 +197,7 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
         std::time::Duration::from_secs(60),
     )?;
     let mut engine = Engine::with_options(config, device, 0, LearningRates::default(), args.engine);
-    let (b, t) = (args.device_batch_size, args.seq_len);
+    let (b, t) = (g.b, args.seq_len);
     let vocab = crate::data::vocab::BOS as i64 + 1;
     // Fresh random tokens per micro-batch, generated on the device so the host is not the bottleneck.
     let batch = || Tensor::randint(vocab, [b, t + 1], (Kind::Int64, device));
@@ -126,12 +207,12 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
         }
     };
     let mut step = |i: i64| -> Result<()> {
-        for _ in 0..args.accum {
+        for _ in 0..g.accum {
             let all = batch();
             let _ = engine.micro_step(
                 &all.narrow(1, 0, t),
                 &all.narrow(1, 1, t),
-                1.0 / args.accum as f64,
+                1.0 / g.accum as f64,
             );
         }
         engine.optimizer_step(&pg, 1.0, crate::engine::optim::muon_momentum(i), 1.0)
@@ -161,13 +242,14 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
     let resolved = engine
         .resolved()
         .ok_or_else(|| anyhow::anyhow!("no micro-batch ran"))?;
-    let tokens = (b * t * args.accum * args.steps) as f64;
+    let tokens = (b * t * g.accum * args.steps) as f64;
     let tokens_per_s = tokens / seconds;
     Ok(Report {
         device: cuda::device_name(device),
         depth: args.depth,
         device_batch_size: b,
-        accum: args.accum,
+        accum: g.accum,
+        total_batch_size: b * t * g.accum,
         seq_len: t,
         steps: args.steps,
         params: config.total_params(),
@@ -185,13 +267,13 @@ pub fn measure(args: &Args, device: Device) -> Result<Report> {
 const KERNEL_TOLERANCE: f64 = 1e-2;
 const MODEL_TOLERANCE: f64 = 5e-2;
 
-fn check(args: &Args, device: Device) -> Result<()> {
+fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let mut failed = Vec::new();
     let mut show = |d: &crate::engine::verify::Diff, tol: f64| {
         // NaN fails too.
         let bad = d.rel.is_nan() || d.rel > tol;
-        println!(
+        eprintln!(
             "{:<62} rel {:.3e}  max abs {:.3e}  {}",
             d.what,
             d.rel,
@@ -203,7 +285,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
         }
     };
     let shape = crate::engine::verify::OpShape {
-        b: args.device_batch_size,
+        b: g.b,
         t: args.seq_len,
         heads: config.heads(),
         c: config.width(),
@@ -214,7 +296,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
         Kind::Float
     };
     tch::manual_seed(1);
-    println!("eager twins vs formulas ({kind:?}):");
+    eprintln!("eager twins vs formulas ({kind:?}):");
     for d in crate::engine::verify::eager_vs_formula(shape, kind, device)? {
         show(&d, MODEL_TOLERANCE);
     }
@@ -229,7 +311,7 @@ fn check(args: &Args, device: Device) -> Result<()> {
         ),
     ];
     if device.is_cuda() {
-        println!("fused kernels vs eager twins:");
+        eprintln!("fused kernels vs eager twins:");
         for d in crate::engine::verify::fused_vs_eager(shape, device)? {
             show(&d, KERNEL_TOLERANCE);
         }
@@ -261,42 +343,34 @@ fn check(args: &Args, device: Device) -> Result<()> {
             },
         ));
     }
-    println!(
+    eprintln!(
         "block path vs reference model (depth {}, {}×{} tokens):",
-        args.depth, args.device_batch_size, args.seq_len
+        args.depth, g.b, args.seq_len
     );
-    for d in crate::engine::verify::models_vs_reference(
-        config,
-        args.device_batch_size,
-        device,
-        &candidates,
-    ) {
+    for d in crate::engine::verify::models_vs_reference(config, g.b, device, &candidates) {
         show(&d, MODEL_TOLERANCE);
     }
+    events.emit_other(
+        "check",
+        &serde_json::json!({"passed": failed.is_empty(), "failures": failed}),
+    );
     if !failed.is_empty() {
         anyhow::bail!("check failed: {}", failed.join(", "));
     }
-    println!("check passed");
+    eprintln!("check passed");
     Ok(())
 }
 
-fn curve(args: &Args, device: Device) -> Result<()> {
+fn curve(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
-    let tokens_needed = (args.steps * args.accum * args.device_batch_size * args.seq_len) as u64;
+    let tokens_needed = (args.steps * g.accum * g.b * args.seq_len) as u64;
     // Enough text that windows rarely repeat, at most 64 M characters.
     let tokens =
         crate::engine::verify::synthetic_tokens(tokens_needed.clamp(1 << 20, 64 << 20), 1)?;
     let run = |options: EngineOptions, perturb: f64| {
         let t0 = Instant::now();
         let losses = crate::engine::verify::loss_curve(
-            config,
-            &tokens,
-            args.device_batch_size,
-            args.accum,
-            args.steps,
-            device,
-            options,
-            perturb,
+            config, &tokens, g.b, g.accum, args.steps, device, options, perturb,
         );
         (losses, t0.elapsed().as_secs_f64())
     };
@@ -312,15 +386,15 @@ fn curve(args: &Args, device: Device) -> Result<()> {
     let (want, got, noise) = (want?, got?, noise?);
     let d = crate::engine::verify::curve_diff(&got, &want);
     let n = crate::engine::verify::curve_diff(&noise, &want);
-    println!(
-        "{}",
-        serde_json::json!({
-            "depth": args.depth, "device_batch_size": args.device_batch_size,
-            "accum": args.accum, "seq_len": args.seq_len, "steps": args.steps,
+    events.emit_other(
+        "curve",
+        &serde_json::json!({
+            "depth": args.depth, "device_batch_size": g.b,
+            "accum": g.accum, "seq_len": args.seq_len, "steps": args.steps,
             "device": cuda::device_name(device), "options": args.engine,
             "reference_s": want_s, "optimized_s": got_s, "diff": d, "noise_diff": n,
             "reference": want, "optimized": got, "reference_perturbed": noise,
-        })
+        }),
     );
     eprintln!(
         "curve: {} steps, reference {:.4} → optimized {:.4} over the last 10; |Δ| max {:.4}, mean {:.4}, 10-step means max {:.4} (tolerance {}); reference vs itself nudged 1e-6: max {:.4}, mean {:.4}, 10-step means max {:.4}",

@@ -5,16 +5,19 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::data::synthetic::generate;
+use crate::sys::flags;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Directory to write `part-NNNN.txt` files into (replaced only once complete).
-    #[arg(long)]
+    #[arg(long, env = "CHARLM_OUTPUT")]
     pub output: PathBuf,
-    /// Approximate total characters.
-    #[arg(long, default_value_t = 10_000_000)]
+    /// Approximate total characters, 1 or more.
+    #[arg(long, env = "CHARLM_CHARS", default_value_t = 10_000_000,
+          value_parser = flags::at_least(1u64))]
     pub chars: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the worksheets, 0 or more.
+    #[arg(long, env = "CHARLM_SEED", default_value_t = 0, value_parser = flags::at_least(0u64))]
     pub seed: u64,
 }
 

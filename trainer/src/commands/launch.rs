@@ -1,7 +1,9 @@
 //! `charlm-trainer launch [options] -- train ...`: what torchrun does on one node. Starts one worker
 //! process per GPU with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-//! NODE_RANK, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT), prefixes their output with their
-//! rank, forwards SIGTERM/SIGINT to them, and exits 0 only when every worker exited 0. When a worker
+//! NODE_RANK, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT), passes their stdout on as one
+//! JSON Lines stream whose every line carries its worker's `rank` (docs/contract.md), prefixes their
+//! human lines with `[rank N] `, forwards SIGTERM/SIGINT to them, and exits 0 only when every worker
+//! exited 0. When a worker
 //! fails, the others are stopped and the failing rank is named; its exit code 2 ("bad input, do
 //! not retry") is passed on as 2, any other failure becomes 1.
 
@@ -17,43 +19,75 @@ use charlm_contract::{env, RENDEZVOUS_PORT};
 use signal_hook::consts::{SIGINT, SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use charlm_contract::events::{self, Event, Line};
+
 use crate::sys::error::UserError;
+use crate::sys::events::Events;
+use crate::sys::flags::{self, LogFormat};
 use crate::user_bail;
+
+/// The workers' `--log-format`: what the launcher's resolved to.
+const LOG_FORMAT_ENV: &str = "CHARLM_LOG_FORMAT";
 
 /// How long the other workers get to exit after one of them failed, before SIGKILL.
 const AFTER_FAILURE_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
+/// Launch's rendezvous flags read torchrun's variables (`NPROC_PER_NODE`, `NNODES`, `NODE_RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT`: what torchrun, Kubeflow's PyTorchJob and the operator set) and
+/// take torchrun's spellings as aliases (`--nproc_per_node`, ...); its own flags follow the
+/// `CHARLM_<FLAG>` rule.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Worker processes on this node: a number, or `auto` (one per visible GPU; 1 without GPUs).
-    #[arg(long, env = env::NPROC_PER_NODE, default_value = "auto")]
+    /// Worker processes on this node: 1 or more, or `auto` (one per visible GPU; 1 without GPUs).
+    #[arg(long, env = env::NPROC_PER_NODE, default_value = "auto", value_parser = processes,
+          visible_alias = "nproc_per_node")]
     pub nproc_per_node: String,
-    /// Number of nodes (pods) in the job, each running one `launch`.
-    #[arg(long, env = env::NNODES, default_value_t = 1)]
+    /// Number of nodes (pods) in the job, 1 or more, each running one `launch`.
+    #[arg(long, env = env::NNODES, default_value_t = 1, value_parser = flags::at_least(1usize))]
     pub nnodes: usize,
-    /// This node's index, 0-based; node 0 hosts the rendezvous.
-    #[arg(long, env = env::NODE_RANK, default_value_t = 0)]
+    /// This node's index, 0 to --nnodes - 1; node 0 hosts the rendezvous.
+    #[arg(long, env = env::NODE_RANK, default_value_t = 0, value_parser = flags::at_least(0usize),
+          visible_alias = "node_rank")]
     pub node_rank: usize,
     /// Host of node 0, where global rank 0 serves the TCPStore.
-    #[arg(long, env = env::MASTER_ADDR, default_value = "127.0.0.1")]
+    #[arg(long, env = env::MASTER_ADDR, default_value = "127.0.0.1", visible_alias = "master_addr")]
     pub master_addr: String,
-    /// TCP port of that store.
-    #[arg(long, env = env::MASTER_PORT, default_value_t = RENDEZVOUS_PORT)]
+    /// TCP port of that store, 1 to 65535.
+    #[arg(long, env = env::MASTER_PORT, default_value_t = RENDEZVOUS_PORT,
+          value_parser = flags::int(1u16, u16::MAX), visible_alias = "master_port")]
     pub master_port: u16,
-    /// Seconds workers get to exit after a forwarded SIGTERM/SIGINT before they are killed.
-    #[arg(long, env = "CHARLM_LAUNCH_GRACE_S", default_value_t = 30)]
+    /// Seconds workers get to exit after a forwarded SIGTERM/SIGINT before they are killed, 0 or
+    /// more.
+    #[arg(long, env = "CHARLM_GRACE_PERIOD_S", default_value_t = 30,
+          value_parser = flags::at_least(0u64))]
     pub grace_period_s: u64,
-    /// Program to start instead of this charlm-trainer (for wrappers such as profilers, and tests).
-    #[arg(long)]
+    /// Program to start instead of this charlm-trainer (for wrappers such as profilers, and
+    /// tests). Unset: this executable.
+    #[arg(long, env = "CHARLM_PROGRAM")]
     pub program: Option<PathBuf>,
-    /// The workers' arguments, after `--`: e.g. `-- train --depth 4`.
+    /// auto (human in a terminal, else json), human (workers' lines prefixed `[rank N] `) or json
+    /// (one JSON Lines stream on stdout, each line with its worker's `rank`; human lines on
+    /// stderr). Passed on to the workers as CHARLM_LOG_FORMAT.
+    #[arg(long, env = "CHARLM_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    /// The workers' command, after `--`: e.g. `-- train --depth 4`.
     #[arg(last = true, required = true)]
     pub worker_args: Vec<String>,
 }
 
+/// `--nproc-per-node`: `auto` or a positive number.
+fn processes(s: &str) -> Result<String, String> {
+    if s.trim() == "auto" {
+        return Ok("auto".into());
+    }
+    flags::at_least(1usize)(s).map(|n| n.to_string())
+}
+
 pub fn run(args: Args) -> Result<()> {
     let nproc = processes_per_node(&args.nproc_per_node)?;
+    let events = Events::new(args.log_format, None);
+    let format = if events.is_on() { "json" } else { "human" };
     if args.nnodes == 0 {
         user_bail!("--nnodes (NNODES) must be at least 1");
     }
@@ -87,6 +121,16 @@ pub fn run(args: Args) -> Result<()> {
         args.master_port
     ));
 
+    events.emit(Event::Launch(events::Launch {
+        node_rank: args.node_rank as u64,
+        nnodes: args.nnodes as u64,
+        nproc_per_node: nproc as u64,
+        world_size: world as u64,
+        first_rank: first as u64,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+    }));
+
     let mut workers: Vec<Worker> = Vec::with_capacity(nproc);
     for local in 0..nproc {
         let rank = first + local;
@@ -100,8 +144,9 @@ pub fn run(args: Args) -> Result<()> {
             (env::NPROC_PER_NODE, nproc.to_string()),
             (env::MASTER_ADDR, args.master_addr.clone()),
             (env::MASTER_PORT, args.master_port.to_string()),
+            (LOG_FORMAT_ENV, format.to_string()),
         ];
-        match Worker::start(&program, &args.worker_args, rank, &env) {
+        match Worker::start(&program, &args.worker_args, rank, &env, events.is_on()) {
             Ok(w) => workers.push(w),
             Err(err) => {
                 stop_all(&mut workers, SIGKILL);
@@ -120,6 +165,15 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     for w in &mut workers {
         w.join_output();
+        let status = w.status;
+        events.emit_as(
+            Some(w.rank as u64),
+            Event::Exit(events::WorkerExit {
+                exit_code: status.and_then(|s| s.code()),
+                signal: status.and_then(|s| s.signal()).map(signal_name),
+                killed: w.killed,
+            }),
+        );
     }
     let summary: Vec<String> = workers
         .iter()
@@ -240,6 +294,9 @@ fn supervise(
                 live.join(", ")
             ));
             stop_all(workers, SIGKILL);
+            for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+                w.killed = true;
+            }
             killed = true;
         }
         std::thread::sleep(POLL);
@@ -279,6 +336,8 @@ struct Worker {
     rank: usize,
     child: Child,
     status: Option<ExitStatus>,
+    /// Killed by the launcher after its grace period.
+    killed: bool,
     output: Vec<JoinHandle<()>>,
 }
 
@@ -288,6 +347,7 @@ impl Worker {
         args: &[String],
         rank: usize,
         env: &[(&str, String)],
+        json: bool,
     ) -> Result<Self> {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -313,14 +373,16 @@ impl Worker {
             .with_context(|| format!("starting rank {rank}: {}", program.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
+        let stdout_as = if json { Stream::Events } else { Stream::Stdout };
         let output = vec![
-            forward(stdout, rank, Stream::Stdout),
+            forward(stdout, rank, stdout_as),
             forward(stderr, rank, Stream::Stderr),
         ];
         Ok(Self {
             rank,
             child,
             status: None,
+            killed: false,
             output,
         })
     }
@@ -334,11 +396,15 @@ impl Worker {
 
 #[derive(Clone, Copy)]
 enum Stream {
+    /// Human lines, prefixed `[rank N] `.
     Stdout,
     Stderr,
+    /// The worker's event stream, passed on as events of the launcher's (see [`as_event`]).
+    Events,
 }
 
-/// Copies `from` line by line to the launcher's `to`, each line prefixed with `[rank N] `.
+/// Copies `from` line by line to the launcher's stdout or stderr: human lines prefixed with
+/// `[rank N] `, event lines as [`as_event`] makes them.
 fn forward(from: impl Read + Send + 'static, rank: usize, to: Stream) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(from);
@@ -349,16 +415,18 @@ fn forward(from: impl Read + Send + 'static, rank: usize, to: Stream) -> JoinHan
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    if line.last() != Some(&b'\n') {
-                        line.push(b'\n');
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
                     }
-                    let mut record = Vec::with_capacity(prefix.len() + line.len());
-                    record.extend_from_slice(prefix.as_bytes());
-                    record.extend_from_slice(&line);
+                    let mut record = match to {
+                        Stream::Events => as_event(&line, rank),
+                        _ => [prefix.as_bytes(), &line].concat(),
+                    };
+                    record.push(b'\n');
                     // One locked write per line keeps lines whole; a closed terminal must not stop
                     // the draining, or the worker would block on a full pipe.
                     let _ = match to {
-                        Stream::Stdout => {
+                        Stream::Stdout | Stream::Events => {
                             let mut out = std::io::stdout().lock();
                             out.write_all(&record).and_then(|()| out.flush())
                         }
@@ -368,4 +436,50 @@ fn forward(from: impl Read + Send + 'static, rank: usize, to: Stream) -> JoinHan
             }
         }
     })
+}
+
+/// A worker's stdout line as a line of the launcher's stream: an event line as it is (with the
+/// worker's `rank` added when it lacks one), anything else wrapped in an `output` event, so that
+/// every line of stdout is an event.
+fn as_event(line: &[u8], rank: usize) -> Vec<u8> {
+    let parsed: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(line).ok();
+    match parsed {
+        Some(map) if map.contains_key("schema") && map.contains_key("event") => {
+            if map.contains_key("rank") {
+                return line.to_vec();
+            }
+            let mut with_rank = map;
+            with_rank.insert("rank".into(), (rank as u64).into());
+            serde_json::to_vec(&with_rank).unwrap_or_else(|_| line.to_vec())
+        }
+        _ => {
+            let text = String::from_utf8_lossy(line).into_owned();
+            let event = Line::new(Some(rank as u64), Event::Output(events::Output { text }));
+            serde_json::to_vec(&event).unwrap_or_default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_forwarded_line_is_an_event_with_its_rank() {
+        let own = br#"{"schema":1,"rank":3,"event":"step","step":1}"#;
+        assert_eq!(as_event(own, 3), own.to_vec());
+        let without: serde_json::Value =
+            serde_json::from_slice(&as_event(br#"{"schema":1,"event":"eval"}"#, 2)).unwrap();
+        assert_eq!(without["rank"], 2);
+        for text in ["plain text", r#"{"no":"schema"}"#, ""] {
+            let line =
+                Line::parse(std::str::from_utf8(&as_event(text.as_bytes(), 1)).unwrap()).unwrap();
+            assert_eq!(line.rank, Some(1));
+            assert_eq!(
+                line.event,
+                Event::Output(events::Output { text: text.into() })
+            );
+        }
+    }
 }

@@ -5,10 +5,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::data::vocab;
 use crate::model::{Gpt, KvCache};
+use crate::sys::flags::{self, DeviceChoice};
 use crate::train::checkpoint;
 use crate::user_bail;
 
@@ -16,38 +17,48 @@ use crate::user_bail;
 pub struct Args {
     /// A checkpoint directory (`step-…` or `best`), or a checkpoint root: then its `best/` if
     /// present, else its newest good checkpoint.
-    #[arg(long)]
+    #[arg(long, env = "CHARLM_CHECKPOINT")]
     pub checkpoint: PathBuf,
-    /// Text to continue; only vocabulary characters (`0-9 + - H B L .` and newline).
-    #[arg(long, default_value = "")]
+    /// Text to continue; only vocabulary characters (`0-9 + - H B L .` and newline). Empty: start
+    /// a new document.
+    #[arg(long, env = "CHARLM_PROMPT", default_value = "")]
     pub prompt: String,
-    #[arg(long, default_value_t = 256)]
+    /// Most characters to generate per sample, 1 or more (a sample also ends where the model
+    /// ends its document).
+    #[arg(long, env = "CHARLM_MAX_TOKENS", default_value_t = 256,
+          value_parser = flags::at_least(1i64))]
     pub max_tokens: i64,
-    /// 0 picks the most likely character every time.
-    #[arg(long, default_value_t = 1.0)]
+    /// Softmax temperature, 0 or more; 0 picks the most likely character every time.
+    #[arg(long, env = "CHARLM_TEMPERATURE", default_value_t = 1.0,
+          value_parser = flags::non_negative)]
     pub temperature: f64,
-    #[arg(long)]
+    /// Sample only from the K most likely characters, 1 to 18 (18, the vocabulary and BOS,
+    /// keeps all). Unset: all.
+    #[arg(long, env = "CHARLM_TOP_K", value_parser = flags::int(1i64, TOKENS))]
     pub top_k: Option<i64>,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the first sample (sample i uses seed + i), 0 or more.
+    #[arg(long, env = "CHARLM_SEED", default_value_t = 0, value_parser = flags::at_least(0u64))]
     pub seed: u64,
-    #[arg(long, default_value_t = 1)]
+    /// Samples to generate, 1 or more (separated by a blank line).
+    #[arg(long, env = "CHARLM_NUM_SAMPLES", default_value_t = 1,
+          value_parser = flags::at_least(1usize))]
     pub num_samples: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to compute: auto (CUDA when present, else CPU), cpu or cuda.
+    #[arg(long, env = "CHARLM_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
+
+/// Tokens a sample can produce: the vocabulary's characters and BOS.
+const TOKENS: i64 = vocab::BOS as i64 + 1;
 
 pub fn run(args: Args) -> Result<()> {
     if args.temperature < 0.0 || args.temperature.is_nan() {
         user_bail!("--temperature must be 0 or more");
     }
     let prompt = vocab::encode_prompt(&args.prompt)?;
+    let device = args.device.resolve(0)?;
     let dir = checkpoint::resolve_for_reading(&args.checkpoint)?;
     let loaded = checkpoint::load_model(&dir)?;
-    let device = match args.device.as_str() {
-        "auto" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => Device::Cuda(0),
-        _ => Device::Cpu,
-    };
     let mut model = Gpt::new(loaded.manifest.model, device, 0);
     model.load_weights(&loaded.model)?;
     eprintln!(

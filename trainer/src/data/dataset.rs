@@ -80,11 +80,92 @@ fn map_split(dir: &Path, file: &str, want_tokens: u64) -> Result<Mmap> {
     Ok(map)
 }
 
+/// Why `--data dir` is not a prepared dataset, and the commands that make one from what it is.
+fn not_a_dataset(dir: &Path) -> anyhow::Error {
+    let shown = dir.display();
+    let message = if !dir.exists() {
+        format!(
+            "--data {shown} (CHARLM_DATA) does not exist: give the directory that `charlm-trainer \
+             prepare --input <dir of .txt files> --output <dir>` wrote"
+        )
+    } else if !dir.is_dir() {
+        format!(
+            "--data {shown} (CHARLM_DATA) is a file: give the directory that `charlm-trainer \
+             prepare` wrote"
+        )
+    } else if holds_txt(dir) {
+        // A sibling: `prepare` refuses an --output inside its --input or holding other files.
+        let prepared = match (dir.file_name(), dir.parent()) {
+            (Some(name), Some(parent)) => {
+                parent.join(format!("{}-prepared", name.to_string_lossy()))
+            }
+            _ => {
+                let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+                let name = real
+                    .file_name()
+                    .map_or("data".into(), |n| n.to_string_lossy());
+                real.with_file_name(format!("{name}-prepared"))
+            }
+        };
+        let prepared = prepared.display();
+        format!(
+            "--data {shown} (CHARLM_DATA) holds raw .txt files, not a prepared dataset: prepare \
+             them into a new directory with `charlm-trainer prepare --input {shown} --output \
+             {prepared}`, then train with `--data {prepared}`"
+        )
+    } else if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+        format!(
+            "--data {shown} (CHARLM_DATA) is empty: write a dataset into it with `charlm-trainer \
+             prepare --input <dir of .txt files> --output {shown}`"
+        )
+    } else {
+        format!(
+            "--data {shown} (CHARLM_DATA) is not a prepared dataset (it has no {}): make one \
+             with `charlm-trainer prepare --input <dir of .txt files> --output <new dir>` and \
+             give that directory as --data",
+            prepare::MANIFEST_FILE
+        )
+    };
+    anyhow::Error::new(crate::sys::error::UserError(message))
+}
+
+/// Whether `dir` holds `*.txt` files within a few levels (what `prepare --input` reads); the look
+/// is bounded, a huge tree is not walked.
+fn holds_txt(dir: &Path) -> bool {
+    let mut pending = vec![(dir.to_path_buf(), 0)];
+    let mut seen = 0;
+    while let Some((d, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > 10_000 {
+                return false;
+            }
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "txt") && path.is_file() {
+                return true;
+            }
+            if depth < 3 && path.is_dir() {
+                pending.push((path, depth + 1));
+            }
+        }
+    }
+    false
+}
+
 impl Dataset {
     /// Opens the prepared dataset in `dir` for sequences of `seq_len` tokens, shuffled by `seed`.
     pub fn open(dir: &Path, seq_len: i64, seed: u64) -> Result<Self> {
         if seq_len < 1 {
             user_bail!("--seq-len must be at least 1 (got {seq_len})");
+        }
+        if !dir.join(prepare::MANIFEST_FILE).is_file() {
+            return Err(not_a_dataset(dir));
         }
         let manifest = prepare::read_manifest(dir)?;
         let train = map_split(dir, prepare::TRAIN_FILE, manifest.train.tokens)?;

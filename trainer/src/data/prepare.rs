@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::data::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
 use crate::sys::error::UserError;
 use crate::sys::rng::{Units, STREAM_VAL_SPLIT};
-use crate::sys::staging::StagingDir;
+use crate::sys::staging::{write_error, StagingDir};
 use crate::user_bail;
 
 /// Bumped whenever the meaning of the files changes; `Dataset::open` refuses other formats.
@@ -81,11 +81,12 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
     }
     let files = find_inputs(input)?;
     check_output(output, input)?;
-    let staging = StagingDir::new(output)?;
+    let out_err = |e: anyhow::Error| write_error("--output", output, e);
+    let staging = StagingDir::new(output).map_err(out_err)?;
     let mut scanner = Scanner {
         splits: [
-            Split::create(&staging.path().join(TRAIN_FILE))?,
-            Split::create(&staging.path().join(VAL_FILE))?,
+            Split::create(&staging.path().join(TRAIN_FILE)).map_err(out_err)?,
+            Split::create(&staging.path().join(VAL_FILE)).map_err(out_err)?,
         ],
         current: 0,
         gap: true,
@@ -97,17 +98,16 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
     let mut chunk = vec![0u8; CHUNK];
     let mut sources = Vec::with_capacity(files.len());
     for (path, rel) in &files {
-        let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+        let mut file = fs::File::open(path).map_err(|e| input_error(path, e))?;
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         loop {
-            let n = read_full(&mut file, &mut chunk)
-                .with_context(|| format!("read {}", path.display()))?;
+            let n = read_full(&mut file, &mut chunk).map_err(|e| input_error(path, e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&chunk[..n]);
-            if scanner.scan(&chunk[..n])? & 0x80 != 0 {
+            if scanner.scan(&chunk[..n]).map_err(out_err)? & 0x80 != 0 {
                 let at = chunk[..n]
                     .iter()
                     .position(|&b| TABLE[b as usize] == INVALID);
@@ -115,7 +115,7 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
             }
             offset += n as u64;
         }
-        scanner.end_file()?;
+        scanner.end_file().map_err(out_err)?;
         sources.push(SourceFile {
             path: rel.clone(),
             bytes: offset,
@@ -125,7 +125,10 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
 
     let documents = scanner.documents;
     let [train, val] = scanner.splits;
-    let (train, val) = (train.finish()?, val.finish()?);
+    let (train, val) = (
+        train.finish().map_err(out_err)?,
+        val.finish().map_err(out_err)?,
+    );
     if documents == 0 {
         user_bail!(
             "the .txt files under {} hold no documents (they are empty or only blank lines): add text",
@@ -156,10 +159,11 @@ pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Res
         sources,
     };
     let path = staging.path().join(MANIFEST_FILE);
-    let mut f = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
-    f.write_all((serde_json::to_string_pretty(&manifest)? + "\n").as_bytes())?;
-    f.sync_all()?;
-    staging.commit()?;
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+        .map_err(|e| out_err(e.into()))?;
+    staging.commit().map_err(out_err)?;
     Ok(manifest)
 }
 
@@ -188,7 +192,7 @@ fn find_inputs(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
             continue;
         }
         visited.push(real);
-        for entry in fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+        for entry in fs::read_dir(&d).map_err(|e| input_error(&d, e))? {
             let entry = entry.with_context(|| format!("read {}", d.display()))?;
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
@@ -228,20 +232,41 @@ fn find_inputs(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
         .collect())
 }
 
-/// Refuses to replace a directory that `prepare` did not write: it could be the user's data.
+/// Refuses to replace a directory unless `prepare`'s own manifest proves that `prepare` wrote
+/// everything in it (an empty directory holds nothing to lose): anything else could be the
+/// user's data, a lone `train.bin` included.
 fn check_output(output: &Path, input: &Path) -> Result<()> {
     if output.exists() {
         if !output.is_dir() {
             user_bail!("--output {} is a file; give a directory", output.display());
         }
-        for entry in fs::read_dir(output).with_context(|| format!("read {}", output.display()))? {
-            let name = entry?.file_name();
-            if !OUTPUT_FILES.iter().any(|f| name == *f) {
+        let mut names = Vec::new();
+        let entries = match fs::read_dir(output) {
+            Ok(e) => e,
+            Err(e) => user_bail!(
+                "--output {} cannot be read: {e}; give a directory this user may read and write",
+                output.display()
+            ),
+        };
+        for entry in entries {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        if let Some(foreign) = names.iter().find(|n| !OUTPUT_FILES.contains(&n.as_str())) {
+            user_bail!(
+                "--output {} holds {foreign}, which prepare did not write; to keep it safe nothing \
+                 is replaced: give a new or empty directory",
+                output.display()
+            );
+        }
+        if !names.is_empty() {
+            if let Err(why) = written_by_prepare(output) {
                 user_bail!(
-                    "--output {} holds {}, which prepare did not write; to keep it safe nothing \
-                     is replaced: give a new or empty directory",
+                    "--output {} holds {} but {why}, so prepare cannot tell that it wrote them; to \
+                     keep them safe nothing is replaced: give a new or empty directory, or remove \
+                     them yourself",
                     output.display(),
-                    name.to_string_lossy()
+                    names.join(", ")
                 );
             }
         }
@@ -255,6 +280,54 @@ fn check_output(output: &Path, input: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `dir`'s manifest is one `prepare` writes (of any format version) and its splits have
+/// the sizes it records; otherwise why not.
+fn written_by_prepare(dir: &Path) -> std::result::Result<(), String> {
+    let text = fs::read_to_string(dir.join(MANIFEST_FILE))
+        .map_err(|_| format!("no readable {MANIFEST_FILE}"))?;
+    let m: serde_json::Value =
+        serde_json::from_str(&text).map_err(|_| format!("its {MANIFEST_FILE} is not JSON"))?;
+    if m.get("format").is_none() || m.get("vocabulary").is_none() {
+        return Err(format!("its {MANIFEST_FILE} is not a prepare manifest"));
+    }
+    for (file, split) in [(TRAIN_FILE, "train"), (VAL_FILE, "val")] {
+        let want = m[split]["tokens"].as_u64();
+        let have = fs::metadata(dir.join(file)).ok().map(|md| md.len());
+        if have.is_some() && have != want {
+            return Err(format!("{file} is not the size its manifest records"));
+        }
+    }
+    Ok(())
+}
+
+/// A filesystem error while reading an input file: the input is at fault when it cannot be read.
+fn input_error(path: &Path, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        // The fix depends on who this process is: a container's uid and gid are rarely the ones
+        // that wrote the files.
+        ErrorKind::PermissionDenied => {
+            // SAFETY: getuid and getgid cannot fail and touch no memory.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            anyhow::Error::new(UserError(format!(
+                "{}: permission denied for uid {uid} (gid {gid}): make it readable by that user \
+                 or group (e.g. chmod a+r, or chgrp {gid} and chmod g+r; directories also need +x)",
+                path.display()
+            )))
+        }
+        kind => {
+            let message = format!(
+                "cannot read {}: {e}; make it readable or remove it",
+                path.display()
+            );
+            if kind == ErrorKind::NotFound {
+                anyhow::Error::new(UserError(message))
+            } else {
+                anyhow::anyhow!(message)
+            }
+        }
+    }
 }
 
 /// Reads until `buf` is full or the file ends, so chunks have one size whatever the reads return.
@@ -532,6 +605,30 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_input_is_the_users_to_fix_and_names_who_must_read_it() {
+        let path = Path::new("/dataset/corpus/b.txt");
+        let denied = input_error(path, std::io::Error::from(ErrorKind::PermissionDenied));
+        assert_eq!(crate::sys::error::exit_code(&denied), 2);
+        // SAFETY: as in `input_error`.
+        let uid = unsafe { libc::getuid() };
+        let text = denied.to_string();
+        assert!(
+            text.starts_with("/dataset/corpus/b.txt: permission denied for uid "),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("uid {uid} ")) && text.contains("chmod"),
+            "{text}"
+        );
+        // Other failures (a disk error) stay ordinary errors, still naming the file.
+        let other = input_error(path, std::io::Error::other("I/O error"));
+        assert_eq!(crate::sys::error::exit_code(&other), 1);
+        assert!(other
+            .to_string()
+            .starts_with("cannot read /dataset/corpus/b.txt: I/O error"));
+    }
 
     /// Runs the scanner over `text` cut into pieces of `piece` bytes, as files or chunks would.
     fn scan_pieces(texts: &[&str], piece: usize) -> (Vec<u8>, Vec<u8>, u64) {

@@ -19,7 +19,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::sys::rng::{Rng, STREAM_GENERATE};
-use crate::sys::staging::StagingDir;
+use crate::sys::staging::{write_error, StagingDir};
 use crate::user_bail;
 
 /// Files are cut at this size so large datasets come as several files, like real ones.
@@ -36,11 +36,19 @@ pub fn generate(output: &Path, chars: u64, seed: u64) -> Result<u64> {
             output.display()
         );
     }
-    let staging = StagingDir::new(output)?;
+    let fail = |e: anyhow::Error| write_error("--output", output, e);
+    let staging = StagingDir::new(output).map_err(fail)?;
+    let total = write_parts(staging.path(), chars, seed).map_err(fail)?;
+    staging.commit().map_err(fail)?;
+    Ok(total)
+}
+
+/// The worksheets' `part-NNNN.txt` files in `dir`; returns the characters written.
+fn write_parts(dir: &Path, chars: u64, seed: u64) -> Result<u64> {
     let mut rng = Rng::stream(seed, &[STREAM_GENERATE]);
     let (mut total, mut part) = (0u64, 0u32);
     while total < chars {
-        let path = staging.path().join(format!("part-{part:04}.txt"));
+        let path = dir.join(format!("part-{part:04}.txt"));
         let file =
             std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
         let mut out = BufWriter::new(file);
@@ -61,7 +69,6 @@ pub fn generate(output: &Path, chars: u64, seed: u64) -> Result<u64> {
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         part += 1;
     }
-    staging.commit()?;
     Ok(total)
 }
 

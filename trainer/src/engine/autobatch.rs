@@ -99,9 +99,18 @@ pub fn choose(
 ) -> Result<Option<i64>> {
     if !device.is_cuda() {
         let limit = cpu_limit_bytes();
-        return largest_fitting(candidates, |b| {
+        let Some(fits) = largest_fitting(candidates, |b| {
             Ok(estimate_bytes(config, b, Kind::Float) <= limit)
-        });
+        })?
+        else {
+            return Ok(None);
+        };
+        return Ok(Some(quick_on_cpu(
+            config,
+            candidates,
+            fits,
+            tch::get_num_threads(),
+        )));
     }
     if options.recompute != Recompute::Auto {
         return largest_fitting(candidates, |b| probe_gpu(config, b, device, options));
@@ -118,6 +127,28 @@ pub fn choose(
         ..*options
     };
     largest_fitting(candidates, |b| probe_gpu(config, b, device, &every_block))
+}
+
+/// Training FLOPs (forward and backward, [`GptConfig::flops_per_token`]) one CPU thread computes
+/// per second: `bench` at depth 2 (the least efficient of the depths measured, so larger ones
+/// come out shorter, not longer) on the 2-core development machine (docs/performance.md, "CPU").
+pub const CPU_FLOPS_PER_THREAD: f64 = 25e9;
+
+/// How long one micro-batch may take on a CPU: long enough that the step's fixed costs are
+/// small beside it, short enough that a step line comes every few seconds.
+pub const CPU_MICRO_BATCH_SECONDS: f64 = 1.0;
+
+/// On a CPU memory rarely binds and the largest micro-batch that fits makes steps of minutes:
+/// the largest candidate up to `fits` whose micro-batch takes about
+/// [`CPU_MICRO_BATCH_SECONDS`] on `threads` threads, else the smallest candidate.
+pub fn quick_on_cpu(config: &GptConfig, candidates: &[i64], fits: i64, threads: i32) -> i64 {
+    let budget = CPU_FLOPS_PER_THREAD * threads.max(1) as f64 * CPU_MICRO_BATCH_SECONDS;
+    let flops = |b: i64| b as f64 * config.seq_len as f64 * config.flops_per_token();
+    candidates
+        .iter()
+        .copied()
+        .find(|&b| b <= fits && flops(b) <= budget)
+        .unwrap_or_else(|| candidates.last().copied().unwrap_or(1).min(fits))
 }
 
 /// Runs one step at micro-batch `b` on a fresh model; false when it runs out of memory or peaks
@@ -187,6 +218,19 @@ mod tests {
             assert!(asked.len() <= 4, "limit {limit}: asked {asked:?}");
         }
         assert_eq!(largest_fitting(&[], |_| Ok(true)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_cpu_micro_batch_stays_short_but_is_never_empty() {
+        let all = candidates(None);
+        // Depth 12 at 2048 tokens: about 0.2 TFLOP a sequence, so one sequence per micro-batch.
+        assert_eq!(quick_on_cpu(&GptConfig::new(12, 2048), &all, 256, 2), 1);
+        // Depth 1 at 32 tokens is tiny: memory (here 16) is the limit.
+        assert_eq!(quick_on_cpu(&GptConfig::new(1, 32), &all, 16, 2), 16);
+        let d2 = GptConfig::new(2, 256);
+        let on2 = quick_on_cpu(&d2, &all, 256, 2);
+        assert!((1..256).contains(&on2), "{on2}");
+        assert!(quick_on_cpu(&d2, &all, 256, 8) >= on2);
     }
 
     #[test]

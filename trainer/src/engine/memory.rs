@@ -147,6 +147,37 @@ pub fn cpu_limit_bytes() -> u64 {
     total_kib * 1024 / 2
 }
 
+/// Refuses a fixed micro-batch `b` that cannot fit before anything is allocated (a model of depth
+/// 128 on a laptop would otherwise take all its memory until the kernel kills it): on a CPU the
+/// step's estimate against the CPU limit, on a GPU the parameters and optimizer state alone
+/// against its memory (a step that then runs out is explained where it happens).
+pub fn check_fits(config: &GptConfig, b: i64, device: Device) -> anyhow::Result<()> {
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    let (need, limit, what) = match crate::sys::cuda::total_memory(device) {
+        None => (
+            estimate_bytes(config, b, Kind::Float) as f64,
+            cpu_limit_bytes() as f64,
+            "the CPU limit (CHARLM_MEMORY_LIMIT_GIB, or half the RAM)",
+        ),
+        Some(total) => (
+            MemoryEstimate::new(config, b, config.seq_len).fixed,
+            HEADROOM * total as f64,
+            "the GPU's memory",
+        ),
+    };
+    if need > limit {
+        crate::user_bail!(
+            "depth {} with a micro-batch of {b} sequences of {} tokens needs about {:.1} GiB, above \
+             {what} of {:.1} GiB: use a smaller --depth, --device-batch-size or --seq-len",
+            config.depth,
+            config.seq_len,
+            gib(need),
+            gib(limit)
+        );
+    }
+    Ok(())
+}
+
 /// The bytes a step may use on `device`: [`HEADROOM`] of a GPU, or the CPU limit.
 pub fn limit_bytes(device: Device) -> u64 {
     crate::sys::cuda::total_memory(device)

@@ -31,3 +31,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         charlm_contract::exit::FAILURE
     }
 }
+
+/// Whether `err` is a write to a pipe whose reader is gone.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,10 +1,13 @@
 //! What the rest of the trainer stands on and that knows nothing of models: CUDA queries, staging
-//! directories, the random streams, user errors and exit codes, the C++ bridge's error helper, and
-//! the TensorBoard event writer.
+//! directories, the random streams, user errors and exit codes, the flags' shared checks and
+//! naming rule, the JSON Lines event stream, the C++ bridge's error helper, and the TensorBoard
+//! event writer.
 
 pub mod cuda;
 pub mod error;
+pub mod events;
 pub mod ffi;
+pub mod flags;
 pub mod profiler;
 pub mod rng;
 pub mod staging;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::error::UserError;
+
 pub struct StagingDir {
     tmp: PathBuf,
     dest: PathBuf,
@@ -107,6 +109,39 @@ fn recover(parent: &Path, name: &str, dest: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A filesystem error while writing `dest` (the value of `flag`) through a staging directory,
+/// told with the user's path instead of the hidden sibling's, and the fix. A permission, space
+/// or path problem is the user's to fix: a [`UserError`] (exit 2).
+pub fn write_error(flag: &str, dest: &Path, e: anyhow::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
+    let user_fixable = io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            ErrorKind::PermissionDenied
+                | ErrorKind::ReadOnlyFilesystem
+                | ErrorKind::StorageFull
+                | ErrorKind::QuotaExceeded
+                | ErrorKind::NotADirectory
+                | ErrorKind::AlreadyExists
+        )
+    });
+    let why = io.map_or_else(|| format!("{e:#}"), |io| io.to_string());
+    let parent = parent_of(dest);
+    let message = format!(
+        "cannot write {flag} {}: {why}; it is written beside it, in {}, then renamed into place: \
+         make {} writable by this user, with room for the output, or give another {flag}",
+        dest.display(),
+        parent.display(),
+        parent.display()
+    );
+    if user_fixable {
+        anyhow::Error::new(UserError(message))
+    } else {
+        anyhow::anyhow!(message)
+    }
 }
 
 fn parent_of(path: &Path) -> PathBuf {

@@ -117,6 +117,25 @@ pub fn save(
     staging.commit()
 }
 
+/// Makes sure checkpoints can be written to `root` (created if missing), before any training
+/// that a failed first save would throw away. A failure is the user's to fix: exit 2.
+pub fn check_writable(root: &Path) -> Result<()> {
+    let probe = root.join(format!(".write-test-{}", std::process::id()));
+    let outcome = fs::create_dir_all(root)
+        .and_then(|()| fs::write(&probe, b"charlm"))
+        .and_then(|()| fs::remove_file(&probe));
+    if let Err(e) = outcome {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        user_bail!(
+            "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) cannot be written: {e}; make it a \
+             directory this user (uid {uid}) may write, or give another --checkpoint-dir",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
 /// Rolling checkpoints in `root`, newest first.
 pub fn list(root: &Path) -> Result<Vec<(i64, PathBuf)>> {
     let mut out = Vec::new();

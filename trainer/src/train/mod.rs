@@ -15,11 +15,13 @@ mod resume;
 mod session;
 mod state;
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use charlm_contract::events::{self, Event};
 use charlm_contract::ProgressReport;
 use tch::Device;
 
@@ -32,8 +34,8 @@ use crate::dist::{DistEnv, GroupOptions, ProcessGroup};
 use crate::engine::autobatch::MicroBatch;
 use crate::engine::Engine;
 use crate::model::GptConfig;
+use crate::sys::events::Events;
 use crate::sys::tensorboard::EventWriter;
-use crate::user_bail;
 use progress::SharedProgress;
 use session::Session;
 use state::RunState;
@@ -43,7 +45,13 @@ pub const PEAK_FLOPS: f64 = 989e12;
 
 pub fn run(args: Args) -> Result<()> {
     let env = DistEnv::from_env();
-    let device = pick_device(&args.device, env.local_rank)?;
+    let events = Events::new(args.log_format, Some(env.rank as u64));
+    let device = args.device.resolve(env.local_rank)?;
+    // Rank 0 alone writes checkpoints: an unwritable directory is found now, not at the first
+    // save after the training ran.
+    if let (Some(dir), 0) = (&args.checkpoint_dir, env.rank) {
+        checkpoint::check_writable(dir)?;
+    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
@@ -55,6 +63,9 @@ pub fn run(args: Args) -> Result<()> {
         MicroBatch::Auto => 1,
     };
     let early = Plan::new(&args, env.world_size, early_micro)?;
+    if let MicroBatch::Fixed(n) = args.device_batch_size {
+        crate::engine::memory::check_fits(&GptConfig::new(args.depth, args.seq_len), n, device)?;
+    }
     let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
     let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
     // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
@@ -70,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     if is_main && args.metrics_port != 0 {
         serve_progress(args.metrics_port, &shared);
     }
-    if already_over(&early, &pg, device, &shared)? {
+    if already_over(&early, &pg, device, &shared, &events)? {
         return Ok(());
     }
 
@@ -81,7 +92,10 @@ pub fn run(args: Args) -> Result<()> {
     if is_main {
         describe(&plan, &config, &data, &pg, device);
     }
-    let state = start_state(&plan, &data, &pg, device, &mut engine)?;
+    let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
+    if is_main {
+        announce(&plan, &config, &data, &pg, device, &state, resumed, &events);
+    }
     let tensorboard = match (&args.tensorboard_dir, is_main) {
         (Some(dir), true) => match EventWriter::create(dir) {
             Ok(w) => Some(w),
@@ -107,6 +121,7 @@ pub fn run(args: Args) -> Result<()> {
         shared,
         stop,
         tensorboard,
+        events,
     };
     let result = session.run();
     if let Err(err) = &result {
@@ -133,6 +148,7 @@ fn already_over(
     pg: &ProcessGroup,
     device: Device,
     shared: &SharedProgress,
+    events: &Events,
 ) -> Result<bool> {
     let done = if pg.rank() == 0 {
         resume::finished_summary(plan)?
@@ -144,10 +160,9 @@ fn already_over(
     }
     if let Some(summary) = done {
         *shared.lock().expect("progress lock") = summary.clone();
-        println!(
-            "{}",
-            serde_json::json!({"event": "end", "progress": summary})
-        );
+        events.emit(Event::End(events::End {
+            progress: summary.clone(),
+        }));
         if let Some(path) = &plan.termination_log {
             progress::write_termination_log(path, &summary);
         }
@@ -193,7 +208,7 @@ fn start_state(
     pg: &ProcessGroup,
     device: Device,
     engine: &mut Engine,
-) -> Result<RunState> {
+) -> Result<(RunState, Option<PathBuf>)> {
     let mut state = RunState::new(data.train_windows());
     let resumed = if pg.rank() == 0 {
         resume::restore(plan, engine, &mut state)?
@@ -209,34 +224,63 @@ fn start_state(
     state.elapsed_s = header[1];
     engine.adamw.step = header[2] as i64;
     engine.broadcast_from_rank0(pg)?;
-    if let Some(dir) = resumed {
+    if let Some(dir) = &resumed {
         eprintln!(
-            "resumed from {} at step {} ({:.0} s trained)",
+            "resumed from {} at step {} ({} trained)",
             dir.display(),
             state.step,
-            state.elapsed_s
+            session::fmt_duration(state.elapsed_s)
         );
     }
-    Ok(state)
+    Ok((state, resumed))
 }
 
-fn pick_device(choice: &str, local_rank: usize) -> Result<Device> {
-    match choice {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if !tch::Cuda::is_available() => {
-            user_bail!("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-        }
-        "cuda" | "auto" if tch::Cuda::is_available() => {
-            let n = tch::Cuda::device_count() as usize;
-            if local_rank >= n {
-                user_bail!(
-                    "local rank {local_rank} has no GPU: only {n} visible; start fewer processes \
-                     per node"
-                );
-            }
-            Ok(Device::Cuda(local_rank))
-        }
-        "auto" => Ok(Device::Cpu),
-        other => user_bail!("--device {other:?} is not one of auto, cpu, cuda"),
-    }
+/// Rank 0's `start` event and line: where training starts and what its budget and first
+/// learning-rate multiplier are.
+#[allow(clippy::too_many_arguments)]
+fn announce(
+    plan: &Plan,
+    config: &GptConfig,
+    data: &Dataset,
+    pg: &ProcessGroup,
+    device: Device,
+    state: &RunState,
+    resumed: Option<PathBuf>,
+    events: &Events,
+) {
+    let batch = &plan.batch;
+    let lr_mult = lr_multiplier(
+        plan.budget.fraction(state.step, state.elapsed_s),
+        plan.warmdown_ratio,
+    );
+    let budget = match (plan.budget.max_steps, plan.budget.seconds) {
+        (Some(m), Some(s)) => format!(
+            "{m} steps or {} of training, whichever ends first",
+            session::fmt_duration(s)
+        ),
+        (Some(m), None) => format!("{m} steps"),
+        (None, Some(s)) => format!("{} of training", session::fmt_duration(s)),
+        (None, None) => "none".into(),
+    };
+    eprintln!(
+        "start: step {} | budget {budget} | lr ×{lr_mult:.2}",
+        state.step
+    );
+    events.emit(Event::Start(events::Start {
+        step: state.step,
+        resumed_from: resumed.map(|d| d.display().to_string()),
+        depth: config.depth,
+        params: config.total_params(),
+        seq_len: batch.seq_len,
+        device_batch_size: batch.device_batch_size,
+        accum_steps: batch.accum_steps,
+        total_batch_size: batch.total_batch_size,
+        world_size: pg.world_size() as u64,
+        device: crate::sys::cuda::device_name(device),
+        collectives: pg.backend().to_string(),
+        tokens_per_epoch: data.train_windows() * batch.seq_len as u64,
+        max_steps: plan.budget.max_steps,
+        hours: plan.budget.seconds.map(|s| s / 3600.0),
+        lr_mult,
+    }));
 }

@@ -14,6 +14,7 @@ use crate::dist::ProcessGroup;
 use crate::engine::autobatch::{self, MicroBatch};
 use crate::engine::LearningRates;
 use crate::model::GptConfig;
+use crate::sys::flags;
 use crate::user_bail;
 
 /// The batch geometry, derived from the flags and the world size; checkpoints record it as their
@@ -83,26 +84,33 @@ pub struct Plan {
 impl Plan {
     /// Checks the settings for `world_size` ranks with micro-batch `micro` (already resolved).
     pub fn new(args: &Args, world_size: usize, micro: i64) -> Result<Self> {
-        if !(1..=128).contains(&args.depth) {
-            user_bail!("--depth {} is out of range: use 1..128", args.depth);
+        // Each flag's own range is checked while parsing (train/args.rs); these stay for
+        // callers that build `Args` by hand, and for what depends on several flags.
+        if !(1..=flags::MAX_DEPTH).contains(&args.depth) {
+            user_bail!(
+                "--depth {} (CHARLM_DEPTH) is out of range: use 1 to {}",
+                args.depth,
+                flags::MAX_DEPTH
+            );
         }
         if args.seq_len < 2 || micro < 1 {
             user_bail!("--seq-len must be at least 2 and --device-batch-size at least 1");
         }
         if args.hours.is_none() && args.max_steps.is_none() {
             user_bail!(
-                "give a budget: --hours H (CHARLM_HOURS) or --max-steps N (CHARLM_MAX_STEPS)"
+                "give a budget: --hours H (CHARLM_HOURS) or --max-steps N (CHARLM_MAX_STEPS, \
+                 nanochat's --num-iterations)"
             );
         }
         if args.hours.is_some_and(|h| h.is_nan() || h <= 0.0) {
-            user_bail!("--hours must be above 0");
+            user_bail!("--hours (CHARLM_HOURS) must be above 0");
         }
         let per_micro = micro * args.seq_len * world_size as i64;
         let total = args.total_batch_size.unwrap_or(per_micro);
         if total < per_micro || total % per_micro != 0 {
             user_bail!(
-                "--total-batch-size {total} must be a multiple of device batch × seq len × ranks = \
-                 {micro} × {} × {world_size} = {per_micro}; try {}",
+                "--total-batch-size {total} (CHARLM_TOTAL_BATCH_SIZE) must be a multiple of device \
+                 batch × seq len × ranks = {micro} × {} × {world_size} = {per_micro}; try {}",
                 args.seq_len,
                 (total / per_micro).max(1) * per_micro
             );
@@ -136,6 +144,90 @@ impl Plan {
             termination_log: args.termination_log.clone(),
         })
     }
+}
+
+/// The schedule's inputs, recorded in each checkpoint's `settings` beside the [`Batch`], so that
+/// a resume with another budget can say what that does to the learning rate.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Schedule {
+    pub max_steps: Option<i64>,
+    pub hours: Option<f64>,
+    pub warmdown_ratio: f64,
+}
+
+impl Plan {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            max_steps: self.budget.max_steps,
+            hours: self.budget.seconds.map(|s| s / 3600.0),
+            warmdown_ratio: self.warmdown_ratio,
+        }
+    }
+
+    /// A checkpoint's `settings`: the batch geometry and the schedule, in one object.
+    pub fn settings(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.batch).unwrap_or_default();
+        if let (Some(map), Ok(serde_json::Value::Object(s))) =
+            (v.as_object_mut(), serde_json::to_value(self.schedule()))
+        {
+            map.extend(s);
+        }
+        v
+    }
+}
+
+impl Schedule {
+    fn budget(&self) -> Budget {
+        Budget {
+            seconds: self.hours.map(|h| h * 3600.0),
+            max_steps: self.max_steps,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = self.max_steps {
+            parts.push(format!("--max-steps {m}"));
+        }
+        if let Some(h) = self.hours {
+            parts.push(format!("--hours {h}"));
+        }
+        parts.push(format!("--warmdown-ratio {}", self.warmdown_ratio));
+        parts.join(" ")
+    }
+}
+
+/// What a resume at `step` (after `elapsed_s` of training) under `new` does to the learning rate
+/// when the checkpoint was trained under `old`: `None` when the schedule is the same. The
+/// schedule is a function of the budget, so a raised budget moves the warmdown later and the
+/// multiplier back up, possibly to 1 after it had decayed to nearly 0.
+pub fn schedule_change(
+    old: &Schedule,
+    new: &Schedule,
+    step: i64,
+    elapsed_s: f64,
+) -> Option<String> {
+    if old == new {
+        return None;
+    }
+    let before = lr_multiplier(old.budget().fraction(step, elapsed_s), old.warmdown_ratio);
+    let now = lr_multiplier(new.budget().fraction(step, elapsed_s), new.warmdown_ratio);
+    let decay = 1.0 - new.warmdown_ratio;
+    let mut from = Vec::new();
+    if let Some(m) = new.max_steps {
+        from.push(format!("step {}", (decay * m as f64).ceil() as i64));
+    }
+    if let Some(h) = new.hours {
+        from.push(format!("{:.2} h of training", decay * h));
+    }
+    Some(format!(
+        "the schedule follows the budget, which changed from {} to {}: at step {step} the \
+         learning-rate multiplier is {now:.2} (it was {before:.2} under the old budget); it is 1 \
+         until {} and then decays linearly to 0 at the end",
+        old.describe(),
+        new.describe(),
+        from.join(" or ")
+    ))
 }
 
 /// Learning-rate multiplier: 1, then a linear decay to 0 over the last `warmdown` of the budget.
@@ -174,7 +266,9 @@ pub fn resolve_micro_batch(
     let per_rank_tokens = args.seq_len * pg.world_size() as i64;
     let per_rank = match args.total_batch_size {
         Some(total) if total % per_rank_tokens != 0 => user_bail!(
-            "--total-batch-size {total} must be a multiple of seq len × ranks = {per_rank_tokens}"
+            "--total-batch-size {total} (CHARLM_TOTAL_BATCH_SIZE) must be a multiple of seq len × \
+             ranks = {per_rank_tokens}; try {}",
+            (total / per_rank_tokens).max(1) * per_rank_tokens
         ),
         Some(total) => Some(total / per_rank_tokens),
         None => None,
@@ -235,6 +329,45 @@ mod tests {
         assert_eq!(budget_fraction(50, 10.0, Some(100.0), Some(100)), 0.5);
         assert_eq!(budget_fraction(10, 90.0, Some(100.0), Some(100)), 0.9);
         assert_eq!(budget_fraction(10, 90.0, None, Some(100)), 0.1);
+    }
+
+    #[test]
+    fn a_raised_budget_explains_the_learning_rate_it_gives() {
+        let old = Schedule {
+            max_steps: Some(100),
+            hours: None,
+            warmdown_ratio: 0.2,
+        };
+        let new = Schedule {
+            max_steps: Some(200),
+            ..old
+        };
+        assert_eq!(schedule_change(&old, &old, 100, 5.0), None);
+        let note = schedule_change(&old, &new, 100, 5.0).unwrap();
+        assert!(
+            note.contains("from --max-steps 100 --warmdown-ratio 0.2 to --max-steps 200"),
+            "{note}"
+        );
+        assert!(
+            note.contains("multiplier is 1.00 (it was 0.00 under the old budget)"),
+            "{note}"
+        );
+        assert!(note.contains("1 until step 160"), "{note}");
+    }
+
+    #[test]
+    fn settings_hold_the_batch_and_the_schedule() {
+        let plan = Plan::new(&args(&[]), 1, 2).unwrap();
+        let v = plan.settings();
+        assert_eq!(v["max_steps"], 1);
+        assert_eq!(
+            serde_json::from_value::<Batch>(v.clone()).unwrap(),
+            plan.batch
+        );
+        assert_eq!(
+            serde_json::from_value::<Schedule>(v).unwrap(),
+            plan.schedule()
+        );
     }
 
     #[test]

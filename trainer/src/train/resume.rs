@@ -8,7 +8,7 @@ use anyhow::Result;
 use charlm_contract::{ProgressReport, StopReason};
 
 use super::checkpoint;
-use super::plan::{Batch, Plan};
+use super::plan::{schedule_change, Batch, Plan, Schedule};
 use super::state::RunState;
 use crate::engine::Engine;
 use crate::user_bail;
@@ -84,6 +84,11 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
             plan.batch.depth,
             plan.batch.seq_len
         );
+    }
+    if let Ok(old) = serde_json::from_value::<Schedule>(m.settings.clone()) {
+        if let Some(note) = schedule_change(&old, &plan.schedule(), m.step, m.elapsed_s) {
+            eprintln!("note: {note}");
+        }
     }
     if let Ok(old) = serde_json::from_value::<Batch>(m.settings.clone()) {
         if old.total_batch_size != plan.batch.total_batch_size || old.seed != plan.batch.seed {

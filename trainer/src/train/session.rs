@@ -21,8 +21,10 @@ use crate::dist::{ProcessGroup, ReduceOp};
 use crate::engine::optim::muon_momentum;
 use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
+use crate::sys::events::Events;
 use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
+use charlm_contract::events::{self, Event};
 use charlm_contract::{ProgressReport, StopReason};
 
 pub struct Session<'a> {
@@ -36,6 +38,8 @@ pub struct Session<'a> {
     pub stop: Arc<AtomicBool>,
     /// TensorBoard writer, on rank 0 when asked for.
     pub tensorboard: Option<EventWriter>,
+    /// The JSON Lines stream on stdout (rank 0 writes it).
+    pub events: Events,
 }
 
 impl Session<'_> {
@@ -153,7 +157,11 @@ impl Session<'_> {
         };
         let every = self.plan.log_every;
         if every > 0 && (snapshot.step % every == 0 || snapshot.step == 1) {
-            log_step(&snapshot, lr_mult);
+            let progress = self
+                .plan
+                .budget
+                .fraction(self.state.step, self.state.elapsed_s);
+            log_step(&snapshot, lr_mult, progress, &self.events);
             let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
             scalars.push(("perf/tokens_per_second", tokens_per_s));
             scalars.extend(mfu.map(|m| ("perf/mfu", m)));
@@ -180,10 +188,18 @@ impl Session<'_> {
         }
         if improved {
             if let Some(root) = &self.plan.checkpoint_dir {
-                let manifest = manifest_for(&self.plan.batch, &self.engine, &self.state);
+                let t0 = Instant::now();
+                let manifest = manifest_for(self.plan, &self.engine, &self.state);
                 let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
-                checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
-                    .context("save the best checkpoint")?;
+                let dir =
+                    checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
+                        .context("save the best checkpoint")?;
+                self.events.emit(Event::Checkpoint(events::Checkpoint {
+                    step,
+                    path: dir.display().to_string(),
+                    kind: "best".into(),
+                    seconds: t0.elapsed().as_secs_f64(),
+                }));
             }
         }
         {
@@ -194,16 +210,20 @@ impl Session<'_> {
             " (best)".to_string()
         } else {
             format!(
-                " (best {:.4} at step {})",
+                " (best {:.4} bpc at step {})",
                 self.state.best.unwrap().0,
                 self.state.best.unwrap().1
             )
         };
-        eprintln!("step {step:>6} | val bpc {bpc:.4}{note}");
-        println!(
-            "{}",
-            serde_json::json!({"event": "eval", "step": step, "val_bpc": bpc, "best": improved})
-        );
+        eprintln!("step {step:>6} | val {bpc:.4} bpc{note}");
+        let (best_val_bpc, best_step) = self.state.best.unwrap_or((bpc, step));
+        self.events.emit(Event::Eval(events::Eval {
+            step,
+            val_bpc: bpc,
+            best: improved,
+            best_val_bpc,
+            best_step,
+        }));
         self.tensorboard_scalars(step, &[("val/bpc", bpc)]);
         Ok(())
     }
@@ -217,17 +237,20 @@ impl Session<'_> {
             return Ok(());
         }
         let t0 = Instant::now();
-        let manifest = manifest_for(&self.plan.batch, &self.engine, &self.state);
+        let manifest = manifest_for(self.plan, &self.engine, &self.state);
         let name = checkpoint::step_dir_name(self.state.step);
         let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
         let dir = checkpoint::save(&root, &name, manifest, &model, &optimizer)
             .with_context(|| format!("save a checkpoint in {}", root.display()))?;
         checkpoint::prune(&root, self.plan.keep_checkpoints)?;
-        eprintln!(
-            "checkpoint {} saved in {:.1} s",
-            dir.display(),
-            t0.elapsed().as_secs_f64()
-        );
+        let seconds = t0.elapsed().as_secs_f64();
+        eprintln!("checkpoint {} saved in {seconds:.1} s", dir.display());
+        self.events.emit(Event::Checkpoint(events::Checkpoint {
+            step: self.state.step,
+            path: dir.display().to_string(),
+            kind: "rolling".into(),
+            seconds,
+        }));
         self.state.last_checkpoint = Some(dir);
         self.shared.lock().expect("progress lock").checkpoint = self
             .state
@@ -267,7 +290,9 @@ impl Session<'_> {
                 eprintln!("stopped by a signal at step {}; checkpoint saved, exiting", p.step)
             }
         }
-        println!("{}", serde_json::json!({"event": "end", "progress": p}));
+        self.events.emit(Event::End(events::End {
+            progress: p.clone(),
+        }));
         if let Some(path) = &self.plan.termination_log {
             progress::write_termination_log(path, &p);
         }
@@ -413,38 +438,75 @@ pub fn evaluate(plan: &Plan, data: &Dataset, pg: &ProcessGroup, engine: &Engine)
     Ok(v[0] / v[1] / std::f64::consts::LN_2)
 }
 
-fn log_step(p: &ProgressReport, lr_mult: f64) {
+/// The step's human line (units, share of the budget, time left) and its `step` event.
+fn log_step(p: &ProgressReport, lr_mult: f64, progress: f64, events: &Events) {
     let total = p
         .total_steps_estimate
         .map_or("?".to_string(), |t| t.to_string());
     let mfu = p
         .mfu
         .map_or(String::new(), |m| format!(" | mfu {:.1}%", m * 100.0));
+    let loss = p.train_loss.unwrap_or(f64::NAN);
+    let tokens_per_s = p.tokens_per_s.unwrap_or(0.0);
     eprintln!(
-        "step {:>6}/{total} | loss {:.4} | lrm {lr_mult:.2} | {:.0} tok/s{mfu} | epoch {:.2} | elapsed {} | eta {}",
+        "step {:>6}/{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
+         epoch {:.2} | {} elapsed, {} left",
         p.step,
-        p.train_loss.unwrap_or(f64::NAN),
-        p.tokens_per_s.unwrap_or(0.0),
+        (progress * 100.0).min(100.0),
+        thousands(tokens_per_s),
         p.epoch,
         fmt_duration(p.elapsed_s),
         p.eta_s.map_or("?".to_string(), fmt_duration),
     );
-    println!(
-        "{}",
-        serde_json::json!({
-            "event": "step", "step": p.step, "loss": p.train_loss, "lr_mult": lr_mult,
-            "tokens_per_s": p.tokens_per_s, "mfu": p.mfu, "elapsed_s": p.elapsed_s,
-            "eta_s": p.eta_s, "epoch": p.epoch, "tokens": p.tokens,
-            "tokens_per_epoch": p.tokens_per_epoch,
-        })
-    );
+    events.emit(Event::Step(events::Step {
+        step: p.step,
+        total_steps_estimate: p.total_steps_estimate,
+        progress: progress.min(1.0),
+        train_loss: loss,
+        lr_mult,
+        tokens_per_s,
+        mfu: p.mfu,
+        elapsed_s: p.elapsed_s,
+        eta_s: p.eta_s,
+        epoch: p.epoch,
+        tokens: p.tokens,
+        tokens_per_epoch: p.tokens_per_epoch,
+        peak_memory_gib: p.peak_memory_gib,
+    }));
 }
 
-fn fmt_duration(s: f64) -> String {
+/// 1234567.8 → "1,234,568".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub(super) fn fmt_duration(s: f64) -> String {
     let s = s.max(0.0) as u64;
     match s {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_figures_read_easily() {
+        assert_eq!(thousands(1234567.8), "1,234,568");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(fmt_duration(59.0), "59s");
+        assert_eq!(fmt_duration(61.0), "1m01s");
+        assert_eq!(fmt_duration(7300.0), "2h01m");
     }
 }

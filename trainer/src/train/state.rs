@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::checkpoint::Manifest;
-use super::plan::Batch;
+use super::plan::Plan;
 use crate::engine::Engine;
 
 /// What the loop mutates besides the model.
@@ -40,13 +40,14 @@ impl RunState {
 }
 
 /// The manifest of a checkpoint taken now.
-pub fn manifest_for(batch: &Batch, engine: &Engine, state: &RunState) -> Manifest {
+pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest {
+    let batch = &plan.batch;
     let consumed = state.step as u64 * batch.sequences_per_step();
     Manifest {
         format: 0,
         step: state.step,
         model: engine.model.config,
-        settings: serde_json::to_value(batch).unwrap_or_default(),
+        settings: plan.settings(),
         sequences_consumed: consumed,
         epoch: consumed as f64 / state.train_windows.max(1) as f64,
         seed: batch.seed,

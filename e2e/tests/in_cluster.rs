@@ -1,0 +1,582 @@
+//! The user's flows on a cluster whose pods run in real containers: the chart installed with the
+//! operator running in-cluster, the trainer image on the node (issue 13). Nothing here reads the
+//! node's disk or processes: every observation goes through the Kubernetes API (objects, pod logs)
+//! and every action through it too (`kubectl exec` for the kill), so the same tests serve the
+//! local plane's real node (`e2e/kind.sh --real-node`, which scripts/test runs) and a kind cluster
+//! (`e2e/kind.sh`).
+//!
+//! 1. A PVC dataset with a stray character ends `Failed`, the condition naming `path:line:column`,
+//!    and the claim's files are byte for byte what they were.
+//! 2. A PVC dataset the trainer's uid cannot read ends `Failed` naming the file and the fix.
+//! 3. The trainer process killed mid-run: the gang restarts and resumes from the checkpoint.
+//! 4. Two CPU pods meet through the headless Service's DNS names and complete.
+//! 5. `spec.suspend` true then false, then deleting the training removes its pods, Service and PVC.
+//!
+//! Ignored by default: they need such a cluster. `e2e/kind.sh` runs them with `--ignored` after
+//! `helm install`; `CHARLM_KUBECONFIG` names the cluster, `CHARLM_E2E_TRAINER_IMAGE` the trainer
+//! image (default `charlm-trainer:e2e`). One at a time (`SERIAL`): the real node has 2 cores.
+//! On any failure the message carries the training's status, the namespace's events, and the
+//! logs of its pods and of the operator.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolumeClaim, Pod, Service};
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+
+use charlm_e2e::cluster::{admin_client, create_namespace, tool, CHART_NAMESPACE};
+use charlm_operator::crd::{CharLMTraining, Phase};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn trainer_image() -> String {
+    std::env::var("CHARLM_E2E_TRAINER_IMAGE").unwrap_or_else(|_| "charlm-trainer:e2e".into())
+}
+
+/// One test's namespace and the APIs it uses.
+struct Case {
+    client: Client,
+    ns: String,
+    trainings: Api<CharLMTraining>,
+    pods: Api<Pod>,
+}
+
+impl Case {
+    async fn start(test: &str) -> Case {
+        let client = admin_client().await;
+        let ns = create_namespace(&client, test).await.unwrap();
+        Case {
+            trainings: Api::namespaced(client.clone(), &ns),
+            pods: Api::namespaced(client.clone(), &ns),
+            client,
+            ns,
+        }
+    }
+
+    async fn apply(&self, manifest: &Value) {
+        let name = manifest["metadata"]["name"].as_str().unwrap();
+        let t: CharLMTraining = serde_json::from_value(manifest.clone()).unwrap();
+        self.trainings
+            .patch(
+                name,
+                &PatchParams::apply("charlm-e2e").force(),
+                &Patch::Apply(&t),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    }
+
+    /// Polls `probe` every second until it answers; on timeout fails with the cluster's account.
+    async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>, String>>,
+    {
+        let start = Instant::now();
+        let mut last = "nothing observed yet".to_string();
+        loop {
+            match probe().await {
+                Ok(Some(v)) => return v,
+                Ok(None) => {}
+                Err(seen) => last = seen,
+            }
+            if start.elapsed() > timeout {
+                let message =
+                    format!("timed out after {timeout:?} waiting for {what}; last: {last}");
+                panic!("{}", self.report(&message).await);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn training(&self, name: &str) -> Result<CharLMTraining, String> {
+        self.trainings.get(name).await.map_err(|e| e.to_string())
+    }
+
+    async fn wait_phase(&self, name: &str, want: Phase, timeout: Duration) -> CharLMTraining {
+        self.until(&format!("{name} to be {want:?}"), timeout, || async {
+            let t = self.training(name).await?;
+            let phase = t.status.as_ref().and_then(|s| s.phase.clone());
+            match phase {
+                Some(p) if p == want => Ok(Some(t)),
+                Some(Phase::Failed | Phase::Succeeded) => Err(format!(
+                    "ended otherwise: {}",
+                    serde_json::to_string(&t.status).unwrap()
+                )),
+                _ => Err(serde_json::to_string(&t.status).unwrap()),
+            }
+        })
+        .await
+    }
+
+    async fn workers(&self, training: &str) -> Vec<Pod> {
+        let lp = ListParams::default().labels(&format!("charlm.dev/training={training}"));
+        self.pods
+            .list(&lp)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
+    /// A pod of the trainer image that runs `script` as uid 1000 with `/data` on `claim`, and its log.
+    async fn run_script(
+        &self,
+        pod: &str,
+        claim: &str,
+        script: &str,
+        read_only: bool,
+    ) -> (String, String) {
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
+                                    "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "main", "image": trainer_image(), "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": read_only}],
+                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                        "capabilities": {"drop": ["ALL"]}}
+                }],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]
+            }
+        });
+        self.pods
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(manifest).unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {pod}: {e}"));
+        let phase = self
+            .until(&format!("pod {pod} to finish"), 3 * MINUTE, || async {
+                let p = self.pods.get(pod).await.map_err(|e| e.to_string())?;
+                match p.status.as_ref().and_then(|s| s.phase.clone()).as_deref() {
+                    Some(done @ ("Succeeded" | "Failed")) => Ok(Some(done.to_string())),
+                    _ => Err(format!("{:?}", p.status)),
+                }
+            })
+            .await;
+        let log = self
+            .pods
+            .logs(pod, &LogParams::default())
+            .await
+            .unwrap_or_default();
+        (phase, log)
+    }
+
+    async fn claim(&self, name: &str) {
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}
+        }))
+        .unwrap();
+        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &pvc)
+            .await
+            .unwrap();
+    }
+
+    /// What a newcomer needs when a test fails: the message, then the trainings' status, the
+    /// namespace's events, each pod's containers' logs and the operator's log.
+    async fn report(&self, message: &str) -> String {
+        let mut out = format!("{message}\n---- trainings in {} ----\n", self.ns);
+        for t in self
+            .trainings
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            out += &format!(
+                "{}: {}\n",
+                t.name_any(),
+                serde_json::to_string(&t.status).unwrap()
+            );
+        }
+        out += "---- events ----\n";
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        for e in events
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            out += &format!(
+                "{} {} {}: {}\n",
+                e.involved_object.name.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            );
+        }
+        let pods = self
+            .pods
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        for p in pods {
+            let containers = p
+                .spec
+                .iter()
+                .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>();
+            for c in containers {
+                out += &format!("---- log of {}/{c} ----\n", p.name_any());
+                out += &self.log_tail(&self.pods, &p.name_any(), Some(&c)).await;
+            }
+        }
+        let operator: Api<Pod> = Api::namespaced(self.client.clone(), CHART_NAMESPACE);
+        for p in operator
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            out += &format!("---- operator log {} ----\n", p.name_any());
+            out += &self.log_tail(&operator, &p.name_any(), None).await;
+        }
+        out
+    }
+
+    async fn log_tail(&self, pods: &Api<Pod>, pod: &str, container: Option<&str>) -> String {
+        let lp = LogParams {
+            container: container.map(str::to_string),
+            tail_lines: Some(30),
+            ..Default::default()
+        };
+        pods.logs(pod, &lp)
+            .await
+            .unwrap_or_else(|e| format!("(no log: {e})\n"))
+    }
+
+    async fn finish(self) {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
+    }
+}
+
+fn tiny(name: &str, workers: i32) -> Value {
+    json!({
+        "apiVersion": "charlm.dev/v1alpha1",
+        "kind": "CharLMTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "depth": 1, "gpus": 0, "cpuWorkers": workers,
+            "deviceBatchSize": 4, "seqLen": 64, "totalBatchSize": 256 * workers,
+            "evalEvery": 400, "maxSteps": 300,
+            "dataset": {"synthetic": {"chars": 200000, "seed": 1}},
+            "checkpoint": {"size": "256Mi", "intervalMinutes": 0.1, "keep": 2},
+            "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 1},
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+            "env": [{"name": "CHARLM_THREADS", "value": "1"}]
+        }
+    })
+}
+
+fn pvc_dataset(name: &str, claim: &str, path: &str) -> Value {
+    let mut t = tiny(name, 1);
+    t["spec"]["dataset"] = json!({"pvc": {"claimName": claim, "path": path}});
+    t
+}
+
+/// Writes two files, `b.txt` with a stray `x` at line 3, column 5, and prints their checksums.
+const WRITE_CORPUS: &str = "mkdir -p /data/corpus && cd /data/corpus && \
+    printf '12+34\\n46\\n\\n7-3\\n4\\n\\n' >a.txt && printf '1+1\\n2\\n7.8Hx9\\n' >b.txt && \
+    sha256sum a.txt b.txt";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn a_stray_character_on_the_pvc_fails_naming_its_place_and_leaves_the_files() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("pvc-bad-file").await;
+    case.claim("texts").await;
+    let (phase, before) = case
+        .run_script("writer", "texts", WRITE_CORPUS, false)
+        .await;
+    assert_eq!(phase, "Succeeded", "{}", case.report(&before).await);
+
+    case.apply(&pvc_dataset("stray", "texts", "corpus")).await;
+    let failed = case.wait_phase("stray", Phase::Failed, 3 * MINUTE).await;
+    let message = failed
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("b.txt:3:5"),
+        "{}",
+        case.report(&format!("the failure does not name b.txt:3:5: {message}"))
+            .await
+    );
+    assert!(case.workers("stray").await.iter().all(|p| {
+        // No new attempt after bad input: the one pod ran its prepare step and stopped.
+        p.labels().get("charlm.dev/attempt").map(String::as_str) == Some("0")
+    }));
+
+    let (phase, after) = case
+        .run_script(
+            "reader",
+            "texts",
+            "cd /data/corpus && sha256sum a.txt b.txt && ls",
+            true,
+        )
+        .await;
+    assert_eq!(phase, "Succeeded", "{after}");
+    for line in before.lines() {
+        assert!(
+            after.contains(line),
+            "the claim's files changed: before\n{before}\nafter\n{after}"
+        );
+    }
+    eprintln!("failed as expected: {message}");
+    case.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn a_dataset_the_trainer_cannot_read_fails_naming_the_file_and_the_fix() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("pvc-unreadable").await;
+    case.claim("texts").await;
+    let script = format!("{WRITE_CORPUS} && chmod 000 b.txt");
+    let (phase, log) = case.run_script("writer", "texts", &script, false).await;
+    assert_eq!(phase, "Succeeded", "{log}");
+
+    case.apply(&pvc_dataset("locked", "texts", "corpus")).await;
+    let failed = case.wait_phase("locked", Phase::Failed, 3 * MINUTE).await;
+    let message = failed
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("b.txt") && message.contains("1000"),
+        "{}",
+        case.report(&format!(
+            "the failure should name the unreadable file and uid 1000 (the fix): {message}"
+        ))
+        .await
+    );
+    eprintln!("failed as expected: {message}");
+    case.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn a_killed_trainer_restarts_the_gang_which_resumes_from_its_checkpoint() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("kill").await;
+    let name = "resume";
+    let mut manifest = tiny(name, 1);
+    manifest["spec"]["maxSteps"] = json!(100000);
+    manifest["spec"]["hours"] = json!(0.012);
+    case.apply(&manifest).await;
+    case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
+    let saved = case
+        .until("a checkpoint mid-run", 2 * MINUTE, || async {
+            let t = case.training(name).await?;
+            let s = t.status.clone().unwrap_or_default();
+            match (s.latest_checkpoint, s.progress) {
+                (Some(c), Some(p)) if !p.complete => Ok(Some((c, p.step))),
+                (_, p) => Err(format!("checkpoint not yet; progress {p:?}")),
+            }
+        })
+        .await;
+    let pod = case
+        .workers(name)
+        .await
+        .pop()
+        .expect("a worker pod")
+        .name_any();
+    // The rank's `charlm-trainer train` process (pid 1 is `launch`, which signals from inside the
+    // container cannot kill): SIGKILL, as a crash or the OOM killer would.
+    let kill = "for d in /proc/[0-9]*; do tr '\\0' ' ' <$d/cmdline 2>/dev/null | \
+                grep -q '^[^ ]*charlm-trainer train' && kill -KILL ${d#/proc/} && echo killed ${d#/proc/}; \
+                done; true";
+    let out = tool(
+        "kubectl",
+        &[
+            "exec", "-n", &case.ns, &pod, "-c", "trainer", "--", "sh", "-c", kill,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("kubectl exec: {e}"));
+    assert!(
+        out.contains("killed"),
+        "no trainer process found in {pod}: {out}"
+    );
+    let resumed = case
+        .until("Running again in attempt 1", 3 * MINUTE, || async {
+            let t = case.training(name).await?;
+            let s = t.status.clone().unwrap_or_default();
+            if s.attempt == 1 && s.phase == Some(Phase::Running) {
+                Ok(Some(t))
+            } else {
+                Err(serde_json::to_string(&s).unwrap())
+            }
+        })
+        .await;
+    assert_eq!(resumed.status.as_ref().unwrap().restarts, 1);
+    let log = case
+        .until("attempt 1 to log its resume", 2 * MINUTE, || async {
+            let pods = case.workers(name).await;
+            let Some(p) = pods
+                .iter()
+                .find(|p| p.labels().get("charlm.dev/attempt").map(String::as_str) == Some("1"))
+            else {
+                return Err("no attempt-1 pod".into());
+            };
+            let lp = LogParams {
+                container: Some("trainer".into()),
+                ..Default::default()
+            };
+            let log = case
+                .pods
+                .logs(&p.name_any(), &lp)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(log.contains("resumed from ").then_some(log))
+        })
+        .await;
+    let at: i64 = log
+        .lines()
+        .find_map(|l| {
+            l.split_once(" at step ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a resume line with its step");
+    assert!(
+        at > 0,
+        "attempt 1 starts from a checkpoint, not from step 0: {log}"
+    );
+    let done = case.wait_phase(name, Phase::Succeeded, 3 * MINUTE).await;
+    let last = done.status.unwrap().progress.unwrap();
+    assert!(last.complete && last.step > at, "{last:?}");
+    eprintln!(
+        "checkpoint {} (seen at step {}), resumed at step {at}, finished at step {}",
+        saved.0, saved.1, last.step
+    );
+    case.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn two_cpu_pods_meet_through_the_headless_service_dns_and_complete() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("pair").await;
+    let name = "pair";
+    case.apply(&tiny(name, 2)).await;
+    let done = case.wait_phase(name, Phase::Succeeded, 5 * MINUTE).await;
+    let status = done.status.clone().unwrap();
+    let p = status.progress.clone().unwrap();
+    assert_eq!((p.world_size, p.step), (2, 300), "{p:?}");
+    let pods = case.workers(name).await;
+    let ips: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect();
+    assert!(
+        ips.len() == 2 && ips[0] != ips[1],
+        "two pods with their own addresses: {ips:?}"
+    );
+    let master = format!("{name}-worker-0.{name}-workers.{}.svc", case.ns);
+    let worker1 = pods
+        .iter()
+        .find(|p| p.name_any().ends_with("-worker-1"))
+        .unwrap();
+    let lp = LogParams {
+        container: Some("trainer".into()),
+        ..Default::default()
+    };
+    let log1 = case
+        .pods
+        .logs(&worker1.name_any(), &lp)
+        .await
+        .unwrap_or_default();
+    assert!(
+        log1.contains(&format!("rendezvous at {master}:")),
+        "worker 1 met rank 0 by its DNS name {master}:\n{log1}"
+    );
+    case.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn suspend_resume_then_delete_removes_pods_service_and_claim() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("suspend").await;
+    let name = "pause";
+    let mut manifest = tiny(name, 1);
+    manifest["spec"]["maxSteps"] = json!(100000);
+    manifest["spec"]["hours"] = json!(0.05);
+    case.apply(&manifest).await;
+    case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
+    let api = case.trainings.clone();
+    let suspend = |on: bool| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"suspend": on}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    suspend(true).await;
+    case.wait_phase(name, Phase::Suspended, 2 * MINUTE).await;
+    case.until("the workers to be gone", 2 * MINUTE, || async {
+        match case.workers(name).await.len() {
+            0 => Ok(Some(())),
+            n => Err(format!("{n} pods")),
+        }
+    })
+    .await;
+    suspend(false).await;
+    case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
+    let pvc = case
+        .training(name)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.checkpoint_pvc)
+        .expect("status.checkpointPvc");
+
+    case.trainings
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(case.client.clone(), &case.ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(case.client.clone(), &case.ns);
+    case.until("pods, Service and claim to go", 2 * MINUTE, || async {
+        let pods = case.workers(name).await.len();
+        let svcs = services
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0);
+        let claim = claims.get_opt(&pvc).await.ok().flatten().is_some();
+        if pods == 0 && svcs == 0 && !claim {
+            Ok(Some(()))
+        } else {
+            Err(format!("{pods} pods, {svcs} services, claim left: {claim}"))
+        }
+    })
+    .await;
+    case.finish().await;
+}
