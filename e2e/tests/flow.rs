@@ -1004,3 +1004,74 @@ async fn suspend_names_the_checkpoint_the_sigterm_saved_and_resume_continues() {
     assert!(last.complete && last.step > newest, "{last:?}");
     flow.env.finish().await;
 }
+
+/// The worker pods pass the Pod Security Standard `restricted` (issue 19): in a namespace whose
+/// label makes the API server's PodSecurity admission enforce it, a pod that does not comply is
+/// refused, and a training runs to `Succeeded`, every object of it admitted. (The stand-in kubelet
+/// runs its processes as root whatever the pod says; the admission is the API server's and real.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_succeeds_in_a_namespace_that_enforces_restricted() {
+    let flow = Flow::start("flow-restricted").await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(flow.env.admin.clone());
+    namespaces
+        .patch(
+            flow.ns(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"
+            }}})),
+        )
+        .await
+        .unwrap();
+
+    // The label is in force: a pod that asks for nothing is refused.
+    let plain: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": "charlm-trainer:e2e"}]}
+    }))
+    .unwrap();
+    let refused = flow
+        .env
+        .pods()
+        .create(&Default::default(), &plain)
+        .await
+        .expect_err("restricted admits a pod without a securityContext");
+    assert!(
+        refused
+            .to_string()
+            .contains("violates PodSecurity \"restricted:latest\""),
+        "{refused}"
+    );
+
+    let name = "fenced";
+    let mut manifest = tiny_cpu(name, 1);
+    manifest["spec"]["maxSteps"] = json!(60);
+    flow.env.apply(&manifest.to_string()).await;
+    let done = flow
+        .wait_phase(name, Phase::Succeeded, Duration::from_secs(150))
+        .await;
+    let last = done.status.unwrap().progress.unwrap();
+    assert!(last.complete && last.step == 60, "{last:?}");
+
+    let pod = flow.worker(name, 0, 0).await;
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .all(|v| v.projected.is_none() && v.secret.is_none()),
+        "no ServiceAccount token volume: {:?}",
+        spec.volumes
+    );
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+    }
+    flow.env.finish().await;
+}

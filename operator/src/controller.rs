@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -24,9 +25,9 @@ use crate::metrics::{Metrics, PhaseLabel, ReasonLabel, ResultLabel};
 use crate::progress::{Networks, PollError, ProgressClient};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
-    checkpoint_pvc, owner_reference, pvc_name, pvc_owner_update, service_name, worker_pod,
-    workers_selector, workers_service, PodSettings, PROGRESS_PORT, REPORT_FINALIZER,
-    TRAINING_LABEL,
+    checkpoint_pvc, network_policy_name, owner_reference, pvc_name, pvc_owner_update, service_name,
+    worker_pod, workers_network_policy, workers_selector, workers_service, NetworkPolicySettings,
+    PodSettings, PROGRESS_PORT, REPORT_FINALIZER, TRAINING_LABEL,
 };
 use crate::workers::{holds_report, observe, report_read, Worker, WorkerState};
 
@@ -49,6 +50,8 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub settings: PodSettings,
+    /// Who may reach each training's workers; `None`: no NetworkPolicy (`--network-policy=false`).
+    pub network_policy: Option<NetworkPolicySettings>,
     pub metrics: Arc<Metrics>,
     pub progress: ProgressClient,
     /// Price of one GPU-hour, for the estimated cost in each training's status.
@@ -62,6 +65,7 @@ impl Context {
         client: Client,
         identity: &str,
         settings: PodSettings,
+        network_policy: Option<NetworkPolicySettings>,
         metrics: Arc<Metrics>,
         price_per_gpu_hour: f64,
         progress_networks: Networks,
@@ -74,6 +78,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
+            network_policy,
             metrics,
             progress: ProgressClient::new(Duration::from_secs(3), progress_networks)?,
             price_per_gpu_hour,
@@ -194,6 +199,16 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
             &Patch::Apply(&workers_service(&training)),
         )
         .await?;
+    if let Some(settings) = &ctx.network_policy {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        policies
+            .patch(
+                &network_policy_name(&name),
+                &pp,
+                &Patch::Apply(&workers_network_policy(&training, settings)),
+            )
+            .await?;
+    }
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let listed = pods
@@ -616,7 +631,7 @@ fn truncate_note(note: String) -> String {
     format!("{}...", &note[..cut])
 }
 
-/// Deletion: remove the workers and the Service; keep the checkpoint volume if asked to, else
+/// Deletion: remove the workers, the Service and the NetworkPolicy; keep the checkpoint volume if asked to, else
 /// delete it. Idempotent: it may run several times, or after an `apply` that never finished.
 async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Error> {
     let ns = training.namespace().unwrap_or_default();
@@ -655,6 +670,14 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
             .delete(&service_name(&name), &DeleteParams::default())
             .await,
     )?;
+    if ctx.network_policy.is_some() {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        ignore_not_found(
+            policies
+                .delete(&network_policy_name(&name), &DeleteParams::default())
+                .await,
+        )?;
+    }
 
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pvc = pvc_name(&name);

@@ -13,7 +13,7 @@ use charlm_operator::crd::crd_yaml;
 use charlm_operator::leader::{LeaderElector, LeaseConfig};
 use charlm_operator::metrics::{self, Health, Metrics};
 use charlm_operator::progress::Networks;
-use charlm_operator::resources::PodSettings;
+use charlm_operator::resources::{parse_labels, NetworkPolicySettings, PodSettings};
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +54,7 @@ struct RunArgs {
     leader_elect: bool,
     #[arg(long, env = "CHARLM_LEASE_NAME", default_value = "charlm-operator")]
     lease_name: String,
-    /// Namespace of the lease: the operator's own.
+    /// The operator's own namespace: its lease lives there, and the NetworkPolicies admit its pods there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     #[arg(long, env = "CHARLM_LEASE_DURATION_SECONDS", default_value_t = 15)]
@@ -72,6 +72,28 @@ struct RunArgs {
     /// comma-separated); empty: any. Pods elsewhere run unobserved (no progress in the status).
     #[arg(long, env = "CHARLM_PROGRESS_NETWORKS", value_delimiter = ',', value_parser = parse_network)]
     progress_networks: Vec<String>,
+    /// Create a NetworkPolicy per training that admits connections to its workers only from its
+    /// own workers, and to their metrics port also from the operator and the namespaces of
+    /// --network-policy-metrics-namespaces (docs/operator.md).
+    #[arg(long, env = "CHARLM_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// Labels of the operator's own pods (in POD_NAMESPACE), which the policies admit to the
+    /// metrics port (key=value, comma-separated).
+    #[arg(
+        long,
+        env = "CHARLM_NETWORK_POLICY_OPERATOR_LABELS",
+        default_value = "app.kubernetes.io/name=charlm-operator",
+        value_parser = parse_operator_labels
+    )]
+    network_policy_operator_labels: String,
+    /// Namespaces whose pods (Prometheus) the policies admit to the trainers' metrics port
+    /// (comma-separated); empty: none but the operator.
+    #[arg(
+        long,
+        env = "CHARLM_NETWORK_POLICY_METRICS_NAMESPACES",
+        value_delimiter = ','
+    )]
+    network_policy_metrics_namespaces: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "CHARLM_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -162,10 +184,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_image: args.trainer_image.clone(),
         image_pull_policy: args.trainer_image_pull_policy.clone(),
     };
+    let network_policy = args.network_policy.then(|| NetworkPolicySettings {
+        operator_namespace: args.lease_namespace.clone(),
+        operator_labels: parse_labels(&args.network_policy_operator_labels)
+            .expect("checked when the flags were parsed"),
+        metrics_namespaces: args
+            .network_policy_metrics_namespaces
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect(),
+    });
     let ctx = Arc::new(Context::new(
         client,
         &identity,
         settings,
+        network_policy,
         metrics.clone(),
         args.price_per_gpu_hour,
         Networks::parse(&args.progress_networks).map_err(anyhow::Error::msg)?,
@@ -218,6 +252,10 @@ fn parse_price(text: &str) -> Result<f64, String> {
             "{text:?} is not a price: give a number of at least 0, e.g. 3 or 2.49"
         )),
     }
+}
+
+fn parse_operator_labels(text: &str) -> Result<String, String> {
+    parse_labels(text).map(|_| text.to_string())
 }
 
 fn parse_network(text: &str) -> Result<String, String> {

@@ -188,6 +188,15 @@ impl ProgressClient {
             Ok(r) => return Err(PollError::Unreachable(format!("{url}: {}", r.status()))),
             Err(err) => return Err(PollError::Unreachable(format!("{url}: {err}"))),
         };
+        // A declared length over the bound is refused before a byte of the body is read; an
+        // undeclared one (chunked, or until close) is counted as it comes.
+        if let Some(len) = response.content_length() {
+            if len > MAX_REPORT_BYTES as u64 {
+                return Err(PollError::BadAnswer(format!(
+                    "{url}: a body of {len} bytes, more than {MAX_REPORT_BYTES}"
+                )));
+            }
+        }
         let mut body = Vec::new();
         loop {
             match response.chunk().await {

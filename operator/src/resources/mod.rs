@@ -1,10 +1,14 @@
 //! Pure functions from a `CharLMTraining` to the objects that run it. Nothing here talks to the API
 //! server, so every field of every object is checked by unit tests.
 
+mod network_policy;
 mod pod;
 mod pvc;
 mod service;
 
+pub use network_policy::{
+    network_policy_name, parse_labels, workers_network_policy, NetworkPolicySettings,
+};
 pub use pod::{worker_pod, PodSettings, TENSORBOARD_DIR, TRAINER_CONTAINER};
 pub use pvc::{checkpoint_pvc, pvc_owner_update};
 pub use service::workers_service;

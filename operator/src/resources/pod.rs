@@ -69,10 +69,17 @@ pub fn worker_pod(
     let prep_resources = without_gpus(&trainer_resources);
     let restricted = restricted_security_context();
 
-    let mut volumes = vec![empty_dir("work", None), empty_dir("dshm", Some("Memory"))];
+    // The root file system is read-only; these are the places a container writes besides the
+    // checkpoint volume: the prepared data, NCCL's shared memory, and /tmp for the libraries.
+    let mut volumes = vec![
+        empty_dir("work", None),
+        empty_dir("dshm", Some("Memory")),
+        empty_dir("tmp", None),
+    ];
     let mut mounts = vec![
         mount("work", WORK_DIR, false),
         mount("dshm", "/dev/shm", false),
+        mount("tmp", "/tmp", false),
     ];
     if index == 0 {
         volumes.push(Volume {
@@ -87,7 +94,7 @@ pub fn worker_pod(
     }
 
     let (dataset_volume, input_dir, generate) = dataset_input(&spec.dataset);
-    let mut prep_mounts = vec![mount("work", WORK_DIR, false)];
+    let mut prep_mounts = vec![mount("work", WORK_DIR, false), mount("tmp", "/tmp", false)];
     if let Some(volume) = dataset_volume {
         volumes.push(volume);
         prep_mounts.push(mount("dataset", DATASET_DIR, true));
@@ -165,6 +172,8 @@ pub fn worker_pod(
             subdomain: Some(service_name(&name)),
             restart_policy: Some("Never".to_string()),
             enable_service_links: Some(false),
+            // The trainer never talks to the API server: no token to steal from a worker.
+            automount_service_account_token: Some(false),
             termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
             priority_class_name: spec.priority_class_name.clone(),
             node_selector: node_selector(training, effective),
@@ -380,9 +389,12 @@ fn tolerations(
     }
 }
 
+/// Every container's: what the Pod Security Standard `restricted` asks (with the pod's runAsNonRoot,
+/// uid 1000 and seccomp RuntimeDefault), and a read-only root file system.
 fn restricted_security_context() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".to_string()]),
@@ -538,7 +550,7 @@ mod tests {
             .flatten()
             .map(|m| m.mount_path.as_str())
             .collect();
-        assert_eq!(mounts, ["/work", "/dev/shm"]);
+        assert_eq!(mounts, ["/work", "/dev/shm", "/tmp"]);
         let shm = spec
             .volumes
             .iter()
@@ -616,20 +628,54 @@ mod tests {
         );
     }
 
+    /// What the Pod Security Standard `restricted` checks, field by field, on every container; and
+    /// what we add: no ServiceAccount token, a read-only root with explicit writable volumes.
     #[test]
-    fn pods_run_as_non_root() {
-        let pod = pod_of(&training(cpu_spec()), 0, 0);
-        let spec = pod.spec.unwrap();
-        let psc = spec.security_context.unwrap();
-        assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(psc.run_as_user, Some(1000));
-        for c in spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-        {
-            let sc = c.security_context.as_ref().unwrap();
-            assert_eq!(sc.allow_privilege_escalation, Some(false));
+    fn pods_pass_the_restricted_profile_with_a_read_only_root() {
+        for (spec, index) in [(cpu_spec(), 0), (gpu_spec(), 0), (gpu_spec(), 1)] {
+            let pod = pod_of(&training(spec), index, 0);
+            let spec = pod.spec.unwrap();
+            assert_eq!(spec.automount_service_account_token, Some(false));
+            let psc = spec.security_context.unwrap();
+            assert_eq!(psc.run_as_non_root, Some(true));
+            assert_eq!(psc.run_as_user, Some(1000));
+            assert_eq!(
+                psc.seccomp_profile.map(|p| p.type_).as_deref(),
+                Some("RuntimeDefault")
+            );
+            let allowed = ["emptyDir", "persistentVolumeClaim", "configMap"];
+            for v in spec.volumes.iter().flatten() {
+                let kind = serde_json::to_value(v).unwrap();
+                assert!(
+                    allowed.iter().any(|k| kind.get(k).is_some()),
+                    "volume {} is of a type restricted refuses",
+                    v.name
+                );
+            }
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
+                let sc = c.security_context.as_ref().unwrap();
+                assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+                assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+                assert_eq!(sc.privileged, None, "{}", c.name);
+                let caps = sc.capabilities.as_ref().unwrap();
+                assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+                assert_eq!(caps.add, None);
+                assert!(c.ports.iter().flatten().all(|p| p.host_port.is_none()));
+                let tmp = c
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.mount_path == "/tmp");
+                assert!(
+                    tmp.is_some_and(|m| m.read_only.is_none()),
+                    "{}: a writable /tmp",
+                    c.name
+                );
+            }
         }
     }
 

@@ -1,9 +1,19 @@
-//! A small deterministic RNG (xoshiro256** seeded by SplitMix64). Everything random in the data —
-//! the synthetic dataset, the validation split, the epoch permutations — is a pure function of a
-//! seed and a stream id, which is what makes resume exact and shards independent of rank count.
+//! The data's deterministic randomness: xoshiro256** (the `rand_xoshiro` crate) seeded by
+//! SplitMix64's finaliser. Everything random in the data — the synthetic dataset, the validation
+//! split, the epoch permutations — is a pure function of a seed and a stream id, which is what
+//! makes resume exact and shards independent of rank count.
 //!
 //! Each user draws from its own stream (`STREAM_*` below), so the same `--seed` given to `generate`
 //! and to `prepare` does not correlate the text with the split.
+//!
+//! What stays here by hand, and why: the seeding (`mix`, `key`: a hash of a seed and a path of ids,
+//! which no RNG crate offers), `below` (Lemire's rejection), `range` and `shuffle`. `rand`'s own
+//! `random_range` and `shuffle` draw differently, so using them would change every stream and with
+//! it every prepared split, generated dataset and epoch order of a checkpoint written before; the
+//! `golden` test pins the streams to the values of the earlier hand-written generator.
+
+use rand_xoshiro::rand_core::{Rng as _, SeedableRng};
+use rand_xoshiro::Xoshiro256StarStar;
 
 /// Stream ids of [`Rng::stream`] and [`unit`]; one per use, never reused.
 pub const STREAM_GENERATE: u64 = 0x6E4E;
@@ -51,9 +61,7 @@ fn to_unit(x: u64) -> f64 {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rng {
-    s: [u64; 4],
-}
+pub struct Rng(Xoshiro256StarStar);
 
 impl Rng {
     /// The stream of `seed` with no ids; prefer [`Rng::stream`] with a `STREAM_*` id.
@@ -68,22 +76,22 @@ impl Rng {
             x = mix(x);
             x
         };
-        // SplitMix64 outputs are never all zero together, the one state xoshiro cannot leave.
-        Self {
-            s: [next(), next(), next(), next()],
+        // SplitMix64 outputs are never all zero together, the one state xoshiro cannot leave (and
+        // the one seed `from_seed` would replace).
+        Self::from_state([next(), next(), next(), next()])
+    }
+
+    /// xoshiro256** at state `s` (its words little-endian in the seed, as `rand_xoshiro` reads them).
+    fn from_state(s: [u64; 4]) -> Self {
+        let mut seed = [0u8; 32];
+        for (chunk, word) in seed.chunks_exact_mut(8).zip(s) {
+            chunk.copy_from_slice(&word.to_le_bytes());
         }
+        Self(Xoshiro256StarStar::from_seed(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1), 53 bits.
@@ -126,10 +134,86 @@ impl Rng {
 mod tests {
     use super::*;
 
+    fn fold(h: u64, x: u64) -> u64 {
+        (h ^ x).wrapping_mul(0x0000_0100_0000_01B3)
+    }
+    const FNV: u64 = 0xCBF2_9CE4_8422_2325;
+
+    /// The streams are bit-identical to those of the hand-written xoshiro256** this module had
+    /// before it used `rand_xoshiro`: the values below were printed by that implementation (its
+    /// file compiled on its own, same loops), so every generated dataset, validation split and
+    /// epoch order, and with them the exact resume of older checkpoints, stay as they were.
+    #[test]
+    fn golden_streams_of_the_earlier_implementation() {
+        #[rustfmt::skip]
+        let cases: &[(u64, &[u64], [u64; 4], u64)] = &[
+            (0x0, &[], [0xf7590b0236bfc198, 0x6558461d859a300e, 0x5da5b60858f54ea4, 0x2eb2582d1895a59f], 0xb5444714f87c87bc),
+            (0x1, &[], [0xa1427ba0f0582593, 0x648f767f85738a9, 0xc74555d6a570903d, 0xf14f66635cca674a], 0x94c7c43fd4fe244f),
+            (0x1, &[STREAM_GENERATE], [0xd2debf700b6ea67f, 0xae064f3fc18733db, 0x5f8178c042dded78, 0x5fe008b474cc5a76], 0xcf7e02af4116e33d),
+            (0x3, &[STREAM_GENERATE], [0x50eec0448f3732f8, 0x28a2c9a231fc5795, 0xf98d32e5d5089b53, 0x2d91ea90e67297ca], 0x621eae8649c6ce58),
+            (0x0, &[STREAM_VAL_SPLIT], [0x52b742a97f5b1e41, 0xddae65aea5035a55, 0x1291eeefc503628a, 0x4e1fec1bbe713568], 0x25dbe51642ff8b3),
+            (0x0, &[STREAM_EPOCH, 0], [0x4acbedcbafe0f707, 0x1a26ddcae2558d85, 0xb972fe30fed05372, 0x4c8776a3b0d8be50], 0xe1daca2f546e040),
+            (0x7, &[STREAM_EPOCH, 3], [0x412f154c86a90a80, 0xff430b2571b355fe, 0x810c201e2ed93001, 0xebb73dd64aeac485], 0xb73bf74f6d7ce0f2),
+            (u64::MAX, &[1, 2, 3], [0xe99e02ff68901be2, 0xc8b548f0a034c662, 0x981468559f3d8c77, 0xb2324096b5925a36], 0xa7869f5efbdd2d26),
+        ];
+        for &(seed, ids, first, hash) in cases {
+            let mut r = Rng::stream(seed, ids);
+            let got: Vec<u64> = (0..4).map(|_| r.next_u64()).collect();
+            assert_eq!(got, first, "stream ({seed:#x}, {ids:?})");
+            let h = (0..100_000).fold(FNV, |h, _| fold(h, r.next_u64()));
+            assert_eq!(h, hash, "100,000 draws of ({seed:#x}, {ids:?})");
+        }
+
+        // below, range and next_f64 as `generate` uses them.
+        let mut r = Rng::stream(3, &[STREAM_GENERATE]);
+        let mut h = FNV;
+        for i in 0..100_000u64 {
+            h = fold(h, r.below(i % 1000 + 1));
+            h = fold(h, r.range(-(i as i64 % 7), i as i64 % 13) as u64);
+            h = fold(h, r.next_f64().to_bits());
+        }
+        assert_eq!(h, 0x143a24442de4dfd9, "draws");
+
+        // Epoch orders, as `dataset::permutation` shuffles them.
+        for (seed, epoch, n, first, hash) in [
+            (
+                0u64,
+                0u64,
+                1000u32,
+                [492, 423, 353, 267, 248],
+                0x6133763f97a0f0ef_u64,
+            ),
+            (0, 1, 1000, [343, 449, 448, 257, 58], 0x129529c4d133d),
+            (
+                42,
+                5,
+                100_000,
+                [29983, 1873, 77475, 51852, 93645],
+                0x77469552dd54cc13,
+            ),
+        ] {
+            let mut p: Vec<u32> = (0..n).collect();
+            Rng::stream(seed, &[STREAM_EPOCH, epoch]).shuffle(&mut p);
+            assert_eq!(p[..5], first, "epoch {epoch} of seed {seed}");
+            let h = p.iter().fold(FNV, |h, &x| fold(h, x as u64));
+            assert_eq!(h, hash, "epoch {epoch} of seed {seed}");
+        }
+
+        // The validation split's units.
+        let u = Units::new(9, &[STREAM_VAL_SPLIT]);
+        let h = (0..100_000u64).fold(FNV, |h, i| {
+            let h = fold(h, unit(9, &[STREAM_VAL_SPLIT, i]).to_bits());
+            fold(h, u.at(i).to_bits())
+        });
+        assert_eq!(h, 0xb09bd7fbadb95e37, "units");
+        assert_eq!(unit(0, &[STREAM_VAL_SPLIT, 0]), 0.5896394286166265);
+        assert_eq!(Units::new(0, &[STREAM_VAL_SPLIT]).at(1), 0.787382455824745);
+    }
+
     #[test]
     fn xoshiro_matches_the_reference_sequence() {
         // The reference algorithm (Blackman & Vigna) from state [1, 2, 3, 4].
-        let mut rng = Rng { s: [1, 2, 3, 4] };
+        let mut rng = Rng::from_state([1, 2, 3, 4]);
         let got: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
         assert_eq!(got, [11520, 0, 1509978240, 1215971899390074240]);
     }

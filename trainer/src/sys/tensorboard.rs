@@ -1,13 +1,51 @@
 //! TensorBoard scalars without TensorFlow: an `events.out.tfevents.*` file is a TFRecord stream
-//! (length, masked CRC-32C, payload, masked CRC-32C) of `Event` protocol buffers, of which we need
-//! three fields, encoded here by hand. A resumed run starts a new file; TensorBoard merges the
-//! files of one directory. Writing never stops training: errors become one warning.
+//! (length, masked CRC-32C, payload, masked CRC-32C) of `Event` protocol buffers. The messages are
+//! the three fields of TensorFlow's `event.proto` / `summary.proto` we use, encoded by `prost`; the
+//! CRC is the `crc32c` crate's. A resumed run starts a new file; TensorBoard merges the files of one
+//! directory. Writing never stops training: errors become one warning.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use prost::Message;
+
+/// `tensorflow.Event`: wall time, step, and either the file version or a summary.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Event {
+    #[prost(double, tag = "1")]
+    pub wall_time: f64,
+    #[prost(int64, tag = "2")]
+    pub step: i64,
+    #[prost(oneof = "What", tags = "3, 5")]
+    pub what: Option<What>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum What {
+    /// `brain.Event:2`, the first record of every file.
+    #[prost(string, tag = "3")]
+    FileVersion(String),
+    #[prost(message, tag = "5")]
+    Summary(Summary),
+}
+
+/// `tensorflow.Summary`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Summary {
+    #[prost(message, repeated, tag = "1")]
+    pub value: Vec<SummaryValue>,
+}
+
+/// `tensorflow.Summary.Value` with a `simple_value` (field 2 of its `value` oneof).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SummaryValue {
+    #[prost(string, tag = "1")]
+    pub tag: String,
+    #[prost(float, optional, tag = "2")]
+    pub simple_value: Option<f32>,
+}
 
 pub struct EventWriter {
     path: PathBuf,
@@ -29,10 +67,7 @@ impl EventWriter {
             path,
             out: BufWriter::new(file),
         };
-        let mut event = Vec::new();
-        field_double(&mut event, 1, secs);
-        field_bytes(&mut event, 3, b"brain.Event:2");
-        writer.record(&event)?;
+        writer.record(&version_event(secs))?;
         Ok(writer)
     }
 
@@ -42,32 +77,58 @@ impl EventWriter {
 
     /// Appends scalars for one step; flushed so a reader sees them at once.
     pub fn scalars(&mut self, step: i64, values: &[(&str, f64)]) -> Result<()> {
-        let mut summary = Vec::new();
-        for (tag, value) in values {
-            let mut v = Vec::new();
-            field_bytes(&mut v, 1, tag.as_bytes());
-            v.push(2 << 3 | 5); // field 2 (simple_value), fixed32
-            v.extend_from_slice(&(*value as f32).to_le_bytes());
-            field_bytes(&mut summary, 1, &v);
-        }
-        let mut event = Vec::new();
-        field_double(&mut event, 1, now());
-        event.push(2 << 3); // field 2 (step), varint
-        varint(&mut event, step as u64);
-        field_bytes(&mut event, 5, &summary);
-        self.record(&event)?;
+        self.record(&scalars_event(now(), step, values))?;
         self.out.flush()?;
         Ok(())
     }
 
-    fn record(&mut self, data: &[u8]) -> Result<()> {
-        let len = (data.len() as u64).to_le_bytes();
-        self.out.write_all(&len)?;
-        self.out.write_all(&masked_crc(&len).to_le_bytes())?;
-        self.out.write_all(data)?;
-        self.out.write_all(&masked_crc(data).to_le_bytes())?;
+    fn record(&mut self, event: &Event) -> Result<()> {
+        self.out.write_all(&frame(&event.encode_to_vec()))?;
         Ok(())
     }
+}
+
+fn version_event(wall_time: f64) -> Event {
+    Event {
+        wall_time,
+        step: 0,
+        what: Some(What::FileVersion("brain.Event:2".into())),
+    }
+}
+
+fn scalars_event(wall_time: f64, step: i64, values: &[(&str, f64)]) -> Event {
+    let value = values
+        .iter()
+        .map(|(tag, v)| SummaryValue {
+            tag: tag.to_string(),
+            simple_value: Some(*v as f32),
+        })
+        .collect();
+    Event {
+        wall_time,
+        step,
+        what: Some(What::Summary(Summary { value })),
+    }
+}
+
+/// One TFRecord: length (u64 LE), its masked CRC, the payload, the payload's masked CRC. Four
+/// lines of framing, which no maintained crate offers on its own (the `tfrecord` crate brings
+/// TensorFlow's whole protocol set and a code generator).
+fn frame(data: &[u8]) -> Vec<u8> {
+    let len = (data.len() as u64).to_le_bytes();
+    let mut out = Vec::with_capacity(data.len() + 16);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&masked_crc(&len).to_le_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(&masked_crc(data).to_le_bytes());
+    out
+}
+
+/// TFRecord's masking, which keeps CRCs of data that holds CRCs well distributed.
+fn masked_crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+        .rotate_right(15)
+        .wrapping_add(0xA282_EAD8)
 }
 
 fn now() -> f64 {
@@ -76,54 +137,37 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn field_bytes(out: &mut Vec<u8>, field: u8, bytes: &[u8]) {
-    out.push(field << 3 | 2);
-    varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn field_double(out: &mut Vec<u8>, field: u8, v: f64) {
-    out.push(field << 3 | 1);
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-/// CRC-32C (Castagnoli), bitwise: records are small and written once per log step.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= byte as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// TFRecord's masking, which keeps CRCs of data that holds CRCs well distributed.
-fn masked_crc(data: &[u8]) -> u32 {
-    let crc = crc32c(data);
-    (crc.rotate_right(15)).wrapping_add(0xA282_EAD8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn crc32c_matches_the_standard_check_value() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    /// The bytes the hand-written encoder of earlier versions wrote for the same two records
+    /// (taken from it before it was replaced): files stay byte-identical.
+    #[test]
+    fn records_match_the_earlier_encoder_byte_for_byte() {
+        let mut file = frame(&version_event(1_700_000_000.25).encode_to_vec());
+        let event = scalars_event(
+            1_700_000_001.5,
+            300,
+            &[("train/loss", 1.5), ("val/bpc", 0.3)],
+        );
+        file.extend(frame(&event.encode_to_vec()));
+        let hex: String = file.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "1800000000000000a37f4b220900001040fc54d9411a0d627261696e2e4576656e743a32338d2fe9\
+             31000000000000009d8383e90900006040fc54d94110ac022a230a110a0a747261696e2f6c6f7373\
+             150000c03f0a0e0a0776616c2f627063159a99993e74b47e82"
+        );
+        assert_eq!(
+            Event::decode(&file[12..12 + 24]).unwrap(),
+            version_event(1_700_000_000.25)
+        );
     }
 
     #[test]
@@ -133,7 +177,7 @@ mod tests {
         w.scalars(7, &[("train/loss", 1.5)]).unwrap();
         let bytes = std::fs::read(w.path()).unwrap();
         let mut pos = 0;
-        let mut records = 0;
+        let mut events = Vec::new();
         while pos < bytes.len() {
             let len = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap()) as usize;
             let crc_len = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
@@ -141,11 +185,21 @@ mod tests {
             let data = &bytes[pos + 12..pos + 12 + len];
             let crc = u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
             assert_eq!(crc, masked_crc(data));
+            events.push(Event::decode(data).unwrap());
             pos += 16 + len;
-            records += 1;
         }
-        assert_eq!(records, 2);
-        let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains("brain.Event:2") && text.contains("train/loss"));
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[0].what,
+            Some(What::FileVersion("brain.Event:2".into()))
+        );
+        let Some(What::Summary(s)) = &events[1].what else {
+            panic!("{events:?}")
+        };
+        assert_eq!(events[1].step, 7);
+        assert_eq!(
+            (s.value[0].tag.as_str(), s.value[0].simple_value),
+            ("train/loss", Some(1.5))
+        );
     }
 }

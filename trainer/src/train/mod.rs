@@ -8,6 +8,7 @@
 mod args;
 pub mod checkpoint;
 mod consensus;
+mod endpoint;
 mod plan;
 pub mod progress;
 mod resume;
