@@ -114,6 +114,9 @@ helm upgrade --install charlm-operator "$repo/charts/charlm-operator" \
 
 step "apply examples/cpu-training.yaml"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# The worker pods pass the Pod Security Standard `restricted`: the namespace enforces it.
+kubectl label namespace "$ns" --overwrite pod-security.kubernetes.io/enforce=restricted \
+  pod-security.kubernetes.io/enforce-version=latest >/dev/null
 kubectl apply -n "$ns" -f "$repo/examples/cpu-training.yaml" || fail "kubectl apply of the CPU example"
 
 step "wait for Succeeded (at most ${timeout_s}s)"
@@ -145,16 +148,24 @@ metadata:
   name: charlm-sample
 spec:
   restartPolicy: Never
-  securityContext: {runAsNonRoot: true, runAsUser: 1000, fsGroup: 1000}
+  securityContext: {runAsNonRoot: true, runAsUser: 1000, fsGroup: 1000, seccompProfile: {type: RuntimeDefault}}
   containers:
     - name: sample
       image: charlm-trainer:$tag
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities: {drop: [ALL]}
       command: ["sh", "-c"]
       args:
         - ls /checkpoints && test -f /checkpoints/best/manifest.json &&
           charlm-trainer sample --checkpoint /checkpoints --prompt "12+30" --max-tokens 40 --temperature 0 --device cpu
-      volumeMounts: [{name: checkpoints, mountPath: /checkpoints, readOnly: true}]
-  volumes: [{name: checkpoints, persistentVolumeClaim: {claimName: $pvc, readOnly: true}}]
+      volumeMounts:
+        - {name: checkpoints, mountPath: /checkpoints, readOnly: true}
+        - {name: tmp, mountPath: /tmp}
+  volumes:
+    - {name: checkpoints, persistentVolumeClaim: {claimName: $pvc, readOnly: true}}
+    - {name: tmp, emptyDir: {}}
 EOF
 kubectl wait -n "$ns" pod/charlm-sample --for=jsonpath='{.status.phase}'=Succeeded --timeout=300s \
   || fail "sampling from the checkpoint did not succeed"

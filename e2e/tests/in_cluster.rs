@@ -49,6 +49,20 @@ impl Case {
     async fn start(test: &str) -> Case {
         let client = admin_client().await;
         let ns = create_namespace(&client, test).await.unwrap();
+        // Every case runs where the API server enforces the Pod Security Standard `restricted`
+        // (issue 19), so the real runtime proves what the pod spec claims: non-root, no
+        // privilege, and a read-only root file system with only the operator's volumes writable.
+        Api::<Namespace>::all(client.clone())
+            .patch(
+                &ns,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest"
+                }}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("labelling {ns} restricted: {e}"));
         Case {
             trainings: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
