@@ -7,7 +7,6 @@ bin="$("$here/bin-dir")"
 # (which `down` recognises them by) hold from any working directory.
 run_dir="$(realpath -m "${CHARLM_RUN:-$repo/.run}")"
 state="$run_dir/controlplane"
-runner_state="$run_dir/standin-kubelet"
 pki="$state/pki"
 
 etcd_port="${CHARLM_ETCD_PORT:-16379}"
@@ -58,9 +57,7 @@ lock_state() {
 }
 
 # The processes of this plane, found without pid files (a pid file lost, a folder removed while it
-# ran): binaries of $bin and stand-in kubelets whose arguments name this state folder, and every
-# process the plane's stand-in kubelet started for a pod (it marks them with
-# CHARLM_STANDIN_KUBELET_STATE=<its state folder>).
+# ran): binaries of $bin whose arguments name this state folder.
 plane_processes() {
   local p pid exe
   for p in /proc/[0-9]*; do
@@ -68,11 +65,9 @@ plane_processes() {
     [ "$pid" = "$$" ] && continue
     exe="$(readlink "$p/exe" 2>/dev/null)" || continue
     exe="${exe% (deleted)}"
-    if [ "${exe%/*}" = "$bin" ] || [ "${exe##*/}" = standin-kubelet ]; then
-      tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qF "$state/" && echo "$pid" && continue
+    if [ "${exe%/*}" = "$bin" ]; then
+      tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qF "$state/" && echo "$pid"
     fi
-    tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "CHARLM_STANDIN_KUBELET_STATE=$runner_state" &&
-      echo "$pid"
   done
   return 0
 }
@@ -169,7 +164,7 @@ EOF
 }
 
 # The nodes and the default StorageClass. CPU nodes are declared here only when kwok runs them;
-# with the stand-in kubelet it registers them itself (same names and labels).
+# the real node's kubelet registers itself (as cpu-0, with the same labels).
 cluster_manifest() {
   local cpu_nodes="$1" i
   for i in 0 1 2 3; do

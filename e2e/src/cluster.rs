@@ -465,7 +465,7 @@ impl Operator {
                 options.lease_duration_seconds
             ))
             .arg(format!("--identity={}", options.identity))
-            // The plane's pods live on loopback (kwok's --cidr, the stand-in's 127.0.0.N): the
+            // The plane's fake pods live on loopback (kwok's --cidr, 127.244.0.0/16): the
             // operator is told so and dials nothing else; the watch below checks that it does not.
             .arg(format!("--progress-networks={}", progress_networks()))
             .args(&options.extra_args)

@@ -2,6 +2,5 @@
 
 pub mod cluster;
 pub mod specs;
-pub mod standin;
 pub mod traffic;
 pub mod training_env;

@@ -12,7 +12,7 @@ use crate::training_env::TestEnv;
 
 /// A small training of `workers` pods of one GPU each, for behaviour tests. It lands on the kwok
 /// H100 nodes, whose pods only ever do what the API says: the tests play the kubelet by writing pod
-/// statuses, and no real process races them (CPU nodes may be run by the stand-in kubelet).
+/// statuses, and no real process races them.
 pub fn small_gpu(name: &str, workers: i32) -> Value {
     json!({
         "apiVersion": "charlm.dev/v1alpha1",

@@ -5,12 +5,19 @@
 //! local plane's real node (`e2e/kind.sh --real-node`, which scripts/test runs) and a kind cluster
 //! (`e2e/kind.sh`).
 //!
+//! 0. The CPU example (shrunk) shows live progress while `Running`, ends `Succeeded` with a
+//!    complete checkpoint on its claim, and a pod of the trainer image samples from it; a pod
+//!    that does not comply with Pod Security `restricted` is refused in the same namespace.
 //! 1. A PVC dataset with a stray character ends `Failed`, the condition naming `path:line:column`,
 //!    and the claim's files are byte for byte what they were.
 //! 2. A PVC dataset the trainer's uid cannot read ends `Failed` naming the file and the fix.
+//! 2b. A checkpoint claim owned by root (0755) ends `Failed` naming the uid, gid and the fix.
 //! 3. The trainer process killed mid-run: the gang restarts and resumes from the checkpoint.
 //! 4. Two CPU pods meet through the headless Service's DNS names and complete.
-//! 5. `spec.suspend` true then false, then deleting the training removes its pods, Service and PVC.
+//! 5. `spec.suspend` true: the SIGTERM saves a checkpoint and the status names it; false: the
+//!    training resumes from it to `Succeeded`; deleting it removes its pods, Service and PVC.
+//!
+//! Every case's namespace enforces the Pod Security Standard `restricted`.
 //!
 //! Ignored by default: they need such a cluster. `e2e/kind.sh` runs them with `--ignored` after
 //! `helm install`; `CHARLM_KUBECONFIG` names the cluster, `CHARLM_E2E_TRAINER_IMAGE` the trainer
@@ -26,7 +33,7 @@ use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostPar
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
 
-use charlm_e2e::cluster::{admin_client, create_namespace, tool, CHART_NAMESPACE};
+use charlm_e2e::cluster::{admin_client, create_namespace, repo_root, tool, CHART_NAMESPACE};
 use charlm_operator::crd::{CharLMTraining, Phase};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -155,11 +162,13 @@ impl Case {
                 "containers": [{
                     "name": "main", "image": trainer_image(), "imagePullPolicy": "Never",
                     "command": ["sh", "-c", script],
-                    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": read_only}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": read_only},
+                                     {"name": "tmp", "mountPath": "/tmp"}],
                     "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                         "capabilities": {"drop": ["ALL"]}}
                 }],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}},
+                            {"name": "tmp", "emptyDir": {}}]
             }
         });
         self.pods
@@ -184,6 +193,23 @@ impl Case {
             .await
             .unwrap_or_default();
         (phase, log)
+    }
+
+    /// The `step-*` checkpoints on `claim`, oldest first, read by a pod of the trainer image.
+    async fn checkpoints_on(&self, pod: &str, claim: &str) -> Vec<i64> {
+        let (phase, log) = self.run_script(pod, claim, "ls /data", true).await;
+        assert_eq!(phase, "Succeeded", "listing {claim}: {log}");
+        // Gone at once, so that it holds the claim back from nothing (a deletion included).
+        let _ = self
+            .pods
+            .delete(pod, &DeleteParams::default().grace_period(0))
+            .await;
+        let mut steps: Vec<i64> = log
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("step-")?.parse().ok())
+            .collect();
+        steps.sort_unstable();
+        steps
     }
 
     async fn claim(&self, name: &str) {
@@ -304,6 +330,127 @@ fn pvc_dataset(name: &str, claim: &str, path: &str) -> Value {
     t
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn cpu_example_shows_live_progress_and_succeeds_with_a_checkpoint_that_samples() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("example").await;
+
+    // The namespace's label is in force: a pod that asks for nothing is refused.
+    let plain: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": trainer_image()}]}
+    }))
+    .unwrap();
+    let refused = case
+        .pods
+        .create(&PostParams::default(), &plain)
+        .await
+        .expect_err("restricted admits a pod without a securityContext");
+    assert!(
+        refused
+            .to_string()
+            .contains("violates PodSecurity \"restricted:latest\""),
+        "{refused}"
+    );
+
+    // The example's shape, shrunk: a small model and dataset, and a budget in time (54 s) long
+    // enough that the operator's progress poll (every 25 s at most) meets a running trainer.
+    let text = std::fs::read_to_string(repo_root().join("examples/cpu-training.yaml")).unwrap();
+    let mut manifest: Value = serde_yaml::from_str(&text).unwrap();
+    let name = manifest["metadata"]["name"].as_str().unwrap().to_string();
+    let spec = manifest["spec"].as_object_mut().unwrap();
+    assert_eq!(spec["gpus"], json!(0), "the CPU example trains on CPUs");
+    for (k, v) in [
+        ("depth", json!(1)),
+        ("seqLen", json!(64)),
+        ("deviceBatchSize", json!(4)),
+        ("totalBatchSize", json!(256)),
+        ("hours", json!(0.015)),
+        ("evalEvery", json!(500)),
+    ] {
+        spec.insert(k.into(), v);
+    }
+    spec.remove("maxSteps");
+    spec["dataset"]["synthetic"]["chars"] = json!(200000);
+    spec["checkpoint"]["intervalMinutes"] = json!(0.1);
+    spec["resources"] = json!({"requests": {"cpu": "250m", "memory": "256Mi"}});
+    spec.insert(
+        "env".into(),
+        json!([{"name": "CHARLM_THREADS", "value": "1"}]),
+    );
+    case.apply(&manifest).await;
+
+    // Live progress: read from rank 0's /progress while it runs, not the final report.
+    let live = case
+        .until("live progress while Running", 4 * MINUTE, || async {
+            let t = case.training(&name).await?;
+            let s = t.status.clone().unwrap_or_default();
+            match &s.progress {
+                Some(p) if s.phase == Some(Phase::Running) && p.step > 0 && !p.complete => {
+                    Ok(Some(s))
+                }
+                _ => Err(serde_json::to_string(&s).unwrap()),
+            }
+        })
+        .await;
+    let p = live.progress.clone().unwrap();
+    let report = serde_json::to_string(&p).unwrap();
+    assert_eq!(live.workers, 1, "{report}");
+    assert_eq!(p.tokens, p.step * 256, "{report}");
+    assert!(
+        p.train_loss.is_some_and(|l| l.is_finite() && l > 0.0),
+        "{report}"
+    );
+    assert!(p.tokens_per_s.is_some_and(|v| v > 0.0), "{report}");
+    assert!(p.eta_s.is_some_and(|v| v > 0.0), "{report}");
+    assert!(p.elapsed_s > 0.0 && p.epoch > 0.0, "{report}");
+    assert_eq!(p.world_size, 1, "{report}");
+    assert!(live.eta.is_some(), "an ETA in the status: {report}");
+
+    let done = case.wait_phase(&name, Phase::Succeeded, 3 * MINUTE).await;
+    let status = done.status.clone().unwrap();
+    let last = status.progress.clone().expect("the final report");
+    assert!(last.complete, "{last:?}");
+    assert_eq!(last.stop_reason.as_deref(), Some("budget"), "{last:?}");
+    assert!(
+        last.step > p.step,
+        "final {} after live {}",
+        last.step,
+        p.step
+    );
+    let bpc = status.final_val_bpc.expect("finalValBpc once Succeeded");
+    assert!(bpc.is_finite() && bpc > 0.0 && bpc < 6.0, "val bpc {bpc}");
+    let step_dir = format!("step-{:09}", last.step);
+    assert_eq!(
+        status.latest_checkpoint.as_deref(),
+        Some(format!("/checkpoints/{step_dir}").as_str())
+    );
+    assert!(status.completion_time.is_some());
+    assert_eq!(status.restarts, 0);
+
+    // The checkpoint on the claim, complete, and good enough to sample from, in a pod of the
+    // trainer image that mounts the claim read-only.
+    let claim = status.checkpoint_pvc.clone().expect("status.checkpointPvc");
+    let script = format!(
+        "cat /data/COMPLETE.json && echo && echo ---- && test -f /data/{step_dir}/manifest.json && \
+         charlm-trainer sample --checkpoint /data/{step_dir} --prompt 12+ --max-tokens 40 \
+         --temperature 0 --device cpu"
+    );
+    let (phase, log) = case.run_script("sample", &claim, &script, true).await;
+    assert_eq!(phase, "Succeeded", "{}", case.report(&log).await);
+    let (complete, sample) = log.split_once("\n----\n").unwrap_or((&log, ""));
+    let complete: Value = serde_json::from_str(complete)
+        .unwrap_or_else(|e| panic!("COMPLETE.json is not JSON ({e}): {log}"));
+    assert_eq!(complete["complete"], json!(true), "{log}");
+    assert_eq!(complete["step"], json!(last.step), "{log}");
+    assert!(
+        sample.lines().any(|l| l.starts_with("12+")),
+        "no sample: {log}"
+    );
+    case.finish().await;
+}
+
 /// Writes two files, `b.txt` with a stray `x` at line 3, column 5, and prints their checksums.
 const WRITE_CORPUS: &str = "mkdir -p /data/corpus && cd /data/corpus && \
     printf '12+34\\n46\\n\\n7-3\\n4\\n\\n' >a.txt && printf '1+1\\n2\\n7.8Hx9\\n' >b.txt && \
@@ -384,6 +531,70 @@ async fn a_dataset_the_trainer_cannot_read_fails_naming_the_file_and_the_fix() {
     );
     eprintln!("failed as expected: {message}");
     case.finish().await;
+}
+
+/// A checkpoint claim that arrives owned by root, mode 0755 (storage whose driver does not apply
+/// the pod's fsGroup, here a hostPath volume the kubelet creates): the trainer finds it before it
+/// trains, and the training fails once, naming the directory, the uid and gid, and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn a_checkpoint_claim_of_another_owner_fails_naming_the_uid_and_the_fix() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("claim-owner").await;
+    let name = "owner";
+    // A volume bound in advance to the claim the operator will make (`<name>-checkpoints`), of a
+    // class no provisioner serves; under /tmp/hostpath_pv/ so that the plane's `down` (and the
+    // controller-manager's hostPath deleter) remove its directory.
+    let class = format!("{}-root-owned", case.ns);
+    let pv_name = format!("{}-checkpoints", case.ns);
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "256Mi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "storageClassName": class,
+            "hostPath": {"path": format!("/tmp/hostpath_pv/{pv_name}"), "type": "DirectoryOrCreate"},
+            "claimRef": {"namespace": case.ns, "name": format!("{name}-checkpoints")}
+        }
+    }))
+    .unwrap();
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(case.client.clone());
+    pvs.create(&PostParams::default(), &pv)
+        .await
+        .unwrap_or_else(|e| panic!("creating PersistentVolume {pv_name}: {e}"));
+    let mut manifest = tiny(name, 1);
+    manifest["spec"]["checkpoint"]["storageClassName"] = json!(class);
+    case.apply(&manifest).await;
+    let failed = case.wait_phase(name, Phase::Failed, 4 * MINUTE).await;
+    let status = failed.status.clone().unwrap();
+    let message = status.message.clone().unwrap_or_default();
+    let report = case.report(&message).await;
+    for want in [
+        "--checkpoint-dir /checkpoints",
+        "cannot be written",
+        "uid 1000, gid 1000",
+        "owned by uid 1000, or group-writable for gid 1000",
+    ] {
+        assert!(
+            message.contains(want),
+            "no {want:?} in the message: {report}"
+        );
+    }
+    let failed_condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap_or_else(|| panic!("no Failed condition: {report}"));
+    assert_eq!(failed_condition.reason, "InvalidInput", "{report}");
+    assert_eq!(status.restarts, 0, "bad input is not retried: {report}");
+    case.trainings
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    case.finish().await;
+    let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,15 +741,23 @@ async fn two_cpu_pods_meet_through_the_headless_service_dns_and_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
-async fn suspend_resume_then_delete_removes_pods_service_and_claim() {
+async fn suspend_names_its_checkpoint_resume_finishes_and_delete_removes_everything() {
     let _serial = SERIAL.lock().await;
     let case = Case::start("suspend").await;
     let name = "pause";
     let mut manifest = tiny(name, 1);
     manifest["spec"]["maxSteps"] = json!(100000);
-    manifest["spec"]["hours"] = json!(0.05);
+    manifest["spec"]["hours"] = json!(0.012);
     case.apply(&manifest).await;
     case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
+    case.until("a first checkpoint", 2 * MINUTE, || async {
+        let s = case.training(name).await?.status.unwrap_or_default();
+        match s.latest_checkpoint {
+            Some(c) => Ok(Some(c)),
+            None => Err(format!("no checkpoint yet; progress {:?}", s.progress)),
+        }
+    })
+    .await;
     let api = case.trainings.clone();
     let suspend = |on: bool| {
         let api = api.clone();
@@ -561,15 +780,28 @@ async fn suspend_resume_then_delete_removes_pods_service_and_claim() {
         }
     })
     .await;
-    suspend(false).await;
-    case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
-    let pvc = case
+    // Suspend's SIGTERM saved a checkpoint: the status names that one, the newest on the claim.
+    let status = case
         .training(name)
         .await
         .unwrap()
         .status
-        .and_then(|s| s.checkpoint_pvc)
-        .expect("status.checkpointPvc");
+        .unwrap_or_default();
+    let pvc = status.checkpoint_pvc.clone().expect("status.checkpointPvc");
+    let newest = *case
+        .checkpoints_on("list", &pvc)
+        .await
+        .last()
+        .expect("checkpoints on the claim");
+    assert_eq!(
+        status.latest_checkpoint,
+        Some(format!("/checkpoints/step-{newest:09}")),
+        "the status names the newest checkpoint on the claim (the SIGTERM's)"
+    );
+    suspend(false).await;
+    let done = case.wait_phase(name, Phase::Succeeded, 4 * MINUTE).await;
+    let last = done.status.unwrap().progress.unwrap();
+    assert!(last.complete && last.step > newest, "{last:?}");
 
     case.trainings
         .delete(name, &DeleteParams::default())

@@ -125,11 +125,14 @@ pub fn check_writable(root: &Path) -> Result<()> {
         .and_then(|()| fs::write(&probe, b"charlm"))
         .and_then(|()| fs::remove_file(&probe));
     if let Err(e) = outcome {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
+        // SAFETY: getuid and getgid have no preconditions and cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        // The ids are the fix: a volume that arrives owned by another user (one whose driver does
+        // not apply a pod's fsGroup) is made writable by chown to the uid or by its group.
         user_bail!(
             "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) cannot be written: {e}; make it a \
-             directory this user (uid {uid}) may write, or give another --checkpoint-dir",
+             directory this user (uid {uid}, gid {gid}) may write (owned by uid {uid}, or \
+             group-writable for gid {gid}), or give another --checkpoint-dir",
             root.display()
         );
     }
