@@ -5,16 +5,16 @@
 //! local plane's real node (`e2e/kind.sh --real-node`, which scripts/test runs) and a kind cluster
 //! (`e2e/kind.sh`).
 //!
-//! 0. The CPU example (shrunk) shows live progress while `Running`, ends `Succeeded` with a
+//! 1. The CPU example (shrunk) shows live progress while `Running`, ends `Succeeded` with a
 //!    complete checkpoint on its claim, and a pod of the trainer image samples from it; a pod
 //!    that does not comply with Pod Security `restricted` is refused in the same namespace.
-//! 1. A PVC dataset with a stray character ends `Failed`, the condition naming `path:line:column`,
+//! 2. A PVC dataset with a stray character ends `Failed`, the condition naming `path:line:column`,
 //!    and the claim's files are byte for byte what they were.
-//! 2. A PVC dataset the trainer's uid cannot read ends `Failed` naming the file and the fix.
-//! 2b. A checkpoint claim owned by root (0755) ends `Failed` naming the uid, gid and the fix.
-//! 3. The trainer process killed mid-run: the gang restarts and resumes from the checkpoint.
-//! 4. Two CPU pods meet through the headless Service's DNS names and complete.
-//! 5. `spec.suspend` true: the SIGTERM saves a checkpoint and the status names it; false: the
+//! 3. A PVC dataset the trainer's uid cannot read ends `Failed` naming the file and the fix.
+//! 4. A checkpoint claim owned by root (0755) ends `Failed` naming the uid, gid and the fix.
+//! 5. The trainer process killed mid-run: the gang restarts and resumes from the checkpoint.
+//! 6. Two CPU pods meet through the headless Service's DNS names and complete.
+//! 7. `spec.suspend` true: the SIGTERM saves a checkpoint and the status names it; false: the
 //!    training resumes from it to `Succeeded`; deleting it removes its pods, Service and PVC.
 //!
 //! Every case's namespace enforces the Pod Security Standard `restricted`.
