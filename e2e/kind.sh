@@ -189,8 +189,9 @@ else
   kind get kubeconfig --name "$cluster" >"$cache/kind/kubeconfig"
   export CHARLM_KUBECONFIG="$cache/kind/kubeconfig"
 fi
+# --workspace: the features scripts/test's build resolved, so nothing compiles twice.
 CHARLM_E2E_TRAINER_IMAGE="charlm-trainer:$tag" \
-  cargo test --release -q -p charlm-e2e --test in_cluster -- --ignored --test-threads=1 ||
+  cargo test --release -q --workspace --test in_cluster -- --ignored --test-threads=1 ||
   fail "the in-cluster suite"
 
 echo
