@@ -11,7 +11,8 @@
 //! 2. A PVC dataset with a stray character ends `Failed`, the condition naming `path:line:column`,
 //!    and the claim's files are byte for byte what they were.
 //! 3. A PVC dataset the trainer's uid cannot read ends `Failed` naming the file and the fix.
-//! 4. A checkpoint claim owned by root (0755) ends `Failed` naming the uid, gid and the fix.
+//! 4. A PVC dataset folder with no `.txt` file ends `Failed` naming the folder and the fix; a
+//!    checkpoint claim owned by root (0755) ends `Failed` naming the uid, gid and the fix.
 //! 5. The trainer process killed mid-run: the gang restarts and resumes from the checkpoint.
 //! 6. Two CPU pods meet through the headless Service's DNS names and complete.
 //! 7. `spec.suspend` true: the SIGTERM saves a checkpoint and the status names it; false: the
@@ -529,6 +530,33 @@ async fn a_dataset_the_trainer_cannot_read_fails_naming_the_file_and_the_fix() {
         ))
         .await
     );
+    eprintln!("failed as expected: {message}");
+    case.finish().await;
+}
+
+/// A PVC dataset folder that holds no `.txt` file (here a stray `notes.md`): `Failed` at the
+/// prepare step, naming the folder and what to put there, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster with the chart and images: e2e/kind.sh runs it"]
+async fn a_dataset_folder_without_text_files_fails_naming_the_folder_and_the_fix() {
+    let _serial = SERIAL.lock().await;
+    let case = Case::start("pvc-empty").await;
+    case.claim("texts").await;
+    let script = "mkdir -p /data/corpus && echo 'to do' >/data/corpus/notes.md";
+    let (phase, log) = case.run_script("writer", "texts", script, false).await;
+    assert_eq!(phase, "Succeeded", "{log}");
+
+    case.apply(&pvc_dataset("empty", "texts", "corpus")).await;
+    let failed = case.wait_phase("empty", Phase::Failed, 3 * MINUTE).await;
+    let status = failed.status.clone().unwrap_or_default();
+    let message = status.message.clone().unwrap_or_default();
+    let report = case.report(&message).await;
+    assert!(
+        message.contains("no .txt files under /dataset/corpus")
+            && message.contains("put the dataset's text files there"),
+        "the failure should name the folder and the fix: {report}"
+    );
+    assert_eq!(status.restarts, 0, "bad input is not retried: {report}");
     eprintln!("failed as expected: {message}");
     case.finish().await;
 }
