@@ -138,7 +138,11 @@ fn serve_progress(port: u16, shared: &SharedProgress) {
     } else {
         host
     };
-    progress::serve(&format!("{host}:{port}"), shared.clone());
+    endpoint::serve(
+        &format!("{host}:{port}"),
+        shared.clone(),
+        endpoint::Limits::default(),
+    );
 }
 
 /// Whether the newest checkpoint already ended this training (rank 0 looks, every rank agrees);

@@ -10,8 +10,6 @@ use prometheus_client::registry::Registry;
 
 use charlm_contract::ProgressReport;
 
-pub use super::endpoint::Limits;
-
 pub type SharedProgress = Arc<Mutex<ProgressReport>>;
 
 /// The content type of `/metrics`: OpenMetrics text, which `prometheus-client` writes and
@@ -82,11 +80,6 @@ pub fn to_prometheus(report: &ProgressReport) -> String {
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .expect("writing to a String cannot fail");
     out
-}
-
-/// Serves `/progress` and `/metrics` on `addr` (`endpoint::serve` with the default limits).
-pub fn serve(addr: &str, progress: SharedProgress) -> Option<std::net::SocketAddr> {
-    super::endpoint::serve(addr, progress, Limits::default())
 }
 
 /// Writes the final state where a supervisor reads it (Kubernetes' termination message).
