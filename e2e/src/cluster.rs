@@ -326,7 +326,24 @@ pub async fn delete_volumes(client: &Client, namespace: &str) -> Result<()> {
 
 /// Polls `probe` until it returns `Some`, or fails after `timeout` naming `what` and the last
 /// observation.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    poll_until(what, timeout, Duration::from_millis(250), probe)
+        .await
+        .unwrap_or_else(|message| panic!("{message}"))
+}
+
+/// Polls `probe` every `interval` until it returns `Some`; after `timeout`, the error names
+/// `what` and the last observation (the `Err` the probe gave), for the caller to report.
+pub async fn poll_until<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut probe: F,
+) -> std::result::Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, String>>,
@@ -335,14 +352,16 @@ where
     let mut last = String::from("nothing observed yet");
     loop {
         match probe().await {
-            Ok(Some(v)) => return v,
+            Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
             Err(observed) => last = observed,
         }
         if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what}; last observed: {last}"
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 

@@ -27,14 +27,16 @@
 //! logs of its pods and of the operator.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Namespace, PersistentVolumeClaim, Pod, Service};
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
 
-use charlm_e2e::cluster::{admin_client, create_namespace, repo_root, tool, CHART_NAMESPACE};
+use charlm_e2e::cluster::{
+    admin_client, create_namespace, poll_until, repo_root, tool, CHART_NAMESPACE,
+};
 use charlm_operator::crd::{CharLMTraining, Phase};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -93,25 +95,14 @@ impl Case {
     }
 
     /// Polls `probe` every second until it answers; on timeout fails with the cluster's account.
-    async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut probe: F) -> T
+    async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, probe: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Option<T>, String>>,
     {
-        let start = Instant::now();
-        let mut last = "nothing observed yet".to_string();
-        loop {
-            match probe().await {
-                Ok(Some(v)) => return v,
-                Ok(None) => {}
-                Err(seen) => last = seen,
-            }
-            if start.elapsed() > timeout {
-                let message =
-                    format!("timed out after {timeout:?} waiting for {what}; last: {last}");
-                panic!("{}", self.report(&message).await);
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        match poll_until(what, timeout, Duration::from_secs(1), probe).await {
+            Ok(v) => v,
+            Err(message) => panic!("{}", self.report(&message).await),
         }
     }
 
