@@ -38,12 +38,14 @@ pub const CHECKPOINT_EVERY_MINUTES: &str = "CHARLM_CHECKPOINT_EVERY_MINUTES";
 pub const KEEP_CHECKPOINTS: &str = "CHARLM_KEEP_CHECKPOINTS";
 pub const EARLY_STOP_PATIENCE: &str = "CHARLM_EARLY_STOP_PATIENCE";
 pub const TENSORBOARD_DIR: &str = "CHARLM_TENSORBOARD_DIR";
+/// The training recipe (`--recipe`).
+pub const RECIPE: &str = "CHARLM_RECIPE";
 
 /// Names a training's own `spec.env` may not set (the CRD refuses them at apply): the gang's
 /// (pods and processes, and torchrun's names that scripts read), and what the operator sets from
 /// the spec's fields or relies on for the trainer's outputs. A user's value would silently break
 /// the gang or make the status lie. The operator's tests hold this list against what it sets.
-pub const RESERVED: [&str; 31] = [
+pub const RESERVED: [&str; 32] = [
     NNODES,
     NODE_RANK,
     NPROC_PER_NODE,
@@ -75,6 +77,7 @@ pub const RESERVED: [&str; 31] = [
     KEEP_CHECKPOINTS,
     EARLY_STOP_PATIENCE,
     TENSORBOARD_DIR,
+    RECIPE,
 ];
 
 /// What the operator sets that `spec.env` may replace: nothing in the status depends on it.

@@ -120,6 +120,9 @@ pub struct Eval {
     pub step: i64,
     /// Validation bits per character.
     pub val_bpc: f64,
+    /// The same measured on as many training windows: below `val_bpc` the model is memorising.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_bpc: Option<f64>,
     /// This evaluation is the best so far (then `best/` holds it).
     pub best: bool,
     pub best_val_bpc: f64,

@@ -52,6 +52,16 @@ pub struct ProgressReport {
     /// Why training ended, one of [`StopReason`]'s names (absent while it runs).
     #[serde(default)]
     pub stop_reason: Option<String>,
+    /// Evaluations since the best one: past [`PAST_BEST_EVALUATIONS`] the training is paying
+    /// for a model no better than `best/` (the operator's `PastBest` condition).
+    #[serde(default)]
+    pub evals_since_best: u32,
+    /// Training seconds an early stop left unspent of the budget (null unless it stopped early).
+    #[serde(default)]
+    pub saved_s: Option<f64>,
+    /// `saved_s` × ranks in hours: the GPU-hours saved on GPUs.
+    #[serde(default)]
+    pub saved_gpu_hours: Option<f64>,
     /// Why a failing trainer stopped, when it says so in its report (the trainer itself never
     /// writes it today; it is left out of the JSON when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +79,12 @@ impl ProgressReport {
         serde_json::from_str(text).ok()
     }
 }
+
+/// Evaluations without a better validation bpc after which a training counts as running past its
+/// best (the trainer warns, the operator sets `PastBest`). The default early stop ends a
+/// memorising training sooner (two memorising evaluations past its best); this catches the ones
+/// it does not end: patience 0, a longer patience, or a model getting worse without memorising.
+pub const PAST_BEST_EVALUATIONS: u32 = 4;
 
 /// Why a training ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +128,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 18, "{keys:?}");
+        assert_eq!(keys.len(), 21, "{keys:?}");
         assert!(json["train_loss"].is_null() && !keys.contains(&"error"));
     }
 

@@ -622,9 +622,9 @@ async fn invalid_specs_are_rejected_with_their_messages() {
             "cpuWorkers applies only to CPU training",
         ),
         (
-            "an early stop without patience",
-            Box::new(|v| v["spec"]["earlyStop"] = json!({"patience": 0})),
-            "earlyStop.patience must be between 1 and 100000",
+            "an early stop with a negative patience",
+            Box::new(|v| v["spec"]["earlyStop"] = json!({"patience": -1})),
+            "earlyStop.patience must be between 0 (off) and 100000",
         ),
         (
             "name too long for pod hostnames",

@@ -171,9 +171,15 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("seed must not be negative"))]
     pub seed: Option<i64>,
 
-    /// Stop early, as complete, when the validation bits per character stop improving.
+    /// Stop early, as complete, when the validation bits per character stop improving. Unset,
+    /// the trainer stops after 4 evaluations without a better one; `patience: 0` turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<EarlyStopSpec>,
+
+    /// The optimizer settings and schedules the trainer uses (`nanochat-2025` or
+    /// `nanochat-2026`); unset lets the trainer choose (docs/training.md, "Recipes").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Recipe>,
 
     /// Write TensorBoard event files to the checkpoint volume (`/checkpoints/tensorboard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,9 +333,30 @@ impl JsonSchema for DeviceBatchSize {
 #[serde(rename_all = "camelCase")]
 pub struct EarlyStopSpec {
     /// Evaluations in a row without a better validation bpc before the training stops (the best
-    /// checkpoint is kept in `best/`).
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("earlyStop.patience must be between 1 and 100000 evaluations"))]
+    /// checkpoint is kept in `best/`); 0 never stops early.
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100000").message("earlyStop.patience must be between 0 (off) and 100000 evaluations"))]
     pub patience: i32,
+}
+
+/// A training recipe of the trainer (`--recipe`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Recipe {
+    /// nanochat's November 2025 optimizer settings.
+    #[serde(rename = "nanochat-2025")]
+    Nanochat2025,
+    /// nanochat's July 2026 optimizer settings (warm-up, long warm-down, cautious weight decay).
+    #[serde(rename = "nanochat-2026")]
+    Nanochat2026,
+}
+
+impl Recipe {
+    /// The trainer's name for it (`CHARLM_RECIPE`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Nanochat2025 => "nanochat-2025",
+            Recipe::Nanochat2026 => "nanochat-2026",
+        }
+    }
 }
 
 /// The training text: `.txt` files, documents separated by a blank line.
@@ -515,7 +542,11 @@ pub mod condition {
     pub const FAILED: &str = "Failed";
     pub const SUSPENDED: &str = "Suspended";
     pub const RESTARTING: &str = "Restarting";
-    pub const ALL: [&str; 7] = [
+    /// The budget trains many epochs over the data (a warning, from the planner).
+    pub const DATA_CONSTRAINED: &str = "DataConstrained";
+    /// The training runs past its best validation bpc by more than 4 evaluations.
+    pub const PAST_BEST: &str = "PastBest";
+    pub const ALL: [&str; 9] = [
         DATASET_READY,
         PODS_READY,
         RUNNING,
@@ -523,6 +554,8 @@ pub mod condition {
         FAILED,
         SUSPENDED,
         RESTARTING,
+        DATA_CONSTRAINED,
+        PAST_BEST,
     ];
 }
 
@@ -598,6 +631,29 @@ pub struct CharLMTrainingStatus {
     /// GPU-hours used and what they cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageStatus>,
+    /// What the planner says of this budget on this dataset (`charlm-trainer plan`), once the
+    /// trainer has reported the dataset's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanStatus>,
+}
+
+/// The planner's verdict on the effective depth, GPUs and hours for the dataset's size.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStatus {
+    /// Epochs the effective depth trains in the whole budget.
+    pub epochs: f64,
+    /// The depth with the lowest expected validation loss for this budget and data.
+    pub recommended_depth: i64,
+    /// Hours after which that depth's best model is expected.
+    pub recommended_hours: f64,
+    /// Hours after which the effective depth's best model is expected.
+    pub hours_to_best: f64,
+    /// Dollars of the whole budget, and of the recommended hours, at the operator's price.
+    pub budget_cost: f64,
+    pub recommended_cost: f64,
+    /// Unique training tokens the plan is for.
+    pub unique_tokens: i64,
 }
 
 /// The settings a training runs with (`status.effective`): explicit spec fields, else the
@@ -705,6 +761,12 @@ pub struct ProgressStatus {
     /// Why the trainer exited: `budget`, `early_stop` or `signal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// Evaluations since the best validation bpc (`PastBest` beyond 4).
+    #[serde(default)]
+    pub evals_since_best: i64,
+    /// GPU-hours of the budget an early stop left unspent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_gpu_hours: Option<f64>,
     /// When the operator read this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_time: Option<Time>,

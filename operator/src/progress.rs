@@ -32,6 +32,9 @@ impl From<&TrainerReport> for ProgressStatus {
             tokens_per_epoch,
             complete,
             stop_reason,
+            evals_since_best,
+            saved_s: _,
+            saved_gpu_hours,
             // Read by the reconciler for failure messages; not part of the status.
             error: _,
         } = report;
@@ -55,6 +58,8 @@ impl From<&TrainerReport> for ProgressStatus {
             tokens_per_epoch: tokens_per_epoch.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
             complete: *complete,
             stop_reason: stop_reason.clone(),
+            evals_since_best: i64::from(*evals_since_best),
+            saved_gpu_hours: finite(saved_gpu_hours),
             observed_time: None,
         }
     }

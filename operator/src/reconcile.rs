@@ -25,6 +25,8 @@ use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
 use crate::workers::{Worker, WorkerState};
+use charlm_contract::planner;
+use charlm_contract::PAST_BEST_EVALUATIONS;
 
 /// Longest wait between gang restarts, however many there were.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
@@ -702,7 +704,71 @@ impl<'a> Decider<'a> {
             st.best_val_bpc = Some(best);
             st.best_step = progress.best_step;
         }
+        let (epb, tokens_per_epoch) = (progress.evals_since_best, progress.tokens_per_epoch);
         st.progress = Some(progress);
+        self.past_best(epb);
+        self.plan(tokens_per_epoch);
+    }
+
+    /// `PastBest`: True while the trainer reports more evaluations since its best than
+    /// [`PAST_BEST_EVALUATIONS`] (early stop off or with a longer patience).
+    fn past_best(&mut self, evals_since_best: i64) {
+        let past = i64::from(PAST_BEST_EVALUATIONS);
+        if evals_since_best > past {
+            let (bpc, step) = (self.st().best_val_bpc, self.st().best_step);
+            let msg = format!(
+                "{evals_since_best} evaluations since the best validation bpc ({} at step {}): the \
+                 GPUs are paying for a model no better than best/; set earlyStop.patience (e.g. \
+                 {past}) or delete the training",
+                bpc.map_or("?".into(), |b| format!("{b:.4}")),
+                step.map_or("?".into(), |s| s.to_string())
+            );
+            self.set(cond::PAST_BEST, TRUE, "PastBest", msg);
+        } else if conditions::get(&self.decision.status.conditions, cond::PAST_BEST).is_some() {
+            self.set(cond::PAST_BEST, FALSE, "Improving", "");
+        }
+    }
+
+    /// `status.plan` and `DataConstrained` from the dataset's size (the trainer's tokens per
+    /// epoch) and the effective depth, GPUs and hours.
+    fn plan(&mut self, tokens_per_epoch: Option<i64>) {
+        let price = self.o.price_per_gpu_hour;
+        let Some(effective) = self.st().effective.clone() else {
+            return;
+        };
+        let (Some(unique), Some(hours)) = (tokens_per_epoch, effective.hours) else {
+            return;
+        };
+        if effective.gpus < 1 || unique < 1 {
+            return;
+        }
+        let budget = planner::Budget {
+            gpus: effective.gpus as u32,
+            hours,
+            price_per_gpu_hour: price,
+            unique_tokens: unique as u64,
+            seq_len: 2048,
+        };
+        let plan = planner::plan(&budget);
+        let own = planner::depth_plan(i64::from(effective.depth), &budget);
+        self.st().plan = Some(crate::crd::PlanStatus {
+            epochs: own.epochs,
+            recommended_depth: plan.recommended_depth,
+            recommended_hours: plan.recommended_hours,
+            hours_to_best: own.hours_to_best,
+            budget_cost: plan.budget_cost,
+            recommended_cost: plan.recommended_cost,
+            unique_tokens: unique,
+        });
+        match planner::data_constrained_warning(i64::from(effective.depth), &budget) {
+            Some(msg) => self.set(cond::DATA_CONSTRAINED, TRUE, "ManyEpochs", msg),
+            None => self.set(
+                cond::DATA_CONSTRAINED,
+                FALSE,
+                "FewEpochs",
+                format!("{:.1} epochs over the data", own.epochs),
+            ),
+        }
     }
 }
 
@@ -1183,6 +1249,73 @@ mod tests {
         let t = with(t, &d);
         let d = decide_at(&t, &[], 120 + 7200 + 45);
         assert_eq!(d.status.usage.unwrap().gpu_hours, 32.0);
+    }
+
+    fn observe_report(t: &CharLMTraining, pods: &[Pod], report: &str, now: i64) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: TrainerReport::parse(report),
+            now: at(now),
+            price_per_gpu_hour: 3.0,
+            rejection: None,
+        })
+    }
+
+    #[test]
+    fn the_plan_and_data_constrained_come_from_the_reported_dataset_size() {
+        // Depth 24 on 16 GPUs for 2 hours over 344 M tokens: ~38 epochs.
+        let (t, pods) = running_gpu_training();
+        let d = observe_report(
+            &t,
+            &pods,
+            r#"{"step": 30, "tokens_per_epoch": 343932928, "complete": false}"#,
+            40,
+        );
+        let plan = d.status.plan.clone().unwrap();
+        assert!((30.0..45.0).contains(&plan.epochs), "{plan:?}");
+        assert_eq!(plan.budget_cost, 16.0 * 2.0 * 3.0);
+        assert!(plan.recommended_hours <= 2.0 && plan.recommended_cost <= plan.budget_cost);
+        assert_eq!(condition(&d, c::DATA_CONSTRAINED), ("True", "ManyEpochs"));
+        let msg = &conditions::get(&d.status.conditions, c::DATA_CONSTRAINED)
+            .unwrap()
+            .message;
+        assert!(
+            msg.contains("epochs") && msg.contains("recommends depth"),
+            "{msg}"
+        );
+        // Ten times the data: about four epochs, not constrained.
+        let d = observe_report(
+            &with(t, &d),
+            &pods,
+            r#"{"step": 30, "tokens_per_epoch": 3439329280, "complete": false}"#,
+            50,
+        );
+        assert_eq!(condition(&d, c::DATA_CONSTRAINED), ("False", "FewEpochs"));
+    }
+
+    #[test]
+    fn running_past_the_best_by_more_than_four_evaluations_warns_until_it_improves() {
+        let (t, pods) = running_gpu_training();
+        let four = r#"{"step": 30, "best_val_bpc": 1.2, "best_step": 10, "evals_since_best": 4}"#;
+        let d = observe_report(&t, &pods, four, 40);
+        assert!(conditions::get(&d.status.conditions, c::PAST_BEST).is_none());
+        let five = r#"{"step": 40, "best_val_bpc": 1.2, "best_step": 10, "evals_since_best": 5}"#;
+        let t = with(t, &d);
+        let d = observe_report(&t, &pods, five, 50);
+        assert_eq!(condition(&d, c::PAST_BEST), ("True", "PastBest"));
+        let msg = &conditions::get(&d.status.conditions, c::PAST_BEST)
+            .unwrap()
+            .message;
+        assert!(
+            msg.contains("1.2000 at step 10") && msg.contains("earlyStop.patience"),
+            "{msg}"
+        );
+        assert_eq!(d.status.progress.as_ref().unwrap().evals_since_best, 5);
+        let better = r#"{"step": 50, "best_val_bpc": 1.1, "best_step": 50, "evals_since_best": 0}"#;
+        let d = observe_report(&with(t, &d), &pods, better, 60);
+        assert_eq!(condition(&d, c::PAST_BEST), ("False", "Improving"));
     }
 
     #[test]

@@ -21,6 +21,8 @@ enum KernelId {
   kRelu2Bwd,
   kRelu2BwdDh,
   kMuonMomentum,
+  kMixFwd,
+  kMixBwd,
   kNumKernels
 };
 extern const char* const kKernelNames[kNumKernels];

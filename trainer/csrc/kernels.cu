@@ -358,6 +358,67 @@ extern "C" __global__ void charlm_relu2_bwd(const bf16* __restrict__ h, bf16* __
   reinterpret_cast<uint4*>(da_dh)[i] = pack8(g);
 }
 
+// nanochat 2026's per-layer scalars before a block: y = r·x + x0s·x0, 8 elements a thread, with
+// r and x0s fp32 on the device (one layer's entries of the model's scalar vectors).
+extern "C" __global__ void charlm_mix_fwd(const bf16* __restrict__ x, const bf16* __restrict__ x0,
+                                          bf16* __restrict__ y, const float* __restrict__ r,
+                                          const float* __restrict__ x0s, int64_t n8) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n8) return;
+  const float a = *r, b = *x0s;
+  float f[8], f0[8];
+  unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+  unpack8(reinterpret_cast<const uint4*>(x0)[i], f0);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) f[k] = a * f[k] + b * f0[k];
+  reinterpret_cast<uint4*>(y)[i] = pack8(f);
+}
+
+// Its backward in one pass: gx = r·g, gx0 = x0s·g, and sums[0] += Σ g·x, sums[1] += Σ g·x0 (the
+// scalars' gradients; one atomic pair per block of 256 threads).
+extern "C" __global__ void charlm_mix_bwd(const bf16* __restrict__ g, const bf16* __restrict__ x,
+                                          const bf16* __restrict__ x0, bf16* __restrict__ gx,
+                                          bf16* __restrict__ gx0, const float* __restrict__ r,
+                                          const float* __restrict__ x0s, float* __restrict__ sums,
+                                          int64_t n8) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float sx = 0.f, s0 = 0.f;
+  if (i < n8) {
+    const float a = *r, b = *x0s;
+    float fg[8], fx[8], f0[8];
+    unpack8(reinterpret_cast<const uint4*>(g)[i], fg);
+    unpack8(reinterpret_cast<const uint4*>(x)[i], fx);
+    unpack8(reinterpret_cast<const uint4*>(x0)[i], f0);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      sx += fg[k] * fx[k];
+      s0 += fg[k] * f0[k];
+      fx[k] = a * fg[k];
+      f0[k] = b * fg[k];
+    }
+    reinterpret_cast<uint4*>(gx)[i] = pack8(fx);
+    reinterpret_cast<uint4*>(gx0)[i] = pack8(f0);
+  }
+  __shared__ float part[2][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  sx = warp_sum(sx);
+  s0 = warp_sum(s0);
+  if (lane == 0) {
+    part[0][warp] = sx;
+    part[1][warp] = s0;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+    sx = warp_sum(lane < warps ? part[0][lane] : 0.f);
+    s0 = warp_sum(lane < warps ? part[1][lane] : 0.f);
+    if (lane == 0) {
+      atomicAdd(&sums[0], sx);
+      atomicAdd(&sums[1], s0);
+    }
+  }
+}
+
 // Muon's Nesterov momentum in one pass, 4 elements a thread (n is a multiple of 4):
 // g' = coef·g (the gradient clipping factor, when given), m ← lerp(m, g', 1 − β),
 // x = bf16(lerp(g', m, β)), the Newton–Schulz input. The lerps are ATen's formulas for those

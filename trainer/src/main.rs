@@ -3,7 +3,7 @@ use std::ffi::OsString;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use charlm_contract::events::{ErrorEvent, Event};
-use charlm_trainer::commands::{bench, generate_dataset, launch, prepare, sample};
+use charlm_trainer::commands::{bench, generate_dataset, launch, plan, prepare, run, sample};
 use charlm_trainer::sys::events::Events;
 use charlm_trainer::sys::{error, flags};
 use charlm_trainer::train;
@@ -27,11 +27,17 @@ enum Command {
     /// Write a synthetic dataset of .txt files (for demos and tests).
     Generate(generate_dataset::Args),
     /// Train (or resume) a model on a prepared dataset.
-    Train(train::Args),
+    // Boxed: it would make the enum as large as its one large variant.
+    Train(Box<train::Args>),
     /// Start one worker process per GPU with torchrun's environment, and supervise them.
     Launch(launch::Args),
     /// Generate text from a checkpoint.
     Sample(sample::Args),
+    /// What a budget of GPUs × hours buys on a prepared dataset: epochs per depth, the
+    /// recommended depth and hours, the cost.
+    Plan(plan::Args),
+    /// Prepare, plan, train on every visible GPU with early stop, and sample from best/.
+    Run(run::Args),
     /// Measure training speed on synthetic tokens (one `bench` event).
     Bench(bench::Args),
 }
@@ -67,10 +73,12 @@ fn main() {
     let result = match cli.command {
         Command::Prepare(args) => prepare::run(args),
         Command::Generate(args) => generate_dataset::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Launch(args) => launch::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Run(args) => run::run(args),
     };
     if let Err(err) = result {
         // A reader that stopped reading (`sample ... | head -1`) is not a failure.

@@ -11,7 +11,9 @@ use std::process::{Command, Output};
 
 use common::{s, stderr, stdout, synthetic_data, tiny_train};
 
-const SUBCOMMANDS: [&str; 6] = ["prepare", "generate", "train", "launch", "sample", "bench"];
+const SUBCOMMANDS: [&str; 7] = [
+    "prepare", "generate", "train", "launch", "sample", "bench", "plan",
+];
 
 fn trainer(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(common::bin());
@@ -745,6 +747,10 @@ fn cpu_auto_keeps_a_step_short_and_a_raised_budget_explains_its_schedule() {
                     "json",
                     "--threads",
                     "2",
+                    // The 2025 schedule: no warm-up, decay to 0, so the multipliers below are
+                    // the budget's alone.
+                    "--recipe",
+                    "nanochat-2025",
                 ],
             )
             .into_iter()

@@ -49,6 +49,10 @@ fn a_tiny_model_overfits_a_tiny_dataset() {
             "250",
             "--embedding-lr",
             "0.05",
+            // nanochat-2025's learning rates: the 2026 recipe scales them by √(batch/2¹⁹), tiny
+            // at 64 tokens a step (what this test checks is that the model can memorise).
+            "--recipe",
+            "nanochat-2025",
         ],
     ));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -69,8 +73,8 @@ fn a_tiny_model_overfits_a_tiny_dataset() {
 #[test]
 fn resuming_is_exact() {
     // 12 steps in one run versus 6 + resume + 6: identical weights, optimizer state and loss.
-    // The learning-rate schedule is made step-independent (warmdown 0) because the first half
-    // must stop at step 6 while the whole run plans 12; everything else (weights, Muon momentum
+    // The schedule is made step-independent (warmdown 0, and no weight decay, whose cosine follows
+    // the budget) because the first half must stop at step 6 while the whole run plans 12; everything else (weights, Muon momentum
     // and its warm-up, AdamW moments and step count, data position) comes from the checkpoint.
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 60_000);
@@ -78,19 +82,40 @@ fn resuming_is_exact() {
     let whole = run(&tiny_train(
         s(&data),
         s(&a),
-        &["--max-steps", "12", "--warmdown-ratio", "0"],
+        &[
+            "--max-steps",
+            "12",
+            "--warmdown-ratio",
+            "0",
+            "--weight-decay",
+            "0",
+        ],
     ));
     assert!(whole.status.success(), "{}", stderr(&whole));
     let half = run(&tiny_train(
         s(&data),
         s(&b),
-        &["--max-steps", "6", "--warmdown-ratio", "0"],
+        &[
+            "--max-steps",
+            "6",
+            "--warmdown-ratio",
+            "0",
+            "--weight-decay",
+            "0",
+        ],
     ));
     assert!(half.status.success(), "{}", stderr(&half));
     let rest = run(&tiny_train(
         s(&data),
         s(&b),
-        &["--max-steps", "12", "--warmdown-ratio", "0"],
+        &[
+            "--max-steps",
+            "12",
+            "--warmdown-ratio",
+            "0",
+            "--weight-decay",
+            "0",
+        ],
     ));
     assert!(rest.status.success(), "{}", stderr(&rest));
     assert!(stderr(&rest).contains("resumed from"), "{}", stderr(&rest));

@@ -309,6 +309,7 @@ fn trainer_env(
             env::TENSORBOARD_DIR,
             effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
         ),
+        (env::RECIPE, spec.recipe.map(|r| r.name().to_string())),
     ];
     env.extend(
         optional
@@ -794,6 +795,20 @@ mod tests {
         assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "4");
         assert_eq!(env["CHARLM_TENSORBOARD_DIR"], "/checkpoints/tensorboard");
         assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "16");
+        assert!(
+            !env.contains_key("CHARLM_RECIPE"),
+            "unset: the trainer's default"
+        );
+    }
+
+    #[test]
+    fn the_recipe_and_a_disabled_early_stop_reach_the_trainer() {
+        let mut spec = cpu_spec();
+        spec["recipe"] = "nanochat-2025".into();
+        spec["earlyStop"] = serde_json::json!({"patience": 0});
+        let env = env_of(&pod_of(&training(spec), 0, 0));
+        assert_eq!(env["CHARLM_RECIPE"], "nanochat-2025");
+        assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "0");
     }
 
     #[test]

@@ -14,13 +14,13 @@ use clap::builder::BoolishValueParser;
 use crate::dist::{DistEnv, ProcessGroup};
 use crate::engine::autobatch::{self, MicroBatch};
 use crate::engine::{
-    memory, oom, Attention, Engine, EngineOptions, Kernels, LearningRates, Recompute, Resolved,
-    Toggle,
+    memory, oom, Attention, Engine, EngineOptions, Kernels, Recompute, Resolved, Toggle,
 };
 use crate::model::GptConfig;
 use crate::sys::cuda;
 use crate::sys::events::Events;
 use crate::sys::flags::{self, DeviceChoice, LogFormat};
+use crate::train::recipe::{Overrides, Recipe, Schedule};
 use crate::train::PEAK_FLOPS;
 use crate::user_bail;
 
@@ -54,6 +54,10 @@ pub struct Args {
     pub device: DeviceChoice,
     #[command(flatten)]
     pub engine: EngineOptions,
+    /// The training recipe whose optimizer step is timed (its orthogonalizer, clip and weight
+    /// decay at the start of its schedule).
+    #[arg(long, env = "CHARLM_RECIPE", value_enum, default_value_t = Recipe::default())]
+    pub recipe: Recipe,
     /// Print GPU time per kernel over the timed steps (libtorch's Kineto profiler).
     #[arg(long, env = "CHARLM_PROFILE", value_parser = BoolishValueParser::new())]
     pub profile: bool,
@@ -196,7 +200,14 @@ pub fn measure(args: &Args, g: Geometry, device: Device) -> Result<Report> {
         device,
         std::time::Duration::from_secs(60),
     )?;
-    let mut engine = Engine::with_options(config, device, 0, LearningRates::default(), args.engine);
+    let tokens = g.b * g.accum * args.seq_len;
+    let schedule = Schedule::new(args.recipe, &config, tokens, &Overrides::default());
+    let config = config
+        .with_rope_base(schedule.rope_base)
+        .with_scalars(schedule.scalars);
+    let mut engine = Engine::with_options(config, device, 0, schedule.lrs, args.engine);
+    engine.muon.orthogonalizer = schedule.orthogonalizer;
+    engine.muon.weight_decay = schedule.weight_decay(0.0);
     let (b, t) = (g.b, args.seq_len);
     let vocab = crate::data::vocab::BOS as i64 + 1;
     // Fresh random tokens per micro-batch, generated on the device so the host is not the bottleneck.
@@ -215,7 +226,8 @@ pub fn measure(args: &Args, g: Geometry, device: Device) -> Result<Report> {
                 1.0 / g.accum as f64,
             );
         }
-        engine.optimizer_step(&pg, 1.0, crate::engine::optim::muon_momentum(i), 1.0)
+        let momentum = schedule.muon_momentum(i, 0.0);
+        engine.optimizer_step(&pg, 1.0, momentum, schedule.grad_clip)
     };
     for i in 0..args.warmup {
         step(i)?;
@@ -349,6 +361,33 @@ fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
     );
     for d in crate::engine::verify::models_vs_reference(config, g.b, device, &candidates) {
         show(&d, MODEL_TOLERANCE);
+    }
+    // The 2026 recipe: its rotary base through both paths, and its optimizer step.
+    eprintln!("nanochat-2026 recipe: block path vs reference (rotary base 100 000, per-layer scalars), Muon step:");
+    let config26 = config.with_rope_base(100_000).with_scalars(true);
+    for d in crate::engine::verify::models_vs_reference(config26, g.b, device, &candidates) {
+        show(&d, MODEL_TOLERANCE);
+    }
+    // One Muon step differs between the paths by bf16 rounding amplified by the iteration; the
+    // 2026 step (Polar Express, cautious decay) must agree within twice what the 2025 step does.
+    use crate::engine::optim::Orthogonalizer::{PolarExpress, Quintic};
+    let step = |method, decay| {
+        crate::engine::verify::optimizer_step_vs_reference(
+            config26,
+            g.b,
+            device,
+            method,
+            decay,
+            &candidates[..1],
+        )
+    };
+    let before = step(Quintic, 0.0)?.remove(0);
+    show(&before, f64::INFINITY);
+    for d in step(PolarExpress, 0.0)?
+        .into_iter()
+        .chain(step(PolarExpress, 5.0)?)
+    {
+        show(&d, 2.0 * before.rel);
     }
     events.emit_other(
         "check",

@@ -4,5 +4,7 @@
 pub mod bench;
 pub mod generate_dataset;
 pub mod launch;
+pub mod plan;
 pub mod prepare;
+pub mod run;
 pub mod sample;

@@ -265,13 +265,31 @@ impl Dataset {
 
     /// Writes validation windows `windows` (indices below [`Self::val_windows`], in order).
     pub fn fill_val(&self, windows: &[u64], out: &mut [i64]) {
+        self.fill_windows(Split::Val, windows, out)
+    }
+
+    /// Writes windows `windows` of `split` as stored (for training windows: not in the epoch's
+    /// shuffled order), each `seq_len + 1` tokens.
+    pub fn fill_windows(&self, split: Split, windows: &[u64], out: &mut [i64]) {
         let n = self.seq_len + 1;
         assert_eq!(out.len(), windows.len() * n, "buffer size");
+        let tokens: &[u8] = match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        };
         for (dst, &w) in out.chunks_exact_mut(n).zip(windows) {
             let start = w as usize * self.seq_len;
-            for (d, &t) in dst.iter_mut().zip(&self.val[start..start + n]) {
+            for (d, &t) in dst.iter_mut().zip(&tokens[start..start + n]) {
                 *d = t as i64;
             }
+        }
+    }
+
+    /// Windows of `split` that can be evaluated.
+    pub fn windows(&self, split: Split) -> u64 {
+        match split {
+            Split::Train => self.train_windows,
+            Split::Val => self.val_windows(),
         }
     }
 
@@ -293,6 +311,13 @@ impl Dataset {
             })
             .sum()
     }
+}
+
+/// One of the two parts `prepare` wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
 }
 
 /// Epoch `epoch`'s order of `windows` training windows.

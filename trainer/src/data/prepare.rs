@@ -568,6 +568,41 @@ fn locate(path: &Path, offset: u64) -> Result<(u64, u64, Vec<u8>)> {
     Ok((line, offset - line_start + 1, here))
 }
 
+/// Whether the dataset prepared in `output` came from exactly the `*.txt` files now under `input`
+/// (same paths, sizes and SHA-256), so that preparing again would write the same thing.
+pub fn is_up_to_date(input: &Path, output: &Path) -> Result<bool> {
+    let Ok(manifest) = read_manifest(output) else {
+        return Ok(false);
+    };
+    let files = find_inputs(input)?;
+    if files.len() != manifest.sources.len() {
+        return Ok(false);
+    }
+    for ((path, rel), source) in files.iter().zip(&manifest.sources) {
+        let bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+        if *rel != source.path || bytes != source.bytes {
+            return Ok(false);
+        }
+    }
+    let mut chunk = vec![0u8; CHUNK];
+    for ((path, _), source) in files.iter().zip(&manifest.sources) {
+        let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        loop {
+            let n = read_full(&mut file, &mut chunk)
+                .with_context(|| format!("read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+        }
+        if format!("{:x}", hasher.finalize()) != source.sha256 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Reads a prepared dataset's manifest; a missing or foreign one names the fix.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);

@@ -37,11 +37,18 @@ struct WeightCache {
 }
 
 /// Learning rates at width 768; AdamW's are scaled by (width/768)^-0.5 as in nanochat.
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LearningRates {
     pub matrix: f64,
     pub embedding: f64,
     pub unembedding: f64,
+    /// AdamW's for the per-layer scalars (when the model has them), not width-scaled.
+    #[serde(default = "default_scalar_lr")]
+    pub scalar: f64,
+}
+
+fn default_scalar_lr() -> f64 {
+    0.5
 }
 
 impl Default for LearningRates {
@@ -50,6 +57,7 @@ impl Default for LearningRates {
             matrix: 0.02,
             embedding: 0.2,
             unembedding: 0.004,
+            scalar: default_scalar_lr(),
         }
     }
 }
@@ -79,7 +87,7 @@ impl Engine {
     ) -> Self {
         let model = Gpt::new(config, device, seed);
         let scale = (config.width() as f64 / 768.0).powf(-0.5);
-        let adamw = AdamW::new(vec![
+        let mut adam_params = vec![
             (
                 "lm_head.weight".into(),
                 model.lm_head.shallow_clone(),
@@ -90,7 +98,12 @@ impl Engine {
                 model.wte.shallow_clone(),
                 lr.embedding * scale,
             ),
-        ]);
+        ];
+        if let Some((resid, x0)) = &model.scalars {
+            adam_params.push(("resid_lambdas".into(), resid.shallow_clone(), lr.scalar));
+            adam_params.push(("x0_lambdas".into(), x0.shallow_clone(), lr.scalar));
+        }
+        let adamw = AdamW::new(adam_params);
         let matrices = model
             .named_parameters()
             .into_iter()

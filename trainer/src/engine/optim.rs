@@ -9,6 +9,42 @@ use tch::{Kind, Tensor};
 /// Quintic Newton–Schulz coefficients tuned by Keller Jordan for Muon.
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
 
+/// Polar Express coefficients, one triple per iteration (Amsel et al. 2025, arXiv 2505.16932,
+/// computed for 5 iterations with safety factor 2e-2), as nanochat's 2026 Muon uses them.
+const POLAR_EXPRESS: [(f64, f64, f64); 5] = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+];
+
+/// The polynomial iteration Muon orthogonalizes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Orthogonalizer {
+    /// Keller Jordan's quintic, the same triple every step, input scaled to unit norm.
+    #[default]
+    Quintic,
+    /// Polar Express: a triple per step, input scaled to 1/1.01 of unit norm (its safety margin).
+    PolarExpress,
+}
+
+impl Orthogonalizer {
+    fn coeffs(self, step: usize) -> (f64, f64, f64) {
+        match self {
+            Self::Quintic => NS_COEFFS,
+            Self::PolarExpress => POLAR_EXPRESS[step.min(POLAR_EXPRESS.len() - 1)],
+        }
+    }
+
+    fn norm_factor(self) -> f64 {
+        match self {
+            Self::Quintic => 1.0,
+            Self::PolarExpress => 1.01,
+        }
+    }
+}
+
 /// Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps.
 pub fn muon_momentum(step: i64) -> f64 {
     let frac = (step as f64 / 300.0).min(1.0);
@@ -20,7 +56,12 @@ pub fn muon_momentum(step: i64) -> f64 {
 // `x = x / …` stays out of place: for a bf16 `g`, `to_kind` returns `g` itself.
 #[allow(clippy::assign_op_pattern)]
 pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
-    let (a, b, c) = NS_COEFFS;
+    orthogonalize_with(g, steps, Orthogonalizer::Quintic)
+}
+
+/// [`orthogonalize`] with the iteration `method`.
+#[allow(clippy::assign_op_pattern)]
+pub fn orthogonalize_with(g: &Tensor, steps: usize, method: Orthogonalizer) -> Tensor {
     let size = g.size();
     let tall = size[size.len() - 2] > size[size.len() - 1];
     let mut x = g.to_kind(Kind::BFloat16);
@@ -32,8 +73,9 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
         .square()
         .sum_dim_intlist(&[-2i64, -1][..], true, Kind::Float)
         .sqrt();
-    x = x / (norm + 1e-7).to_kind(Kind::BFloat16);
-    for _ in 0..steps {
+    x = x / (norm * method.norm_factor() + 1e-7).to_kind(Kind::BFloat16);
+    for step in 0..steps {
+        let (a, b, c) = method.coeffs(step);
         let gram = x.matmul(&x.transpose(-2, -1));
         let poly = &gram * b + gram.matmul(&gram) * c;
         x = &x * a + poly.matmul(&x);
@@ -50,13 +92,18 @@ pub fn orthogonalize(g: &Tensor, steps: usize) -> Tensor {
 /// update `a·X + X·P` (P is symmetric), the transpose of the wide iteration, so every operand
 /// stays contiguous.
 pub fn orthogonalize_fused(g: &Tensor, steps: usize) -> Tensor {
-    let (a, b, c) = NS_COEFFS;
+    orthogonalize_fused_with(g, steps, Orthogonalizer::Quintic)
+}
+
+/// [`orthogonalize_fused`] with the iteration `method`.
+pub fn orthogonalize_fused_with(g: &Tensor, steps: usize, method: Orthogonalizer) -> Tensor {
     let size = g.size();
     let tall = size[size.len() - 2] > size[size.len() - 1];
     let mut x = g.to_kind(Kind::BFloat16).contiguous();
     let norm = x.norm_scalaropt_dim_dtype(2.0, &[-2i64, -1][..], true, Kind::Float);
-    x /= (norm + 1e-7).to_kind(Kind::BFloat16);
-    for _ in 0..steps {
+    x /= (norm * method.norm_factor() + 1e-7).to_kind(Kind::BFloat16);
+    for step in 0..steps {
+        let (a, b, c) = method.coeffs(step);
         if tall {
             let gram = x.transpose(-2, -1).matmul(&x);
             let poly = gram.baddbmm(&gram, &gram, b, c);
@@ -93,6 +140,11 @@ pub struct Muon {
     pub fused: bool,
     /// The momentum pass as a CUDA kernel (else its ATen twin).
     pub cuda_kernels: bool,
+    /// The orthogonalizing iteration (the recipe's).
+    pub orthogonalizer: Orthogonalizer,
+    /// Cautious decoupled weight decay λ of the next step (the schedule sets it every step; 0:
+    /// none): `p -= lr·λ·p` where the update moves `p` toward zero, as nanochat's 2026 Muon.
+    pub weight_decay: f64,
     groups: Vec<MuonGroup>,
     /// Parameter name → (group, index in the group).
     index: BTreeMap<String, (usize, i64)>,
@@ -134,6 +186,8 @@ impl Muon {
             chunk_bytes: 0,
             fused: false,
             cuda_kernels: false,
+            orthogonalizer: Orthogonalizer::Quintic,
+            weight_decay: 0.0,
             groups,
             index,
         }
@@ -179,22 +233,26 @@ impl Muon {
                 let mut g = group.grads.narrow(0, start, k);
                 let mut m = group.momentum.narrow(0, start, k);
                 let scale = -self.lr * lr_mult * aspect;
+                let decay = -scale * self.weight_decay;
                 if self.fused {
                     let x = super::optim_ops::muon_momentum(&g, &m, clip, beta, self.cuda_kernels)
                         .expect("Muon momentum");
-                    let update = orthogonalize_fused(&x, self.ns_steps);
+                    let update = orthogonalize_fused_with(&x, self.ns_steps, self.orthogonalizer);
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
+                        cautious_decay(p, &update.get(i), decay);
                         super::optim_ops::add_scaled(p, &update.get(i), scale)
                             .expect("Muon update");
                     }
                 } else {
                     let _ = m.lerp_(&g, 1.0 - beta);
                     let _ = g.lerp_(&m, beta);
-                    let update = orthogonalize(&g, self.ns_steps).to_kind(Kind::Float) * scale;
+                    let update = orthogonalize_with(&g, self.ns_steps, self.orthogonalizer)
+                        .to_kind(Kind::Float);
                     for i in 0..k {
                         let p = &group.params[(start + i) as usize];
-                        let _ = p.shallow_clone().g_add_(&update.get(i));
+                        cautious_decay(p, &update.get(i), decay);
+                        let _ = p.shallow_clone().g_add_(&(update.get(i) * scale));
                     }
                 }
                 start += k;
@@ -228,6 +286,18 @@ impl Muon {
         }
         Ok(())
     }
+}
+
+/// Cautious weight decay (Chen et al. 2025, arXiv 2510.12402): `p -= decay·p` only where the
+/// update `p -= lr·update` also moves `p` toward zero (`update·p ≥ 0`), before the update itself.
+fn cautious_decay(p: &Tensor, update: &Tensor, decay: f64) {
+    if decay == 0.0 {
+        return;
+    }
+    let mask = update.to_kind(Kind::Float).g_mul(p).ge(0.0);
+    let _ = p
+        .shallow_clone()
+        .g_sub_(&(p * mask.to_kind(Kind::Float) * decay));
 }
 
 /// Adam's two moments for one parameter.
@@ -401,6 +471,42 @@ mod tests {
                 "{shape:?}: {fused} vs {first}"
             );
         }
+    }
+
+    #[test]
+    fn cautious_decay_shrinks_only_weights_the_update_moves_toward_zero() {
+        // p -= lr·update: for p = 1 an update of +1 moves it toward 0 (decayed); for p = -1 an
+        // update of +1 moves it away (kept); for p = 2 an update of -1 moves it away (kept).
+        let p = Tensor::from_slice(&[1.0f32, -1.0, 2.0, 0.5]);
+        let update = Tensor::from_slice(&[1.0f32, 1.0, -1.0, 0.0]);
+        cautious_decay(&p, &update, 0.1);
+        let got: Vec<f32> = Vec::try_from(&p).unwrap();
+        assert_eq!(got, [0.9f32, -1.0, 2.0, 0.45]);
+    }
+
+    #[test]
+    fn polar_express_orthogonalizes_at_least_as_well_as_the_quintic() {
+        let _seed = crate::model::SEED_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(2);
+        let g = Tensor::randn([2, 32, 96], (Kind::Float, tch::Device::Cpu));
+        let spread = |x: Tensor| {
+            let (_, s, _) = x.to_kind(Kind::Float).svd(true, false);
+            (s.min().double_value(&[]), s.max().double_value(&[]))
+        };
+        let (lo, hi) = spread(orthogonalize_with(&g, 5, Orthogonalizer::PolarExpress));
+        assert!(
+            lo > 0.6 && hi < 1.25,
+            "Polar Express: singular values in [{lo}, {hi}]"
+        );
+        let fused = orthogonalize_fused_with(&g, 5, Orthogonalizer::PolarExpress);
+        let first = orthogonalize_with(&g, 5, Orthogonalizer::PolarExpress);
+        let rel = (fused.to_kind(Kind::Float) - first.to_kind(Kind::Float))
+            .norm()
+            .double_value(&[])
+            / first.to_kind(Kind::Float).norm().double_value(&[]);
+        assert!(rel < 0.05, "fused vs first version: {rel}");
     }
 
     #[test]

@@ -34,6 +34,15 @@ extern "C" {
         rel: *mut f64,
     ) -> *mut c_char;
     fn charlm_fused_status(device: c_int) -> *mut c_char;
+    fn charlm_mix_apply(
+        x: *const CTensor,
+        x0: *const CTensor,
+        r: *const CTensor,
+        x0s: *const CTensor,
+        layer: i64,
+        fused: c_int,
+        out: *mut *mut CTensor,
+    ) -> *mut c_char;
     fn charlm_fused_op(
         op: c_int,
         inputs: *const *const CTensor,
@@ -114,6 +123,34 @@ pub fn block(
             mode.recompute as c_int,
             mode.cudnn as c_int,
             mode.keep_act as c_int,
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// nanochat 2026's per-layer scalars before block `layer`: `r[layer]·x + x0s[layer]·x0` as one
+/// autograd node (csrc/mix.cpp), with fused kernels or their eager twins; `r` and `x0s` are the
+/// model's fp32 `[depth]` scalars, `x` and `x0` the `[N, C]` stream and the normed embedding.
+pub fn mix(
+    x: &Tensor,
+    x0: &Tensor,
+    r: &Tensor,
+    x0s: &Tensor,
+    layer: usize,
+    fused: bool,
+) -> Result<Tensor> {
+    let mut out: *mut CTensor = std::ptr::null_mut();
+    // SAFETY: the four tensors are live for the call's duration; on success `out` is a new
+    // `at::Tensor*` whose ownership passes to the returned Tensor.
+    check(unsafe {
+        charlm_mix_apply(
+            ptr(Some(x)),
+            ptr(Some(x0)),
+            ptr(Some(r)),
+            ptr(Some(x0s)),
+            layer as i64,
+            fused as c_int,
             &mut out,
         )
     })?;

@@ -19,7 +19,12 @@ pub(crate) static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Logits are squashed into (-15, 15) by `15 * tanh(logits / 15)`.
 const SOFTCAP: f64 = 15.0;
 const HEAD_DIM: i64 = 128;
-const ROPE_BASE: f64 = 10_000.0;
+/// Rotary base of nanochat (November 2025); the 2026 recipe uses 100 000.
+pub const ROPE_BASE: u32 = 10_000;
+
+fn default_rope_base() -> u32 {
+    ROPE_BASE
+}
 
 /// The architecture, derived from the depth alone (nanochat's "aspect ratio 64").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +33,13 @@ pub struct GptConfig {
     pub vocab_size: i64,
     /// Longest sequence the rotary table covers during training.
     pub seq_len: i64,
+    /// Base of the rotary angles (checkpoints from before it was recorded used 10 000).
+    #[serde(default = "default_rope_base")]
+    pub rope_base: u32,
+    /// nanochat 2026's learned per-layer scalars: before block i the residual stream becomes
+    /// `resid[i]·x + x0[i]·x0`, with x0 the normed embedding.
+    #[serde(default)]
+    pub scalars: bool,
 }
 
 impl GptConfig {
@@ -36,7 +48,19 @@ impl GptConfig {
             depth,
             vocab_size: crate::data::vocab::VOCAB_SIZE as i64,
             seq_len,
+            rope_base: ROPE_BASE,
+            scalars: false,
         }
+    }
+
+    /// The same architecture with (or without) the per-layer scalars.
+    pub fn with_scalars(self, scalars: bool) -> Self {
+        Self { scalars, ..self }
+    }
+
+    /// The same architecture with another rotary base.
+    pub fn with_rope_base(self, rope_base: u32) -> Self {
+        Self { rope_base, ..self }
     }
 
     pub fn width(&self) -> i64 {
@@ -93,6 +117,9 @@ pub struct Gpt {
     pub wte: Tensor,
     pub blocks: Vec<Block>,
     pub lm_head: Tensor,
+    /// `[depth]` fp32 scalars when `config.scalars`: the residual's and the embedding's share of
+    /// each block's input.
+    pub scalars: Option<(Tensor, Tensor)>,
 }
 
 /// Keys and values of earlier positions, for sampling one token at a time.
@@ -163,9 +190,15 @@ pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 /// cos and sin tables `[1, T, 1, D/2]` for positions `start..start+len`, in `kind`.
-pub(crate) fn rotary_tables(start: i64, len: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+pub(crate) fn rotary_tables(
+    start: i64,
+    len: i64,
+    base: u32,
+    device: Device,
+    kind: Kind,
+) -> (Tensor, Tensor) {
     let channels = Tensor::arange_start_step(0, HEAD_DIM, 2, (Kind::Float, device));
-    let inv_freq = (channels / HEAD_DIM as f64 * ROPE_BASE.ln())
+    let inv_freq = (channels / HEAD_DIM as f64 * f64::from(base).ln())
         .exp()
         .reciprocal();
     let t = Tensor::arange_start(start, start + len, (Kind::Float, device));
@@ -201,11 +234,24 @@ impl Gpt {
                 mlp_proj: zeros(w, 4 * w),
             })
             .collect();
+        // nanochat 2026's init: residual 1.15 → 1.05 and embedding 0.20 → 0.05 from the first
+        // layer to the last (no random draws, so the other weights stay as they were).
+        let scalars = config.scalars.then(|| {
+            let n = config.depth;
+            let frac = |i: i64| i as f64 / (n - 1).max(1) as f64;
+            let resid: Vec<f32> = (0..n).map(|i| (1.15 - 0.10 * frac(i)) as f32).collect();
+            let x0: Vec<f32> = (0..n).map(|i| (0.20 - 0.15 * frac(i)) as f32).collect();
+            (
+                Tensor::from_slice(&resid).to_device(device),
+                Tensor::from_slice(&x0).to_device(device),
+            )
+        });
         let model = Self {
             config,
             wte,
             blocks,
             lm_head: zeros(config.vocab_size, w),
+            scalars,
         };
         for (_, p) in model.named_parameters() {
             let _ = p.set_requires_grad(true);
@@ -226,7 +272,22 @@ impl Gpt {
             out.push((p("mlp.c_proj"), &b.mlp_proj));
         }
         out.push(("lm_head.weight".to_string(), &self.lm_head));
+        if let Some((resid, x0)) = &self.scalars {
+            out.push(("resid_lambdas".to_string(), resid));
+            out.push(("x0_lambdas".to_string(), x0));
+        }
         out
+    }
+
+    /// Block `layer`'s input: `x` itself, or with the scalars `resid[layer]·x + x0[layer]·x0`.
+    fn block_input(&self, x: Tensor, x0: &Tensor, layer: usize, kind: Kind) -> Tensor {
+        match &self.scalars {
+            None => x,
+            Some((resid, lx0)) => {
+                let i = layer as i64;
+                x * resid.get(i).to_kind(kind) + x0 * lx0.get(i).to_kind(kind)
+            }
+        }
     }
 
     /// Copies weights (by nanochat's names) into this model, checking names and shapes.
@@ -279,10 +340,12 @@ impl Gpt {
         let kind = self.compute_kind();
         let (b, t) = idx.size2().expect("idx must be [B, T]");
         let start = cache.as_ref().map_or(0, |c| c.pos);
-        let (cos, sin) = rotary_tables(start, t, idx.device(), kind);
+        let (cos, sin) = rotary_tables(start, t, self.config.rope_base, idx.device(), kind);
         let (h, d) = (self.config.heads(), HEAD_DIM);
         let mut x = self.embed(idx, kind);
+        let x0 = x.shallow_clone();
         for (layer, blk) in self.blocks.iter().enumerate() {
+            x = self.block_input(x, &x0, layer, kind);
             let xn = norm(&x);
             let q = xn.matmul(&blk.c_q.to_kind(kind).tr()).view([b, t, h, d]);
             let k = xn.matmul(&blk.c_k.to_kind(kind).tr()).view([b, t, h, d]);
@@ -333,11 +396,15 @@ impl Gpt {
     pub fn forward_blocks(&self, idx: &Tensor, runner: &BlockRunner) -> anyhow::Result<Tensor> {
         let kind = self.compute_kind();
         let (b, t) = idx.size2().expect("idx must be [B, T]");
-        let (cos, sin) = rotary_tables(0, t, idx.device(), kind);
+        let (cos, sin) = rotary_tables(0, t, self.config.rope_base, idx.device(), kind);
         let (cos, sin) = (cos.view([t, HEAD_DIM / 2]), sin.view([t, HEAD_DIM / 2]));
         let c = self.config.width();
         let mut x = self.embed(idx, kind).view([b * t, c]);
-        for (blk, v) in self.blocks.iter().zip(&runner.blocks) {
+        let x0 = x.shallow_clone();
+        for (layer, (blk, v)) in self.blocks.iter().zip(&runner.blocks).enumerate() {
+            if let Some((resid, lx0)) = &self.scalars {
+                x = block::mix(&x, &x0, resid, lx0, layer, runner.fused)?;
+            }
             let mode = block::BlockMode {
                 fused: runner.fused,
                 recompute: v.recompute,

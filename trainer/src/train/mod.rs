@@ -11,6 +11,7 @@ mod consensus;
 mod endpoint;
 mod plan;
 pub mod progress;
+pub mod recipe;
 mod resume;
 mod session;
 mod state;
@@ -26,7 +27,8 @@ use charlm_contract::ProgressReport;
 use tch::Device;
 
 pub use args::Args;
-pub use plan::{budget_fraction, lr_multiplier, Batch, Budget, Plan};
+pub use plan::{budget_fraction, Batch, Budget, Plan};
+pub use recipe::{Recipe, Schedule};
 pub use session::evaluate;
 
 use crate::data::dataset::Dataset;
@@ -88,7 +90,17 @@ pub fn run(args: Args) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
     let micro = plan::resolve_micro_batch(&args, &config, &pg, device)?;
     let plan = Plan::new(&args, env.world_size, micro)?;
-    let mut engine = Engine::with_options(config, device, plan.batch.seed, plan.lrs, *args.engine);
+    let config = config
+        .with_rope_base(plan.schedule.rope_base)
+        .with_scalars(plan.schedule.scalars);
+    let mut engine = Engine::with_options(
+        config,
+        device,
+        plan.batch.seed,
+        plan.schedule.lrs,
+        *args.engine,
+    );
+    engine.muon.orthogonalizer = plan.schedule.orthogonalizer;
     if is_main {
         describe(&plan, &config, &data, &pg, device);
     }
@@ -253,9 +265,9 @@ fn announce(
     events: &Events,
 ) {
     let batch = &plan.batch;
-    let lr_mult = lr_multiplier(
+    let lr_mult = plan.schedule.lr_multiplier(
+        state.step,
         plan.budget.fraction(state.step, state.elapsed_s),
-        plan.warmdown_ratio,
     );
     let budget = match (plan.budget.max_steps, plan.budget.seconds) {
         (Some(m), Some(s)) => format!(

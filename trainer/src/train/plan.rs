@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::consensus;
+use super::recipe::Schedule;
 use super::Args;
 use crate::dist::ProcessGroup;
 use crate::engine::autobatch::{self, MicroBatch};
-use crate::engine::LearningRates;
 use crate::model::GptConfig;
 use crate::sys::flags;
 use crate::user_bail;
@@ -28,6 +28,9 @@ pub struct Batch {
     pub world_size: usize,
     pub accum_steps: i64,
     pub seed: u64,
+    /// The training recipe (checkpoints from before it was recorded trained with nanochat-2025).
+    #[serde(default = "super::recipe::Recipe::before_recipes")]
+    pub recipe: super::recipe::Recipe,
 }
 
 impl Batch {
@@ -63,11 +66,8 @@ impl Budget {
 pub struct Plan {
     pub batch: Batch,
     pub budget: Budget,
-    pub lrs: LearningRates,
-    /// Share of the budget over which the learning rate decays to zero.
-    pub warmdown_ratio: f64,
-    /// Global gradient-norm clip (0: off).
-    pub grad_clip: f64,
+    /// The recipe resolved for this model and batch: learning rates, schedules, clip, decay.
+    pub schedule: Schedule,
     /// Evaluate every N steps (0: only at the end), over up to `eval_tokens` tokens.
     pub eval_every: i64,
     pub eval_tokens: i64,
@@ -77,6 +77,8 @@ pub struct Plan {
     pub keep_checkpoints: usize,
     /// Evaluations without a better val bpc before stopping (0: never).
     pub early_stop_patience: u32,
+    /// Dollars per GPU-hour (the saved-cost line of the summary).
+    pub price_per_gpu_hour: f64,
     pub checkpoint_dir: Option<PathBuf>,
     pub termination_log: Option<String>,
 }
@@ -115,6 +117,16 @@ impl Plan {
                 (total / per_micro).max(1) * per_micro
             );
         }
+        for (name, v) in [
+            ("--warmdown-ratio", args.warmdown_ratio),
+            ("--grad-clip", args.grad_clip),
+            ("--weight-decay", args.weight_decay),
+            ("--weight-decay-scale", Some(args.weight_decay_scale)),
+        ] {
+            if v.is_some_and(|v| v.is_nan() || v < 0.0 || (name == "--warmdown-ratio" && v > 1.0)) {
+                user_bail!("{name} must be at least 0 (and --warmdown-ratio at most 1)");
+            }
+        }
         let batch = Batch {
             depth: args.depth,
             seq_len: args.seq_len,
@@ -123,23 +135,24 @@ impl Plan {
             world_size,
             accum_steps: total / per_micro,
             seed: args.seed,
+            recipe: args.recipe,
         };
         Ok(Self {
             batch,
             budget: Budget::from_args(args),
-            lrs: LearningRates {
-                matrix: args.matrix_lr,
-                embedding: args.embedding_lr,
-                unembedding: args.unembedding_lr,
-            },
-            warmdown_ratio: args.warmdown_ratio,
-            grad_clip: args.grad_clip,
+            schedule: Schedule::new(
+                args.recipe,
+                &GptConfig::new(args.depth, args.seq_len),
+                total,
+                &args.overrides(),
+            ),
             eval_every: args.eval_every,
             eval_tokens: args.eval_tokens,
             log_every: args.log_every,
             checkpoint_every_s: args.checkpoint_every_minutes * 60.0,
             keep_checkpoints: args.keep_checkpoints,
             early_stop_patience: args.early_stop_patience,
+            price_per_gpu_hour: args.price_per_gpu_hour,
             checkpoint_dir: args.checkpoint_dir.clone(),
             termination_log: args.termination_log.clone(),
         })
@@ -147,36 +160,38 @@ impl Plan {
 }
 
 /// The schedule's inputs, recorded in each checkpoint's `settings` beside the [`Batch`], so that
-/// a resume with another budget can say what that does to the learning rate.
+/// a resume with another budget can say what that does to the learning rate. (The recipe, the
+/// other input, is in the [`Batch`].)
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Schedule {
+pub struct ScheduleInputs {
     pub max_steps: Option<i64>,
     pub hours: Option<f64>,
     pub warmdown_ratio: f64,
 }
 
 impl Plan {
-    pub fn schedule(&self) -> Schedule {
-        Schedule {
+    pub fn schedule_inputs(&self) -> ScheduleInputs {
+        ScheduleInputs {
             max_steps: self.budget.max_steps,
             hours: self.budget.seconds.map(|s| s / 3600.0),
-            warmdown_ratio: self.warmdown_ratio,
+            warmdown_ratio: self.schedule.warmdown_ratio,
         }
     }
 
     /// A checkpoint's `settings`: the batch geometry and the schedule, in one object.
     pub fn settings(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.batch).unwrap_or_default();
-        if let (Some(map), Ok(serde_json::Value::Object(s))) =
-            (v.as_object_mut(), serde_json::to_value(self.schedule()))
-        {
+        if let (Some(map), Ok(serde_json::Value::Object(s))) = (
+            v.as_object_mut(),
+            serde_json::to_value(self.schedule_inputs()),
+        ) {
             map.extend(s);
         }
         v
     }
 }
 
-impl Schedule {
+impl ScheduleInputs {
     fn budget(&self) -> Budget {
         Budget {
             seconds: self.hours.map(|h| h * 3600.0),
@@ -198,20 +213,27 @@ impl Schedule {
 }
 
 /// What a resume at `step` (after `elapsed_s` of training) under `new` does to the learning rate
-/// when the checkpoint was trained under `old`: `None` when the schedule is the same. The
-/// schedule is a function of the budget, so a raised budget moves the warmdown later and the
-/// multiplier back up, possibly to 1 after it had decayed to nearly 0.
+/// of `recipe` when the checkpoint was trained under `old`: `None` when the schedule is the same.
+/// The schedule is a function of the budget, so a raised budget moves the warmdown later and the
+/// multiplier back up, possibly to 1 after it had decayed to nearly its end.
 pub fn schedule_change(
-    old: &Schedule,
-    new: &Schedule,
+    old: &ScheduleInputs,
+    new: &ScheduleInputs,
+    recipe: &Schedule,
     step: i64,
     elapsed_s: f64,
 ) -> Option<String> {
     if old == new {
         return None;
     }
-    let before = lr_multiplier(old.budget().fraction(step, elapsed_s), old.warmdown_ratio);
-    let now = lr_multiplier(new.budget().fraction(step, elapsed_s), new.warmdown_ratio);
+    let multiplier = |s: &ScheduleInputs| {
+        let under = Schedule {
+            warmdown_ratio: s.warmdown_ratio,
+            ..*recipe
+        };
+        under.lr_multiplier(step, s.budget().fraction(step, elapsed_s))
+    };
+    let (before, now) = (multiplier(old), multiplier(new));
     let decay = 1.0 - new.warmdown_ratio;
     let mut from = Vec::new();
     if let Some(m) = new.max_steps {
@@ -223,21 +245,12 @@ pub fn schedule_change(
     Some(format!(
         "the schedule follows the budget, which changed from {} to {}: at step {step} the \
          learning-rate multiplier is {now:.2} (it was {before:.2} under the old budget); it is 1 \
-         until {} and then decays linearly to 0 at the end",
+         until {} and then decays linearly to {} at the end",
         old.describe(),
         new.describe(),
-        from.join(" or ")
+        from.join(" or "),
+        recipe.final_lr_frac
     ))
-}
-
-/// Learning-rate multiplier: 1, then a linear decay to 0 over the last `warmdown` of the budget.
-/// `progress` is the spent fraction of the budget (time or steps, whichever is further along).
-pub fn lr_multiplier(progress: f64, warmdown: f64) -> f64 {
-    if warmdown <= 0.0 || progress < 1.0 - warmdown {
-        1.0
-    } else {
-        ((1.0 - progress) / warmdown).max(0.0)
-    }
 }
 
 /// How far along the budget is: the larger of the time and step fractions.
@@ -318,13 +331,6 @@ mod tests {
     }
 
     #[test]
-    fn warmdown_is_linear_over_the_last_fifth() {
-        assert_eq!(lr_multiplier(0.5, 0.2), 1.0);
-        assert!((lr_multiplier(0.9, 0.2) - 0.5).abs() < 1e-12);
-        assert_eq!(lr_multiplier(1.0, 0.2), 0.0);
-    }
-
-    #[test]
     fn budget_takes_the_further_of_time_and_steps() {
         assert_eq!(budget_fraction(50, 10.0, Some(100.0), Some(100)), 0.5);
         assert_eq!(budget_fraction(10, 90.0, Some(100.0), Some(100)), 0.9);
@@ -333,17 +339,19 @@ mod tests {
 
     #[test]
     fn a_raised_budget_explains_the_learning_rate_it_gives() {
-        let old = Schedule {
+        let old = ScheduleInputs {
             max_steps: Some(100),
             hours: None,
             warmdown_ratio: 0.2,
         };
-        let new = Schedule {
+        let new = ScheduleInputs {
             max_steps: Some(200),
             ..old
         };
-        assert_eq!(schedule_change(&old, &old, 100, 5.0), None);
-        let note = schedule_change(&old, &new, 100, 5.0).unwrap();
+        let plan = Plan::new(&args(&["--recipe", "nanochat-2025"]), 1, 2).unwrap();
+        let recipe = &plan.schedule;
+        assert_eq!(schedule_change(&old, &old, recipe, 100, 5.0), None);
+        let note = schedule_change(&old, &new, recipe, 100, 5.0).unwrap();
         assert!(
             note.contains("from --max-steps 100 --warmdown-ratio 0.2 to --max-steps 200"),
             "{note}"
@@ -365,8 +373,8 @@ mod tests {
             plan.batch
         );
         assert_eq!(
-            serde_json::from_value::<Schedule>(v).unwrap(),
-            plan.schedule()
+            serde_json::from_value::<ScheduleInputs>(v).unwrap(),
+            plan.schedule_inputs()
         );
     }
 

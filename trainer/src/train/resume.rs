@@ -8,7 +8,7 @@ use anyhow::Result;
 use charlm_contract::{ProgressReport, StopReason};
 
 use super::checkpoint;
-use super::plan::{schedule_change, Batch, Plan, Schedule};
+use super::plan::{schedule_change, Batch, Plan, ScheduleInputs};
 use super::state::RunState;
 use crate::engine::Engine;
 use crate::user_bail;
@@ -74,6 +74,17 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
         return Ok(None);
     };
     let m = &loaded.manifest;
+    if let Ok(old) = serde_json::from_value::<Batch>(m.settings.clone()) {
+        if old.recipe != plan.batch.recipe {
+            user_bail!(
+                "{} was trained with --recipe {}, but this run asks for {}: use another \
+                 --checkpoint-dir, or the same recipe",
+                loaded.dir.display(),
+                old.recipe.name(),
+                plan.batch.recipe.name()
+            );
+        }
+    }
     if m.model != engine.model.config {
         user_bail!(
             "{} holds a depth-{} model with seq len {}, but this run asks for depth {} with seq \
@@ -85,8 +96,9 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
             plan.batch.seq_len
         );
     }
-    if let Ok(old) = serde_json::from_value::<Schedule>(m.settings.clone()) {
-        if let Some(note) = schedule_change(&old, &plan.schedule(), m.step, m.elapsed_s) {
+    if let Ok(old) = serde_json::from_value::<ScheduleInputs>(m.settings.clone()) {
+        let new = plan.schedule_inputs();
+        if let Some(note) = schedule_change(&old, &new, &plan.schedule, m.step, m.elapsed_s) {
             eprintln!("note: {note}");
         }
     }

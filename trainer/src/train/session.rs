@@ -12,13 +12,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
 use super::consensus::{agree, agree_flag};
-use super::plan::{lr_multiplier, Plan};
+use super::plan::Plan;
 use super::progress::{self, SharedProgress};
 use super::state::{manifest_for, RunState};
 use super::PEAK_FLOPS;
-use crate::data::dataset::Dataset;
+use crate::data::dataset::{Dataset, Split};
 use crate::dist::{ProcessGroup, ReduceOp};
-use crate::engine::optim::muon_momentum;
 use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
 use crate::sys::events::Events;
@@ -60,9 +59,12 @@ impl Session<'_> {
             if let Some(reason) = self.stop_reason(progress)? {
                 return self.finish(reason);
             }
-            let lr_mult = lr_multiplier(progress, self.plan.warmdown_ratio);
+            let schedule = &self.plan.schedule;
+            let lr_mult = schedule.lr_multiplier(self.state.step, progress);
+            let momentum = schedule.muon_momentum(self.state.step, progress);
+            self.engine.muon.weight_decay = schedule.weight_decay(progress);
             let t0 = Instant::now();
-            let loss = self.train_step(lr_mult)?;
+            let loss = self.train_step(lr_mult, momentum)?;
             // What `auto` chose is a GPU matter (on a CPU the block path is plain eager ATen).
             if step_times.is_empty() && self.is_main() && self.device.is_cuda() {
                 if let Some(resolved) = self.engine.resolved() {
@@ -93,7 +95,7 @@ impl Session<'_> {
         let patience = self.plan.early_stop_patience;
         let flags = [
             progress >= 1.0,
-            patience > 0 && self.state.evals_since_best >= patience,
+            patience > 0 && self.state.overfit_evals >= patience,
             self.stop.load(Ordering::Relaxed),
         ];
         let mut values: Vec<f64> = flags.iter().map(|&f| f64::from(u8::from(f))).collect();
@@ -113,11 +115,10 @@ impl Session<'_> {
     }
 
     /// One optimizer step over the whole global batch; returns its mean loss over all ranks.
-    fn train_step(&mut self, lr_mult: f64) -> Result<f64> {
+    fn train_step(&mut self, lr_mult: f64, momentum: f64) -> Result<f64> {
         let (plan, data, pg, device) = (self.plan, self.data, self.pg, self.device);
         let step = self.state.step;
-        let momentum = muon_momentum(step);
-        let grad_clip = self.plan.grad_clip;
+        let grad_clip = self.plan.schedule.grad_clip;
         let engine = &mut self.engine;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         explain_out_of_memory(plan, device, || {
@@ -172,7 +173,11 @@ impl Session<'_> {
 
     /// Validation bits per character, the best so far (saved to `best/`), and early-stop counting.
     fn evaluate(&mut self) -> Result<()> {
-        let bpc = evaluate(self.plan, self.data, self.pg, &self.engine)?;
+        let bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Val)?;
+        // The same measurement on training windows: a model that fits them clearly better than
+        // the held-out ones is memorising, and only then is a worse val bpc a sign to stop (in
+        // the noisy high-learning-rate phase val bpc rises and falls again while train ≈ val).
+        let train_bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Train)?;
         let step = self.state.step;
         self.state.val_bpc = Some(bpc);
         self.state.val_step = Some(step);
@@ -180,8 +185,12 @@ impl Session<'_> {
         if improved {
             self.state.best = Some((bpc, step));
             self.state.evals_since_best = 0;
+            self.state.overfit_evals = 0;
         } else {
             self.state.evals_since_best += 1;
+            if train_bpc < bpc * (1.0 - super::args::MEMORISING_MARGIN) {
+                self.state.overfit_evals += 1;
+            }
         }
         if !self.is_main() {
             return Ok(());
@@ -206,6 +215,20 @@ impl Session<'_> {
             let mut p = self.shared.lock().expect("progress lock");
             self.fill_progress(&mut p, None);
         }
+        let past = charlm_contract::PAST_BEST_EVALUATIONS;
+        if self.state.evals_since_best > past {
+            let (best, at) = self.state.best.unwrap();
+            // Early stop counts only the memorising evaluations; saying how many there were
+            // tells an off (patience 0) stop from a model that is worse but not memorising.
+            eprintln!(
+                "warning: {} evaluations since the best val bpc {best:.4} at step {at}, {} of \
+                 them memorising: this training is paying for a model no better than best/ \
+                 (--early-stop-patience {}; 0 is off)",
+                self.state.evals_since_best,
+                self.state.overfit_evals,
+                self.plan.early_stop_patience
+            );
+        }
         let note = if improved {
             " (best)".to_string()
         } else {
@@ -215,16 +238,17 @@ impl Session<'_> {
                 self.state.best.unwrap().1
             )
         };
-        eprintln!("step {step:>6} | val {bpc:.4} bpc{note}");
+        eprintln!("step {step:>6} | val {bpc:.4} bpc, train {train_bpc:.4} bpc{note}");
         let (best_val_bpc, best_step) = self.state.best.unwrap_or((bpc, step));
         self.events.emit(Event::Eval(events::Eval {
             step,
             val_bpc: bpc,
+            train_bpc: Some(train_bpc),
             best: improved,
             best_val_bpc,
             best_step,
         }));
-        self.tensorboard_scalars(step, &[("val/bpc", bpc)]);
+        self.tensorboard_scalars(step, &[("val/bpc", bpc), ("train/bpc", train_bpc)]);
         Ok(())
     }
 
@@ -273,6 +297,16 @@ impl Session<'_> {
         self.fill_progress(&mut p, None);
         p.complete = reason.is_complete();
         p.stop_reason = Some(reason.as_str().to_string());
+        if reason == StopReason::EarlyStop {
+            let saved = saved_seconds(
+                self.plan.budget.seconds,
+                self.plan.budget.max_steps,
+                p.step,
+                p.elapsed_s,
+            );
+            p.saved_s = Some(saved);
+            p.saved_gpu_hours = Some(saved / 3600.0 * p.world_size as f64);
+        }
         if p.complete {
             p.eta_s = Some(0.0);
             p.total_steps_estimate = Some(p.step);
@@ -282,12 +316,26 @@ impl Session<'_> {
         }
         match reason {
             StopReason::Budget => eprintln!("training complete at step {}", p.step),
-            StopReason::EarlyStop => eprintln!(
-                "stopped early at step {}: {} evaluations without a better val bpc (best {:?} at step {:?})",
-                p.step, self.plan.early_stop_patience, p.best_val_bpc, p.best_step
-            ),
+            StopReason::EarlyStop => {
+                let hours = p.saved_gpu_hours.unwrap_or(0.0);
+                let price = self.plan.price_per_gpu_hour;
+                eprintln!(
+                    "stopped early at step {}: {} evaluations without a better val bpc while the \
+                     model fit its training data better (best {:.4} at step {}, in best/); saved {:.0} s of the budget = {hours:.3} GPU-hours \
+                     (${:.2} at ${price:.2} per GPU-hour)",
+                    p.step,
+                    self.plan.early_stop_patience,
+                    p.best_val_bpc.unwrap_or(f64::NAN),
+                    p.best_step.unwrap_or(0),
+                    p.saved_s.unwrap_or(0.0),
+                    hours * price
+                )
+            }
             StopReason::Signal => {
-                eprintln!("stopped by a signal at step {}; checkpoint saved, exiting", p.step)
+                eprintln!(
+                    "stopped by a signal at step {}; checkpoint saved, exiting",
+                    p.step
+                )
             }
         }
         self.events.emit(Event::End(events::End {
@@ -310,6 +358,7 @@ impl Session<'_> {
         p.val_bpc = state.val_bpc;
         p.best_val_bpc = state.best.map(|b| b.0);
         p.best_step = state.best.map(|b| b.1);
+        p.evals_since_best = state.evals_since_best;
         p.checkpoint = state
             .last_checkpoint
             .as_ref()
@@ -342,6 +391,25 @@ impl Session<'_> {
                 self.tensorboard = None;
             }
         }
+    }
+}
+
+/// Training seconds the budget still held when a run stopped at `step` after `elapsed_s`: the time
+/// left, or for a step budget the steps left at the run's mean step time (the smaller of the two
+/// when both are set).
+pub fn saved_seconds(
+    budget_s: Option<f64>,
+    max_steps: Option<i64>,
+    step: i64,
+    elapsed_s: f64,
+) -> f64 {
+    let by_time = budget_s.map(|b| (b - elapsed_s).max(0.0));
+    let by_steps = max_steps
+        .filter(|_| step > 0)
+        .map(|m| (m - step).max(0) as f64 * elapsed_s / step as f64);
+    match (by_time, by_steps) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(0.0),
     }
 }
 
@@ -401,12 +469,22 @@ fn train_batch(
     (all.narrow(1, 0, t), all.narrow(1, 1, t))
 }
 
-/// Validation bits per character over up to `--eval-tokens` tokens, summed over ranks.
-/// Targets that are BOS are not characters and don't count.
-pub fn evaluate(plan: &Plan, data: &Dataset, pg: &ProcessGroup, engine: &Engine) -> Result<f64> {
+/// Bits per character of `split` over up to `--eval-tokens` tokens (and no more windows than the
+/// validation split has, so that both splits are measured alike), summed over ranks. Targets
+/// that are BOS are not characters and don't count.
+pub fn evaluate(
+    plan: &Plan,
+    data: &Dataset,
+    pg: &ProcessGroup,
+    engine: &Engine,
+    split: Split,
+) -> Result<f64> {
     let device = engine.model.device();
     let (b, t) = (plan.batch.device_batch_size, plan.batch.seq_len);
-    let windows = data.val_windows().min((plan.eval_tokens / t).max(1) as u64);
+    let windows = data
+        .windows(split)
+        .min(data.val_windows())
+        .min((plan.eval_tokens / t).max(1) as u64);
     let mut sums = Tensor::zeros([2], (Kind::Double, device));
     let mut buf = vec![0i64; (b * (t + 1)) as usize];
     let world = pg.world_size() as u64;
@@ -417,7 +495,7 @@ pub fn evaluate(plan: &Plan, data: &Dataset, pg: &ProcessGroup, engine: &Engine)
             let n = (windows - first).min(b as u64) as i64;
             let seqs: Vec<u64> = (first..first + n as u64).collect();
             let buf = &mut buf[..(n * (t + 1)) as usize];
-            data.fill_val(&seqs, buf);
+            data.fill_windows(split, &seqs, buf);
             let all = Tensor::from_slice(buf).view([n, t + 1]).to_device(device);
             let (x, y) = (all.narrow(1, 0, t), all.narrow(1, 1, t));
             let y = y.masked_fill(&y.eq(bos), -1);

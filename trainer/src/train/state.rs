@@ -19,8 +19,11 @@ pub struct RunState {
     pub val_step: Option<i64>,
     /// Best validation bpc and its step.
     pub best: Option<(f64, i64)>,
-    /// Evaluations since the best one (for early stopping).
+    /// Evaluations since the best one.
     pub evals_since_best: u32,
+    /// Of those, the ones where the model fit the training split better than the validation
+    /// split (memorising): what early stopping counts.
+    pub overfit_evals: u32,
     pub last_checkpoint: Option<PathBuf>,
 }
 
@@ -34,6 +37,7 @@ impl RunState {
             val_step: None,
             best: None,
             evals_since_best: 0,
+            overfit_evals: 0,
             last_checkpoint: None,
         }
     }
