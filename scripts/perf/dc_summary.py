@@ -4,7 +4,8 @@ of the run where it was reached, the val bpc at the end, the median tokens/s, an
 patience P = 1, 2, 3, 5 the evaluation the run would have stopped at and the share of the run it
 would have saved (the delivered model is the best so far then, which is the best of the run when
 the stop comes after it). "P2": every evaluation without a better val bpc counts; "G2" (the
-trainer's rule): only those where the training split's bpc is below the validation split's.
+trainer's rule): only those where the training split's bpc is at least MARGIN (default 0.005, the
+trainer's MEMORISING_MARGIN; environment variable MARGIN) below the validation split's.
 
     python3 dc_summary.py LOG.jsonl...          # one table row per log
     python3 dc_summary.py --train-seconds LOG   # the training seconds of one charlm log
@@ -15,6 +16,7 @@ import statistics
 import sys
 
 PATIENCES = (1, 2, 3, 5)
+MARGIN = float(os.environ.get("MARGIN", "0.005"))
 
 
 def read(path):
@@ -52,7 +54,7 @@ def stop_at(evals, patience, gated=False):
     for i, (_, bpc, train) in enumerate(evals):
         if best is None or bpc < best:
             best, since = bpc, 0
-        elif not gated or (train is not None and train < bpc):
+        elif not gated or (train is not None and train < bpc * (1 - MARGIN)):
             since += 1
             if since >= patience:
                 return i
