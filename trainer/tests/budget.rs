@@ -70,24 +70,6 @@ fn the_recipe_is_chosen_recorded_and_kept_on_resume() {
     assert!(stderr(&same).contains("resumed from"), "{}", stderr(&same));
 }
 
-/// 2 800 training characters, 20% held out: a depth-1 model memorises them within ~20 epochs
-/// (train bpc well below val bpc), which is what the default early stop waits for.
-fn memorising_data(root: &std::path::Path) -> std::path::PathBuf {
-    let (raw, data) = (root.join("raw"), root.join("data"));
-    let out = run(&[
-        "generate",
-        "--output",
-        s(&raw),
-        "--chars",
-        "3000",
-        "--seed",
-        "3",
-    ]);
-    assert!(out.status.success(), "generate: {}", stderr(&out));
-    common::prepare(&raw, &data, "0.2", "0");
-    data
-}
-
 fn evals(out: &std::process::Output) -> Vec<(i64, f64, f64)> {
     json_lines(out)
         .iter()
@@ -102,7 +84,7 @@ fn evals(out: &std::process::Output) -> Vec<(i64, f64, f64)> {
 #[test]
 fn early_stop_is_on_by_default_and_reports_what_it_saved() {
     let root = tempfile::tempdir().unwrap();
-    let data = memorising_data(root.path());
+    let data = common::memorising_data(root.path());
     let ckpt = root.path().join("ckpt");
     let mut args = tiny_train(
         s(&data),

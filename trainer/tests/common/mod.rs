@@ -47,6 +47,24 @@ pub fn synthetic_data(root: &Path, chars: u64) -> PathBuf {
     data
 }
 
+/// 2 800 training characters, 20% held out: a depth-1 model (`tiny_train`) memorises them within
+/// ~20 epochs (train bpc well below val bpc, val bpc rising), which the default early stop ends.
+pub fn memorising_data(root: &Path) -> PathBuf {
+    let (raw, data) = (root.join("raw"), root.join("data"));
+    let out = run(&[
+        "generate",
+        "--output",
+        s(&raw),
+        "--chars",
+        "3000",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "generate: {}", stderr(&out));
+    prepare(&raw, &data, "0.2", "0");
+    data
+}
+
 /// `prepare --input raw --output data`, which must succeed.
 pub fn prepare(raw: &Path, data: &Path, val_fraction: &str, seed: &str) {
     let out = run(&[
