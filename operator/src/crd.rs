@@ -172,7 +172,8 @@ pub struct CharLMTrainingSpec {
     pub seed: Option<i64>,
 
     /// Stop early, as complete, when the validation bits per character stop improving. Unset,
-    /// the trainer stops after 4 evaluations without a better one; `patience: 0` turns it off.
+    /// the trainer's default (2 evaluations without a better one while the model memorises);
+    /// `patience: 0` turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<EarlyStopSpec>,
 
@@ -332,8 +333,9 @@ impl JsonSchema for DeviceBatchSize {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EarlyStopSpec {
-    /// Evaluations in a row without a better validation bpc before the training stops (the best
-    /// checkpoint is kept in `best/`); 0 never stops early.
+    /// Evaluations without a better validation bpc, since the best, that came while the model
+    /// memorises (its training bpc at least 0.5% below the validation bpc), before the training
+    /// stops (the best checkpoint is kept in `best/`); 0 never stops early.
     #[x_kube(validation = Rule::new("self >= 0 && self <= 100000").message("earlyStop.patience must be between 0 (off) and 100000 evaluations"))]
     pub patience: i32,
 }
