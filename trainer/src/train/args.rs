@@ -15,11 +15,11 @@ use crate::sys::flags::{self, DeviceChoice, LogFormat};
 /// Early stop is on by default: in the data-constrained benchmark (docs/training.md, "Early stop")
 /// every run reached its best well before its budget ended. Counting only evaluations where the
 /// model fits its training split at least [`MEMORISING_MARGIN`] better than the validation split,
-/// a patience of 2 stopped each of the 10 complete runs (both recipes, both scaled presets) with
-/// its best in `best/`: 9 two evaluations after the best, one three after (an evaluation between
-/// was 0.49% apart, not yet memorising). Counting every evaluation, it stopped 2026-recipe runs in
-/// the noisy high-learning-rate phase, up to 19% above their best; a margin of 0.4% or less
-/// stopped one run before its best.
+/// a patience of 2 stopped each of 21 runs that had a best before their end (both recipes, both
+/// scaled presets, two days) with its best in `best/`: 20 two evaluations after the best, one
+/// three after (an evaluation between was 0.49% apart, not yet memorising). Counting every
+/// evaluation, it stopped 2026-recipe runs in the noisy high-learning-rate phase, up to 37% above
+/// their best; a margin of 0.4% or less stopped one run before its best.
 pub const DEFAULT_PATIENCE: u32 = 2;
 
 /// How much lower (relative) the training split's bpc must be than the validation split's for an
