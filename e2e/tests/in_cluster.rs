@@ -307,6 +307,9 @@ fn tiny(name: &str, workers: i32) -> Value {
             "depth": 1, "gpus": 0, "cpuWorkers": workers,
             "deviceBatchSize": 4, "seqLen": 64, "totalBatchSize": 256 * workers,
             "evalEvery": 400, "maxSteps": 300,
+            // A depth-1 model memorises 200 k characters within the budgets of these cases, and
+            // the default early stop would end them before the kill or suspend they test.
+            "earlyStop": {"patience": 0},
             "dataset": {"synthetic": {"chars": 200000, "seed": 1}},
             "checkpoint": {"size": "256Mi", "intervalMinutes": 0.1, "keep": 2},
             "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 1},
@@ -360,6 +363,9 @@ async fn cpu_example_shows_live_progress_and_succeeds_with_a_checkpoint_that_sam
         ("totalBatchSize", json!(256)),
         ("hours", json!(0.015)),
         ("evalEvery", json!(500)),
+        // It memorises 200 k characters: without this the default early stop, not the budget
+        // this case asserts, would end it.
+        ("earlyStop", json!({"patience": 0})),
     ] {
         spec.insert(k.into(), v);
     }
