@@ -296,16 +296,7 @@ pub fn optimizer_step_vs_reference(
     decay: f64,
     candidates: &[(&str, EngineOptions)],
 ) -> Result<Vec<Diff>> {
-    tch::manual_seed(4);
-    let all = Tensor::randint(
-        crate::data::vocab::BOS as i64 + 1,
-        [batch, config.seq_len + 1],
-        (Kind::Int64, device),
-    );
-    let (x, y) = (
-        all.narrow(1, 0, config.seq_len),
-        all.narrow(1, 1, config.seq_len),
-    );
+    let (x, y) = random_batch(config, batch, device, 4);
     let pg = crate::dist::ProcessGroup::init(
         &crate::dist::DistEnv::single(),
         device,
@@ -368,6 +359,21 @@ pub fn loss_and_grads(
     (loss, grads)
 }
 
+/// Inputs and next-token targets of `batch` random sequences of tokens up to BOS,
+/// drawn after seeding torch's generator with `seed`.
+fn random_batch(config: GptConfig, batch: i64, device: Device, seed: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let all = Tensor::randint(
+        crate::data::vocab::BOS as i64 + 1,
+        [batch, config.seq_len + 1],
+        (Kind::Int64, device),
+    );
+    (
+        all.narrow(1, 0, config.seq_len),
+        all.narrow(1, 1, config.seq_len),
+    )
+}
+
 /// Losses and gradients of `candidates` against the reference model on one random batch.
 pub fn models_vs_reference(
     config: GptConfig,
@@ -375,16 +381,7 @@ pub fn models_vs_reference(
     device: Device,
     candidates: &[(&str, EngineOptions)],
 ) -> Vec<Diff> {
-    tch::manual_seed(3);
-    let all = Tensor::randint(
-        crate::data::vocab::BOS as i64 + 1,
-        [batch, config.seq_len + 1],
-        (Kind::Int64, device),
-    );
-    let (x, y) = (
-        all.narrow(1, 0, config.seq_len),
-        all.narrow(1, 1, config.seq_len),
-    );
+    let (x, y) = random_batch(config, batch, device, 3);
     let reference = EngineOptions {
         kernels: Kernels::Reference,
         ..EngineOptions::default()
