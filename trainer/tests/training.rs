@@ -74,49 +74,27 @@ fn a_tiny_model_overfits_a_tiny_dataset() {
 fn resuming_is_exact() {
     // 12 steps in one run versus 6 + resume + 6: identical weights, optimizer state and loss.
     // The schedule is made step-independent (warmdown 0, and no weight decay, whose cosine follows
-    // the budget) because the first half must stop at step 6 while the whole run plans 12; everything else (weights, Muon momentum
-    // and its warm-up, AdamW moments and step count, data position) comes from the checkpoint.
+    // the budget) because the first half must stop at step 6 while the whole run plans 12;
+    // everything else (weights, Muon momentum and its warm-up, AdamW moments and step count,
+    // data position) comes from the checkpoint.
     let root = tempfile::tempdir().unwrap();
     let data = synthetic_data(root.path(), 60_000);
     let (a, b) = (root.path().join("a"), root.path().join("b"));
-    let whole = run(&tiny_train(
-        s(&data),
-        s(&a),
-        &[
+    let flags = |steps| {
+        [
             "--max-steps",
-            "12",
+            steps,
             "--warmdown-ratio",
             "0",
             "--weight-decay",
             "0",
-        ],
-    ));
+        ]
+    };
+    let whole = run(&tiny_train(s(&data), s(&a), &flags("12")));
     assert!(whole.status.success(), "{}", stderr(&whole));
-    let half = run(&tiny_train(
-        s(&data),
-        s(&b),
-        &[
-            "--max-steps",
-            "6",
-            "--warmdown-ratio",
-            "0",
-            "--weight-decay",
-            "0",
-        ],
-    ));
+    let half = run(&tiny_train(s(&data), s(&b), &flags("6")));
     assert!(half.status.success(), "{}", stderr(&half));
-    let rest = run(&tiny_train(
-        s(&data),
-        s(&b),
-        &[
-            "--max-steps",
-            "12",
-            "--warmdown-ratio",
-            "0",
-            "--weight-decay",
-            "0",
-        ],
-    ));
+    let rest = run(&tiny_train(s(&data), s(&b), &flags("12")));
     assert!(rest.status.success(), "{}", stderr(&rest));
     assert!(stderr(&rest).contains("resumed from"), "{}", stderr(&rest));
     assert_eq!(
