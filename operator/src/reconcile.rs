@@ -711,15 +711,16 @@ impl<'a> Decider<'a> {
     }
 
     /// `PastBest`: True while the trainer reports more evaluations since its best than
-    /// [`PAST_BEST_EVALUATIONS`] (early stop off or with a longer patience).
+    /// [`PAST_BEST_EVALUATIONS`] (early stop off, a longer patience, or a model worse without
+    /// memorising, which early stop does not count).
     fn past_best(&mut self, evals_since_best: i64) {
         let past = i64::from(PAST_BEST_EVALUATIONS);
         if evals_since_best > past {
             let (bpc, step) = (self.st().best_val_bpc, self.st().best_step);
             let msg = format!(
                 "{evals_since_best} evaluations since the best validation bpc ({} at step {}): the \
-                 GPUs are paying for a model no better than best/; set earlyStop.patience (e.g. \
-                 {past}) or delete the training",
+                 GPUs are paying for a model no better than best/; set earlyStop.patience (it \
+                 counts only evaluations where the model memorises) or delete the training",
                 bpc.map_or("?".into(), |b| format!("{b:.4}")),
                 step.map_or("?".into(), |s| s.to_string())
             );
