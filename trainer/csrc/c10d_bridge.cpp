@@ -209,6 +209,30 @@ char* charlm_nccl_broadcast(void* nccl, void* const* tensors, size_t n, int root
   });
 }
 
+// `input` is `size` equal slices along dim 0; rank r receives the sum (op 1: average) of every
+// rank's slice r in `output`. The sharded optimizer's gradient reduction.
+char* charlm_nccl_reduce_scatter(void* nccl, void* input, void* output, int op, void** work) {
+  return guarded([&] {
+    auto group = static_cast<Nccl*>(nccl)->pg;
+    at::Tensor in = *static_cast<const at::Tensor*>(input);
+    at::Tensor out = *static_cast<const at::Tensor*>(output);
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
+    *work = new Work{group->_reduce_scatter_base(out, in, opts)};
+  });
+}
+
+// Every rank's `input` lands, in rank order, as the slices along dim 0 of `output`. The sharded
+// optimizer's parameter exchange after each rank updated its shard.
+char* charlm_nccl_all_gather(void* nccl, void* input, void* output, void** work) {
+  return guarded([&] {
+    auto group = static_cast<Nccl*>(nccl)->pg;
+    at::Tensor in = *static_cast<const at::Tensor*>(input);
+    at::Tensor out = *static_cast<const at::Tensor*>(output);
+    *work = new Work{group->_allgather_base(out, in, c10d::AllgatherOptions())};
+  });
+}
+
 // Makes the current CUDA stream wait for the collective (the host does not block); errors the
 // watchdog recorded surface here.
 char* charlm_work_wait(void* work) {
@@ -227,6 +251,12 @@ char* charlm_nccl_all_reduce(void*, void* const*, size_t, int, void**) {
   return copy_message("built without NCCL");
 }
 char* charlm_nccl_broadcast(void*, void* const*, size_t, int, void**) {
+  return copy_message("built without NCCL");
+}
+char* charlm_nccl_reduce_scatter(void*, void*, void*, int, void**) {
+  return copy_message("built without NCCL");
+}
+char* charlm_nccl_all_gather(void*, void*, void*, void**) {
   return copy_message("built without NCCL");
 }
 char* charlm_work_wait(void*) { return copy_message("built without NCCL"); }

@@ -1,16 +1,17 @@
 //! The distributed layer with real processes: ranks on loopback meet at a c10d TCPStore and run the
-//! CPU collective (and NCCL, where a GPU is present). Each rank is this test binary started again
+//! CPU collectives (all-reduce, reduce-scatter, all-gather, broadcast, barrier; and NCCL's, where a
+//! GPU is present). Each rank is this test binary started again
 //! with only the ignored `worker` test selected and the scenario in CHARLM_DIST_TEST_WORKER.
 
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use charlm_trainer::dist::{DistEnv, GroupOptions, ProcessGroup, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
-const SCENARIO: &str = "CHARLM_DIST_TEST_WORKER";
+use common::ranks::{run_ranks, Rank, SCENARIO};
 
 // ---------------------------------------------------------------------------------------------
 // The worker side.
@@ -126,6 +127,52 @@ fn collectives(device: Device, connect_single: bool, message_bytes: usize) -> Re
             );
         }
 
+        // The sharded optimizer's pair: slice r of the sum lands on rank r; every rank's slice
+        // lands on every rank, in rank order.
+        let whole = filled(rank, &[world as i64 * 3, 2], Kind::Float, device);
+        let slice = Tensor::zeros([3, 2], (Kind::Float, device));
+        pg.reduce_scatter(&whole, &slice, ReduceOp::Sum)?;
+        let want: Vec<f64> = (0..6)
+            .map(|j| (0..world).map(|q| value(q, rank * 6 + j)).sum())
+            .collect();
+        ensure!(
+            values(&slice) == want,
+            "reduce_scatter gave rank {rank} {:?}, not {want:?}",
+            values(&slice)
+        );
+        let halves = filled(rank, &[world as i64 * 4], Kind::BFloat16, device);
+        let half = Tensor::zeros([4], (Kind::BFloat16, device));
+        pg.reduce_scatter(&halves, &half, ReduceOp::Avg)?;
+        let want: Vec<f64> = (0..4)
+            .map(|j| (0..world).map(|q| value(q, rank * 4 + j)).sum::<f64>() / world as f64)
+            .map(|v| Tensor::from(v).to_kind(Kind::BFloat16).double_value(&[]))
+            .collect();
+        ensure!(
+            values(&half) == want,
+            "reduce_scatter Avg of bf16 gave {:?}, not {want:?}",
+            values(&half)
+        );
+        let mine = filled(rank, &[2, 3], Kind::Float, device);
+        let gathered = Tensor::zeros([world as i64 * 2, 3], (Kind::Float, device));
+        pg.all_gather(&mine, &gathered)?;
+        let want: Vec<f64> = (0..world)
+            .flat_map(|q| (0..6).map(move |i| value(q, i)))
+            .collect();
+        ensure!(
+            values(&gathered) == want,
+            "all_gather gave {:?}, not {want:?}",
+            values(&gathered)
+        );
+        ensure!(
+            pg.reduce_scatter(
+                &whole,
+                &Tensor::zeros([2, 2], (Kind::Float, device)),
+                ReduceOp::Sum
+            )
+            .is_err(),
+            "reduce_scatter accepted an output that is not one slice"
+        );
+
         let root = (round + world - 1) % world;
         // Like model weights: leaves that require grad.
         let shared = vec![
@@ -193,78 +240,6 @@ fn die_after_rendezvous() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // The test side.
-
-struct Rank {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `ranks` of a world of `world` running `scenario`, and waits (at most `limit`) for all.
-fn run_ranks(
-    scenario: &str,
-    ranks: &[usize],
-    world: usize,
-    timeout_s: f64,
-    limit: Duration,
-) -> Vec<Rank> {
-    let port = free_port();
-    let (tx, rx) = mpsc::channel();
-    let mut pids = vec![];
-    for &rank in ranks {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["worker", "--exact", "--ignored", "--nocapture", "--quiet"])
-            .env(SCENARIO, scenario)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", world.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("TEST_TIMEOUT_S", timeout_s.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        pids.push(child.id());
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let out = child.wait_with_output().unwrap();
-            let _ = tx.send((
-                rank,
-                Rank {
-                    status: out.status,
-                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                },
-            ));
-        });
-    }
-    let deadline = Instant::now() + limit;
-    let mut done: Vec<(usize, Rank)> = vec![];
-    while done.len() < ranks.len() {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(r) => done.push(r),
-            Err(_) => {
-                for pid in &pids {
-                    // SAFETY: kill(2) on our own children.
-                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-                }
-                panic!("{scenario}: ranks still running after {limit:?}, a hang");
-            }
-        }
-    }
-    done.sort_by_key(|(r, _)| *r);
-    done.into_iter().map(|(_, r)| r).collect()
-}
 
 fn assert_all_passed(ranks: &[Rank]) {
     for (i, r) in ranks.iter().enumerate() {

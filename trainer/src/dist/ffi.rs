@@ -77,6 +77,19 @@ extern "C" {
         root: c_int,
         work: *mut *mut c_void,
     ) -> *mut c_char;
+    fn charlm_nccl_reduce_scatter(
+        nccl: *mut c_void,
+        input: *mut c_void,
+        output: *mut c_void,
+        op: c_int,
+        work: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn charlm_nccl_all_gather(
+        nccl: *mut c_void,
+        input: *mut c_void,
+        output: *mut c_void,
+        work: *mut *mut c_void,
+    ) -> *mut c_char;
     fn charlm_work_wait(work: *mut c_void) -> *mut c_char;
     fn charlm_work_free(work: *mut c_void);
 }
@@ -262,6 +275,42 @@ impl Nccl {
         // SAFETY: as in all_reduce.
         check(unsafe {
             charlm_nccl_broadcast(self.0, ptrs.as_ptr(), ptrs.len(), root, &mut work)
+        })?;
+        Ok(NcclWork(work))
+    }
+
+    /// Starts a reduce-scatter: `input` is `size` equal slices along dim 0, `output` one of them.
+    pub fn reduce_scatter(
+        &self,
+        input: &Tensor,
+        output: &Tensor,
+        average: bool,
+    ) -> Result<NcclWork> {
+        let mut work = std::ptr::null_mut();
+        // SAFETY: as in all_reduce.
+        check(unsafe {
+            charlm_nccl_reduce_scatter(
+                self.0,
+                input.as_ptr() as *mut c_void,
+                output.as_ptr() as *mut c_void,
+                c_int::from(average),
+                &mut work,
+            )
+        })?;
+        Ok(NcclWork(work))
+    }
+
+    /// Starts an all-gather of every rank's `input` into the slices of `output`, in rank order.
+    pub fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<NcclWork> {
+        let mut work = std::ptr::null_mut();
+        // SAFETY: as in all_reduce.
+        check(unsafe {
+            charlm_nccl_all_gather(
+                self.0,
+                input.as_ptr() as *mut c_void,
+                output.as_ptr() as *mut c_void,
+                &mut work,
+            )
         })?;
         Ok(NcclWork(work))
     }

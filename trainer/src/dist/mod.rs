@@ -385,6 +385,76 @@ impl ProcessGroup {
         }
     }
 
+    /// `input` is `world_size` equal slices along dim 0; this rank's `output` (one slice) receives
+    /// the sum or average over ranks of slice `rank`. Blocks until done (NCCL: orders the stream).
+    pub fn reduce_scatter(&self, input: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        self.check_sliced("reduce_scatter", input, output)?;
+        if op == ReduceOp::Avg && !is_float(input.kind()) {
+            bail!(
+                "reduce_scatter Avg needs a floating-point tensor, got {:?}",
+                input.kind()
+            );
+        }
+        match &self.backend {
+            Backend::Single => {
+                tch::no_grad(|| {
+                    output
+                        .shallow_clone()
+                        .copy_(&input.view(output.size().as_slice()))
+                });
+                Ok(())
+            }
+            Backend::Store(group) => group.reduce_scatter(input, output, op),
+            Backend::Nccl { nccl, store } => nccl
+                .reduce_scatter(input, output, op == ReduceOp::Avg)
+                .and_then(ffi::NcclWork::wait)
+                .with_context(|| self.nccl_failed("reduce_scatter", store)),
+        }
+    }
+
+    /// Every rank's `input` lands, in rank order, as the `world_size` equal slices along dim 0 of
+    /// `output`.
+    pub fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.check_sliced("all_gather", output, input)?;
+        match &self.backend {
+            Backend::Single => {
+                tch::no_grad(|| {
+                    output
+                        .shallow_clone()
+                        .copy_(&input.view(output.size().as_slice()))
+                });
+                Ok(())
+            }
+            Backend::Store(group) => group.all_gather(input, output),
+            Backend::Nccl { nccl, store } => nccl
+                .all_gather(input, output)
+                .and_then(ffi::NcclWork::wait)
+                .with_context(|| self.nccl_failed("all_gather", store)),
+        }
+    }
+
+    /// `whole` must hold `world_size` slices the shape of `slice`, both on this group's device,
+    /// contiguous and of one kind.
+    fn check_sliced(&self, what: &str, whole: &Tensor, slice: &Tensor) -> Result<()> {
+        self.check_tensors(what, &[whole.shallow_clone(), slice.shallow_clone()])?;
+        let mut want = slice.size();
+        if want.is_empty() {
+            bail!("{what}: a slice must have a leading dimension, got a scalar");
+        }
+        want[0] *= self.world_size as i64;
+        if whole.size() != want || whole.kind() != slice.kind() {
+            bail!(
+                "{what}: the whole tensor is {:?} {:?}, not {} slices of {:?} {:?}",
+                whole.size(),
+                whole.kind(),
+                self.world_size,
+                slice.size(),
+                slice.kind()
+            );
+        }
+        Ok(())
+    }
+
     /// Returns once every rank has called it. It synchronises hosts (through the store, for NCCL
     /// too), not CUDA streams.
     pub fn barrier(&self) -> Result<()> {

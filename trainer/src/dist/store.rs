@@ -1,7 +1,8 @@
 //! Rendezvous and the CPU collective, both over c10d's TCPStore (the PyPI wheel has no gloo
 //! headers, so ProcessGroupGloo cannot be built from it).
 //!
-//! All-reduce is a reduce-scatter followed by an all-gather, with the store (a server thread in
+//! All-reduce is a reduce-scatter followed by an all-gather (each also a collective of its own, for
+//! the sharded optimizer), with the store (a server thread in
 //! rank 0) as the switchboard: the flattened buffer is cut into `world` chunks; rank `r` posts chunk
 //! `c` for its owner `c`, sums the chunks it owns in rank order (so the result does not depend on
 //! who arrived first), posts the sum, and reads everyone else's. Every key names its collective's
@@ -174,18 +175,70 @@ impl StoreGroup {
         kind: Kind,
         op: ReduceOp,
     ) -> Result<Tensor> {
-        let (rank, world) = (self.rank, self.world);
         let n = flat.numel();
-        let bounds = |c: usize| (n * c / world, n * (c + 1) / world);
+        let world = self.world;
+        let bounds = move |c: usize| (n * c / world, n * (c + 1) / world);
+        let mine = self.reduce_scatter_flat(prefix, flat, kind, op, &bounds)?;
+        let full = self.all_gather_flat(prefix, &mine, kind, &bounds)?;
+        Ok(full)
+    }
+
+    /// Reduce-scatter of a CPU tensor cut into `world` equal slices along dim 0: `output` (one
+    /// slice's shape) receives the sum or average of every rank's slice `rank`.
+    pub fn reduce_scatter(&self, input: &Tensor, output: &Tensor, op: ReduceOp) -> Result<()> {
+        let prefix = self.next("reduce_scatter");
+        let (flat, kind) = (input.reshape([-1]), input.kind());
+        let per = output.numel();
+        let bounds = move |c: usize| (per * c, per * (c + 1));
+        let result = (|| {
+            let mine = self.reduce_scatter_flat(&prefix, &flat, kind, op, &bounds)?;
+            self.finish(&prefix, |_| Ok(()))?;
+            Ok(mine)
+        })();
+        let mine = self.failed("reduce_scatter", result)?;
+        tch::no_grad(|| {
+            output
+                .shallow_clone()
+                .copy_(&mine.view(output.size().as_slice()))
+        });
+        Ok(())
+    }
+
+    /// All-gather of CPU tensors: every rank's `input` lands, in rank order, as the equal slices
+    /// along dim 0 of `output`.
+    pub fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let prefix = self.next("all_gather");
+        let (kind, per) = (input.kind(), input.numel());
+        let bounds = move |c: usize| (per * c, per * (c + 1));
+        let full = self.failed(
+            "all_gather",
+            self.all_gather_flat(&prefix, &input.reshape([-1]), kind, &bounds),
+        )?;
+        tch::no_grad(|| {
+            output
+                .shallow_clone()
+                .copy_(&full.view(output.size().as_slice()))
+        });
+        Ok(())
+    }
+
+    /// Posts every chunk of `flat` (cut by `bounds`) to its owner and returns this rank's chunk
+    /// summed over ranks in rank order, so the result does not depend on who arrived first.
+    fn reduce_scatter_flat(
+        &self,
+        prefix: &str,
+        flat: &Tensor,
+        kind: Kind,
+        op: ReduceOp,
+        bounds: &dyn Fn(usize) -> (usize, usize),
+    ) -> Result<Tensor> {
+        let (rank, world) = (self.rank, self.world);
         let chunk = |c: usize| {
             let (a, b) = bounds(c);
             flat.narrow(0, a as i64, (b - a) as i64)
         };
         let size = kind.elt_size_in_bytes();
         let input = |to: usize, from: usize| format!("{prefix}/in/{to}/{from}");
-        let output = |owner: usize| format!("{prefix}/out/{owner}");
-
-        // Reduce-scatter: post every chunk to its owner, then sum the ones this rank owns.
         for c in (0..world).filter(|&c| c != rank) {
             self.put(&input(c, rank), &bytes(&chunk(c)))?;
         }
@@ -211,10 +264,22 @@ impl StoreGroup {
         if op == ReduceOp::Avg {
             acc /= world as f64;
         }
-        let mine = acc.to_kind(kind);
-        self.put(&output(rank), &bytes(&mine))?;
+        Ok(acc.to_kind(kind))
+    }
 
-        // All-gather the other owners' sums.
+    /// Posts this rank's chunk `mine` and reads everyone else's (sized by `bounds`), ending the
+    /// collective: rank 0 deletes the posted chunks once every rank has read them.
+    fn all_gather_flat(
+        &self,
+        prefix: &str,
+        mine: &Tensor,
+        kind: Kind,
+        bounds: &dyn Fn(usize) -> (usize, usize),
+    ) -> Result<Tensor> {
+        let (rank, world) = (self.rank, self.world);
+        let size = kind.elt_size_in_bytes();
+        let output = |owner: usize| format!("{prefix}/out/{owner}");
+        self.put(&output(rank), &bytes(mine))?;
         let mut pieces = Vec::with_capacity(world);
         for c in 0..world {
             if c == rank {

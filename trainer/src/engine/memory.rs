@@ -56,6 +56,31 @@ impl MemoryEstimate {
         }
     }
 
+    /// The estimate for one of `ranks` ranks with Muon sharded: each matrix keeps its fp32
+    /// weight and gradient buffer whole (4 + 4 bytes) but only 1/ranks of its momentum and of the
+    /// averaged gradient the reduce-scatter leaves (4/ranks each).
+    pub fn sharded(mut self, config: &GptConfig, ranks: usize) -> Self {
+        if ranks > 1 {
+            let matrices = (config.depth * config.block_params()) as f64;
+            self.fixed -= matrices * (4.0 - 8.0 / ranks as f64);
+        }
+        self
+    }
+
+    /// One line per part, in GiB, for the log and docs/performance.md's table.
+    pub fn describe(&self, depth: i64, recompute: i64, cache: bool) -> String {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let r = recompute.clamp(0, depth) as f64;
+        format!(
+            "state {:.1} GiB + weight cache {:.1} + activations {:.1} + transients {:.1} = {:.1} GiB",
+            gib(self.fixed),
+            gib(if cache { self.weight_cache } else { 0.0 }),
+            gib((depth as f64 - r) * self.block_saved + r * self.block_recompute),
+            gib(self.transient),
+            gib(self.total(depth, recompute, cache))
+        )
+    }
+
     /// The reference path's step with activations in `kind` (no cache, no recomputation).
     pub fn reference_total(&self, depth: i64, kind: Kind) -> f64 {
         let elt = kind.elt_size_in_bytes() as f64;
@@ -79,8 +104,9 @@ pub fn plan_keep_activations(
     seq_len: i64,
     total_bytes: f64,
     cache: bool,
+    ranks: usize,
 ) -> bool {
-    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    let est = MemoryEstimate::new(config, micro_batch, seq_len).sharded(config, ranks);
     est.total(config.depth, 0, cache) + config.depth as f64 * est.block_activation
         <= HEADROOM * total_bytes
 }
@@ -93,8 +119,9 @@ pub fn plan_memory(
     seq_len: i64,
     total_bytes: f64,
     options: &EngineOptions,
+    ranks: usize,
 ) -> (bool, i64) {
-    let est = MemoryEstimate::new(config, micro_batch, seq_len);
+    let est = MemoryEstimate::new(config, micro_batch, seq_len).sharded(config, ranks);
     let budget = HEADROOM * total_bytes;
     let depth = config.depth;
     let fits = |r: i64, cache: bool| est.total(depth, r, cache) <= budget;

@@ -122,6 +122,32 @@ impl Engine {
         }
     }
 
+    /// Splits Muon's momentum and Newton–Schulz work over the ranks of `pg` (ZeRO-1 for the
+    /// matrices; AdamW's few parameters stay replicated). Before the first micro-batch: the
+    /// gradient buffers are re-made, padded to a multiple of the world size.
+    pub fn shard_optimizer(&mut self, pg: &ProcessGroup) -> Result<()> {
+        if self.resolved.is_some() {
+            bail!("shard_optimizer after the first micro-batch");
+        }
+        let shard = optim::Shard {
+            index: pg.rank(),
+            count: pg.world_size(),
+        };
+        let matrices = self
+            .model
+            .named_parameters()
+            .into_iter()
+            .filter(|(name, _)| self.muon.locate(name).is_some())
+            .map(|(name, p)| (name, p.shallow_clone()))
+            .collect();
+        let mut muon = Muon::sharded(matrices, self.muon.lr, shard);
+        muon.ns_steps = self.muon.ns_steps;
+        muon.orthogonalizer = self.muon.orthogonalizer;
+        muon.weight_decay = self.muon.weight_decay;
+        self.muon = muon;
+        Ok(())
+    }
+
     /// What the options resolved to (None before the first micro-batch).
     pub fn resolved(&self) -> Option<Resolved> {
         self.resolved.map(|(_, _, r)| r)
@@ -154,7 +180,7 @@ impl Engine {
             (Kernels::Reference, _) => (false, 0),
             (_, Device::Cuda(_)) => {
                 let total = crate::sys::cuda::total_memory(device).unwrap_or(0) as f64;
-                plan_memory(&config, b, t, total, &self.options)
+                plan_memory(&config, b, t, total, &self.options, self.muon.shard().count)
             }
             // The CPU computes in fp32: the parameters are already the compute kind.
             _ => match self.options.recompute {
@@ -168,7 +194,8 @@ impl Engine {
             (_, Toggle::Auto) => match device {
                 Device::Cuda(_) if recompute_blocks == 0 => {
                     let total = crate::sys::cuda::total_memory(device).unwrap_or(0) as f64;
-                    plan_keep_activations(&config, b, t, total, weight_cache)
+                    let ranks = self.muon.shard().count;
+                    plan_keep_activations(&config, b, t, total, weight_cache, ranks)
                 }
                 _ => false,
             },
@@ -337,10 +364,30 @@ impl Engine {
         if grads.iter().any(|g| !g.defined()) {
             bail!("optimizer step before any backward pass");
         }
-        pg.all_reduce(&grads, ReduceOp::Avg)?;
+        let shard = self.muon.shard();
+        let sharded = shard.count > 1;
+        if sharded && (shard.count, shard.index) != (pg.world_size(), pg.rank()) {
+            bail!(
+                "Muon is sharded as rank {} of {} but the group is rank {} of {}",
+                shard.index,
+                shard.count,
+                pg.rank(),
+                pg.world_size()
+            );
+        }
         let fused = self.muon.fused;
         let mut clip = None;
-        if grad_clip > 0.0 {
+        if sharded {
+            let adam: Vec<Tensor> = self.adamw.params().map(|p| p.grad()).collect();
+            pg.all_reduce(&adam, ReduceOp::Avg)?;
+            self.muon.reduce_grads(pg)?;
+            if grad_clip > 0.0 {
+                clip = Some(self.sharded_clip(pg, &adam, grad_clip)?);
+            }
+        } else {
+            pg.all_reduce(&grads, ReduceOp::Avg)?;
+        }
+        if grad_clip > 0.0 && !sharded {
             tch::no_grad(|| {
                 // The fast path reads each buffer once (a norm); the reference squares first.
                 let total = if fused {
@@ -375,12 +422,37 @@ impl Engine {
         self.muon
             .step(lr_mult, momentum, if fused { clip.as_ref() } else { None });
         self.adamw.step(lr_mult);
+        if sharded {
+            self.muon.gather_params(pg)?;
+        }
         self.muon.zero_grads();
         for mut p in self.adamw.params() {
             p.zero_grad();
         }
         self.mark_weights_changed();
         Ok(())
+    }
+
+    /// The clipping factor when Muon is sharded: the global norm sums each rank's share of the
+    /// matrices' squared norms (an all-reduce of one number) and the replicated AdamW gradients'.
+    /// AdamW's gradients (and Muon's on the reference path) are scaled here, as unsharded.
+    fn sharded_clip(&self, pg: &ProcessGroup, adam: &[Tensor], grad_clip: f64) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let muon_sq = self.muon.owned_grad_square_norm().reshape([1]);
+        pg.all_reduce(&[muon_sq.shallow_clone()], ReduceOp::Sum)?;
+        let adam_sq: Vec<Tensor> = adam.iter().map(|g| g.square().sum(Kind::Float)).collect();
+        let total = (muon_sq.sum(Kind::Float) + Tensor::stack(&adam_sq, 0).sum(Kind::Float)).sqrt();
+        let coef = (total + 1e-6)
+            .reciprocal()
+            .g_mul_scalar(grad_clip)
+            .clamp_max(1.0);
+        for g in adam {
+            let _ = g.shallow_clone().g_mul_(&coef);
+        }
+        if !self.muon.fused {
+            self.muon.scale_owned_grads(&coef);
+        }
+        Ok(coef)
     }
 
     /// Model weights by nanochat's names.
@@ -392,10 +464,12 @@ impl Engine {
             .collect()
     }
 
-    pub fn optimizer_state(&self) -> Vec<(String, Tensor)> {
-        let mut out = self.muon.state();
+    /// Both optimizers' state by name, whole whatever the sharding: every rank must call it
+    /// (between steps) when Muon is sharded; the tensors are complete on `keep` ranks.
+    pub fn optimizer_state(&self, pg: &ProcessGroup, keep: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.muon.state(pg, keep)?;
         out.extend(self.adamw.state());
-        out
+        Ok(out)
     }
 
     /// Copies weights and optimizer state from a checkpoint.
@@ -411,14 +485,21 @@ impl Engine {
         self.adamw.load_state(optimizer, adamw_step)
     }
 
-    /// Makes every rank hold rank 0's weights and optimizer state.
+    /// Makes every rank hold rank 0's weights and optimizer state (sharded: its own share of
+    /// Muon's, from what rank 0 loaded or its zeros).
     pub fn broadcast_from_rank0(&self, pg: &ProcessGroup) -> Result<()> {
+        self.mark_weights_changed();
+        if self.muon.shard().count > 1 {
+            self.muon.scatter_staged(pg, 0)?;
+        }
         if pg.world_size() == 1 {
             return Ok(());
         }
         let mut tensors: Vec<Tensor> = self.model_state().into_iter().map(|(_, t)| t).collect();
-        tensors.extend(self.optimizer_state().into_iter().map(|(_, t)| t));
-        self.mark_weights_changed();
+        tensors.extend(self.adamw.state().into_iter().map(|(_, t)| t));
+        if self.muon.shard().count == 1 {
+            tensors.extend(self.muon.state(pg, true)?.into_iter().map(|(_, t)| t));
+        }
         tch::no_grad(|| pg.broadcast(&tensors, 0))
     }
 }

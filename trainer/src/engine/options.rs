@@ -102,6 +102,23 @@ pub struct EngineOptions {
         default_value = "auto"
     )]
     pub keep_activations: Toggle,
+    /// auto | on | off: split Muon's momentum and Newton–Schulz work over the ranks
+    /// (reduce-scatter of the gradients, each rank updates its share of the matrices, all-gather
+    /// of the parameters). auto: on with more than one rank. One rank: no effect.
+    #[arg(
+        long,
+        env = "CHARLM_SHARD_OPTIMIZER",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub shard_optimizer: Toggle,
+}
+
+impl EngineOptions {
+    /// Whether Muon is sharded over `world_size` ranks.
+    pub fn shards_optimizer(&self, world_size: usize) -> bool {
+        world_size > 1 && self.shard_optimizer != Toggle::Off
+    }
 }
 
 impl Default for EngineOptions {
@@ -112,6 +129,7 @@ impl Default for EngineOptions {
             weight_cache: Toggle::Auto,
             attention: Attention::Auto,
             keep_activations: Toggle::Auto,
+            shard_optimizer: Toggle::Auto,
         }
     }
 }

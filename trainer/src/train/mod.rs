@@ -34,6 +34,7 @@ pub use session::evaluate;
 use crate::data::dataset::Dataset;
 use crate::dist::{DistEnv, GroupOptions, ProcessGroup};
 use crate::engine::autobatch::MicroBatch;
+use crate::engine::memory::MemoryEstimate;
 use crate::engine::Engine;
 use crate::model::GptConfig;
 use crate::sys::events::Events;
@@ -101,8 +102,18 @@ pub fn run(args: Args) -> Result<()> {
         *args.engine,
     );
     engine.muon.orthogonalizer = plan.schedule.orthogonalizer;
+    if args.engine.shards_optimizer(pg.world_size()) {
+        engine.shard_optimizer(&pg)?;
+    }
     if is_main {
-        describe(&plan, &config, &data, &pg, device);
+        describe(
+            &plan,
+            &config,
+            &data,
+            &pg,
+            device,
+            engine.muon.shard().count,
+        );
     }
     let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
     if is_main {
@@ -187,7 +198,14 @@ fn already_over(
 }
 
 /// The model, batch and data lines of rank 0's log.
-fn describe(plan: &Plan, config: &GptConfig, data: &Dataset, pg: &ProcessGroup, device: Device) {
+fn describe(
+    plan: &Plan,
+    config: &GptConfig,
+    data: &Dataset,
+    pg: &ProcessGroup,
+    device: Device,
+    shards: usize,
+) {
     let batch = &plan.batch;
     eprintln!(
         "model: depth {} width {} heads {} | {} parameters ({} in matrices) | {:.3e} FLOPs/token",
@@ -214,6 +232,22 @@ fn describe(plan: &Plan, config: &GptConfig, data: &Dataset, pg: &ProcessGroup, 
         data.train_windows(),
         batch.seq_len
     );
+    let est = MemoryEstimate::new(config, batch.device_batch_size, batch.seq_len);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    if shards > 1 {
+        eprintln!(
+            "optimizer: Muon sharded over {shards} ranks, AdamW replicated: weights, gradients and \
+             optimizer state {:.2} GiB per rank (unsharded {:.2} GiB)",
+            gib(est.sharded(config, shards).fixed),
+            gib(est.fixed)
+        );
+    } else {
+        eprintln!(
+            "optimizer: Muon and AdamW on every rank: weights, gradients and optimizer state \
+             {:.2} GiB per rank",
+            gib(est.fixed)
+        );
+    }
 }
 
 /// Where the session starts: rank 0 restores the newest good checkpoint, then every rank takes

@@ -192,14 +192,19 @@ impl Session<'_> {
                 self.state.overfit_evals += 1;
             }
         }
+        // A sharded optimizer's state is gathered by every rank; rank 0 writes it.
+        let optimizer = match (improved, &self.plan.checkpoint_dir) {
+            (true, Some(_)) => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
+            _ => None,
+        };
         if !self.is_main() {
             return Ok(());
         }
-        if improved {
+        if let Some(optimizer) = optimizer {
             if let Some(root) = &self.plan.checkpoint_dir {
                 let t0 = Instant::now();
                 let manifest = manifest_for(self.plan, &self.engine, &self.state);
-                let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
+                let model = self.engine.model_state();
                 let dir =
                     checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
                         .context("save the best checkpoint")?;
@@ -257,13 +262,14 @@ impl Session<'_> {
         let Some(root) = self.plan.checkpoint_dir.clone() else {
             return Ok(());
         };
+        let t0 = Instant::now();
+        let optimizer = self.engine.optimizer_state(self.pg, self.is_main())?;
         if !self.is_main() {
             return Ok(());
         }
-        let t0 = Instant::now();
         let manifest = manifest_for(self.plan, &self.engine, &self.state);
         let name = checkpoint::step_dir_name(self.state.step);
-        let (model, optimizer) = (self.engine.model_state(), self.engine.optimizer_state());
+        let model = self.engine.model_state();
         let dir = checkpoint::save(&root, &name, manifest, &model, &optimizer)
             .with_context(|| format!("save a checkpoint in {}", root.display()))?;
         checkpoint::prune(&root, self.plan.keep_checkpoints)?;

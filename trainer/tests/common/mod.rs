@@ -1,6 +1,8 @@
 //! Helpers shared by the trainer's integration tests: run the real binary, make small datasets.
 #![allow(dead_code)]
 
+pub mod ranks;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
