@@ -1,5 +1,6 @@
 //! Data-parallel training on CPU ranks through `launch`: the same global batch gives the same
-//! losses on 1 or 2 ranks, a checkpoint resumes on another world size, a dead worker stops the
+//! losses on 1 or 2 ranks, a checkpoint resumes on another world size (a sharded optimizer's too,
+//! over 2, 3 and 4 ranks), a dead worker stops the
 //! group with its rank named, and SIGTERM checkpoints and exits 0.
 
 mod common;
@@ -117,6 +118,72 @@ fn two_ranks_match_one_rank_on_the_same_global_batch_and_resume_on_one() {
         serde_json::from_slice(&std::fs::read(two.join("step-000000008/manifest.json")).unwrap())
             .unwrap();
     assert_eq!(m["world_size"], 2);
+}
+
+#[test]
+fn a_sharded_optimizer_checkpoint_resumes_on_other_world_sizes() {
+    let root = tempfile::tempdir().unwrap();
+    let data = synthetic_data(root.path(), 80_000);
+    // 768 tokens a step = 12 micro-batches of 2 × 32: 12, 6, 4 or 3 of them per rank on 1-4 ranks.
+    let batch = ["--device-batch-size", "2", "--total-batch-size", "768"];
+    let run = |n: u32, port: u16, ckpt: &std::path::Path, steps: &str, shard: &str| {
+        let extra = [
+            batch.as_slice(),
+            &["--max-steps", steps, "--shard-optimizer", shard],
+        ]
+        .concat();
+        let out = run_launch(&launch_args(n, port, s(&data), s(ckpt), &extra));
+        assert!(out.status.success(), "{n} ranks: {}", stderr(&out));
+        out
+    };
+    // Steps 1-3 on 2 ranks, 4-6 resumed on 3, 7-9 resumed on 4: each checkpoint holds Muon's
+    // momentum whole (gathered from the shards) and each resume cuts it into shards again.
+    let chain = |dir: &str, shard: &str, port: u16| {
+        let ckpt = root.path().join(dir);
+        let a = run(2, port, &ckpt, "3", shard);
+        let b = run(3, port + 1, &ckpt, "6", shard);
+        assert!(stderr(&b).contains("step-000000003"), "{}", stderr(&b));
+        let c = run(4, port + 2, &ckpt, "9", shard);
+        assert!(stderr(&c).contains("step-000000006"), "{}", stderr(&c));
+        (
+            ckpt,
+            stderr(&a),
+            [losses(&a), losses(&b), losses(&c)].concat(),
+        )
+    };
+    let (sharded, log, resumed) = chain("sharded", "on", 29621);
+    assert!(log.contains("Muon sharded over 2 ranks"), "{log}");
+    let (whole, log, unsharded) = chain("whole", "off", 29631);
+    assert!(log.contains("Muon and AdamW on every rank"), "{log}");
+    assert_eq!(
+        resumed.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+    // On the CPU the sharded step adds the ranks' gradients in the order the all-reduce does:
+    // the two chains, checkpoints and resumes included, must agree to the bit.
+    assert_eq!(
+        resumed, unsharded,
+        "sharded vs unsharded losses over 2, 3, 4 ranks"
+    );
+    let tensors = |dir: &std::path::Path, file: &str| {
+        tch::Tensor::read_safetensors(dir.join("step-000000009").join(file)).unwrap()
+    };
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (tensors(&sharded, file), tensors(&whole, file));
+        assert_eq!(a.len(), b.len(), "{file}");
+        for (name, t) in &a {
+            let other = &b.iter().find(|(n, _)| n == name).unwrap().1;
+            assert!(t.equal(other), "{file}: {name} differs between the chains");
+        }
+    }
+    // Against one rank only the order of float sums differs (1e-4 relative, as above).
+    let reference = losses(&run(1, 29641, &root.path().join("one"), "9", "on"));
+    for ((step, x), (_, y)) in reference.iter().zip(&resumed) {
+        assert!(
+            ((x - y) / x).abs() < 1e-4,
+            "step {step}: 1 rank {x} vs sharded and resumed over 2, 3, 4 ranks {y}"
+        );
+    }
 }
 
 /// Starts a 2-rank training that runs until stopped, and waits for a few steps.
