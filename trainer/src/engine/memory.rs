@@ -57,12 +57,12 @@ impl MemoryEstimate {
     }
 
     /// The estimate for one of `ranks` ranks with Muon sharded: each matrix keeps its fp32
-    /// weight and gradient buffer whole (4 + 4 bytes) but only 1/ranks of its momentum and of the
-    /// averaged gradient the reduce-scatter leaves (4/ranks each).
+    /// weight and gradient buffer whole (4 + 4 bytes; the reduce-scatter averages in place) and
+    /// 1/ranks of its momentum.
     pub fn sharded(mut self, config: &GptConfig, ranks: usize) -> Self {
         if ranks > 1 {
             let matrices = (config.depth * config.block_params()) as f64;
-            self.fixed -= matrices * (4.0 - 8.0 / ranks as f64);
+            self.fixed -= matrices * 4.0 * (1.0 - 1.0 / ranks as f64);
         }
         self
     }

@@ -158,7 +158,8 @@ struct MuonGroup {
     /// here and the step needs no stacking copy. Sharded, it is also where the updated matrices
     /// are gathered and where checkpointed momentum passes through, between steps.
     grads: Tensor,
-    /// Sharded only: this rank's slice of the averaged gradients, `[per, rows, cols]`.
+    /// Sharded only: this rank's slice of `grads`, `[per, rows, cols]`, where the reduce-scatter
+    /// leaves its averaged gradients and the step its updated matrices for the all-gather.
     reduced: Option<Tensor>,
 }
 
@@ -219,7 +220,10 @@ impl Muon {
                 };
                 let momentum = stacked(per);
                 let grads = stacked(per * shard.count as i64);
-                let reduced = (shard.count > 1).then(|| stacked(per));
+                // The reduce-scatter writes this rank's averaged slice over its own summands
+                // (NCCL and the CPU collective both allow it in place): no second buffer.
+                let reduced =
+                    (shard.count > 1).then(|| grads.narrow(0, shard.index as i64 * per, per));
                 for (i, (name, p)) in members.iter().enumerate() {
                     super::optim_ops::set_grad(p, &grads.get(i as i64))
                         .expect("assigning a gradient buffer");
