@@ -215,6 +215,29 @@ pub fn limit_bytes(device: Device) -> u64 {
 mod tests {
     use super::*;
 
+    /// The per-rank table of docs/performance.md: `cargo test --release -p charlm-trainer --lib
+    /// per_rank_memory -- --nocapture` prints it.
+    #[test]
+    fn per_rank_memory_model_shards_only_muons_momentum() {
+        for (depth, micro) in [(24, 8), (48, 4)] {
+            let config = GptConfig::new(depth, 2048);
+            let whole = MemoryEstimate::new(&config, micro, 2048);
+            let matrices = (depth * config.block_params()) as f64;
+            for ranks in [1, 2, 8] {
+                let est = MemoryEstimate::new(&config, micro, 2048).sharded(&config, ranks);
+                println!(
+                    "depth {depth}, micro-batch {micro}, {ranks} rank(s): {}",
+                    est.describe(depth, 0, true)
+                );
+                // Weights and the gradient buffer stay whole; momentum is split.
+                let saved = whole.fixed - est.fixed;
+                let want = matrices * 4.0 * (1.0 - 1.0 / ranks as f64);
+                assert!((saved - want).abs() < 1.0, "{depth} on {ranks}: {saved} vs {want}");
+                assert_eq!(est.block_saved, whole.block_saved);
+            }
+        }
+    }
+
     #[test]
     fn the_estimate_grows_with_batch_and_depth() {
         let d24 = GptConfig::new(24, 2048);
