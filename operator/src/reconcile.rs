@@ -5,8 +5,10 @@
 //! Gang semantics: the workers of an attempt start together and end together. Any worker that fails
 //! (or stops before the budget is done, or disappears) ends the attempt: all its pods are deleted and,
 //! after a backoff, a new attempt starts from the last checkpoint, up to `restartPolicy.maxRestarts`.
-//! Bad input (exit code 2) fails the training at once. Pods carry their attempt as a label, so a
-//! decision never depends on which of several reconciles saw a pod first.
+//! What a failure does depends on its reason (`failures`): by default the cluster's disruptions
+//! restart without counting, bad input (exit code 2) and running out of memory fail the training at
+//! once. Pods carry their attempt as a label, so a decision never depends on which of several
+//! reconciles saw a pod first.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -20,7 +22,10 @@ use crate::crd::{
     condition as cond, CharLMTraining, CharLMTrainingStatus, EffectiveSettings, Phase,
     ProgressStatus,
 };
+use crate::crd::{FailureAction, FailureReason};
+use crate::deadlines;
 use crate::effective;
+use crate::failures::{self, FailureRecord};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
@@ -68,11 +73,25 @@ pub struct Decision {
     /// Names of pods to delete.
     pub delete: Vec<String>,
     pub requeue: Option<Duration>,
+    /// The failure that ended the attempt in this decision, for its Event.
+    pub failure: Option<FailureRecord>,
+    /// `ttlSecondsAfterFinished` has passed: delete the training (its finalizer cleans up).
+    pub delete_training: bool,
+}
+
+/// How a worker ended the attempt: the condition reason (`WorkerFailed`, `WorkerStopped`,
+/// `WorkerLost`), the failure reason the rules act on, the pod, and one line on what happened.
+struct Ending {
+    kind: &'static str,
+    reason: FailureReason,
+    pod: String,
+    message: String,
 }
 
 pub fn decide(o: &Observed) -> Decision {
     let mut d = Decider::new(o);
     d.run();
+    d.clocks();
     let usage = d.decision.status.usage.get_or_insert_with(Default::default);
     usage::refresh(usage, o.now, o.price_per_gpu_hour);
     d.decision
@@ -243,6 +262,13 @@ impl<'a> Decider<'a> {
             return;
         }
 
+        if self.deadline_passed() {
+            match self.success(&current) {
+                Some(report) => self.succeed(&current, report),
+                None => self.stop_for_deadline(&current),
+            }
+            return;
+        }
         if spec.suspended() {
             self.suspend(&current);
             return;
@@ -260,22 +286,11 @@ impl<'a> Decider<'a> {
             self.succeed(&current, report);
             return;
         }
-        if let Some((reason, message, bad_input)) = self.failure(&current, wanted) {
+        if let Some(ending) = self.failure(&current, wanted) {
             if let Some(report) = current.iter().find_map(|w| worker_report(w)) {
                 self.take_progress(&report);
             }
-            let max = spec.restart_policy.max_restarts;
-            if bad_input {
-                self.fail(&current, "InvalidInput", message);
-            } else if self.decision.status.restarts >= max {
-                self.fail(
-                    &current,
-                    "RestartLimitExceeded",
-                    format!("{message}; all {max} restarts used (restartPolicy.maxRestarts)"),
-                );
-            } else {
-                self.restart(&current, reason, message);
-            }
+            self.handle_failure(&current, ending);
             return;
         }
 
@@ -327,24 +342,30 @@ impl<'a> Decider<'a> {
         })
     }
 
-    /// Why the current attempt has ended without success: (reason, message, bad input).
-    fn failure(&self, current: &[&Worker], wanted: i32) -> Option<(&'static str, String, bool)> {
+    /// Why the current attempt has ended without success. When several workers ended, the most
+    /// specific reason wins (`failures::ALL_REASONS`): the peers of a worker whose node was lost
+    /// fail too, with a plain error.
+    fn failure(&self, current: &[&Worker], wanted: i32) -> Option<Ending> {
+        let mut endings = Vec::new();
+        let ending = |kind, w: &Worker, message: String| Ending {
+            kind,
+            reason: failures::classify(w),
+            pod: w.name.clone(),
+            message: format!("{message}{}", disrupted_by(w)),
+        };
         for w in current {
             if let WorkerState::Failed(f) = &w.state {
-                return Some(("WorkerFailed", f.describe(&w.name), f.is_bad_input()));
+                endings.push(ending("WorkerFailed", w, f.describe(&w.name)));
             }
         }
         for w in current {
             if let WorkerState::Succeeded { report } = &w.state {
                 if w.index == Some(0) && !report.as_ref().is_some_and(|r| r.complete) {
-                    return Some((
-                        "WorkerStopped",
-                        format!(
-                            "{}: the trainer stopped before its budget was done (complete: false)",
-                            w.name
-                        ),
-                        false,
-                    ));
+                    let message = format!(
+                        "{}: the trainer stopped before its budget was done (complete: false)",
+                        w.name
+                    );
+                    endings.push(ending("WorkerStopped", w, message));
                 }
             }
         }
@@ -356,24 +377,61 @@ impl<'a> Decider<'a> {
         };
         for w in current {
             if w.terminating && w.is_active() {
-                return Some(("WorkerLost", format!("{}: deleted {when}", w.name), false));
+                endings.push(ending("WorkerLost", w, format!("{}: deleted {when}", w.name)));
             }
         }
-        // A worker missing after the whole gang was created has been deleted by someone else.
+        // A worker missing after the whole gang was created has been deleted by someone else;
+        // nothing is left to say why.
         if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
             let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
             if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
-                return Some((
-                    "WorkerLost",
-                    format!(
-                        "{}: disappeared {when}",
-                        pod_name(&self.o.training.name_any(), i)
-                    ),
-                    false,
-                ));
+                let pod = pod_name(&self.o.training.name_any(), i);
+                endings.push(Ending {
+                    kind: "WorkerLost",
+                    reason: FailureReason::Error,
+                    message: format!("{pod}: disappeared {when}"),
+                    pod,
+                });
             }
         }
-        None
+        // `min_by_key` keeps the first of equals: the order above.
+        endings.into_iter().min_by_key(|e| e.reason)
+    }
+
+    /// Counts the failure and does what its rule (or the default) says.
+    fn handle_failure(&mut self, current: &[&Worker], e: Ending) {
+        let policy = &self.o.training.spec.restart_policy;
+        let by_rule = failures::rule_for(&policy.rules, e.reason);
+        let action = by_rule.unwrap_or_else(|| failures::default_action(e.reason));
+        let max = policy.max_restarts;
+        *self.st().failures.of(e.reason) += 1;
+        let outcome = match action {
+            FailureAction::Fail => {
+                let message = failures::fail_message(e.reason, &e.message, by_rule.is_some());
+                self.fail(current, failures::failed_condition_reason(e.reason), message);
+                "the training failed".to_string()
+            }
+            FailureAction::Restart if self.decision.status.restarts >= max => {
+                self.fail(
+                    current,
+                    "RestartLimitExceeded",
+                    format!(
+                        "{}; all {max} restarts used (restartPolicy.maxRestarts)",
+                        e.message
+                    ),
+                );
+                format!("the training failed: all {max} restarts used")
+            }
+            FailureAction::Restart => self.restart(current, &e, true),
+            FailureAction::RestartWithoutCounting => self.restart(current, &e, false),
+        };
+        self.decision.failure = Some(FailureRecord {
+            reason: e.reason,
+            action,
+            pod: e.pod,
+            message: e.message,
+            outcome,
+        });
     }
 
     fn succeed(&mut self, current: &[&Worker], report: TrainerReport) {
@@ -426,7 +484,10 @@ impl<'a> Decider<'a> {
         self.phase(Phase::Failed, message);
     }
 
-    fn restart(&mut self, current: &[&Worker], reason: &str, message: String) {
+    /// Restarts the gang; `counted` against maxRestarts, with a backoff that doubles per
+    /// restart, or not (a disruption of the cluster), after the base backoff. Returns what was
+    /// done, for the failure's Event.
+    fn restart(&mut self, current: &[&Worker], e: &Ending, counted: bool) -> String {
         // The attempt's pods go now; the new attempt's pods come after the backoff.
         self.stop_usage(current);
         self.delete(current, false);
@@ -434,24 +495,115 @@ impl<'a> Decider<'a> {
         let (max, base) = (policy.max_restarts, policy.backoff_seconds);
         let now = self.o.now;
         let st = self.st();
-        st.restarts += 1;
+        if counted {
+            st.restarts += 1;
+        }
         st.attempt += 1;
         st.launched_attempt = None;
         st.running_workers = 0;
         let n = st.restarts;
-        let backoff = backoff(base, n);
+        let backoff = backoff(base, if counted { n } else { 1 });
         st.restart_after = Some(Time(
             now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
         ));
-        let msg = format!(
-            "{message}; gang restart {n} of {max} from the last checkpoint in {}s",
-            backoff.as_secs()
-        );
-        self.set(cond::RESTARTING, TRUE, reason, msg.clone());
+        let outcome = if counted {
+            format!(
+                "gang restart {n} of {max} from the last checkpoint in {}s",
+                backoff.as_secs()
+            )
+        } else {
+            format!(
+                "gang restart from the last checkpoint in {}s, not counted against maxRestarts \
+                 ({} restarts without counting; {n} of {max} counted restarts used)",
+                backoff.as_secs(),
+                e.reason.as_str()
+            )
+        };
+        let msg = format!("{}; {outcome}", e.message);
+        self.set(cond::RESTARTING, TRUE, e.kind, msg.clone());
         self.set(cond::RUNNING, FALSE, "Restarting", "");
         self.set(cond::PODS_READY, FALSE, "Restarting", "");
         self.phase(Phase::Restarting, msg);
         self.decision.requeue = Some(backoff.max(STOPPING_REQUEUE));
+        outcome
+    }
+
+    /// When `activeDeadlineSeconds` falls, if the spec sets it.
+    fn deadline(&self) -> Option<Timestamp> {
+        let t = self.o.training;
+        let created = t.metadata.creation_timestamp.as_ref().map(|c| c.0);
+        deadlines::active_deadline(created, t.spec.active_deadline_seconds)
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline()
+            .is_some_and(|at| deadlines::due(at, self.o.now))
+    }
+
+    /// Past the deadline: the workers are deleted, which makes them save a checkpoint on SIGTERM
+    /// as for a suspend (their pods stay until the operator read that final report); once none
+    /// runs, the training fails with `DeadlineExceeded`, naming the checkpoint. The checkpoint
+    /// volume is never touched.
+    fn stop_for_deadline(&mut self, current: &[&Worker]) {
+        if let Some(report) = final_report(current) {
+            self.take_progress(&report);
+        }
+        let seconds = self
+            .o
+            .training
+            .spec
+            .active_deadline_seconds
+            .unwrap_or_default();
+        let deadline = self.deadline().map_or("?".into(), |d| d.to_string());
+        if current.iter().any(|w| w.is_active()) {
+            let now = self.o.now;
+            usage::stop(self.usage(), None, now);
+            self.delete(current, true);
+            let msg = format!(
+                "activeDeadlineSeconds ({seconds}s from creation, at {deadline}) passed: the \
+                 workers save a final checkpoint and stop"
+            );
+            self.set(cond::RUNNING, FALSE, "DeadlineExceeded", msg.clone());
+            self.st().message = Some(msg);
+            self.decision.requeue = Some(STOPPING_REQUEUE);
+            return;
+        }
+        let checkpoint = match self.decision.status.latest_checkpoint.as_deref() {
+            Some(path) => match failures::checkpoint_step(path) {
+                Some(step) => format!("the last checkpoint is {path} (step {step})"),
+                None => format!("the last checkpoint is {path}"),
+            },
+            None => "no checkpoint was saved".to_string(),
+        };
+        let msg = format!(
+            "activeDeadlineSeconds {seconds} exceeded (the deadline was {deadline}, {seconds}s \
+             after the training was created): {checkpoint}, on the checkpoint volume; raise \
+             spec.activeDeadlineSeconds to resume from it"
+        );
+        self.fail(current, "DeadlineExceeded", msg);
+    }
+
+    /// The next moment a clock of the training acts: the deadline of an unfinished training (a
+    /// requeue no later than it), or the TTL of a finished one (its deletion once it passed).
+    fn clocks(&mut self) {
+        let st = &self.decision.status;
+        let now = self.o.now;
+        let next = if st.phase.is_some_and(|p| p.is_terminal()) {
+            let completed = st.completion_time.as_ref().map(|t| t.0);
+            let ttl = self.o.training.spec.ttl_seconds_after_finished;
+            let expiry = deadlines::ttl_expiry(completed, ttl);
+            if expiry.is_some_and(|at| deadlines::due(at, now)) {
+                self.decision.delete_training = true;
+                return;
+            }
+            expiry
+        } else {
+            self.deadline().filter(|at| !deadlines::due(*at, now))
+        };
+        if let Some(at) = next {
+            let wait = deadlines::wait_until(at, now);
+            self.decision.requeue = Some(self.decision.requeue.map_or(wait, |r| r.min(wait)));
+        }
     }
 
     /// Creates the missing workers of the current attempt, once the previous attempt's pods are gone,
@@ -770,6 +922,27 @@ impl<'a> Decider<'a> {
                 format!("{:.1} epochs over the data", own.epochs),
             ),
         }
+    }
+}
+
+/// Worker 0's final report (it holds the checkpoint), else any worker's.
+fn final_report(current: &[&Worker]) -> Option<TrainerReport> {
+    let first = current
+        .iter()
+        .filter(|w| w.index == Some(0))
+        .find_map(|w| worker_report(w));
+    first.or_else(|| current.iter().find_map(|w| worker_report(w)))
+}
+
+/// Who took the pod away, when Kubernetes says (its `DisruptionTarget` or status reason).
+fn disrupted_by(w: &Worker) -> String {
+    match (&w.disruption, &w.pod_reason) {
+        (Some(d), _) if !d.is_empty() => format!(" (DisruptionTarget: {d})"),
+        // A failure without a container's status already names the pod's reason.
+        (_, Some(r)) if !matches!(&w.state, WorkerState::Failed(f) if f.container.is_none()) => {
+            format!(" (pod {r})")
+        }
+        _ => String::new(),
     }
 }
 

@@ -23,6 +23,11 @@ pub struct Worker {
     pub trainer_started: Option<Timestamp>,
     /// When the trainer container ended.
     pub trainer_finished: Option<Timestamp>,
+    /// The reason of the pod's `DisruptionTarget` condition while it is True: who is taking the
+    /// pod away (`PreemptionByScheduler`, `EvictionByEvictionAPI`, `DeletionByTaintManager`, ...).
+    pub disruption: Option<String>,
+    /// The pod's `status.reason` (`Evicted`, `NodeLost`, `Preempting`, ...).
+    pub pod_reason: Option<String>,
     pub state: WorkerState,
 }
 
@@ -178,8 +183,22 @@ pub fn observe(pod: &Pod) -> Worker {
         pod_ip: status.pod_ip.clone(),
         trainer_started: trainer.and_then(started_at),
         trainer_finished: trainer.and_then(finished_at),
+        disruption: disruption_target(&status),
+        pod_reason: status.reason.clone(),
         state,
     }
+}
+
+/// The reason of a True `DisruptionTarget` condition (Kueue's older `TerminationTarget` alike).
+fn disruption_target(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| {
+            matches!(c.type_.as_str(), "DisruptionTarget" | "TerminationTarget") && c.status == "True"
+        })
+        .map(|c| c.reason.clone().unwrap_or_default())
 }
 
 /// A pod whose container a dead node will never report stopped is let go this long after its
