@@ -276,6 +276,10 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 
     write_status(&trainings, &name, &decision.status).await?;
     report(&training, &decision, ctx).await;
+    if decision.delete_training {
+        expire(&trainings, &training, ctx).await?;
+        return Ok(Action::await_change());
+    }
     // Only now, with their final reports in the status, may ended pods go.
     let mut waiting_for_a_report = false;
     for pod in &listed.items {
@@ -294,6 +298,43 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// `ttlSecondsAfterFinished` has passed: the training is deleted, as a Job's TTL deletes the Job;
+/// the finalizer's cleanup then removes its pods, Service and NetworkPolicy, and its checkpoint
+/// volume unless `checkpoint.retainOnDelete`.
+async fn expire(
+    trainings: &Api<CharLMTraining>,
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let ttl = training.spec.ttl_seconds_after_finished.unwrap_or_default();
+    let kept = if training.spec.checkpoint.retain_on_delete {
+        "the checkpoint volume is kept (checkpoint.retainOnDelete)"
+    } else {
+        "the checkpoint volume goes with it (set checkpoint.retainOnDelete to keep it)"
+    };
+    publish(
+        ctx,
+        &training.object_ref(&()),
+        EventType::Normal,
+        "TTLExpired",
+        format!("deleting the training {ttl}s after it finished (ttlSecondsAfterFinished); {kept}"),
+    )
+    .await;
+    // Preconditioned on the uid: a training created anew under the same name is not ours to end.
+    let dp = DeleteParams {
+        preconditions: training.uid().map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match trainings.delete(&training.name_any(), &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How often a pod being deleted is looked at while its node has not reported its end.
@@ -577,6 +618,13 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
             .inc();
         tracing::info!(training = %training.name_any(), namespace = ?training.namespace(),
             phase = phase.as_str(), message = ?decision.status.message, "phase changed");
+    }
+    if let Some(failure) = &decision.failure {
+        events.push((
+            EventType::Warning,
+            failure.reason.as_str().to_string(),
+            failure.note(),
+        ));
     }
     if !decision.create.is_empty() {
         events.push((

@@ -496,8 +496,10 @@ pub struct RestartPolicySpec {
     #[serde(default = "default_backoff_seconds")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
-    /// What a failure of each reason does, overriding the defaults for the reasons named (see
-    /// `FailureReason`); reasons not named keep their default action.
+    /// What a failure of each reason does; a rule overrides the default of the one reason it
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
+    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
+    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 6))]
     #[x_kube(validation = rules::failure_reasons_unique())]
@@ -513,7 +515,9 @@ pub struct FailureRule {
 }
 
 /// Why a worker ended its attempt, as the operator reads it from the pod.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 pub enum FailureReason {
     /// The kubelet or the Eviction API evicted the pod (node pressure, a drain). Default:
     /// RestartWithoutCounting.

@@ -168,28 +168,7 @@ mod tests {
     use crate::resources::testing::{cpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
-    use crate::workers::testing::{pod, running, terminated};
-    use k8s_openapi::api::core::v1::{Pod, PodCondition};
-
-    fn disrupted(mut p: Pod, reason: &str) -> Pod {
-        let status = p.status.get_or_insert_with(Default::default);
-        status
-            .conditions
-            .get_or_insert_with(Vec::new)
-            .push(PodCondition {
-                type_: "DisruptionTarget".into(),
-                status: "True".into(),
-                reason: Some(reason.into()),
-                ..Default::default()
-            });
-        p
-    }
-
-    fn with_pod_reason(mut p: Pod, reason: &str) -> Pod {
-        p.status.get_or_insert_with(Default::default).reason = Some(reason.into());
-        p
-    }
-
+    use crate::workers::testing::{disrupted, killed, pod, running, terminated, with_pod_reason};
     #[test]
     fn each_reason_is_read_from_the_pod() {
         let t = training(cpu_spec());
@@ -216,7 +195,10 @@ mod tests {
                 disrupted(crash(), "DeletionByPodGC"),
                 FailureReason::NodeLost,
             ),
-            (with_pod_reason(crash(), "NodeLost"), FailureReason::NodeLost),
+            (
+                with_pod_reason(crash(), "NodeLost"),
+                FailureReason::NodeLost,
+            ),
             (
                 terminated(pod(&t, 0, 0), "prepare", 2, "error: no .txt files"),
                 FailureReason::BadInput,
@@ -226,9 +208,7 @@ mod tests {
         for (p, want) in cases {
             assert_eq!(classify(&observe(&p)), want, "{:?}", p.status);
         }
-        let mut oom = crash();
-        let c = &mut oom.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
-        c.state.as_mut().unwrap().terminated.as_mut().unwrap().reason = Some("OOMKilled".into());
+        let oom = killed(pod(&t, 0, 0), 137, "OOMKilled", "Killed");
         assert_eq!(classify(&observe(&oom)), FailureReason::OomKilled);
         // Evicted for memory pressure: the kubelet's eviction is the cause, not the OOM.
         assert_eq!(
@@ -308,7 +288,13 @@ mod tests {
     fn reasons_serialise_as_the_rules_name_them() {
         let names: Vec<String> = ALL_REASONS
             .iter()
-            .map(|r| serde_json::to_value(r).unwrap().as_str().unwrap().to_string())
+            .map(|r| {
+                serde_json::to_value(r)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         let own: Vec<&str> = ALL_REASONS.iter().map(|r| r.as_str()).collect();
         assert_eq!(names, own);

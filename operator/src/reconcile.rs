@@ -377,7 +377,11 @@ impl<'a> Decider<'a> {
         };
         for w in current {
             if w.terminating && w.is_active() {
-                endings.push(ending("WorkerLost", w, format!("{}: deleted {when}", w.name)));
+                endings.push(ending(
+                    "WorkerLost",
+                    w,
+                    format!("{}: deleted {when}", w.name),
+                ));
             }
         }
         // A worker missing after the whole gang was created has been deleted by someone else;
@@ -408,7 +412,11 @@ impl<'a> Decider<'a> {
         let outcome = match action {
             FailureAction::Fail => {
                 let message = failures::fail_message(e.reason, &e.message, by_rule.is_some());
-                self.fail(current, failures::failed_condition_reason(e.reason), message);
+                self.fail(
+                    current,
+                    failures::failed_condition_reason(e.reason),
+                    message,
+                );
                 "the training failed".to_string()
             }
             FailureAction::Restart if self.decision.status.restarts >= max => {
@@ -968,7 +976,9 @@ mod tests {
     use crate::resources::testing::{cpu_spec, gpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
-    use crate::workers::testing::{deleting, pod, running, terminated, unschedulable};
+    use crate::workers::testing::{
+        deleting, disrupted, killed, pod, running, terminated, unschedulable, with_pod_reason,
+    };
     use k8s_openapi::api::core::v1::Pod;
 
     fn at(s: i64) -> Timestamp {
@@ -1699,5 +1709,292 @@ mod tests {
             d.status.latest_checkpoint.as_deref(),
             Some("/checkpoints/step-000000168")
         );
+    }
+
+    fn with_spec(
+        mut t: CharLMTraining,
+        change: impl FnOnce(&mut serde_json::Value),
+    ) -> CharLMTraining {
+        let mut spec = serde_json::to_value(&t.spec).unwrap();
+        change(&mut spec);
+        t.spec = serde_json::from_value(spec).unwrap();
+        t
+    }
+
+    fn message(d: &Decision) -> String {
+        d.status.message.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn an_evicted_worker_restarts_the_gang_without_counting() {
+        let (t, mut pods) = running_gpu_training();
+        pods[1] = with_pod_reason(killed(pod(&t, 1, 0), 137, "Error", "Killed"), "Evicted");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.attempt), (0, 1));
+        assert_eq!(d.status.failures.evicted, 1);
+        assert_eq!(d.status.failures.error, 0);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerFailed"));
+        // The base backoff, whatever came before.
+        assert_eq!(d.status.restart_after, Some(Time(at(110))));
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.action, f.pod.as_str()),
+            (
+                FailureReason::Evicted,
+                FailureAction::RestartWithoutCounting,
+                "demo-worker-1"
+            )
+        );
+        let note = f.note();
+        assert!(
+            note.starts_with("Evicted of pod demo-worker-1: ")
+                && note.contains("(pod Evicted)")
+                && note.contains("action RestartWithoutCounting")
+                && note.contains("not counted against maxRestarts"),
+            "{note}"
+        );
+        // The count is kept through the next attempt and not counted again.
+        let t = with(t, &d);
+        let d = decide_at(&t, &[], 111);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!((d.status.failures.evicted, d.status.restarts), (1, 0));
+        assert!(d.failure.is_none());
+    }
+
+    #[test]
+    fn the_most_specific_reason_of_a_gang_wins() {
+        // Worker 1 is preempted; worker 0's trainer then fails for want of its peer.
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = terminated(pod(&t, 0, 0), TRAINER_CONTAINER, 1, "NCCL: peer lost");
+        pods[1] = deleting(disrupted(pods[1].clone(), "PreemptionByScheduler"));
+        let d = decide_at(&t, &pods, 100);
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.pod.as_str()),
+            (FailureReason::Preempted, "demo-worker-1")
+        );
+        assert!(
+            f.message
+                .contains("(DisruptionTarget: PreemptionByScheduler)"),
+            "{}",
+            f.message
+        );
+        assert_eq!((d.status.restarts, d.status.failures.preempted), (0, 1));
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
+    }
+
+    #[test]
+    fn a_lost_node_restarts_without_counting() {
+        let (t, mut pods) = running_gpu_training();
+        pods[1] = deleting(disrupted(pods[1].clone(), "DeletionByTaintManager"));
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.node_lost), (0, 1));
+    }
+
+    #[test]
+    fn out_of_memory_fails_by_default_and_says_to_lower_the_micro_batch() {
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = killed(
+            pod(&t, 0, 0),
+            137,
+            "OOMKilled",
+            "[rank 0] error: out of memory at micro-batch 16: micro-batch 8 fits; set deviceBatchSize: 8\n",
+        );
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "OOMKilled"));
+        let msg = message(&d);
+        assert!(msg.contains("micro-batch 8 fits"), "{msg}");
+        assert!(msg.contains("lower spec.deviceBatchSize"), "{msg}");
+        assert_eq!((d.status.restarts, d.status.failures.oom_killed), (0, 1));
+        assert_eq!(d.delete, ["demo-worker-1"], "the running peer is freed");
+        assert_eq!(d.failure.unwrap().action, FailureAction::Fail);
+    }
+
+    #[test]
+    fn a_users_rules_override_the_defaults_they_name() {
+        let (t, mut pods) = running_gpu_training();
+        let t = with_spec(t, |s| {
+            s["restartPolicy"]["rules"] = serde_json::json!([
+                {"reason": "Error", "action": "Fail"},
+                {"reason": "OOMKilled", "action": "Restart"},
+                {"reason": "Evicted", "action": "Restart"}
+            ])
+        });
+        let crash = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "panic: boom");
+        pods[1] = crash;
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "Error"));
+        assert!(
+            message(&d).contains("restartPolicy.rules says Fail for Error"),
+            "{}",
+            message(&d)
+        );
+        assert_eq!(d.status.failures.error, 1);
+
+        pods[1] = killed(pod(&t, 1, 0), 137, "OOMKilled", "Killed");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.oom_killed), (1, 1));
+
+        pods[1] = with_pod_reason(killed(pod(&t, 1, 0), 137, "Error", "Killed"), "Evicted");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!((d.status.restarts, d.status.failures.evicted), (1, 1));
+        // Unnamed reasons keep their defaults: bad input still fails.
+        pods[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 2, "error: bad");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidInput"));
+    }
+
+    #[test]
+    fn counted_restarts_still_run_out() {
+        let (t, mut pods) = running_gpu_training();
+        let mut t = with_spec(t, |s| s["restartPolicy"]["maxRestarts"] = 0.into());
+        t.status.as_mut().unwrap().failures.evicted = 4;
+        pods[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "boom");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "RestartLimitExceeded"));
+        assert_eq!((d.status.failures.error, d.status.failures.evicted), (1, 4));
+        assert!(d.failure.unwrap().outcome.contains("all 0 restarts used"));
+    }
+
+    /// A GPU training created at 0 with a deadline of 60 s, whose two workers run.
+    fn deadline_training() -> (CharLMTraining, Vec<Pod>) {
+        let mut t = training(gpu_spec());
+        t.spec.active_deadline_seconds = Some(60);
+        t.metadata.creation_timestamp = Some(Time(at(0)));
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![
+            running(pod(&t, 0, 0), "10.0.0.1"),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        (with(t, &d), pods)
+    }
+
+    #[test]
+    fn a_deadline_wakes_the_operator_when_it_falls() {
+        let (t, pods) = deadline_training();
+        let d = decide_at(&t, &pods, 40);
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(d.requeue, Some(Duration::from_secs(21)));
+        // Waiting for a restart counts too: the deadline is from creation.
+        let d = decide_at(&t, &pods, 2);
+        assert_eq!(d.requeue, Some(RUNNING_REQUEUE));
+    }
+
+    #[test]
+    fn past_the_deadline_the_workers_checkpoint_and_the_training_fails() {
+        let (t, pods) = deadline_training();
+        let d = decide_at(&t, &pods, 60);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_ne!(
+            d.status.phase,
+            Some(Phase::Failed),
+            "not before the checkpoint"
+        );
+        assert_eq!(condition(&d, c::RUNNING), ("False", "DeadlineExceeded"));
+        assert_eq!(d.requeue, Some(STOPPING_REQUEUE));
+        let t = with(t, &d);
+
+        // Still stopping: nothing deleted twice, nothing restarted.
+        let stopping: Vec<Pod> = pods.iter().cloned().map(deleting).collect();
+        let d = decide_at(&t, &stopping, 62);
+        assert!(d.delete.is_empty() && d.create.is_empty());
+        assert_eq!((d.status.restarts, d.status.attempt), (0, 0));
+        assert!(d.failure.is_none());
+
+        // SIGTERM saved step 168; both trainers ended.
+        let ended = vec![
+            terminated(
+                deleting(pods[0].clone()),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+            ),
+            terminated(deleting(pods[1].clone()), TRAINER_CONTAINER, 0, "{}"),
+        ];
+        let d = decide_at(&t, &ended, 64);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "DeadlineExceeded"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("activeDeadlineSeconds 60 exceeded")
+                && msg.contains("/checkpoints/step-000000168 (step 168)"),
+            "{msg}"
+        );
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        assert_eq!(
+            d.status.failures,
+            Default::default(),
+            "a deadline is no failure of a worker"
+        );
+        assert_eq!(d.status.completion_time, Some(Time(at(64))));
+        assert!(d.delete.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_passed_without_workers_fails_at_once_and_success_wins() {
+        let (t, pods) = deadline_training();
+        let mut suspended = t.clone();
+        suspended.spec.suspend = Some(true);
+        let d = decide_at(&suspended, &[], 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "DeadlineExceeded"));
+        assert!(
+            message(&d).contains("no checkpoint was saved"),
+            "{}",
+            message(&d)
+        );
+
+        let done = vec![
+            terminated(
+                pod(&t, 0, 0),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 100, "complete": true}"#,
+            ),
+            pods[1].clone(),
+        ];
+        let d = decide_at(&t, &done, 100);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+    }
+
+    #[test]
+    fn a_finished_training_is_deleted_once_its_ttl_passed() {
+        let (t, mut pods) = running_gpu_training();
+        let t = with_spec(t, |s| s["ttlSecondsAfterFinished"] = 100.into());
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 100, "complete": true}"#,
+        );
+        let d = decide_at(&t, &pods, 500);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(!d.delete_training);
+        assert_eq!(d.requeue, Some(Duration::from_secs(101)));
+        let t = with(t, &d);
+        let d = decide_at(&t, &pods[..1], 599);
+        assert!(!d.delete_training);
+        assert_eq!(d.requeue, Some(Duration::from_secs(2)));
+        let d = decide_at(&t, &pods[..1], 600);
+        assert!(d.delete_training);
+        // A failure ends a training too.
+        let mut failed = t.clone();
+        let st = failed.status.as_mut().unwrap();
+        (st.phase, st.failed_generation) = (Some(Phase::Failed), Some(1));
+        assert!(decide_at(&failed, &[], 600).delete_training);
+        // Without a TTL nothing is deleted.
+        let mut kept = t;
+        kept.spec.ttl_seconds_after_finished = None;
+        let d = decide_at(&kept, &pods[..1], 10_000);
+        assert!(!d.delete_training && d.requeue.is_none());
     }
 }

@@ -196,7 +196,8 @@ fn disruption_target(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<S
         .iter()
         .flatten()
         .find(|c| {
-            matches!(c.type_.as_str(), "DisruptionTarget" | "TerminationTarget") && c.status == "True"
+            matches!(c.type_.as_str(), "DisruptionTarget" | "TerminationTarget")
+                && c.status == "True"
         })
         .map(|c| c.reason.clone().unwrap_or_default())
 }
@@ -421,6 +422,40 @@ pub(crate) mod testing {
             }]),
             ..Default::default()
         });
+        pod
+    }
+
+    /// The pod with a True `DisruptionTarget` condition of `reason`, as the scheduler, the
+    /// Eviction API or the taint manager add it before they delete the pod.
+    pub fn disrupted(mut pod: Pod, reason: &str) -> Pod {
+        let status = pod.status.get_or_insert_with(Default::default);
+        status
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(PodCondition {
+                type_: "DisruptionTarget".into(),
+                status: "True".into(),
+                reason: Some(reason.into()),
+                ..Default::default()
+            });
+        pod
+    }
+
+    /// The pod with `status.reason` set (`Evicted`, `NodeLost`, ...).
+    pub fn with_pod_reason(mut pod: Pod, reason: &str) -> Pod {
+        pod.status.get_or_insert_with(Default::default).reason = Some(reason.into());
+        pod
+    }
+
+    /// The trainer container ended with `reason` (e.g. `OOMKilled`) and `code`.
+    pub fn killed(pod: Pod, code: i32, reason: &str, message: &str) -> Pod {
+        let mut pod = terminated(pod, TRAINER_CONTAINER, code, message);
+        let status = pod.status.as_mut().expect("terminated sets a status");
+        for c in status.container_statuses.iter_mut().flatten() {
+            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                t.reason = Some(reason.into());
+            }
+        }
         pod
     }
 
