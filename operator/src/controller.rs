@@ -619,13 +619,6 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
         tracing::info!(training = %training.name_any(), namespace = ?training.namespace(),
             phase = phase.as_str(), message = ?decision.status.message, "phase changed");
     }
-    if let Some(failure) = &decision.failure {
-        events.push((
-            EventType::Warning,
-            failure.reason.as_str().to_string(),
-            failure.note(),
-        ));
-    }
     if !decision.create.is_empty() {
         events.push((
             EventType::Normal,
@@ -645,6 +638,38 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
     }
     for (type_, reason, note) in events {
         publish(ctx, &reference, type_, &reason, note).await;
+    }
+    if let Some(failure) = &decision.failure {
+        publish_failure(ctx, training, &reference, failure).await;
+    }
+}
+
+/// The Event of a failure: its reason, the action taken, and the pod as the related object. The
+/// recorder folds Events of one key (type, reason, action, related) into a series, so without the
+/// action and the pod one failure would only count up the `Failed` condition's Event of the same
+/// reason (`OOMKilled`), and another worker's failure would count up the first one's.
+async fn publish_failure(
+    ctx: &Context,
+    training: &CharLMTraining,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    failure: &crate::failures::FailureRecord,
+) {
+    let pod = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(failure.pod.clone()),
+        namespace: training.namespace(),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: failure.reason.as_str().to_string(),
+        note: Some(truncate_note(failure.note())),
+        action: failure.action.as_str().to_string(),
+        secondary: Some(pod),
+    };
+    if let Err(err) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %err, reason = %event.reason, "could not publish an event");
     }
 }
 
