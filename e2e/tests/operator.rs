@@ -675,7 +675,7 @@ async fn a_failed_worker_restarts_the_gang() {
 
     env.set_pod_status(
         "gang-worker-1",
-        json!({"phase": "Failed", "containerStatuses": terminated("trainer", 137, "OOMKilled", "killed")}),
+        json!({"phase": "Failed", "containerStatuses": terminated("trainer", 137, "Error", "killed")}),
     )
     .await;
 
@@ -684,13 +684,14 @@ async fn a_failed_worker_restarts_the_gang() {
         .await;
     let status = t.status.clone().unwrap();
     assert_eq!((status.restarts, status.attempt), (1, 1));
+    assert_eq!(status.failures.error, 1);
     assert_eq!(
         condition(&t, "Restarting"),
         ("True".into(), "WorkerFailed".into())
     );
     let message = status.message.unwrap();
     assert!(
-        message.contains("gang-worker-1: container trainer exited with code 137 (OOMKilled)"),
+        message.contains("gang-worker-1: container trainer exited with code 137: killed"),
         "{message}"
     );
     assert!(message.contains("gang restart 1 of 2"), "{message}");
@@ -1653,5 +1654,354 @@ async fn status_shows_the_best_validation_gpu_hours_and_cost() {
     let again = env.trainings().get("costly").await.unwrap().status.unwrap();
     assert_eq!(again.usage, status.usage);
     assert_eq!(again.best_val_bpc, Some(1.25));
+    env.finish().await;
+}
+
+/// Waits until `name`'s workers are all gone.
+async fn wait_workers_gone(env: &TestEnv, name: &str) {
+    env.wait(&format!("{name}: workers gone"), MINUTE, || async {
+        let n = env.workers(name).await.len();
+        if n == 0 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{n} pods left"))
+        }
+    })
+    .await;
+}
+
+/// The Event of `reason` about `training`, whose note contains every one of `needles`.
+async fn assert_event(env: &TestEnv, training: &str, reason: &str, needles: &[&str]) {
+    let events = events_of(env, training).await;
+    let found = events.iter().any(|e| {
+        e.reason.as_deref() == Some(reason)
+            && e.note
+                .as_deref()
+                .is_some_and(|n| needles.iter().all(|x| n.contains(x)))
+    });
+    let notes: Vec<(Option<&str>, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.reason.as_deref(), e.note.as_deref()))
+        .collect();
+    assert!(
+        found,
+        "no {reason} event about {training} naming {needles:?}: {notes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_rules_choose_what_each_reason_does() {
+    let mut env = TestEnv::new("rules").await;
+    env.start_operator("operator-1").await;
+
+    // Refused at apply: a reason named twice, and a reason that does not exist.
+    let base = small_gpu("refused", 1);
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        (
+            "a reason named twice",
+            Box::new(|m: &mut Value| {
+                m["spec"]["restartPolicy"]["rules"] = json!([
+                    {"reason": "Error", "action": "Fail"},
+                    {"reason": "Error", "action": "Restart"}
+                ])
+            }),
+            "restartPolicy.rules must name each reason at most once",
+        ),
+        (
+            "an unknown reason",
+            Box::new(|m: &mut Value| {
+                m["spec"]["restartPolicy"]["rules"] =
+                    json!([{"reason": "Crashed", "action": "Fail"}])
+            }),
+            "supported values: \"Evicted\", \"Preempted\", \"NodeLost\", \"OOMKilled\", \"BadInput\", \"Error\"",
+        ),
+        (
+            "an unknown action",
+            Box::new(|m: &mut Value| {
+                m["spec"]["restartPolicy"]["rules"] =
+                    json!([{"reason": "Error", "action": "Retry"}])
+            }),
+            "supported values: \"Restart\", \"RestartWithoutCounting\", \"Fail\"",
+        ),
+    ];
+    assert_refused(&env, &base, &cases).await;
+
+    let mut strict = small_gpu("strict", 1);
+    strict["spec"]["restartPolicy"]["rules"] = json!([{"reason": "Error", "action": "Fail"}]);
+    for manifest in [
+        small_gpu("evict", 2),
+        small_gpu("preempt", 1),
+        small_gpu("oom", 1),
+        strict,
+    ] {
+        start_training(&env, &manifest).await;
+    }
+
+    // The kubelet evicts worker 1 (its container killed), the scheduler preempts a worker (the
+    // kubelet then ends it: Failed with the DisruptionTarget condition), the kernel OOM-kills a
+    // trainer, and a trainer crashes under a rule that fails on any error.
+    env.set_pod_status(
+        "evict-worker-1",
+        json!({
+            "phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory.",
+            "containerStatuses": terminated("trainer", 137, "Error", "")
+        }),
+    )
+    .await;
+    env.set_pod_status(
+        "preempt-worker-0",
+        json!({
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                            "message": "preempted by a higher-priority pod"}],
+            "containerStatuses": terminated("trainer", 137, "Error", "")
+        }),
+    )
+    .await;
+    env.set_pod_status(
+        "oom-worker-0",
+        json!({"phase": "Failed", "containerStatuses": terminated(
+            "trainer", 137, "OOMKilled",
+            "[rank 0] error: out of memory at micro-batch 16; micro-batch 8 fits: set deviceBatchSize: 8"
+        )}),
+    )
+    .await;
+    env.set_pod_status(
+        "strict-worker-0",
+        json!({"phase": "Failed", "containerStatuses": terminated("trainer", 1, "Error", "panicked at NCCL")}),
+    )
+    .await;
+
+    // Evicted: restarted, not counted, counted by reason, and said in an Event.
+    let t = env
+        .wait_training("evict", "a second attempt", Duration::from_secs(30), |t| {
+            t.status.as_ref().is_some_and(|s| s.attempt == 1)
+        })
+        .await;
+    let status = t.status.clone().unwrap();
+    assert_eq!(status.restarts, 0, "an eviction is not counted");
+    assert_eq!((status.failures.evicted, status.failures.error), (1, 0));
+    assert_event(
+        &env,
+        "evict",
+        "Evicted",
+        &["evict-worker-1", "RestartWithoutCounting"],
+    )
+    .await;
+    let t = env.wait_phase("evict", Phase::Running, MINUTE).await;
+    assert_eq!(t.status.as_ref().unwrap().restarts, 0);
+    assert_eq!(env.workers("evict").await.len(), 2);
+
+    let t = env
+        .wait_training(
+            "preempt",
+            "a second attempt",
+            Duration::from_secs(30),
+            |t| t.status.as_ref().is_some_and(|s| s.attempt == 1),
+        )
+        .await;
+    let status = t.status.unwrap();
+    assert_eq!((status.restarts, status.failures.preempted), (0, 1));
+    assert_event(
+        &env,
+        "preempt",
+        "Preempted",
+        &[
+            "preempt-worker-0",
+            "PreemptionByScheduler",
+            "RestartWithoutCounting",
+        ],
+    )
+    .await;
+
+    // OOMKilled fails by default, with the trainer's line and the fix.
+    let t = env
+        .wait_phase("oom", Phase::Failed, Duration::from_secs(30))
+        .await;
+    assert_eq!(condition(&t, "Failed"), ("True".into(), "OOMKilled".into()));
+    let status = t.status.unwrap();
+    let message = status.message.unwrap();
+    assert!(
+        message.contains("micro-batch 8 fits") && message.contains("lower spec.deviceBatchSize"),
+        "{message}"
+    );
+    assert_eq!((status.restarts, status.failures.oom_killed), (0, 1));
+    assert_event(&env, "oom", "OOMKilled", &["oom-worker-0", "action Fail"]).await;
+
+    // The user's rule fails an error at once, though restarts are left.
+    let t = env
+        .wait_phase("strict", Phase::Failed, Duration::from_secs(30))
+        .await;
+    assert_eq!(condition(&t, "Failed"), ("True".into(), "Error".into()));
+    let status = t.status.unwrap();
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("restartPolicy.rules says Fail for Error"),
+        "{:?}",
+        status.message
+    );
+    assert_eq!((status.restarts, status.failures.error), (0, 1));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_deadline_fails_the_training_and_keeps_the_checkpoint_volume() {
+    let mut env = TestEnv::new("deadline").await;
+    env.start_operator("operator-1").await;
+    let mut manifest = small_gpu("late", 2);
+    manifest["spec"]["activeDeadlineSeconds"] = json!(20);
+    start_training(&env, &manifest).await;
+    let pvc_uid = env.pvcs().get("late-checkpoints").await.unwrap().uid();
+    // As if rank 0 had reported a checkpoint (kwok's pods serve no /progress, and a deleted one
+    // vanishes before any SIGTERM report could be written).
+    env.trainings()
+        .patch_status(
+            "late",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"status": {"latestCheckpoint": "/checkpoints/step-000000042"}}),
+            ),
+        )
+        .await
+        .unwrap();
+
+    let t = env.wait_phase("late", Phase::Failed, MINUTE).await;
+    let created = t.metadata.creation_timestamp.clone().unwrap().0;
+    let ended = t
+        .status
+        .as_ref()
+        .unwrap()
+        .completion_time
+        .clone()
+        .unwrap()
+        .0;
+    let took = ended.duration_since(created).as_secs();
+    assert!((20..40).contains(&took), "failed {took}s after creation");
+    assert_eq!(
+        condition(&t, "Failed"),
+        ("True".into(), "DeadlineExceeded".into())
+    );
+    let status = t.status.clone().unwrap();
+    let message = status.message.unwrap();
+    assert!(
+        message.contains("activeDeadlineSeconds 20 exceeded")
+            && message.contains("/checkpoints/step-000000042 (step 42)"),
+        "{message}"
+    );
+    assert_eq!((status.restarts, status.attempt), (0, 0));
+    assert_eq!(status.failures, Default::default());
+    wait_workers_gone(&env, "late").await;
+    let pvc = env.pvcs().get("late-checkpoints").await.unwrap();
+    assert_eq!(
+        pvc.uid(),
+        pvc_uid,
+        "the checkpoint volume survives the deadline"
+    );
+    assert!(pvc.metadata.deletion_timestamp.is_none());
+    assert_event(
+        &env,
+        "late",
+        "DeadlineExceeded",
+        &["activeDeadlineSeconds 20"],
+    )
+    .await;
+    // Failed stays failed: nothing is started again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(env.workers("late").await.is_empty());
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_after_finishing_deletes_the_training_and_retain_on_delete_keeps_the_volume() {
+    let mut env = TestEnv::new("ttl").await;
+    env.start_operator("operator-1").await;
+    let mut done = small_gpu("done", 2);
+    done["spec"]["ttlSecondsAfterFinished"] = json!(5);
+    let mut failed = small_gpu("failed", 1);
+    failed["spec"]["ttlSecondsAfterFinished"] = json!(5);
+    failed["spec"]["checkpoint"]["retainOnDelete"] = json!(true);
+    let mut kept = small_gpu("untimed", 1);
+    kept["spec"]["checkpoint"]["retainOnDelete"] = json!(true);
+    for m in [&done, &failed, &kept] {
+        start_training(&env, m).await;
+    }
+
+    let report = r#"{"step": 100, "val_bpc": 1.2, "checkpoint": "/checkpoints/step-000000100", "complete": true}"#;
+    env.set_pod_status(
+        "done-worker-0",
+        json!({"phase": "Succeeded", "containerStatuses": terminated("trainer", 0, "Completed", report)}),
+    )
+    .await;
+    for name in ["failed-worker-0", "untimed-worker-0"] {
+        env.set_pod_status(
+            name,
+            json!({"phase": "Failed", "containerStatuses": terminated("trainer", 2, "Error", "error: bad input")}),
+        )
+        .await;
+    }
+    let t = env
+        .wait_phase("done", Phase::Succeeded, Duration::from_secs(30))
+        .await;
+    let completed = t.status.unwrap().completion_time.unwrap().0;
+    env.wait_phase("failed", Phase::Failed, Duration::from_secs(30))
+        .await;
+    env.wait_phase("untimed", Phase::Failed, Duration::from_secs(30))
+        .await;
+
+    env.wait("the finished trainings deleted", MINUTE, || async {
+        let mut left: Vec<String> = env
+            .trainings()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|t| t.name_any())
+            .collect();
+        left.sort();
+        if left == ["untimed"] {
+            Ok(Some(()))
+        } else {
+            Err(format!("{left:?}"))
+        }
+    })
+    .await;
+    let gone_after = k8s_openapi::jiff::Timestamp::now()
+        .duration_since(completed)
+        .as_secs();
+    assert!(gone_after >= 5, "deleted {gone_after}s after completion");
+    wait_workers_gone(&env, "done").await;
+    wait_workers_gone(&env, "failed").await;
+    assert_eq!(env.workers("untimed").await.len(), 1, "no TTL: kept");
+    env.wait(
+        "the unretained checkpoint volume deleted",
+        MINUTE,
+        || async {
+            match env.pvcs().get_opt("done-checkpoints").await {
+                Ok(None) => Ok(Some(())),
+                Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => Ok(Some(())),
+                Ok(Some(_)) => Err("still there".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+    let retained = env.pvcs().get("failed-checkpoints").await.unwrap();
+    assert!(retained.metadata.deletion_timestamp.is_none());
+    assert!(
+        retained.owner_references().is_empty(),
+        "the garbage collector would take it"
+    );
+    assert_event(
+        &env,
+        "failed",
+        "TTLExpired",
+        &["ttlSecondsAfterFinished", "checkpoint volume is kept"],
+    )
+    .await;
     env.finish().await;
 }

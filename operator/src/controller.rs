@@ -276,6 +276,10 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
 
     write_status(&trainings, &name, &decision.status).await?;
     report(&training, &decision, ctx).await;
+    if decision.delete_training {
+        expire(&trainings, &training, ctx).await?;
+        return Ok(Action::await_change());
+    }
     // Only now, with their final reports in the status, may ended pods go.
     let mut waiting_for_a_report = false;
     for pod in &listed.items {
@@ -294,6 +298,43 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// `ttlSecondsAfterFinished` has passed: the training is deleted, as a Job's TTL deletes the Job;
+/// the finalizer's cleanup then removes its pods, Service and NetworkPolicy, and its checkpoint
+/// volume unless `checkpoint.retainOnDelete`.
+async fn expire(
+    trainings: &Api<CharLMTraining>,
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let ttl = training.spec.ttl_seconds_after_finished.unwrap_or_default();
+    let kept = if training.spec.checkpoint.retain_on_delete {
+        "the checkpoint volume is kept (checkpoint.retainOnDelete)"
+    } else {
+        "the checkpoint volume goes with it (set checkpoint.retainOnDelete to keep it)"
+    };
+    publish(
+        ctx,
+        &training.object_ref(&()),
+        EventType::Normal,
+        "TTLExpired",
+        format!("deleting the training {ttl}s after it finished (ttlSecondsAfterFinished); {kept}"),
+    )
+    .await;
+    // Preconditioned on the uid: a training created anew under the same name is not ours to end.
+    let dp = DeleteParams {
+        preconditions: training.uid().map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match trainings.delete(&training.name_any(), &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How often a pod being deleted is looked at while its node has not reported its end.
@@ -597,6 +638,38 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
     }
     for (type_, reason, note) in events {
         publish(ctx, &reference, type_, &reason, note).await;
+    }
+    if let Some(failure) = &decision.failure {
+        publish_failure(ctx, training, &reference, failure).await;
+    }
+}
+
+/// The Event of a failure: its reason, the action taken, and the pod as the related object. The
+/// recorder folds Events of one key (type, reason, action, related) into a series, so without the
+/// action and the pod one failure would only count up the `Failed` condition's Event of the same
+/// reason (`OOMKilled`), and another worker's failure would count up the first one's.
+async fn publish_failure(
+    ctx: &Context,
+    training: &CharLMTraining,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    failure: &crate::failures::FailureRecord,
+) {
+    let pod = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(failure.pod.clone()),
+        namespace: training.namespace(),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: failure.reason.as_str().to_string(),
+        note: Some(truncate_note(failure.note())),
+        action: failure.action.as_str().to_string(),
+        secondary: Some(pod),
+    };
+    if let Err(err) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %err, reason = %event.reason, "could not publish an event");
     }
 }
 

@@ -240,6 +240,20 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
 
+    /// Seconds from the training's creation (waiting, restarts and suspension included) after
+    /// which the operator stops the workers, letting them save a checkpoint, and fails the
+    /// training with `DeadlineExceeded`. Unset: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("activeDeadlineSeconds must be at least 1 (seconds from the training's creation); remove it for no deadline"))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Seconds after the training ended (Succeeded or Failed) after which the operator deletes
+    /// the training, like a Job's TTL; its pods and Service go with it, and the checkpoint volume
+    /// too unless `checkpoint.retainOnDelete`. Unset: kept until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative (0 deletes the training as soon as it ends)"))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
     /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
     /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
     /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
@@ -482,6 +496,57 @@ pub struct RestartPolicySpec {
     #[serde(default = "default_backoff_seconds")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
+    /// What a failure of each reason does; a rule overrides the default of the one reason it
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
+    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
+    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 6))]
+    #[x_kube(validation = rules::failure_reasons_unique())]
+    pub rules: Vec<FailureRule>,
+}
+
+/// One rule of `restartPolicy.rules`: the action for failures of one reason.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRule {
+    pub reason: FailureReason,
+    pub action: FailureAction,
+}
+
+/// Why a worker ended its attempt, as the operator reads it from the pod.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum FailureReason {
+    /// The kubelet or the Eviction API evicted the pod (node pressure, a drain). Default:
+    /// RestartWithoutCounting.
+    Evicted,
+    /// The pod was deleted to make room for another (the scheduler's preemption, a critical pod,
+    /// Kueue). Default: RestartWithoutCounting.
+    Preempted,
+    /// Its node went away or stopped answering and the node lifecycle deleted the pod. Default:
+    /// RestartWithoutCounting.
+    NodeLost,
+    /// A container ran out of memory. Default: Fail (lower deviceBatchSize).
+    #[serde(rename = "OOMKilled")]
+    OomKilled,
+    /// The trainer exited with code 2: the input or settings are wrong. Default: Fail.
+    BadInput,
+    /// Any other failure (a crash, a stop before the budget, a pod deleted by hand). Default:
+    /// Restart.
+    Error,
+}
+
+/// What a failure does to the training.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FailureAction {
+    /// Restart the gang from the last checkpoint, counted against maxRestarts.
+    Restart,
+    /// Restart the gang from the last checkpoint without counting against maxRestarts.
+    RestartWithoutCounting,
+    /// Fail the training at once.
+    Fail,
 }
 
 fn default_max_restarts() -> i32 {
@@ -497,6 +562,7 @@ impl Default for RestartPolicySpec {
         Self {
             max_restarts: default_max_restarts(),
             backoff_seconds: default_backoff_seconds(),
+            rules: Vec::new(),
         }
     }
 }
@@ -582,6 +648,9 @@ pub struct CharLMTrainingStatus {
     /// Gang restarts so far (counted against restartPolicy.maxRestarts).
     #[serde(default)]
     pub restarts: i32,
+    /// Failures that ended an attempt, by reason, over the training's life (counted or not).
+    #[serde(default)]
+    pub failures: FailureCounts,
     /// Increases each time a new set of worker pods is started after a failure or a fix of the
     /// spec; worker pods carry it as the `charlm.dev/attempt` label.
     #[serde(default)]
@@ -637,6 +706,36 @@ pub struct CharLMTrainingStatus {
     /// trainer has reported the dataset's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanStatus>,
+}
+
+/// Failures by reason (`status.failures`); the keys are the reasons of `restartPolicy.rules`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct FailureCounts {
+    #[serde(rename = "Evicted", default)]
+    pub evicted: i32,
+    #[serde(rename = "Preempted", default)]
+    pub preempted: i32,
+    #[serde(rename = "NodeLost", default)]
+    pub node_lost: i32,
+    #[serde(rename = "OOMKilled", default)]
+    pub oom_killed: i32,
+    #[serde(rename = "BadInput", default)]
+    pub bad_input: i32,
+    #[serde(rename = "Error", default)]
+    pub error: i32,
+}
+
+impl FailureCounts {
+    pub fn of(&mut self, reason: FailureReason) -> &mut i32 {
+        match reason {
+            FailureReason::Evicted => &mut self.evicted,
+            FailureReason::Preempted => &mut self.preempted,
+            FailureReason::NodeLost => &mut self.node_lost,
+            FailureReason::OomKilled => &mut self.oom_killed,
+            FailureReason::BadInput => &mut self.bad_input,
+            FailureReason::Error => &mut self.error,
+        }
+    }
 }
 
 /// The planner's verdict on the effective depth, GPUs and hours for the dataset's size.

@@ -1,12 +1,14 @@
 //! The `charlm-operator`: turns `CharLMTraining` resources into trainer pods, a rendezvous Service and
 //! a checkpoint volume, and keeps them in shape. Modules: `crd` (the schema), `preset` and
-//! `effective` (what a spec runs with), `resources` (spec → objects), `reconcile` (the decision),
+//! `effective` (what a spec runs with), `resources` (spec → objects), `failures` (failure rules), `reconcile` (the decision),
 //! `usage` (GPU-hours and cost), `controller` (the kube-runtime glue), `leader`, `metrics`.
 
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod deadlines;
 pub mod effective;
+pub mod failures;
 pub mod leader;
 pub mod metrics;
 pub mod preset;

@@ -5,8 +5,10 @@
 //! Gang semantics: the workers of an attempt start together and end together. Any worker that fails
 //! (or stops before the budget is done, or disappears) ends the attempt: all its pods are deleted and,
 //! after a backoff, a new attempt starts from the last checkpoint, up to `restartPolicy.maxRestarts`.
-//! Bad input (exit code 2) fails the training at once. Pods carry their attempt as a label, so a
-//! decision never depends on which of several reconciles saw a pod first.
+//! What a failure does depends on its reason (`failures`): by default the cluster's disruptions
+//! restart without counting, bad input (exit code 2) and running out of memory fail the training at
+//! once. Pods carry their attempt as a label, so a decision never depends on which of several
+//! reconciles saw a pod first.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -20,7 +22,10 @@ use crate::crd::{
     condition as cond, CharLMTraining, CharLMTrainingStatus, EffectiveSettings, Phase,
     ProgressStatus,
 };
+use crate::crd::{FailureAction, FailureReason};
+use crate::deadlines;
 use crate::effective;
+use crate::failures::{self, FailureRecord};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
@@ -68,11 +73,25 @@ pub struct Decision {
     /// Names of pods to delete.
     pub delete: Vec<String>,
     pub requeue: Option<Duration>,
+    /// The failure that ended the attempt in this decision, for its Event.
+    pub failure: Option<FailureRecord>,
+    /// `ttlSecondsAfterFinished` has passed: delete the training (its finalizer cleans up).
+    pub delete_training: bool,
+}
+
+/// How a worker ended the attempt: the condition reason (`WorkerFailed`, `WorkerStopped`,
+/// `WorkerLost`), the failure reason the rules act on, the pod, and one line on what happened.
+struct Ending {
+    kind: &'static str,
+    reason: FailureReason,
+    pod: String,
+    message: String,
 }
 
 pub fn decide(o: &Observed) -> Decision {
     let mut d = Decider::new(o);
     d.run();
+    d.clocks();
     let usage = d.decision.status.usage.get_or_insert_with(Default::default);
     usage::refresh(usage, o.now, o.price_per_gpu_hour);
     d.decision
@@ -243,6 +262,13 @@ impl<'a> Decider<'a> {
             return;
         }
 
+        if self.deadline_passed() {
+            match self.success(&current) {
+                Some(report) => self.succeed(&current, report),
+                None => self.stop_for_deadline(&current),
+            }
+            return;
+        }
         if spec.suspended() {
             self.suspend(&current);
             return;
@@ -260,22 +286,11 @@ impl<'a> Decider<'a> {
             self.succeed(&current, report);
             return;
         }
-        if let Some((reason, message, bad_input)) = self.failure(&current, wanted) {
+        if let Some(ending) = self.failure(&current, wanted) {
             if let Some(report) = current.iter().find_map(|w| worker_report(w)) {
                 self.take_progress(&report);
             }
-            let max = spec.restart_policy.max_restarts;
-            if bad_input {
-                self.fail(&current, "InvalidInput", message);
-            } else if self.decision.status.restarts >= max {
-                self.fail(
-                    &current,
-                    "RestartLimitExceeded",
-                    format!("{message}; all {max} restarts used (restartPolicy.maxRestarts)"),
-                );
-            } else {
-                self.restart(&current, reason, message);
-            }
+            self.handle_failure(&current, ending);
             return;
         }
 
@@ -327,24 +342,30 @@ impl<'a> Decider<'a> {
         })
     }
 
-    /// Why the current attempt has ended without success: (reason, message, bad input).
-    fn failure(&self, current: &[&Worker], wanted: i32) -> Option<(&'static str, String, bool)> {
+    /// Why the current attempt has ended without success. When several workers ended, the most
+    /// specific reason wins (`failures::ALL_REASONS`): the peers of a worker whose node was lost
+    /// fail too, with a plain error.
+    fn failure(&self, current: &[&Worker], wanted: i32) -> Option<Ending> {
+        let mut endings = Vec::new();
+        let ending = |kind, w: &Worker, message: String| Ending {
+            kind,
+            reason: failures::classify(w),
+            pod: w.name.clone(),
+            message: format!("{message}{}", disrupted_by(w)),
+        };
         for w in current {
             if let WorkerState::Failed(f) = &w.state {
-                return Some(("WorkerFailed", f.describe(&w.name), f.is_bad_input()));
+                endings.push(ending("WorkerFailed", w, f.describe(&w.name)));
             }
         }
         for w in current {
             if let WorkerState::Succeeded { report } = &w.state {
                 if w.index == Some(0) && !report.as_ref().is_some_and(|r| r.complete) {
-                    return Some((
-                        "WorkerStopped",
-                        format!(
-                            "{}: the trainer stopped before its budget was done (complete: false)",
-                            w.name
-                        ),
-                        false,
-                    ));
+                    let message = format!(
+                        "{}: the trainer stopped before its budget was done (complete: false)",
+                        w.name
+                    );
+                    endings.push(ending("WorkerStopped", w, message));
                 }
             }
         }
@@ -356,24 +377,69 @@ impl<'a> Decider<'a> {
         };
         for w in current {
             if w.terminating && w.is_active() {
-                return Some(("WorkerLost", format!("{}: deleted {when}", w.name), false));
-            }
-        }
-        // A worker missing after the whole gang was created has been deleted by someone else.
-        if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
-            let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
-            if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
-                return Some((
+                endings.push(ending(
                     "WorkerLost",
-                    format!(
-                        "{}: disappeared {when}",
-                        pod_name(&self.o.training.name_any(), i)
-                    ),
-                    false,
+                    w,
+                    format!("{}: deleted {when}", w.name),
                 ));
             }
         }
-        None
+        // A worker missing after the whole gang was created has been deleted by someone else;
+        // nothing is left to say why.
+        if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
+            let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
+            if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
+                let pod = pod_name(&self.o.training.name_any(), i);
+                endings.push(Ending {
+                    kind: "WorkerLost",
+                    reason: FailureReason::Error,
+                    message: format!("{pod}: disappeared {when}"),
+                    pod,
+                });
+            }
+        }
+        // `min_by_key` keeps the first of equals: the order above.
+        endings.into_iter().min_by_key(|e| e.reason)
+    }
+
+    /// Counts the failure and does what its rule (or the default) says.
+    fn handle_failure(&mut self, current: &[&Worker], e: Ending) {
+        let policy = &self.o.training.spec.restart_policy;
+        let by_rule = failures::rule_for(&policy.rules, e.reason);
+        let action = by_rule.unwrap_or_else(|| failures::default_action(e.reason));
+        let max = policy.max_restarts;
+        *self.st().failures.of(e.reason) += 1;
+        let outcome = match action {
+            FailureAction::Fail => {
+                let message = failures::fail_message(e.reason, &e.message, by_rule.is_some());
+                self.fail(
+                    current,
+                    failures::failed_condition_reason(e.reason),
+                    message,
+                );
+                "the training failed".to_string()
+            }
+            FailureAction::Restart if self.decision.status.restarts >= max => {
+                self.fail(
+                    current,
+                    "RestartLimitExceeded",
+                    format!(
+                        "{}; all {max} restarts used (restartPolicy.maxRestarts)",
+                        e.message
+                    ),
+                );
+                format!("the training failed: all {max} restarts used")
+            }
+            FailureAction::Restart => self.restart(current, &e, true),
+            FailureAction::RestartWithoutCounting => self.restart(current, &e, false),
+        };
+        self.decision.failure = Some(FailureRecord {
+            reason: e.reason,
+            action,
+            pod: e.pod,
+            message: e.message,
+            outcome,
+        });
     }
 
     fn succeed(&mut self, current: &[&Worker], report: TrainerReport) {
@@ -426,7 +492,10 @@ impl<'a> Decider<'a> {
         self.phase(Phase::Failed, message);
     }
 
-    fn restart(&mut self, current: &[&Worker], reason: &str, message: String) {
+    /// Restarts the gang; `counted` against maxRestarts, with a backoff that doubles per
+    /// restart, or not (a disruption of the cluster), after the base backoff. Returns what was
+    /// done, for the failure's Event.
+    fn restart(&mut self, current: &[&Worker], e: &Ending, counted: bool) -> String {
         // The attempt's pods go now; the new attempt's pods come after the backoff.
         self.stop_usage(current);
         self.delete(current, false);
@@ -434,24 +503,115 @@ impl<'a> Decider<'a> {
         let (max, base) = (policy.max_restarts, policy.backoff_seconds);
         let now = self.o.now;
         let st = self.st();
-        st.restarts += 1;
+        if counted {
+            st.restarts += 1;
+        }
         st.attempt += 1;
         st.launched_attempt = None;
         st.running_workers = 0;
         let n = st.restarts;
-        let backoff = backoff(base, n);
+        let backoff = backoff(base, if counted { n } else { 1 });
         st.restart_after = Some(Time(
             now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
         ));
-        let msg = format!(
-            "{message}; gang restart {n} of {max} from the last checkpoint in {}s",
-            backoff.as_secs()
-        );
-        self.set(cond::RESTARTING, TRUE, reason, msg.clone());
+        let outcome = if counted {
+            format!(
+                "gang restart {n} of {max} from the last checkpoint in {}s",
+                backoff.as_secs()
+            )
+        } else {
+            format!(
+                "gang restart from the last checkpoint in {}s, not counted against maxRestarts \
+                 ({} restarts without counting; {n} of {max} counted restarts used)",
+                backoff.as_secs(),
+                e.reason.as_str()
+            )
+        };
+        let msg = format!("{}; {outcome}", e.message);
+        self.set(cond::RESTARTING, TRUE, e.kind, msg.clone());
         self.set(cond::RUNNING, FALSE, "Restarting", "");
         self.set(cond::PODS_READY, FALSE, "Restarting", "");
         self.phase(Phase::Restarting, msg);
         self.decision.requeue = Some(backoff.max(STOPPING_REQUEUE));
+        outcome
+    }
+
+    /// When `activeDeadlineSeconds` falls, if the spec sets it.
+    fn deadline(&self) -> Option<Timestamp> {
+        let t = self.o.training;
+        let created = t.metadata.creation_timestamp.as_ref().map(|c| c.0);
+        deadlines::active_deadline(created, t.spec.active_deadline_seconds)
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline()
+            .is_some_and(|at| deadlines::due(at, self.o.now))
+    }
+
+    /// Past the deadline: the workers are deleted, which makes them save a checkpoint on SIGTERM
+    /// as for a suspend (their pods stay until the operator read that final report); once none
+    /// runs, the training fails with `DeadlineExceeded`, naming the checkpoint. The checkpoint
+    /// volume is never touched.
+    fn stop_for_deadline(&mut self, current: &[&Worker]) {
+        if let Some(report) = final_report(current) {
+            self.take_progress(&report);
+        }
+        let seconds = self
+            .o
+            .training
+            .spec
+            .active_deadline_seconds
+            .unwrap_or_default();
+        let deadline = self.deadline().map_or("?".into(), |d| d.to_string());
+        if current.iter().any(|w| w.is_active()) {
+            let now = self.o.now;
+            usage::stop(self.usage(), None, now);
+            self.delete(current, true);
+            let msg = format!(
+                "activeDeadlineSeconds ({seconds}s from creation, at {deadline}) passed: the \
+                 workers save a final checkpoint and stop"
+            );
+            self.set(cond::RUNNING, FALSE, "DeadlineExceeded", msg.clone());
+            self.st().message = Some(msg);
+            self.decision.requeue = Some(STOPPING_REQUEUE);
+            return;
+        }
+        let checkpoint = match self.decision.status.latest_checkpoint.as_deref() {
+            Some(path) => match failures::checkpoint_step(path) {
+                Some(step) => format!("the last checkpoint is {path} (step {step})"),
+                None => format!("the last checkpoint is {path}"),
+            },
+            None => "no checkpoint was saved".to_string(),
+        };
+        let msg = format!(
+            "activeDeadlineSeconds {seconds} exceeded (the deadline was {deadline}, {seconds}s \
+             after the training was created): {checkpoint}, on the checkpoint volume; raise \
+             spec.activeDeadlineSeconds to resume from it"
+        );
+        self.fail(current, "DeadlineExceeded", msg);
+    }
+
+    /// The next moment a clock of the training acts: the deadline of an unfinished training (a
+    /// requeue no later than it), or the TTL of a finished one (its deletion once it passed).
+    fn clocks(&mut self) {
+        let st = &self.decision.status;
+        let now = self.o.now;
+        let next = if st.phase.is_some_and(|p| p.is_terminal()) {
+            let completed = st.completion_time.as_ref().map(|t| t.0);
+            let ttl = self.o.training.spec.ttl_seconds_after_finished;
+            let expiry = deadlines::ttl_expiry(completed, ttl);
+            if expiry.is_some_and(|at| deadlines::due(at, now)) {
+                self.decision.delete_training = true;
+                return;
+            }
+            expiry
+        } else {
+            self.deadline().filter(|at| !deadlines::due(*at, now))
+        };
+        if let Some(at) = next {
+            let wait = deadlines::wait_until(at, now);
+            self.decision.requeue = Some(self.decision.requeue.map_or(wait, |r| r.min(wait)));
+        }
     }
 
     /// Creates the missing workers of the current attempt, once the previous attempt's pods are gone,
@@ -773,6 +933,27 @@ impl<'a> Decider<'a> {
     }
 }
 
+/// Worker 0's final report (it holds the checkpoint), else any worker's.
+fn final_report(current: &[&Worker]) -> Option<TrainerReport> {
+    let first = current
+        .iter()
+        .filter(|w| w.index == Some(0))
+        .find_map(|w| worker_report(w));
+    first.or_else(|| current.iter().find_map(|w| worker_report(w)))
+}
+
+/// Who took the pod away, when Kubernetes says (its `DisruptionTarget` or status reason).
+fn disrupted_by(w: &Worker) -> String {
+    match (&w.disruption, &w.pod_reason) {
+        (Some(d), _) if !d.is_empty() => format!(" (DisruptionTarget: {d})"),
+        // A failure without a container's status already names the pod's reason.
+        (_, Some(r)) if !matches!(&w.state, WorkerState::Failed(f) if f.container.is_none()) => {
+            format!(" (pod {r})")
+        }
+        _ => String::new(),
+    }
+}
+
 fn worker_report(w: &Worker) -> Option<TrainerReport> {
     match &w.state {
         WorkerState::Succeeded { report } => report.clone(),
@@ -795,7 +976,9 @@ mod tests {
     use crate::resources::testing::{cpu_spec, gpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
-    use crate::workers::testing::{deleting, pod, running, terminated, unschedulable};
+    use crate::workers::testing::{
+        deleting, disrupted, killed, pod, running, terminated, unschedulable, with_pod_reason,
+    };
     use k8s_openapi::api::core::v1::Pod;
 
     fn at(s: i64) -> Timestamp {
@@ -1526,5 +1709,292 @@ mod tests {
             d.status.latest_checkpoint.as_deref(),
             Some("/checkpoints/step-000000168")
         );
+    }
+
+    fn with_spec(
+        mut t: CharLMTraining,
+        change: impl FnOnce(&mut serde_json::Value),
+    ) -> CharLMTraining {
+        let mut spec = serde_json::to_value(&t.spec).unwrap();
+        change(&mut spec);
+        t.spec = serde_json::from_value(spec).unwrap();
+        t
+    }
+
+    fn message(d: &Decision) -> String {
+        d.status.message.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn an_evicted_worker_restarts_the_gang_without_counting() {
+        let (t, mut pods) = running_gpu_training();
+        pods[1] = with_pod_reason(killed(pod(&t, 1, 0), 137, "Error", "Killed"), "Evicted");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.attempt), (0, 1));
+        assert_eq!(d.status.failures.evicted, 1);
+        assert_eq!(d.status.failures.error, 0);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerFailed"));
+        // The base backoff, whatever came before.
+        assert_eq!(d.status.restart_after, Some(Time(at(110))));
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.action, f.pod.as_str()),
+            (
+                FailureReason::Evicted,
+                FailureAction::RestartWithoutCounting,
+                "demo-worker-1"
+            )
+        );
+        let note = f.note();
+        assert!(
+            note.starts_with("Evicted of pod demo-worker-1: ")
+                && note.contains("(pod Evicted)")
+                && note.contains("action RestartWithoutCounting")
+                && note.contains("not counted against maxRestarts"),
+            "{note}"
+        );
+        // The count is kept through the next attempt and not counted again.
+        let t = with(t, &d);
+        let d = decide_at(&t, &[], 111);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!((d.status.failures.evicted, d.status.restarts), (1, 0));
+        assert!(d.failure.is_none());
+    }
+
+    #[test]
+    fn the_most_specific_reason_of_a_gang_wins() {
+        // Worker 1 is preempted; worker 0's trainer then fails for want of its peer.
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = terminated(pod(&t, 0, 0), TRAINER_CONTAINER, 1, "NCCL: peer lost");
+        pods[1] = deleting(disrupted(pods[1].clone(), "PreemptionByScheduler"));
+        let d = decide_at(&t, &pods, 100);
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.pod.as_str()),
+            (FailureReason::Preempted, "demo-worker-1")
+        );
+        assert!(
+            f.message
+                .contains("(DisruptionTarget: PreemptionByScheduler)"),
+            "{}",
+            f.message
+        );
+        assert_eq!((d.status.restarts, d.status.failures.preempted), (0, 1));
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
+    }
+
+    #[test]
+    fn a_lost_node_restarts_without_counting() {
+        let (t, mut pods) = running_gpu_training();
+        pods[1] = deleting(disrupted(pods[1].clone(), "DeletionByTaintManager"));
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.node_lost), (0, 1));
+    }
+
+    #[test]
+    fn out_of_memory_fails_by_default_and_says_to_lower_the_micro_batch() {
+        let (t, mut pods) = running_gpu_training();
+        pods[0] = killed(
+            pod(&t, 0, 0),
+            137,
+            "OOMKilled",
+            "[rank 0] error: out of memory at micro-batch 16: micro-batch 8 fits; set deviceBatchSize: 8\n",
+        );
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "OOMKilled"));
+        let msg = message(&d);
+        assert!(msg.contains("micro-batch 8 fits"), "{msg}");
+        assert!(msg.contains("lower spec.deviceBatchSize"), "{msg}");
+        assert_eq!((d.status.restarts, d.status.failures.oom_killed), (0, 1));
+        assert_eq!(d.delete, ["demo-worker-1"], "the running peer is freed");
+        assert_eq!(d.failure.unwrap().action, FailureAction::Fail);
+    }
+
+    #[test]
+    fn a_users_rules_override_the_defaults_they_name() {
+        let (t, mut pods) = running_gpu_training();
+        let t = with_spec(t, |s| {
+            s["restartPolicy"]["rules"] = serde_json::json!([
+                {"reason": "Error", "action": "Fail"},
+                {"reason": "OOMKilled", "action": "Restart"},
+                {"reason": "Evicted", "action": "Restart"}
+            ])
+        });
+        let crash = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "panic: boom");
+        pods[1] = crash;
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "Error"));
+        assert!(
+            message(&d).contains("restartPolicy.rules says Fail for Error"),
+            "{}",
+            message(&d)
+        );
+        assert_eq!(d.status.failures.error, 1);
+
+        pods[1] = killed(pod(&t, 1, 0), 137, "OOMKilled", "Killed");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.oom_killed), (1, 1));
+
+        pods[1] = with_pod_reason(killed(pod(&t, 1, 0), 137, "Error", "Killed"), "Evicted");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!((d.status.restarts, d.status.failures.evicted), (1, 1));
+        // Unnamed reasons keep their defaults: bad input still fails.
+        pods[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 2, "error: bad");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidInput"));
+    }
+
+    #[test]
+    fn counted_restarts_still_run_out() {
+        let (t, mut pods) = running_gpu_training();
+        let mut t = with_spec(t, |s| s["restartPolicy"]["maxRestarts"] = 0.into());
+        t.status.as_mut().unwrap().failures.evicted = 4;
+        pods[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "boom");
+        let d = decide_at(&t, &pods, 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "RestartLimitExceeded"));
+        assert_eq!((d.status.failures.error, d.status.failures.evicted), (1, 4));
+        assert!(d.failure.unwrap().outcome.contains("all 0 restarts used"));
+    }
+
+    /// A GPU training created at 0 with a deadline of 60 s, whose two workers run.
+    fn deadline_training() -> (CharLMTraining, Vec<Pod>) {
+        let mut t = training(gpu_spec());
+        t.spec.active_deadline_seconds = Some(60);
+        t.metadata.creation_timestamp = Some(Time(at(0)));
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![
+            running(pod(&t, 0, 0), "10.0.0.1"),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        (with(t, &d), pods)
+    }
+
+    #[test]
+    fn a_deadline_wakes_the_operator_when_it_falls() {
+        let (t, pods) = deadline_training();
+        let d = decide_at(&t, &pods, 40);
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(d.requeue, Some(Duration::from_secs(21)));
+        // Waiting for a restart counts too: the deadline is from creation.
+        let d = decide_at(&t, &pods, 2);
+        assert_eq!(d.requeue, Some(RUNNING_REQUEUE));
+    }
+
+    #[test]
+    fn past_the_deadline_the_workers_checkpoint_and_the_training_fails() {
+        let (t, pods) = deadline_training();
+        let d = decide_at(&t, &pods, 60);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_ne!(
+            d.status.phase,
+            Some(Phase::Failed),
+            "not before the checkpoint"
+        );
+        assert_eq!(condition(&d, c::RUNNING), ("False", "DeadlineExceeded"));
+        assert_eq!(d.requeue, Some(STOPPING_REQUEUE));
+        let t = with(t, &d);
+
+        // Still stopping: nothing deleted twice, nothing restarted.
+        let stopping: Vec<Pod> = pods.iter().cloned().map(deleting).collect();
+        let d = decide_at(&t, &stopping, 62);
+        assert!(d.delete.is_empty() && d.create.is_empty());
+        assert_eq!((d.status.restarts, d.status.attempt), (0, 0));
+        assert!(d.failure.is_none());
+
+        // SIGTERM saved step 168; both trainers ended.
+        let ended = vec![
+            terminated(
+                deleting(pods[0].clone()),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+            ),
+            terminated(deleting(pods[1].clone()), TRAINER_CONTAINER, 0, "{}"),
+        ];
+        let d = decide_at(&t, &ended, 64);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "DeadlineExceeded"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("activeDeadlineSeconds 60 exceeded")
+                && msg.contains("/checkpoints/step-000000168 (step 168)"),
+            "{msg}"
+        );
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        assert_eq!(
+            d.status.failures,
+            Default::default(),
+            "a deadline is no failure of a worker"
+        );
+        assert_eq!(d.status.completion_time, Some(Time(at(64))));
+        assert!(d.delete.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_passed_without_workers_fails_at_once_and_success_wins() {
+        let (t, pods) = deadline_training();
+        let mut suspended = t.clone();
+        suspended.spec.suspend = Some(true);
+        let d = decide_at(&suspended, &[], 100);
+        assert_eq!(condition(&d, c::FAILED), ("True", "DeadlineExceeded"));
+        assert!(
+            message(&d).contains("no checkpoint was saved"),
+            "{}",
+            message(&d)
+        );
+
+        let done = vec![
+            terminated(
+                pod(&t, 0, 0),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 100, "complete": true}"#,
+            ),
+            pods[1].clone(),
+        ];
+        let d = decide_at(&t, &done, 100);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+    }
+
+    #[test]
+    fn a_finished_training_is_deleted_once_its_ttl_passed() {
+        let (t, mut pods) = running_gpu_training();
+        let t = with_spec(t, |s| s["ttlSecondsAfterFinished"] = 100.into());
+        pods[0] = terminated(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 100, "complete": true}"#,
+        );
+        let d = decide_at(&t, &pods, 500);
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(!d.delete_training);
+        assert_eq!(d.requeue, Some(Duration::from_secs(101)));
+        let t = with(t, &d);
+        let d = decide_at(&t, &pods[..1], 599);
+        assert!(!d.delete_training);
+        assert_eq!(d.requeue, Some(Duration::from_secs(2)));
+        let d = decide_at(&t, &pods[..1], 600);
+        assert!(d.delete_training);
+        // A failure ends a training too.
+        let mut failed = t.clone();
+        let st = failed.status.as_mut().unwrap();
+        (st.phase, st.failed_generation) = (Some(Phase::Failed), Some(1));
+        assert!(decide_at(&failed, &[], 600).delete_training);
+        // Without a TTL nothing is deleted.
+        let mut kept = t;
+        kept.spec.ttl_seconds_after_finished = None;
+        let d = decide_at(&kept, &pods[..1], 10_000);
+        assert!(!d.delete_training && d.requeue.is_none());
     }
 }

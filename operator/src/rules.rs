@@ -88,6 +88,16 @@ pub fn checkpoint_size() -> Rule {
         .message("checkpoint.size must be a positive quantity, such as 10Gi or 500Mi")
 }
 
+/// Two rules for one reason would leave the action to their order.
+pub fn failure_reasons_unique() -> Rule {
+    Rule::new("self.all(r, self.exists_one(s, s.reason == r.reason))").message(
+        "restartPolicy.rules must name each reason at most once (Evicted, Preempted, NodeLost, \
+             OOMKilled, BadInput, Error): merge the rules of the repeated reason into one",
+    )
+    // Not `FieldValueDuplicate`: the API server prints that as a bare "Duplicate value", without
+    // the message.
+}
+
 pub fn dataset_given() -> Rule {
     Rule::new("has(self.dataset)")
         .message(

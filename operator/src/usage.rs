@@ -96,6 +96,8 @@ mod tests {
             pod_ip: None,
             trainer_started: started.map(at),
             trainer_finished: finished.map(at),
+            disruption: None,
+            pod_reason: None,
             state: WorkerState::Running,
         }
     }

@@ -23,6 +23,11 @@ pub struct Worker {
     pub trainer_started: Option<Timestamp>,
     /// When the trainer container ended.
     pub trainer_finished: Option<Timestamp>,
+    /// The reason of the pod's `DisruptionTarget` condition while it is True: who is taking the
+    /// pod away (`PreemptionByScheduler`, `EvictionByEvictionAPI`, `DeletionByTaintManager`, ...).
+    pub disruption: Option<String>,
+    /// The pod's `status.reason` (`Evicted`, `NodeLost`, `Preempting`, ...).
+    pub pod_reason: Option<String>,
     pub state: WorkerState,
 }
 
@@ -178,8 +183,23 @@ pub fn observe(pod: &Pod) -> Worker {
         pod_ip: status.pod_ip.clone(),
         trainer_started: trainer.and_then(started_at),
         trainer_finished: trainer.and_then(finished_at),
+        disruption: disruption_target(&status),
+        pod_reason: status.reason.clone(),
         state,
     }
+}
+
+/// The reason of a True `DisruptionTarget` condition (Kueue's older `TerminationTarget` alike).
+fn disruption_target(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| {
+            matches!(c.type_.as_str(), "DisruptionTarget" | "TerminationTarget")
+                && c.status == "True"
+        })
+        .map(|c| c.reason.clone().unwrap_or_default())
 }
 
 /// A pod whose container a dead node will never report stopped is let go this long after its
@@ -402,6 +422,40 @@ pub(crate) mod testing {
             }]),
             ..Default::default()
         });
+        pod
+    }
+
+    /// The pod with a True `DisruptionTarget` condition of `reason`, as the scheduler, the
+    /// Eviction API or the taint manager add it before they delete the pod.
+    pub fn disrupted(mut pod: Pod, reason: &str) -> Pod {
+        let status = pod.status.get_or_insert_with(Default::default);
+        status
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(PodCondition {
+                type_: "DisruptionTarget".into(),
+                status: "True".into(),
+                reason: Some(reason.into()),
+                ..Default::default()
+            });
+        pod
+    }
+
+    /// The pod with `status.reason` set (`Evicted`, `NodeLost`, ...).
+    pub fn with_pod_reason(mut pod: Pod, reason: &str) -> Pod {
+        pod.status.get_or_insert_with(Default::default).reason = Some(reason.into());
+        pod
+    }
+
+    /// The trainer container ended with `reason` (e.g. `OOMKilled`) and `code`.
+    pub fn killed(pod: Pod, code: i32, reason: &str, message: &str) -> Pod {
+        let mut pod = terminated(pod, TRAINER_CONTAINER, code, message);
+        let status = pod.status.as_mut().expect("terminated sets a status");
+        for c in status.container_statuses.iter_mut().flatten() {
+            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                t.reason = Some(reason.into());
+            }
+        }
         pod
     }
 
