@@ -152,7 +152,7 @@ fn a_sharded_optimizer_checkpoint_resumes_on_other_world_sizes() {
         )
     };
     let (sharded, log, resumed) = chain("sharded", "on", 29661);
-    assert!(log.contains("Muon sharded over 2 ranks"), "{log}");
+    assert!(log.contains("Muon sharded over 2 rank(s)"), "{log}");
     let (whole, log, unsharded) = chain("whole", "off", 29671);
     assert!(log.contains("Muon and AdamW on every rank"), "{log}");
     assert_eq!(

@@ -104,7 +104,8 @@ pub struct EngineOptions {
     pub keep_activations: Toggle,
     /// auto | on | off: split Muon's momentum and Newton–Schulz work over the ranks
     /// (reduce-scatter of the gradients, each rank updates its share of the matrices, all-gather
-    /// of the parameters). auto: on with more than one rank. One rank: no effect.
+    /// of the parameters). auto: on with more than one rank. on: also with one rank, where the
+    /// collectives only copy (it runs the sharded path on a single GPU, to check it).
     #[arg(
         long,
         env = "CHARLM_SHARD_OPTIMIZER",
@@ -117,7 +118,11 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// Whether Muon is sharded over `world_size` ranks.
     pub fn shards_optimizer(&self, world_size: usize) -> bool {
-        world_size > 1 && self.shard_optimizer != Toggle::Off
+        match self.shard_optimizer {
+            Toggle::On => true,
+            Toggle::Off => false,
+            Toggle::Auto => world_size > 1,
+        }
     }
 }
 

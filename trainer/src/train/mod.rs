@@ -102,7 +102,8 @@ pub fn run(args: Args) -> Result<()> {
         *args.engine,
     );
     engine.muon.orthogonalizer = plan.schedule.orthogonalizer;
-    if args.engine.shards_optimizer(pg.world_size()) {
+    let sharded = args.engine.shards_optimizer(pg.world_size());
+    if sharded {
         engine.shard_optimizer(&pg)?;
     }
     if is_main {
@@ -112,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
             &data,
             &pg,
             device,
-            engine.muon.shard().count,
+            sharded.then(|| engine.muon.shard().count),
         );
     }
     let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
@@ -204,7 +205,7 @@ fn describe(
     data: &Dataset,
     pg: &ProcessGroup,
     device: Device,
-    shards: usize,
+    shards: Option<usize>,
 ) {
     let batch = &plan.batch;
     eprintln!(
@@ -234,9 +235,9 @@ fn describe(
     );
     let est = MemoryEstimate::new(config, batch.device_batch_size, batch.seq_len);
     let gib = |b: f64| b / (1u64 << 30) as f64;
-    if shards > 1 {
+    if let Some(shards) = shards {
         eprintln!(
-            "optimizer: Muon sharded over {shards} ranks, AdamW replicated: weights, gradients and \
+            "optimizer: Muon sharded over {shards} rank(s), AdamW replicated: weights, gradients and \
              optimizer state {:.2} GiB per rank (unsharded {:.2} GiB)",
             gib(est.sharded(config, shards).fixed),
             gib(est.fixed)
