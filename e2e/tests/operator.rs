@@ -1670,23 +1670,31 @@ async fn wait_workers_gone(env: &TestEnv, name: &str) {
     .await;
 }
 
-/// The Event of `reason` about `training`, whose note contains every one of `needles`.
+/// Waits (30 s at most) for the Event of `reason` about `training` whose note contains every one
+/// of `needles`: the recorder publishes it after the status patch the test saw.
 async fn assert_event(env: &TestEnv, training: &str, reason: &str, needles: &[&str]) {
-    let events = events_of(env, training).await;
-    let found = events.iter().any(|e| {
-        e.reason.as_deref() == Some(reason)
-            && e.note
-                .as_deref()
-                .is_some_and(|n| needles.iter().all(|x| n.contains(x)))
-    });
-    let notes: Vec<(Option<&str>, Option<&str>)> = events
-        .iter()
-        .map(|e| (e.reason.as_deref(), e.note.as_deref()))
-        .collect();
-    assert!(
-        found,
-        "no {reason} event about {training} naming {needles:?}: {notes:?}"
-    );
+    env.wait(
+        &format!("a {reason} event about {training} naming {needles:?}"),
+        Duration::from_secs(30),
+        || async {
+            let events = events_of(env, training).await;
+            let found = events.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| needles.iter().all(|x| n.contains(x)))
+            });
+            if found {
+                return Ok(Some(()));
+            }
+            let notes: Vec<(Option<&str>, Option<&str>)> = events
+                .iter()
+                .map(|e| (e.reason.as_deref(), e.note.as_deref()))
+                .collect();
+            Err(format!("{notes:?}"))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
