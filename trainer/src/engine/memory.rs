@@ -232,7 +232,10 @@ mod tests {
                 // Weights and the gradient buffer stay whole; momentum is split.
                 let saved = whole.fixed - est.fixed;
                 let want = matrices * 4.0 * (1.0 - 1.0 / ranks as f64);
-                assert!((saved - want).abs() < 1.0, "{depth} on {ranks}: {saved} vs {want}");
+                assert!(
+                    (saved - want).abs() < 1.0,
+                    "{depth} on {ranks}: {saved} vs {want}"
+                );
                 assert_eq!(est.block_saved, whole.block_saved);
             }
         }
