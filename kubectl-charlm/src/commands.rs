@@ -185,7 +185,12 @@ pub async fn export(ctx: &Ctx, name: &str, to: &Path, hp: &HelperPod) -> Result<
     let spec = helper::pod(&training, &claim, job, worker0.as_ref());
     let pod = Running::create(ctx, &spec).await?;
     let copied = match pod.wait(ctx, hp.timeout, Until::Running).await {
-        Ok(_) => copy_best(ctx, &pod.name, to).await,
+        Ok(phase) if phase == "Running" => copy_best(ctx, &pod.name, to).await,
+        Ok(phase) => Err(anyhow!(
+            "the export pod {} ended {phase} before the copy: `kubectl describe pod` while it runs \
+             shows why (--image must be the trainer image, which has sleep and tar)",
+            pod.name
+        )),
         Err(e) => Err(e),
     };
     pod.delete(ctx).await;
