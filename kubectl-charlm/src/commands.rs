@@ -94,13 +94,22 @@ pub async fn logs(
     tail: Option<i64>,
     previous: bool,
 ) -> Result<()> {
-    ctx.training(name).await?;
+    let training = ctx.training(name).await?;
     let pod = pod_name(name, 0);
     if ctx.worker0(name).await?.is_none() {
+        let phase = training.status.and_then(|s| s.phase);
+        if phase.is_some_and(|p| p.is_terminal()) {
+            bail!(
+                "worker 0 of {name} ({pod}) is gone: the operator deletes a training's pods once \
+                 it has read their final report (the figures are in `kubectl charlm status \
+                 {name}`; with spec.tensorboard, TensorBoard's event files are on its claim)"
+            );
+        }
         bail!(
-            "worker 0 of {name} ({pod}) is gone: the operator deletes a training's pods once it has \
-             read their final report (the figures are in `kubectl charlm status {name}`; the \
-             event stream of a training with spec.tensorboard is on its claim)"
+            "worker 0 of {name} ({pod}) does not exist now (phase {}): the operator creates it \
+             when the training starts or restarts; `kubectl charlm status {name}` says what it \
+             waits for",
+            phase.map_or("unknown", |p| p.as_str())
         );
     }
     let lp = LogParams {
