@@ -6,7 +6,7 @@
 //! e2e/tests/in_cluster.rs.
 //!
 //! Nothing here reaches a kubelet (no log or exec of a fake pod): the plugin talks to the API
-//! server on 127.0.0.1 only.
+//! server on 127.0.0.1 only, and the operator of the live case reads a stand-in /progress there.
 
 use std::process::Output;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
 use charlm_e2e::cluster::{self, kubeconfig_path, plugin_binary};
-use charlm_e2e::specs::small_cpu;
+use charlm_e2e::specs::{small_cpu, small_gpu};
 use charlm_e2e::training_env::TestEnv;
 
 /// Runs the plugin against the test namespace; `KUBECONFIG` names the plane, as for kubectl.
@@ -290,6 +290,124 @@ async fn sample_export_and_logs_say_what_is_missing() {
                     0 => Ok(Some(())),
                     n => Err(format!("{n} helper pods left")),
                 }
+            }
+        },
+    )
+    .await;
+    env.finish().await;
+}
+
+/// Serves `body` as rank 0's `/progress` on 127.0.0.1:`port` until the test ends.
+async fn serve_progress(port: u16, body: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} for a fake /progress: {e}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    });
+}
+
+/// With the operator: a report of worker 0 becomes a point of `status.lossHistory`, which the
+/// plugin shows; the operator's per-training gauges carry the training and go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_report_reaches_the_loss_history_and_the_training_gauges() {
+    let mut env = TestEnv::new("plugin-live").await;
+    let op = env.start_operator("operator-1").await;
+    env.apply(&small_gpu("live", 1).to_string()).await;
+    env.wait_phase(
+        "live",
+        charlm_operator::crd::Phase::Running,
+        Duration::from_secs(60),
+    )
+    .await;
+    serve_progress(
+        9090,
+        r#"{"step": 40, "total_steps_estimate": 100, "tokens": 10240, "epoch": 0.1, "train_loss": 1.75, "elapsed_s": 30.0, "eta_s": 45.0, "world_size": 1, "complete": false}"#,
+    )
+    .await;
+    env.set_pod_status(
+        "live-worker-0",
+        json!({"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}),
+    )
+    .await;
+    // Polls come at most every 25 s, with a requeue every 30 s while running.
+    let t = env
+        .wait_training(
+            "live",
+            "a point of the loss curve",
+            Duration::from_secs(75),
+            |t| {
+                t.status
+                    .as_ref()
+                    .is_some_and(|s| !s.loss_history.is_empty())
+            },
+        )
+        .await;
+    let history = t.status.unwrap().loss_history;
+    assert_eq!(
+        (history[0].step, history[0].loss),
+        (40, 1.75),
+        "{history:?}"
+    );
+
+    let out = plugin(&env, &["status", "live"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    for want in [
+        "progress   step 40 / 100 (40.0%)",
+        "latest     loss 1.7500 nats, epoch 0.10",
+        "training loss: one point so far; the curve needs two",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "{want:?} missing from\n{stdout}"
+        );
+    }
+
+    let labels = format!(r#"{{training_namespace="{}",training="live"}}"#, env.ns);
+    let (code, metrics) = env.operators[op].get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "charlm_operator_training_restarts",
+        "charlm_operator_training_gpu_hours",
+        "charlm_operator_training_estimated_cost",
+    ] {
+        assert!(
+            metrics.contains(&format!("{name}{labels} ")),
+            "{name}{labels} missing from\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(&format!("charlm_operator_training_restarts{labels} 0\n")),
+        "{metrics}"
+    );
+
+    env.trainings()
+        .delete("live", &Default::default())
+        .await
+        .unwrap();
+    let operator = &env.operators[op];
+    env.wait(
+        "the training's gauges to go",
+        Duration::from_secs(60),
+        || async {
+            let (_, metrics) = operator.get("/metrics").await.map_err(|e| e.to_string())?;
+            if metrics.contains(r#"training="live""#) {
+                Err("still exported".to_string())
+            } else {
+                Ok(Some(()))
             }
         },
     )
