@@ -425,6 +425,52 @@ pub fn operator_binary() -> PathBuf {
     .clone()
 }
 
+/// The `kubectl-charlm` binary: `CHARLM_PLUGIN_BIN` if set, else built from this checkout with the
+/// profile of the running test executable (`cargo test --release` leaves it in target/release).
+pub fn plugin_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("CHARLM_PLUGIN_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "CHARLM_PLUGIN_BIN={} is not a file",
+                bin.display()
+            );
+            return bin;
+        }
+        // Test executables live in <target>/<profile dir>/deps.
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe
+            .ancestors()
+            .nth(2)
+            .expect("a test executable inside a target directory");
+        let target = profile_dir
+            .parent()
+            .expect("a target directory")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let profile = if release { "release" } else { "test" };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                profile,
+                "-p",
+                "kubectl-charlm",
+            ])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(repo_root())
+            .status()
+            .expect("running cargo build for kubectl-charlm");
+        assert!(status.success(), "cargo build -p kubectl-charlm failed");
+        profile_dir.join("kubectl-charlm")
+    })
+    .clone()
+}
+
 /// `--progress-networks` of the operators the tests start: the networks `traffic` allows.
 fn progress_networks() -> String {
     crate::traffic::allowed_networks()

@@ -275,6 +275,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     }
 
     write_status(&trainings, &name, &decision.status).await?;
+    ctx.metrics.training_status(&ns, &name, &decision.status);
     report(&training, &decision, ctx).await;
     if decision.delete_training {
         expire(&trainings, &training, ctx).await?;
@@ -709,6 +710,7 @@ fn truncate_note(note: String) -> String {
 async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Error> {
     let ns = training.namespace().unwrap_or_default();
     let name = training.name_any();
+    ctx.metrics.training_gone(&ns, &name);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = training.uid();
     for pod in pods

@@ -678,6 +678,10 @@ pub struct CharLMTrainingStatus {
     /// What rank 0 of the trainer last reported (its /progress endpoint or its termination message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressStatus>,
+    /// The training loss at a few steps over the whole run (at most 32, thinned evenly as the
+    /// run grows), for a loss curve without a metrics stack (`kubectl charlm status`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_history: Vec<LossPoint>,
     /// Human-readable time left, from progress.etaS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<String>,
@@ -820,6 +824,13 @@ pub struct UsageStatus {
     /// GPUs of the attempt that is training.
     #[serde(default)]
     pub training_gpus: i32,
+}
+
+/// One point of `status.lossHistory`: the training loss (nats per token) rank 0 reported at a step.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+pub struct LossPoint {
+    pub step: i64,
+    pub loss: f64,
 }
 
 /// The trainer's progress report (docs/contract.md), in the API's camelCase.

@@ -2,7 +2,7 @@
 //! HTTP server for `/metrics`, `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::crd::CharLMTrainingStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -33,6 +35,25 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+/// Names one training. Not `namespace`: Prometheus keeps that label for the scraped target (the
+/// operator's own namespace) and would rename ours.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrainingLabels {
+    pub training_namespace: String,
+    pub training: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// What the status says of each training's spending, as gauges (the trainer cannot know them:
+/// it sees neither the price nor the restarts of the gang).
+#[derive(Default)]
+pub struct TrainingGauges {
+    pub gpu_hours: Family<TrainingLabels, FloatGauge>,
+    pub estimated_cost: Family<TrainingLabels, FloatGauge>,
+    pub restarts: Family<TrainingLabels, Gauge>,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
@@ -43,6 +64,7 @@ pub struct Metrics {
     pub pods_deleted: Counter,
     pub progress_polls: Family<ResultLabel, Counter>,
     pub leader: Gauge,
+    pub trainings: TrainingGauges,
 }
 
 impl Default for Metrics {
@@ -97,6 +119,22 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease (or runs without election)",
             leader.clone(),
         );
+        let trainings = TrainingGauges::default();
+        registry.register(
+            "training_gpu_hours",
+            "GPU-hours a training has used (status.usage.gpuHours)",
+            trainings.gpu_hours.clone(),
+        );
+        registry.register(
+            "training_estimated_cost",
+            "GPU-hours x the price per GPU-hour (status.usage.estimatedCost)",
+            trainings.estimated_cost.clone(),
+        );
+        registry.register(
+            "training_restarts",
+            "Gang restarts of a training counted against maxRestarts (status.restarts)",
+            trainings.restarts.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -107,6 +145,7 @@ impl Default for Metrics {
             pods_deleted,
             progress_polls,
             leader,
+            trainings,
         }
     }
 }
@@ -118,11 +157,41 @@ impl Metrics {
         self.reconcile_seconds.observe(elapsed.as_secs_f64());
     }
 
+    /// Sets a training's gauges from the status just written.
+    pub fn training_status(&self, namespace: &str, name: &str, status: &CharLMTrainingStatus) {
+        let labels = training_labels(namespace, name);
+        let usage = status.usage.clone().unwrap_or_default();
+        let t = &self.trainings;
+        t.gpu_hours.get_or_create(&labels).set(usage.gpu_hours);
+        t.estimated_cost
+            .get_or_create(&labels)
+            .set(usage.estimated_cost);
+        t.restarts
+            .get_or_create(&labels)
+            .set(i64::from(status.restarts));
+    }
+
+    /// Drops a deleted training's series, so that they do not linger until the operator restarts.
+    pub fn training_gone(&self, namespace: &str, name: &str) {
+        let labels = training_labels(namespace, name);
+        let t = &self.trainings;
+        t.gpu_hours.remove(&labels);
+        t.estimated_cost.remove(&labels);
+        t.restarts.remove(&labels);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+fn training_labels(namespace: &str, name: &str) -> TrainingLabels {
+    TrainingLabels {
+        training_namespace: namespace.to_string(),
+        training: name.to_string(),
     }
 }
 
@@ -206,6 +275,32 @@ mod tests {
         assert!(text.contains(r#"charlm_operator_gang_restarts_total{reason="WorkerFailed"} 1"#));
         assert!(text.contains("charlm_operator_reconcile_duration_seconds_count 2"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn training_gauges_follow_the_status_and_go_with_the_training() {
+        let m = Metrics::default();
+        let status = CharLMTrainingStatus {
+            restarts: 2,
+            usage: Some(crate::crd::UsageStatus {
+                gpu_hours: 1.5,
+                estimated_cost: 4.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        m.training_status("team-a", "demo", &status);
+        let text = m.encode();
+        let labels = r#"{training_namespace="team-a",training="demo"}"#;
+        for line in [
+            format!("charlm_operator_training_gpu_hours{labels} 1.5\n"),
+            format!("charlm_operator_training_estimated_cost{labels} 4.5\n"),
+            format!("charlm_operator_training_restarts{labels} 2\n"),
+        ] {
+            assert!(text.contains(&line), "{line:?} missing from\n{text}");
+        }
+        m.training_gone("team-a", "demo");
+        assert!(!m.encode().contains("demo"), "{}", m.encode());
     }
 
     #[tokio::test]

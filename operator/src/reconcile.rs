@@ -26,6 +26,7 @@ use crate::crd::{FailureAction, FailureReason};
 use crate::deadlines;
 use crate::effective;
 use crate::failures::{self, FailureRecord};
+use crate::history;
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
@@ -864,6 +865,9 @@ impl<'a> Decider<'a> {
             st.best_val_bpc = Some(best);
             st.best_step = progress.best_step;
         }
+        if let Some(loss) = progress.train_loss {
+            history::record(&mut st.loss_history, progress.step, loss);
+        }
         let (epb, tokens_per_epoch) = (progress.evals_since_best, progress.tokens_per_epoch);
         st.progress = Some(progress);
         self.past_best(epb);
@@ -1068,6 +1072,14 @@ mod tests {
         assert_eq!(condition(&d, c::DATASET_READY), ("True", "Prepared"));
         let p = d.status.progress.as_ref().unwrap();
         assert_eq!(p.step, 1200);
+        assert_eq!(
+            d.status.loss_history,
+            [crate::crd::LossPoint {
+                step: 1200,
+                loss: 0.92
+            }],
+            "the reported loss is a point of the curve"
+        );
         assert_eq!(d.status.eta.as_deref(), Some("14h20m"));
         assert_eq!(
             d.status.latest_checkpoint.as_deref(),
