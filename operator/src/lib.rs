@@ -1,7 +1,7 @@
 //! The `charlm-operator`: turns `CharLMTraining` resources into trainer pods, a rendezvous Service and
 //! a checkpoint volume, and keeps them in shape. Modules: `crd` (the schema), `preset` and
 //! `effective` (what a spec runs with), `resources` (spec → objects), `failures` (failure rules), `reconcile` (the decision),
-//! `usage` (GPU-hours and cost), `controller` (the kube-runtime glue), `leader`, `metrics`.
+//! `usage` (GPU-hours and cost), `kueue` and `queueing` (admission by Kueue), `controller` (the kube-runtime glue), `leader`, `metrics`.
 
 pub mod conditions;
 pub mod controller;
@@ -9,10 +9,12 @@ pub mod crd;
 pub mod deadlines;
 pub mod effective;
 pub mod failures;
+pub mod kueue;
 pub mod leader;
 pub mod metrics;
 pub mod preset;
 pub mod progress;
+pub mod queueing;
 pub mod reconcile;
 pub mod resources;
 pub mod rules;
