@@ -402,6 +402,9 @@ impl<'a> Decider<'a> {
             self.decision.requeue = Some(STOPPING_REQUEUE);
         } else if matches!(gate.state, QueueState::Evicted { reserved: true, .. }) {
             self.decision.release_quota = true;
+        } else if matches!(gate.state, QueueState::NoWorkload(_)) {
+            // Nothing watched wakes it (a WorkloadPriorityClass created later): look again.
+            self.decision.requeue = Some(DATASET_REQUEUE);
         }
         false
     }
@@ -1814,6 +1817,11 @@ mod tests {
             message(&d)
         );
         assert!(!d.release_quota);
+        assert_eq!(d.requeue, None, "Kueue's changes to the Workload wake it");
+        let missing = QueueState::NoWorkload("WorkloadPriorityClass urgent does not exist".into());
+        let d2 = decide_queued(&t, &[], 0, missing);
+        assert_eq!(condition(&d2, c::ADMITTED), ("False", "NoWorkload"));
+        assert_eq!(d2.requeue, Some(DATASET_REQUEUE));
         let t = with(t, &d);
         let d = decide_queued(&t, &[], 5, admitted());
         assert_eq!(d.create, [0, 1]);
