@@ -152,7 +152,7 @@ featureGates:
         // way out: it waits until it has injected its CA into conversion webhooks that the
         // published CRDs do not declare.
         let script = r#"mount -t tmpfs tmpfs /etc && mkdir -p /etc/kueue/metrics/certs &&
-            cp "$0/tls.crt" "$0/tls.key" /etc/kueue/metrics/certs/ && exec "$1" --config="$2""#;
+            cp "$0/tls.crt" "$0/tls.key" /etc/kueue/metrics/certs/ && exec "$1" --config="$2" --zap-log-level="$3""#;
         let child = Command::new("unshare")
             .args([
                 "--mount",
@@ -166,6 +166,7 @@ featureGates:
             .arg(dir.join("certs"))
             .arg(&binary)
             .arg(&config)
+            .arg(std::env::var("CHARLM_KUEUE_LOG_LEVEL").unwrap_or_else(|_| "2".into()))
             .env("KUBECONFIG", cluster::kubeconfig_path())
             .stdin(Stdio::null())
             .stdout(out)

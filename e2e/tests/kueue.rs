@@ -272,8 +272,9 @@ async fn kueue_admits_one_gang_at_a_time_and_a_preempted_training_resumes_from_i
     let wl = workload_of(&env, "first").await;
     assert!(wl["status"]["admission"].is_null(), "{}", wl["status"]);
 
-    // The preemptor finishes: Kueue readmits the first (queued earlier than the second), whose
-    // new workers resume from the kept checkpoint volume and step.
+    // The preemptor finishes (its Workload is marked finished, which frees its quota): Kueue
+    // admits one of the two waiting 8-GPU gangs, never both. Which one is Kueue's ordering: runs
+    // of this test have seen both (the preempted first, created earlier, or the second).
     let report = r#"{"step": 100, "val_bpc": 1.2, "checkpoint": "/checkpoints/step-000000100", "complete": true}"#;
     env.set_pod_status(
         "urgent-worker-0",
@@ -288,6 +289,38 @@ async fn kueue_admits_one_gang_at_a_time_and_a_preempted_training_resumes_from_i
         .iter()
         .any(|c| c["type"] == "Finished" && c["status"] == "True");
     assert!(finished, "{}", urgent_wl["status"]);
+    let next = env
+        .wait("one of the waiting trainings admitted", MINUTE, || async {
+            let mut running = Vec::new();
+            for name in ["first", "second"] {
+                let t = env.trainings().get(name).await.map_err(|e| e.to_string())?;
+                if phase(&t) == Some(Phase::Running) {
+                    running.push(name);
+                }
+            }
+            match running.as_slice() {
+                [one] => Ok(Some(one.to_string())),
+                [] => Err("neither runs yet".into()),
+                both => panic!("both 8-GPU gangs run at once: {both:?}"),
+            }
+        })
+        .await;
+    eprintln!("after the preemptor, Kueue admitted {next} next");
+    let other = if next == "first" { "second" } else { "first" };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_waits_without_workers(&env, other).await;
+    if next == "second" {
+        // The second is done; then the first is admitted again.
+        wait_workers(&env, "second", 1).await;
+        env.set_pod_status(
+            "second-worker-0",
+            json!({"phase": "Succeeded", "containerStatuses": terminated("trainer", 0, "Completed", report)}),
+        )
+        .await;
+        env.wait_phase("second", Phase::Succeeded, MINUTE).await;
+    }
+
+    // Readmitted, the first's new workers resume from the kept checkpoint volume and step.
     let t = env.wait_phase("first", Phase::Running, MINUTE).await;
     wait_workers(&env, "first", 2).await;
     let status = t.status.clone().unwrap();
@@ -321,17 +354,18 @@ async fn kueue_admits_one_gang_at_a_time_and_a_preempted_training_resumes_from_i
         })
         .collect();
     assert_eq!(claims, ["first-checkpoints"], "rank 0 resumes from it");
-    assert_waits_without_workers(&env, "second").await;
-
-    // Last in line, the second is admitted once the first is done.
-    env.set_pod_status(
-        "first-worker-0",
-        json!({"phase": "Succeeded", "containerStatuses": terminated("trainer", 0, "Completed", report)}),
-    )
-    .await;
-    env.wait_phase("first", Phase::Succeeded, MINUTE).await;
-    env.wait_phase("second", Phase::Running, MINUTE).await;
-    wait_workers(&env, "second", 1).await;
+    if next == "first" {
+        // Then the second waits until the first is done.
+        assert_waits_without_workers(&env, "second").await;
+        env.set_pod_status(
+            "first-worker-0",
+            json!({"phase": "Succeeded", "containerStatuses": terminated("trainer", 0, "Completed", report)}),
+        )
+        .await;
+        env.wait_phase("first", Phase::Succeeded, MINUTE).await;
+        env.wait_phase("second", Phase::Running, MINUTE).await;
+        wait_workers(&env, "second", 1).await;
+    }
 
     env.finish().await;
     // Kueue takes its finalizers off its objects once no Workload uses them: it still runs here.
