@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service}
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::DynamicObject;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -21,8 +22,10 @@ use serde_json::json;
 
 use crate::conditions;
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
+use crate::kueue;
 use crate::metrics::{Metrics, PhaseLabel, ReasonLabel, ResultLabel};
 use crate::progress::{Networks, PollError, ProgressClient};
+use crate::queueing::{queue_gate, settle_workload};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
     checkpoint_pvc, network_policy_name, owner_reference, pvc_name, pvc_owner_update, service_name,
@@ -56,6 +59,8 @@ pub struct Context {
     pub progress: ProgressClient,
     /// Price of one GPU-hour, for the estimated cost in each training's status.
     pub price_per_gpu_hour: f64,
+    /// Kueue's Workload API is served (`kueue_served`, at start): queued trainings get Workloads.
+    pub kueue: bool,
     /// When each training's progress was last asked for ("namespace/name"), answered or not.
     last_poll: Mutex<HashMap<String, Instant>>,
 }
@@ -82,6 +87,7 @@ impl Context {
             metrics,
             progress: ProgressClient::new(Duration::from_secs(3), progress_networks)?,
             price_per_gpu_hour,
+            kueue: false,
             last_poll: Mutex::default(),
         })
     }
@@ -106,6 +112,21 @@ pub async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Resu
     Ok(())
 }
 
+/// Is Kueue's Workload API (`kueue.x-k8s.io/v1beta2`) served? Asked once at start: without it the
+/// operator watches no Workloads, and a training that names a queue says Kueue is missing.
+pub async fn kueue_served(client: &Client) -> bool {
+    match client
+        .list_api_group_resources(&format!("{}/{}", kueue::GROUP, kueue::VERSION))
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "workloads"),
+        Err(e) => {
+            tracing::info!(error = %e, "Kueue's Workload API is not served; trainings that name a queue will wait");
+            false
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves, over all namespaces or only `namespace`.
 pub async fn run(
     ctx: Arc<Context>,
@@ -120,8 +141,22 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    Controller::new(trainings, watcher::Config::default().any_semantic())
-        .owns(pods, watcher::Config::default().labels(TRAINING_LABEL))
+    let mut controller = Controller::new(trainings, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(TRAINING_LABEL));
+    if ctx.kueue {
+        // Kueue's admissions and evictions wake the training that owns the Workload.
+        let ar = kueue::workload_resource();
+        let workloads: Api<DynamicObject> = match &namespace {
+            Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
+            None => Api::all_with(ctx.client.clone(), &ar),
+        };
+        controller = controller.owns_with(
+            workloads,
+            ar,
+            watcher::Config::default().labels(TRAINING_LABEL),
+        );
+    }
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -232,6 +267,10 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         })
         .collect();
 
+    let queue = match kueue::queue_name(&training) {
+        Some(local_queue) => Some(queue_gate(&training, &local_queue, ctx).await?),
+        None => None,
+    };
     let dataset = check_dataset(&training, ctx).await?;
     let progress = poll_progress(&training, &workers, ctx).await;
     let mut observed = Observed {
@@ -242,6 +281,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         now: Timestamp::now(),
         price_per_gpu_hour: ctx.price_per_gpu_hour,
         rejection,
+        queue,
     };
     let mut decision = decide(&observed);
 
@@ -277,6 +317,9 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     write_status(&trainings, &name, &decision.status).await?;
     ctx.metrics.training_status(&ns, &name, &decision.status);
     report(&training, &decision, ctx).await;
+    if let Some(gate) = &observed.queue {
+        settle_workload(&training, gate, &decision, ctx).await?;
+    }
     if decision.delete_training {
         expire(&trainings, &training, ctx).await?;
         return Ok(Action::await_change());
@@ -674,7 +717,7 @@ async fn publish_failure(
     }
 }
 
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,

@@ -578,6 +578,9 @@ pub enum Phase {
     Restarting,
     /// `spec.suspend` is true: no workers, the checkpoint is kept.
     Suspended,
+    /// Waiting for Kueue to admit it (label `kueue.x-k8s.io/queue-name`), or preempted by Kueue
+    /// and queued again: no workers, the checkpoint is kept.
+    Queued,
     /// The budget is done.
     Succeeded,
     /// Out of restarts, or bad input.
@@ -595,6 +598,7 @@ impl Phase {
             Phase::Running => "Running",
             Phase::Restarting => "Restarting",
             Phase::Suspended => "Suspended",
+            Phase::Queued => "Queued",
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
         }
@@ -614,7 +618,9 @@ pub mod condition {
     pub const DATA_CONSTRAINED: &str = "DataConstrained";
     /// The training runs past its best validation bpc by more than 4 evaluations.
     pub const PAST_BEST: &str = "PastBest";
-    pub const ALL: [&str; 9] = [
+    /// Kueue admitted the training's Workload (only on a training that names a LocalQueue).
+    pub const ADMITTED: &str = "Admitted";
+    pub const ALL: [&str; 10] = [
         DATASET_READY,
         PODS_READY,
         RUNNING,
@@ -624,6 +630,7 @@ pub mod condition {
         RESTARTING,
         DATA_CONSTRAINED,
         PAST_BEST,
+        ADMITTED,
     ];
 }
 

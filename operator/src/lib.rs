@@ -1,7 +1,8 @@
 //! The `charlm-operator`: turns `CharLMTraining` resources into trainer pods, a rendezvous Service and
 //! a checkpoint volume, and keeps them in shape. Modules: `crd` (the schema), `preset` and
 //! `effective` (what a spec runs with), `resources` (spec → objects), `failures` (failure rules), `reconcile` (the decision),
-//! `history` (the loss curve of the status), `usage` (GPU-hours and cost), `controller` (the kube-runtime glue), `leader`, `metrics`.
+//! `history` (the loss curve of the status), `usage` (GPU-hours and cost), `kueue` and `queueing`
+//! (admission by Kueue), `controller` (the kube-runtime glue), `leader`, `metrics`.
 
 pub mod conditions;
 pub mod controller;
@@ -10,10 +11,12 @@ pub mod deadlines;
 pub mod effective;
 pub mod failures;
 pub mod history;
+pub mod kueue;
 pub mod leader;
 pub mod metrics;
 pub mod preset;
 pub mod progress;
+pub mod queueing;
 pub mod reconcile;
 pub mod resources;
 pub mod rules;

@@ -195,7 +195,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .filter(|n| !n.is_empty())
             .collect(),
     });
-    let ctx = Arc::new(Context::new(
+    let kueue = controller::kueue_served(&client).await;
+    let mut ctx = Context::new(
         client,
         &identity,
         settings,
@@ -203,8 +204,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         args.price_per_gpu_hour,
         Networks::parse(&args.progress_networks).map_err(anyhow::Error::msg)?,
-    )?);
-    tracing::info!(%identity, "controller starting");
+    )?;
+    ctx.kueue = kueue;
+    let ctx = Arc::new(ctx);
+    tracing::info!(%identity, kueue, "controller starting");
     let controller = controller::run(ctx, args.watch_namespace.clone(), stopped(stop_rx));
     match &elector {
         Some(elector) => {

@@ -27,6 +27,7 @@ use crate::deadlines;
 use crate::effective;
 use crate::failures::{self, FailureRecord};
 use crate::history;
+use crate::kueue::{Gate, State as QueueState};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
@@ -63,6 +64,8 @@ pub struct Observed<'a> {
     /// The API server refused an object made from the spec (a pod, the claim): its message,
     /// with the spec field to fix. Retrying the same spec cannot help.
     pub rejection: Option<String>,
+    /// Kueue's word, for a training that names a LocalQueue (`kueue`); `None`: not queued.
+    pub queue: Option<Gate>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -78,6 +81,9 @@ pub struct Decision {
     pub failure: Option<FailureRecord>,
     /// `ttlSecondsAfterFinished` has passed: delete the training (its finalizer cleans up).
     pub delete_training: bool,
+    /// Kueue evicted the Workload and no worker runs any more: give its quota back (as Kueue's
+    /// jobframework does once an evicted job stopped), so Kueue queues it again.
+    pub release_quota: bool,
 }
 
 /// How a worker ended the attempt: the condition reason (`WorkerFailed`, `WorkerStopped`,
@@ -274,6 +280,11 @@ impl<'a> Decider<'a> {
             self.suspend(&current);
             return;
         }
+        if let Some(gate) = &o.queue {
+            if !self.admitted(gate, &current) {
+                return;
+            }
+        }
         if self.is(cond::SUSPENDED) {
             self.set(
                 cond::SUSPENDED,
@@ -331,6 +342,72 @@ impl<'a> Decider<'a> {
         self.set(cond::PODS_READY, FALSE, "Suspended", msg);
         self.phase(Phase::Suspended, msg);
         self.decision.requeue = (!current.is_empty()).then_some(STOPPING_REQUEUE);
+        // A queued training's Workload is deactivated while suspended; Kueue evicts it, and its
+        // quota goes back once the workers have stopped.
+        let evicted = self
+            .o
+            .queue
+            .as_ref()
+            .is_some_and(|g| matches!(g.state, QueueState::Evicted { reserved: true, .. }));
+        if evicted && !self.o.workers.iter().any(|w| w.is_active()) {
+            self.decision.release_quota = true;
+        }
+    }
+
+    /// Kueue's admission gates the workers of a queued training. Admitted: on as usual. Not (yet,
+    /// or no longer): no workers. Evicted (preempted): the workers are deleted, as for a suspend,
+    /// so the trainers save a checkpoint on SIGTERM; once none runs, the quota goes back to Kueue,
+    /// which queues the training again; readmitted, new workers resume from the checkpoint.
+    fn admitted(&mut self, gate: &Gate, current: &[&Worker]) -> bool {
+        let lq = &gate.local_queue;
+        let (reason, msg) = match &gate.state {
+            QueueState::Admitted { cluster_queue } => {
+                let msg = format!("admitted by Kueue in ClusterQueue {cluster_queue} (LocalQueue {lq})");
+                self.set(cond::ADMITTED, TRUE, "Admitted", msg);
+                return true;
+            }
+            QueueState::Pending(why) => (
+                "Pending",
+                format!("waiting for quota in LocalQueue {lq}: {why}"),
+            ),
+            QueueState::NoWorkload(why) => ("NoWorkload", format!("not queued in LocalQueue {lq}: {why}")),
+            QueueState::Evicted {
+                reason, message, ..
+            } => (
+                reason.as_str(),
+                format!(
+                    "evicted by Kueue ({reason}: {message}); the workers save a checkpoint and stop, \
+                     and the training waits in LocalQueue {lq} to be admitted again"
+                ),
+            ),
+            QueueState::Finished => (
+                "Finished",
+                "its Workload is finished; delete and create the training to queue it again".to_string(),
+            ),
+        };
+        if let Some(report) = final_report(current) {
+            self.take_progress(&report);
+        }
+        let now = self.o.now;
+        usage::stop(self.usage(), None, now);
+        self.delete(current, false);
+        self.st().launched_attempt = None;
+        self.st().running_workers = 0;
+        self.set(cond::ADMITTED, FALSE, reason, msg.clone());
+        self.set(cond::RUNNING, FALSE, "Queued", msg.clone());
+        self.set(cond::PODS_READY, FALSE, "Queued", msg.clone());
+        self.phase(Phase::Queued, msg);
+        // As Kueue's jobframework, the quota goes back only once no pod holds its resources.
+        let stopping = self.o.workers.iter().any(|w| w.is_active());
+        if stopping {
+            self.decision.requeue = Some(STOPPING_REQUEUE);
+        } else if matches!(gate.state, QueueState::Evicted { reserved: true, .. }) {
+            self.decision.release_quota = true;
+        } else if matches!(gate.state, QueueState::NoWorkload(_)) {
+            // Nothing watched wakes it (a WorkloadPriorityClass created later): look again.
+            self.decision.requeue = Some(DATASET_REQUEUE);
+        }
+        false
     }
 
     /// Worker 0 exited 0 and says the budget is done.
@@ -977,6 +1054,7 @@ pub fn backoff(base_seconds: i32, restart: i32) -> Duration {
 mod tests {
     use super::*;
     use crate::crd::condition as c;
+    use crate::kueue::{Gate, State as QueueState};
     use crate::resources::testing::{cpu_spec, gpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
@@ -1008,6 +1086,7 @@ mod tests {
             now: at(now),
             price_per_gpu_hour: 3.0,
             rejection: rejection.map(str::to_string),
+            queue: None,
         })
     }
 
@@ -1063,6 +1142,7 @@ mod tests {
             now: at(40),
             price_per_gpu_hour: 3.0,
             rejection: None,
+            queue: None,
         });
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -1336,6 +1416,7 @@ mod tests {
             now: at(0),
             price_per_gpu_hour: 3.0,
             rejection: None,
+            queue: None,
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -1456,6 +1537,7 @@ mod tests {
             now: at(now),
             price_per_gpu_hour: 3.0,
             rejection: None,
+            queue: None,
         })
     }
 
@@ -1527,6 +1609,7 @@ mod tests {
             now: at(40),
             price_per_gpu_hour: 3.0,
             rejection: None,
+            queue: None,
         });
         assert_eq!(
             (d.status.best_val_bpc, d.status.best_step),
@@ -1699,6 +1782,144 @@ mod tests {
             msg.contains("demo-worker-1: disappeared before every worker ran"),
             "{msg}"
         );
+    }
+
+    fn decide_queued(t: &CharLMTraining, pods: &[Pod], now: i64, state: QueueState) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: None,
+            now: at(now),
+            price_per_gpu_hour: 3.0,
+            rejection: None,
+            queue: Some(Gate {
+                local_queue: "team-a".into(),
+                state,
+            }),
+        })
+    }
+
+    fn admitted() -> QueueState {
+        QueueState::Admitted {
+            cluster_queue: "gpus".into(),
+        }
+    }
+
+    fn preempted(reserved: bool) -> QueueState {
+        QueueState::Evicted {
+            reason: "Preempted".into(),
+            message: "Preempted to accommodate a workload due to prioritization".into(),
+            reserved,
+        }
+    }
+
+    #[test]
+    fn a_queued_training_creates_no_workers_until_kueue_admits_it() {
+        let t = training(gpu_spec());
+        let pending = QueueState::Pending("insufficient unused quota for nvidia.com/gpu".into());
+        let d = decide_queued(&t, &[], 0, pending);
+        assert!(d.create.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(condition(&d, c::ADMITTED), ("False", "Pending"));
+        assert!(
+            message(&d)
+                .contains("waiting for quota in LocalQueue team-a: insufficient unused quota"),
+            "{}",
+            message(&d)
+        );
+        assert!(!d.release_quota);
+        assert_eq!(d.requeue, None, "Kueue's changes to the Workload wake it");
+        let missing = QueueState::NoWorkload("WorkloadPriorityClass urgent does not exist".into());
+        let d2 = decide_queued(&t, &[], 0, missing);
+        assert_eq!(condition(&d2, c::ADMITTED), ("False", "NoWorkload"));
+        assert_eq!(d2.requeue, Some(DATASET_REQUEUE));
+        let t = with(t, &d);
+        let d = decide_queued(&t, &[], 5, admitted());
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(condition(&d, c::ADMITTED), ("True", "Admitted"));
+        assert!(conditions::get(&d.status.conditions, c::ADMITTED)
+            .unwrap()
+            .message
+            .contains("ClusterQueue gpus"),);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+    }
+
+    #[test]
+    fn a_preempted_training_checkpoints_gives_the_quota_back_and_resumes_when_readmitted() {
+        let t = training(gpu_spec());
+        let t = with(t.clone(), &decide_queued(&t, &[], 0, admitted()));
+        let pods = vec![
+            running(pod(&t, 0, 0), "10.0.0.1"),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let t = with(t.clone(), &decide_queued(&t, &pods, 5, admitted()));
+        assert_eq!(t.status.as_ref().unwrap().phase, Some(Phase::Running));
+
+        // Kueue preempts it: the workers go (SIGTERM), the quota is still held meanwhile.
+        let d = decide_queued(&t, &pods, 50, preempted(true));
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(condition(&d, c::ADMITTED), ("False", "Preempted"));
+        assert_eq!(condition(&d, c::RUNNING), ("False", "Queued"));
+        assert!(!d.release_quota, "not while the trainers still run");
+        assert_eq!(d.requeue, Some(STOPPING_REQUEUE));
+        let t = with(t, &d);
+
+        // Rank 0 saved a checkpoint on SIGTERM and said so.
+        let stopping = vec![
+            terminated(
+                deleting(pods[0].clone()),
+                TRAINER_CONTAINER,
+                0,
+                r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+            ),
+            deleting(pods[1].clone()),
+        ];
+        let d = decide_queued(&t, &stopping, 52, preempted(true));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        assert!(!d.release_quota, "worker 1 still runs");
+        assert!(d.delete.is_empty(), "nothing deleted twice");
+        let t = with(t, &d);
+
+        // All stopped: the quota goes back to Kueue, once.
+        let d = decide_queued(&t, &[], 54, preempted(true));
+        assert!(d.release_quota && d.create.is_empty());
+        let t = with(t, &d);
+        let d = decide_queued(&t, &[], 56, preempted(false));
+        assert!(!d.release_quota && d.create.is_empty());
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        let t = with(t, &d);
+
+        // Readmitted: the same attempt starts again from the checkpoint, no restart counted.
+        let d = decide_queued(&t, &[], 90, admitted());
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!((d.status.attempt, d.status.restarts), (0, 0));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        assert_eq!(d.status.progress.as_ref().unwrap().step, 168);
+    }
+
+    #[test]
+    fn a_suspended_queued_training_gives_its_quota_back_once_stopped() {
+        let (t, pods) = running_gpu_training();
+        let mut t = t;
+        t.spec.suspend = Some(true);
+        let deactivated = QueueState::Evicted {
+            reason: "Deactivated".into(),
+            message: "The workload is deactivated".into(),
+            reserved: true,
+        };
+        let d = decide_queued(&t, &pods, 60, deactivated.clone());
+        assert_eq!(d.status.phase, Some(Phase::Suspended));
+        assert!(!d.release_quota);
+        let d = decide_queued(&t, &[], 62, deactivated);
+        assert!(d.release_quota);
     }
 
     #[test]
