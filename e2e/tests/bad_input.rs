@@ -393,13 +393,23 @@ async fn a_half_placed_gang_lets_go_after_its_startup_timeout() {
             && message.contains("not counted as a restart"),
         "{message}"
     );
-    let events = events_of(&env, "half").await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("StartupTimeout")),
-        "{events:?}"
-    );
+    // The recorder publishes the Event after the status patch seen above.
+    env.wait(
+        "a StartupTimeout event",
+        Duration::from_secs(30),
+        || async {
+            let events = events_of(&env, "half").await;
+            if events
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("StartupTimeout"))
+            {
+                Ok(Some(()))
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await;
     // The next attempt comes after the backoff, and times out again the same way.
     env.wait_training("half", "a second attempt", MINUTE, |t| {
         t.status
