@@ -74,15 +74,25 @@ pub fn install_crds() -> Result<()> {
         "resourceflavors",
         "workloadpriorityclasses",
     ] {
-        tool(
+        // `kubectl wait` fails at once, instead of waiting, on a CRD so new that the API server
+        // has not written its conditions yet; so it is tried again, 30 times at most.
+        let name = format!("crd/{crd}.kueue.x-k8s.io");
+        let mut tries = 0;
+        while let Err(e) = tool(
             "kubectl",
             &[
                 "wait",
                 "--for=condition=Established",
                 "--timeout=60s",
-                &format!("crd/{crd}.kueue.x-k8s.io"),
+                &name,
             ],
-        )?;
+        ) {
+            tries += 1;
+            if tries == 30 {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
     Ok(())
 }
