@@ -234,12 +234,16 @@ async fn objects_the_api_server_refuses_fail_the_training_once_with_its_message(
             .unwrap()
             .items
     };
-    let was = versions(list().await);
+    let before_objects = list().await;
+    let was = versions(before_objects.clone());
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let after_objects = list().await;
     assert_eq!(
-        versions(list().await),
+        versions(after_objects.clone()),
         was,
-        "a failed training's status kept changing"
+        "a failed training's status kept changing; before: {}\nafter: {}",
+        serde_json::to_string(&before_objects).unwrap(),
+        serde_json::to_string(&after_objects).unwrap()
     );
     assert_eq!(
         failed_reconciles(&env).await,
