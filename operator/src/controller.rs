@@ -2,8 +2,7 @@
 //! from the API server, carry out its decision with server-side apply, write the status, and report
 //! every transition as an Event. A finalizer runs the cleanup on deletion.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -14,84 +13,31 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::DynamicObject;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{finalizer, Error as FinalizerError, Event as Finalizer};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::conditions;
+use crate::context::{publish, send};
+pub use crate::context::{Context, Error, FIELD_MANAGER};
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
 use crate::kueue;
-use crate::metrics::{Metrics, PhaseLabel, ReasonLabel, ResultLabel};
-use crate::progress::{Networks, PollError, ProgressClient};
+use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
+use crate::progress::PollError;
 use crate::queueing::{queue_gate, settle_workload};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
     checkpoint_pvc, network_policy_name, owner_reference, pvc_name, pvc_owner_update, service_name,
-    worker_pod, workers_network_policy, workers_selector, workers_service, NetworkPolicySettings,
-    PodSettings, PROGRESS_PORT, REPORT_FINALIZER, TRAINING_LABEL,
+    worker_pod, workers_network_policy, workers_selector, workers_service, PROGRESS_PORT,
+    REPORT_FINALIZER, TRAINING_LABEL,
 };
 use crate::workers::{holds_report, observe, report_read, Worker, WorkerState};
 
-pub const FIELD_MANAGER: &str = "charlm-operator";
 pub const FINALIZER: &str = "charlm.dev/cleanup";
 /// Shortest time between two reads of rank 0's progress.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(25);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("serialising {0}: {1}")]
-    Serde(&'static str, #[source] serde_json::Error),
-}
-
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub settings: PodSettings,
-    /// Who may reach each training's workers; `None`: no NetworkPolicy (`--network-policy=false`).
-    pub network_policy: Option<NetworkPolicySettings>,
-    pub metrics: Arc<Metrics>,
-    pub progress: ProgressClient,
-    /// Price of one GPU-hour, for the estimated cost in each training's status.
-    pub price_per_gpu_hour: f64,
-    /// Kueue's Workload API is served (`kueue_served`, at start): queued trainings get Workloads.
-    pub kueue: bool,
-    /// When each training's progress was last asked for ("namespace/name"), answered or not.
-    last_poll: Mutex<HashMap<String, Instant>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        identity: &str,
-        settings: PodSettings,
-        network_policy: Option<NetworkPolicySettings>,
-        metrics: Arc<Metrics>,
-        price_per_gpu_hour: f64,
-        progress_networks: Networks,
-    ) -> anyhow::Result<Self> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_string(),
-            instance: Some(identity.to_string()),
-        };
-        Ok(Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            settings,
-            network_policy,
-            metrics,
-            progress: ProgressClient::new(Duration::from_secs(3), progress_networks)?,
-            price_per_gpu_hour,
-            kueue: false,
-            last_poll: Mutex::default(),
-        })
-    }
-}
 
 /// Checks that the CRD is installed, so a missing one is a clear error at start instead of a
 /// watch that retries forever.
@@ -708,44 +654,11 @@ async fn publish_failure(
     let event = Event {
         type_: EventType::Warning,
         reason: failure.reason.as_str().to_string(),
-        note: Some(truncate_note(failure.note())),
+        note: Some(failure.note()),
         action: failure.action.as_str().to_string(),
         secondary: Some(pod),
     };
-    if let Err(err) = ctx.recorder.publish(&event, reference).await {
-        tracing::warn!(error = %err, reason = %event.reason, "could not publish an event");
-    }
-}
-
-pub(crate) async fn publish(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(truncate_note(note)),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, reference).await {
-        tracing::warn!(error = %err, reason, "could not publish an event");
-    }
-}
-
-/// Events carry at most 1 kB of note.
-fn truncate_note(note: String) -> String {
-    if note.len() <= 1000 {
-        return note;
-    }
-    let mut cut = 1000;
-    while !note.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}...", &note[..cut])
+    send(ctx, reference, event).await;
 }
 
 /// Deletion: remove the workers, the Service and the NetworkPolicy; keep the checkpoint volume if asked to, else
@@ -846,18 +759,5 @@ fn ignore_not_found<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_notes_are_cut_on_a_char_boundary() {
-        let note = "é".repeat(800);
-        let cut = truncate_note(note);
-        assert!(cut.len() <= 1003 && cut.ends_with("..."));
-        assert_eq!(truncate_note("short".into()), "short");
     }
 }

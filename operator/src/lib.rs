@@ -2,9 +2,10 @@
 //! a checkpoint volume, and keeps them in shape. Modules: `crd` (the schema), `preset` and
 //! `effective` (what a spec runs with), `resources` (spec → objects), `failures` (failure rules), `reconcile` (the decision),
 //! `history` (the loss curve of the status), `usage` (GPU-hours and cost), `kueue` and `queueing`
-//! (admission by Kueue), `controller` (the kube-runtime glue), `leader`, `metrics`.
+//! (admission by Kueue), `context` (what the API-facing steps share), `controller` (the kube-runtime glue), `leader`, `metrics`.
 
 pub mod conditions;
+pub mod context;
 pub mod controller;
 pub mod crd;
 pub mod deadlines;

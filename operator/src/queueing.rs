@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::controller::{publish, Context, Error, FIELD_MANAGER};
+use crate::context::{publish, Context, Error, FIELD_MANAGER};
 use crate::crd::{CharLMTraining, Phase};
 use crate::effective;
 use crate::kueue::{self, Gate, State};
