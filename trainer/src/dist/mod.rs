@@ -397,11 +397,7 @@ impl ProcessGroup {
         }
         match &self.backend {
             Backend::Single => {
-                tch::no_grad(|| {
-                    output
-                        .shallow_clone()
-                        .copy_(&input.view(output.size().as_slice()))
-                });
+                copy_into(input, output);
                 Ok(())
             }
             Backend::Store(group) => group.reduce_scatter(input, output, op),
@@ -418,11 +414,7 @@ impl ProcessGroup {
         self.check_sliced("all_gather", output, input)?;
         match &self.backend {
             Backend::Single => {
-                tch::no_grad(|| {
-                    output
-                        .shallow_clone()
-                        .copy_(&input.view(output.size().as_slice()))
-                });
+                copy_into(input, output);
                 Ok(())
             }
             Backend::Store(group) => group.all_gather(input, output),
@@ -512,4 +504,14 @@ fn is_float(kind: Kind) -> bool {
         kind,
         Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
     )
+}
+
+/// A world of one: the reduce-scatter's and the all-gather's result is the input itself, in the
+/// output's shape.
+fn copy_into(input: &Tensor, output: &Tensor) {
+    tch::no_grad(|| {
+        output
+            .shallow_clone()
+            .copy_(&input.view(output.size().as_slice()))
+    });
 }
