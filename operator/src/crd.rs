@@ -233,7 +233,12 @@ pub struct CharLMTrainingSpec {
     /// Extra environment of the trainer container. The operator's own variables (the gang's
     /// rendezvous and what the spec's fields set) are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = rules::env_names(), validation = rules::env_not_reserved())]
+    #[x_kube(
+        validation = rules::env_names(),
+        validation = rules::env_not_reserved(),
+        validation = rules::env_value_size(),
+        validation = rules::env_total_size()
+    )]
     pub env: Option<Vec<EnvVar>>,
 
     /// PriorityClass of the worker pods.
@@ -397,6 +402,7 @@ pub struct DatasetSpec {
 pub struct PvcDataset {
     /// Name of the PersistentVolumeClaim in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.pvc.claimName", "PersistentVolumeClaim", "charlm-texts"))]
     pub claim_name: String,
     /// Directory of the .txt files, relative to the root of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +416,7 @@ pub struct PvcDataset {
 pub struct ConfigMapDataset {
     /// Name of the ConfigMap in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.configMap.name", "ConfigMap", "charlm-texts"))]
     pub name: String,
 }
 
@@ -497,11 +504,12 @@ pub struct RestartPolicySpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
     /// What a failure of each reason does; a rule overrides the default of the one reason it
-    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
-    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
-    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost, Deleted (RestartWithoutCounting:
+    /// from the last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower
+    /// deviceBatchSize, or raise the memory of the container that ran out); BadInput, the
+    /// trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 6))]
+    #[schemars(length(max = 7))]
     #[x_kube(validation = rules::failure_reasons_unique())]
     pub rules: Vec<FailureRule>,
 }
@@ -528,6 +536,10 @@ pub enum FailureReason {
     /// Its node went away or stopped answering and the node lifecycle deleted the pod. Default:
     /// RestartWithoutCounting.
     NodeLost,
+    /// The pod was deleted by someone other than the operator without a disruption condition
+    /// (`kubectl delete pod`; its trainer saves a checkpoint on SIGTERM), or vanished. Default:
+    /// RestartWithoutCounting.
+    Deleted,
     /// A container ran out of memory. Default: Fail (lower deviceBatchSize).
     #[serde(rename = "OOMKilled")]
     OomKilled,
@@ -728,6 +740,8 @@ pub struct FailureCounts {
     pub preempted: i32,
     #[serde(rename = "NodeLost", default)]
     pub node_lost: i32,
+    #[serde(rename = "Deleted", default)]
+    pub deleted: i32,
     #[serde(rename = "OOMKilled", default)]
     pub oom_killed: i32,
     #[serde(rename = "BadInput", default)]
@@ -742,6 +756,7 @@ impl FailureCounts {
             FailureReason::Evicted => &mut self.evicted,
             FailureReason::Preempted => &mut self.preempted,
             FailureReason::NodeLost => &mut self.node_lost,
+            FailureReason::Deleted => &mut self.deleted,
             FailureReason::OomKilled => &mut self.oom_killed,
             FailureReason::BadInput => &mut self.bad_input,
             FailureReason::Error => &mut self.error,
