@@ -112,7 +112,8 @@ pub const KUBELET_PLAYED_BY_TEST: &str = "charlm.dev/e2e-kubelet";
 /// `manifest` with its pods left to the test to play the kubelet of (CPU trainings: the
 /// toleration replaces the GPU one a GPU training would get by default).
 pub fn kubelet_played_by_test(mut manifest: Value) -> Value {
-    manifest["spec"]["tolerations"] = json!([{"key": KUBELET_PLAYED_BY_TEST, "operator": "Exists"}]);
+    manifest["spec"]["tolerations"] =
+        json!([{"key": KUBELET_PLAYED_BY_TEST, "operator": "Exists"}]);
     manifest
 }
 

@@ -110,18 +110,18 @@ async fn kubectl_apply_refuses_what_a_pod_or_claim_would_refuse_and_names_the_fi
         (
             "an env value of 200 KB",
             Box::new(|v| v["spec"]["env"] = json!([{"name": "BIG", "value": "x".repeat(200_000)}])),
-            "spec.env: Invalid value: each spec.env value must be at most 65536 bytes (64 KiB): \
-             Linux refuses to start the trainer with an environment string of 128 KiB or more",
+            "spec.env: Invalid value: each spec.env value must be at most 32000 characters: Linux \
+             refuses to start the trainer with an environment string of 128 KiB or more",
         ),
         (
-            "env values of 600 KB in all",
+            "env values of 150 KB in all",
             Box::new(|v| {
-                let big: Vec<Value> = (0..10)
-                    .map(|i| json!({"name": format!("PART_{i}"), "value": "y".repeat(60_000)}))
+                let big: Vec<Value> = (0..5)
+                    .map(|i| json!({"name": format!("PART_{i}"), "value": "y".repeat(30_000)}))
                     .collect();
                 v["spec"]["env"] = json!(big);
             }),
-            "spec.env: Invalid value: the spec.env values must be at most 524288 bytes",
+            "spec.env: Invalid value: the spec.env values must be at most 128000 characters in all",
         ),
     ];
     for (what, text) in assert_refused(&env, &base, &cases).await {

@@ -159,11 +159,24 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
             && message.contains("20s after they were created (startupTimeoutSeconds)"),
         "{message}"
     );
-    assert_eq!(condition(&t, "Running"), ("False".into(), "ErrImagePull".into()));
+    assert_eq!(
+        condition(&t, "Running"),
+        ("False".into(), "ErrImagePull".into())
+    );
     let (status, reason, dataset) = condition_of(&t, "DatasetReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("Unknown", "WaitingForWorkers"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("Unknown", "WaitingForWorkers")
+    );
     assert!(!dataset.contains("prepare the dataset"), "{dataset}");
-    wait_event(&env, "pull", "Warning", "ErrImagePull", "connection refused").await;
+    wait_event(
+        &env,
+        "pull",
+        "Warning",
+        "ErrImagePull",
+        "connection refused",
+    )
+    .await;
     // Its back-off, in the kubelet's words too.
     env.set_pod_status(
         "pull-worker-0",
@@ -182,9 +195,12 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
         ),
     )
     .await;
-    env.wait_training("pull", "PodsReady=False/ImagePullBackOff", SAY_IT_WITHIN, |t| {
-        condition(t, "PodsReady").1 == "ImagePullBackOff"
-    })
+    env.wait_training(
+        "pull",
+        "PodsReady=False/ImagePullBackOff",
+        SAY_IT_WITHIN,
+        |t| condition(t, "PodsReady").1 == "ImagePullBackOff",
+    )
     .await;
 
     // A name the runtime cannot parse: no retry helps, the training fails at once.
@@ -202,7 +218,9 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
         ),
     )
     .await;
-    let t = env.wait_phase("badname", Phase::Failed, SAY_IT_WITHIN).await;
+    let t = env
+        .wait_phase("badname", Phase::Failed, SAY_IT_WITHIN)
+        .await;
     assert_eq!(
         condition(&t, "Failed"),
         ("True".into(), "InvalidImageName".into())
@@ -218,7 +236,14 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
         condition(&t, "DatasetReady"),
         ("False".into(), "NotPrepared".into())
     );
-    wait_event(&env, "badname", "Warning", "InvalidImageName", "fix spec.image").await;
+    wait_event(
+        &env,
+        "badname",
+        "Warning",
+        "InvalidImageName",
+        "fix spec.image",
+    )
+    .await;
 
     // A Secret that does not exist holds the trainer back after the dataset was prepared.
     env.set_pod_status(
@@ -271,7 +296,10 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
         })
         .await;
     let (status, reason, message) = condition_of(&t, "DatasetReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("Unknown", "WaitingForWorkers"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("Unknown", "WaitingForWorkers")
+    );
     assert!(message.contains("0/1 workers prepared it"), "{message}");
 
     // The startup timeout counts the worker whose container never started: released, not
@@ -327,7 +355,10 @@ async fn an_init_container_out_of_memory_names_itself_and_its_memory() {
         "{message}"
     );
     let (status, reason, dataset) = condition_of(&t, "DatasetReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "PreparationFailed"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "PreparationFailed")
+    );
     assert!(dataset.contains("container generate"), "{dataset}");
     env.finish().await;
 }
@@ -368,13 +399,21 @@ async fn a_worker_deleted_by_hand_restarts_the_gang_without_counting() {
             && message.contains("not counted against maxRestarts"),
         "{message}"
     );
-    wait_event(&env, "byhand", "Warning", "Deleted", "RestartWithoutCounting").await;
+    wait_event(
+        &env,
+        "byhand",
+        "Warning",
+        "Deleted",
+        "RestartWithoutCounting",
+    )
+    .await;
 
     // The trainer saved a checkpoint on SIGTERM and exited 0; worker 1, deleted by the operator,
     // stopped too. Then the next attempt runs, still without a restart counted.
     let report = r#"{"step": 42, "checkpoint": "/checkpoints/step-000000042", "complete": false, "stop_reason": "signal"}"#;
     let mut stopped = trainer_running();
-    stopped["containerStatuses"] = json!([container_state("trainer", ended(0, "Completed", report))]);
+    stopped["containerStatuses"] =
+        json!([container_state("trainer", ended(0, "Completed", report))]);
     env.set_pod_status("byhand-worker-0", stopped.clone()).await;
     stopped["containerStatuses"] = json!([container_state("trainer", ended(0, "Completed", ""))]);
     env.set_pod_status("byhand-worker-1", stopped).await;
@@ -413,7 +452,11 @@ async fn stop_played_training(env: &TestEnv, name: &str) {
                     .await;
             }
         }
-        let training = env.trainings().get_opt(name).await.map_err(|e| e.to_string())?;
+        let training = env
+            .trainings()
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?;
         match (pods.len(), training) {
             (0, None) => Ok(Some(())),
             (n, t) => Err(format!("{n} pods left, training there: {}", t.is_some())),

@@ -259,8 +259,10 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative (0 deletes the training as soon as it ends)"))]
     pub ttl_seconds_after_finished: Option<i64>,
 
-    /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
-    /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
+    /// Seconds the workers of an attempt may take to be placed on nodes and started (default
+    /// 600): a worker not placed, or placed with containers that have not started (an image that
+    /// cannot be pulled, a missing Secret), counts; one preparing the dataset does not. A gang not
+    /// all started by then releases the workers it holds (GPUs that train nothing) and tries again
     /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("startupTimeoutSeconds must be between 1 and 604800 (a week)"))]

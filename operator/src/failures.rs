@@ -309,7 +309,10 @@ mod tests {
         assert!(m.contains("lower spec.deviceBatchSize"), "{m}");
         let m = fail_message(FailureReason::Error, "boom", true, None);
         assert!(m.contains("restartPolicy.rules says Fail for Error"), "{m}");
-        assert_eq!(fail_message(FailureReason::BadInput, "bad", false, None), "bad");
+        assert_eq!(
+            fail_message(FailureReason::BadInput, "bad", false, None),
+            "bad"
+        );
         // An init container's OOM: its name and its memory, not the micro-batch.
         let m = fail_message(
             FailureReason::OomKilled,

@@ -591,7 +591,9 @@ impl<'a> Decider<'a> {
                     cond::DATASET_READY,
                     FALSE,
                     "NotPrepared",
-                    format!("the training failed ({reason}) before every worker prepared the dataset"),
+                    format!(
+                        "the training failed ({reason}) before every worker prepared the dataset"
+                    ),
                 );
             }
         }
@@ -912,7 +914,10 @@ impl<'a> Decider<'a> {
                 format!("{preparing}/{n} workers prepare the dataset"),
             )
         } else {
-            ("Starting".to_string(), format!("{running}/{n} workers running"))
+            (
+                "Starting".to_string(),
+                format!("{running}/{n} workers running"),
+            )
         };
         let prepared = current.iter().filter(|w| w.dataset_prepared()).count();
         if preparing > 0 {
@@ -1206,7 +1211,10 @@ fn is_preparation(container: &str) -> bool {
 /// A kubelet's reason as a condition reason (CamelCase letters and digits; the API's pattern
 /// for `metav1.Condition`), so an odd runtime's reason cannot make the status invalid.
 fn condition_reason(reason: &str) -> String {
-    let clean: String = reason.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let clean: String = reason
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     match clean.chars().next() {
         Some(c) if c.is_ascii_alphabetic() => clean,
         _ => "ContainerNotStarted".to_string(),
@@ -1237,8 +1245,8 @@ mod tests {
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
     use crate::workers::testing::{
-        deleting, disrupted, killed, killed_init, pod, running, terminated, unschedulable,
-        waiting, with_pod_reason,
+        deleting, disrupted, killed, killed_init, pod, running, terminated, unschedulable, waiting,
+        with_pod_reason,
     };
     use k8s_openapi::api::core::v1::Pod;
 
@@ -1795,9 +1803,16 @@ mod tests {
         let f = d.failure.clone().unwrap();
         assert_eq!(
             (f.reason, f.action),
-            (FailureReason::Deleted, FailureAction::RestartWithoutCounting)
+            (
+                FailureReason::Deleted,
+                FailureAction::RestartWithoutCounting
+            )
         );
-        assert!(f.note().contains("not counted against maxRestarts"), "{}", f.note());
+        assert!(
+            f.note().contains("not counted against maxRestarts"),
+            "{}",
+            f.note()
+        );
         // Seen only after the trainer ended with its SIGTERM report: the same.
         gone[0] = terminated(
             deleting(pods[0].clone()),
@@ -1816,7 +1831,8 @@ mod tests {
         assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
         // A rule can count it.
         let strict = with_spec(t, |s| {
-            s["restartPolicy"]["rules"] = serde_json::json!([{"reason": "Deleted", "action": "Restart"}])
+            s["restartPolicy"]["rules"] =
+                serde_json::json!([{"reason": "Deleted", "action": "Restart"}])
         });
         let d = decide_at(&strict, &gone, 100);
         assert_eq!((d.status.restarts, d.status.failures.deleted), (1, 1));

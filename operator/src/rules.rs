@@ -122,34 +122,35 @@ fn one_of(field: &str, names: &[&str]) -> serde_json::Value {
     })
 }
 
-/// An environment string (`NAME=value`) of 128 KiB or more makes Linux refuse to start the
-/// process (`E2BIG`, "argument list too long"), and so does an environment of about 2 MiB in all
-/// (a quarter of the usual 8 MiB stack, shared with the operator's own variables and arguments).
-pub const ENV_VALUE_MAX_BYTES: usize = 64 * 1024;
-pub const ENV_TOTAL_MAX_BYTES: usize = 512 * 1024;
-/// What the schema lets through before the rules look (they are costed by it): above this many
-/// characters the API server's own "Too long" joins the rule's message.
-const ENV_VALUE_MAX_LENGTH: usize = 256 * 1024;
+/// Linux refuses to start a process with an environment string (`NAME=value`) of 128 KiB or
+/// more (`E2BIG`, "argument list too long"), or with an environment of about 2 MiB in all (a
+/// quarter of the usual 8 MiB stack, shared with the operator's own variables and arguments).
+/// The rules count characters, which CEL counts cheaply: a character is at most 4 bytes in UTF-8,
+/// so these bounds keep every value under the first limit and all of them far under the second.
+/// (Counting bytes costs more than the API server's budget for a list of 256 entries; and a rule
+/// on the value itself would print the whole value back in its error.)
+pub const ENV_VALUE_MAX_CHARS: usize = 32_000;
+pub const ENV_TOTAL_MAX_CHARS: usize = 128_000;
 
 pub fn env_value_size() -> Rule {
     Rule::new(format!(
-        "self.all(e, !has(e.value) || size(bytes(e.value)) <= {ENV_VALUE_MAX_BYTES})"
+        "self.all(e, !has(e.value) || size(e.value) <= {ENV_VALUE_MAX_CHARS})"
     ))
     .message(Message::Message(format!(
-        "each spec.env value must be at most {ENV_VALUE_MAX_BYTES} bytes (64 KiB): Linux refuses \
-         to start the trainer with an environment string of 128 KiB or more (\"argument list too \
+        "each spec.env value must be at most {ENV_VALUE_MAX_CHARS} characters: Linux refuses to \
+         start the trainer with an environment string of 128 KiB or more (\"argument list too \
          long\"); pass larger content as a file of the dataset instead"
     )))
 }
 
 pub fn env_total_size() -> Rule {
     Rule::new(format!(
-        "self.map(e, has(e.value) ? size(bytes(e.value)) : 0).sum() <= {ENV_TOTAL_MAX_BYTES}"
+        "self.map(e, has(e.value) ? size(e.value) : 0).sum() <= {ENV_TOTAL_MAX_CHARS}"
     ))
     .message(Message::Message(format!(
-        "the spec.env values must be at most {ENV_TOTAL_MAX_BYTES} bytes (512 KiB) in all: Linux \
+        "the spec.env values must be at most {ENV_TOTAL_MAX_CHARS} characters in all: Linux \
          refuses to start the trainer with an environment of about 2 MiB (\"argument list too \
-         long\"), and the operator's own variables share it; pass larger content as files of the \
+         long\"), shared with the operator's own variables; pass larger content as files of the \
          dataset instead"
     )))
 }
@@ -158,12 +159,11 @@ pub fn env_total_size() -> Rule {
 /// subdomain). Anything else would be read as another path: a `/` makes the operator's GET a
 /// subresource request, refused with 403 on every reconcile.
 pub fn object_name(field: &str, kind: &str, example: &str) -> Rule {
-    Rule::new(format!("self.matches('{DNS_SUBDOMAIN}')"))
-        .message(Message::Message(format!(
-            "{field} must be the name of a {kind} in the training's namespace: lower-case \
+    Rule::new(format!("self.matches('{DNS_SUBDOMAIN}')")).message(Message::Message(format!(
+        "{field} must be the name of a {kind} in the training's namespace: lower-case \
              letters, digits, '-' and '.', starting and ending with a letter or digit, at most \
              253 characters (such as {example})"
-        )))
+    )))
 }
 
 const DNS_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
@@ -203,7 +203,6 @@ pub fn complete_schema(schema: &mut serde_json::Value) {
     let env = &mut spec["properties"]["env"];
     env["maxItems"] = 256.into();
     env["items"]["properties"]["name"]["maxLength"] = 256.into();
-    env["items"]["properties"]["value"]["maxLength"] = ENV_VALUE_MAX_LENGTH.into();
     let rule = &mut spec["properties"]["restartPolicy"]["properties"]["rules"]["items"];
     for (field, names) in [("reason", reason_names()), ("action", action_names())] {
         let property = &mut rule["properties"][field];

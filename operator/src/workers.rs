@@ -796,9 +796,21 @@ mod tests {
             r#"{"step": 7, "complete": false, "stop_reason": "signal"}"#,
         );
         let finished = |pod: &mut Pod, s: i64| {
-            for c in pod.status.as_mut().unwrap().container_statuses.iter_mut().flatten() {
-                c.state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at =
-                    Some(Time(at(s)));
+            for c in pod
+                .status
+                .as_mut()
+                .unwrap()
+                .container_statuses
+                .iter_mut()
+                .flatten()
+            {
+                c.state
+                    .as_mut()
+                    .unwrap()
+                    .terminated
+                    .as_mut()
+                    .unwrap()
+                    .finished_at = Some(Time(at(s)));
             }
         };
         finished(&mut ended, 130);
