@@ -34,10 +34,10 @@ const LOG_FORMAT_ENV: &str = "CHARLM_LOG_FORMAT";
 const AFTER_FAILURE_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Launch's rendezvous flags read torchrun's variables (`NPROC_PER_NODE`, `NNODES`, `NODE_RANK`,
-/// `MASTER_ADDR`, `MASTER_PORT`: what torchrun, Kubeflow's PyTorchJob and the operator set) and
-/// take torchrun's spellings as aliases (`--nproc_per_node`, ...); its own flags follow the
-/// `CHARLM_<FLAG>` rule.
+/// Launch's flags follow the `CHARLM_<FLAG>` rule; its rendezvous flags also read torchrun's
+/// variables (`NPROC_PER_NODE`, `NNODES`, `NODE_RANK`, `MASTER_ADDR`, `MASTER_PORT`: what
+/// torchrun, Kubeflow's PyTorchJob and the operator set; `sys::flags::ALIASES`) and take
+/// torchrun's spellings as aliases (`--nproc_per_node`, ...).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Worker processes on this node: 1 or more, or `auto` (one per visible GPU; 1 without GPUs).
