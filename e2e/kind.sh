@@ -13,9 +13,10 @@
 # `e2e/kind.sh --offline` is the same flow for a machine that reaches no container registry (the
 # project's CI): the node image is built locally (e2e/images/kind-node), the two images by
 # e2e/images/build on local Debian bases (CHARLM_IMAGE_BINARIES=DIR: with the release binaries in
-# DIR instead of compiling them in the image), and the cluster lives on a Docker network of its own
-# that has no way off this machine (`docker network create --internal`), made here and removed
-# with the cluster; the kubeconfig then names the control plane's address on it.
+# DIR instead of compiling them in the image), and the cluster lives on a Docker network of its own,
+# made here and removed with the cluster, whose bridge forwards nothing to or from any other
+# interface (two DROP rules in Docker's DOCKER-USER chain, tagged with the network's name): the
+# nodes and pods reach each other and this host, nothing beyond it.
 #
 # `e2e/kind.sh --real-node` runs the flow on the local control plane's real node instead (no
 # kind): `e2e/controlplane/up --cpu-nodes=real` must be running (CHARLM_RUN and the port variables
@@ -42,6 +43,7 @@ cache="${CHARLM_CACHE:-$HOME/.cache/charlm}"
 # kind's files (kubeconfig) stay out of ~/.kube: this run's own.
 kind_dir="$cache/kind/$cluster"
 network="charlm-kind-$cluster"
+bridge="chk-$(printf '%s' "$cluster" | sha256sum | cut -c1-8)"
 
 step() { printf '\n== %s (%s s)\n' "$*" "$SECONDS"; }
 fail() {
@@ -90,15 +92,30 @@ cleanup() {
   exit $rc
 }
 
+# The offline network's rules: its bridge forwards only within itself (Docker's FORWARD chain
+# jumps to DOCKER-USER first).
+network_rules() {
+  echo "DOCKER-USER -i $bridge ! -o $bridge -m comment --comment $network -j DROP"
+  echo "DOCKER-USER ! -i $bridge -o $bridge -m comment --comment $network -j DROP"
+}
+
 # The cluster and, offline, its network; then nothing of either may be left.
 delete_cluster() {
   kind delete cluster --name "$cluster" >/dev/null 2>&1 || true
-  [ -z "${offline_network:-}" ] || /usr/bin/docker network rm "$network" >/dev/null 2>&1 || true
+  if [ -n "${offline_network:-}" ]; then
+    /usr/bin/docker network rm "$network" >/dev/null 2>&1 || true
+    local rule
+    while read -r rule; do
+      # shellcheck disable=SC2086 # a rule is a word list
+      while iptables -C $rule 2>/dev/null; do iptables -D $rule; done
+    done < <(network_rules)
+  fi
   local left
   left="$(/usr/bin/docker ps -aq --filter "label=io.x-k8s.io/kind.cluster=$cluster")"
   [ -z "$left" ] || { echo "kind e2e: containers of $cluster left after kind delete: $left" >&2; return 1; }
-  if [ -n "${offline_network:-}" ] && /usr/bin/docker network inspect "$network" >/dev/null 2>&1; then
-    echo "kind e2e: network $network left after the run" >&2
+  if [ -n "${offline_network:-}" ] && { /usr/bin/docker network inspect "$network" >/dev/null 2>&1 ||
+    iptables -S DOCKER-USER | grep -q -- "--comment $network"; }; then
+    echo "kind e2e: network $network or its rules left after the run" >&2
     return 1
   fi
   rm -rf "$kind_dir"
@@ -139,11 +156,16 @@ else
   step "kind cluster $cluster (1 control plane, 2 workers${node_image:+, image $node_image})"
   trap cleanup EXIT
   if [ "$mode" = offline ]; then
-    # A network of the run's own with no way off this machine: no masquerade, no forwarding to any
-    # other interface. kind takes it by name.
+    # A network of the run's own, with no way off this machine. kind takes it by name.
     if ! /usr/bin/docker network inspect "$network" >/dev/null 2>&1; then
-      /usr/bin/docker network create --internal "$network" >/dev/null || fail "docker network create $network"
+      /usr/bin/docker network create -o "com.docker.network.bridge.name=$bridge" "$network" >/dev/null ||
+        fail "docker network create $network"
     fi
+    iptables -S DOCKER-USER >/dev/null 2>&1 || fail "no DOCKER-USER chain: is the Docker engine's iptables off?"
+    while read -r rule; do
+      # shellcheck disable=SC2086 # a rule is a word list
+      iptables -C $rule 2>/dev/null || iptables -I $rule || fail "iptables -I $rule"
+    done < <(network_rules)
     offline_network=1
     export KIND_EXPERIMENTAL_DOCKER_NETWORK="$network"
     # No proxy settings into the nodes: nothing there may leave the network.
@@ -153,14 +175,18 @@ else
     kind create cluster --name "$cluster" --config "$repo/e2e/kind-config.yaml" \
       ${node_image:+--image "$node_image"} --retain --wait 5m || fail "kind create cluster"
   fi
+  kind get kubeconfig --name "$cluster" >"$KUBECONFIG"
   if [ "$mode" = offline ]; then
-    # The published API server port does not exist on an internal network: the control plane's
-    # address on it (its serving certificate names it).
-    cp_ip="$(/usr/bin/docker inspect -f "{{(index .NetworkSettings.Networks \"$network\").IPAddress}}" "$cluster-control-plane")"
-    kind get kubeconfig --internal --name "$cluster" |
-      sed "s#https://$cluster-control-plane:6443#https://$cp_ip:6443#" >"$KUBECONFIG"
-  else
-    kind get kubeconfig --name "$cluster" >"$KUBECONFIG"
+    # The cluster's DNS answers for the cluster only: kubeadm's Corefile forwards other names to
+    # the node's resolver, which in a kind node is Docker's, which asks this host's upstream
+    # servers (and the node image, unlike kindest/node, does not rewrite the address pods see, so
+    # CoreDNS would meet itself there and stop, seeing a loop).
+    kubectl get configmap -n kube-system coredns -o jsonpath='{.data.Corefile}' |
+      awk '/^ *forward / { skip = 1 } skip && /^ *}/ { skip = 0; next } !skip' >"$kind_dir/Corefile"
+    grep -q kubernetes "$kind_dir/Corefile" || fail "unexpected CoreDNS configuration: $(cat "$kind_dir/Corefile")"
+    kubectl create configmap -n kube-system coredns --from-file=Corefile="$kind_dir/Corefile" \
+      --dry-run=client -o yaml | kubectl replace -f - >/dev/null || fail "configuring CoreDNS"
+    kubectl rollout restart -n kube-system deploy/coredns >/dev/null
   fi
   kubectl wait --for=condition=Ready nodes --all --timeout=300s || fail "the nodes did not become Ready"
   kubectl wait -n kube-system --for=condition=Available deploy/coredns --timeout=300s ||
