@@ -1128,3 +1128,140 @@ async fn the_network_policy_shuts_other_namespaces_out_of_rank_0_but_not_the_ope
     other.finish().await;
     case.finish().await;
 }
+
+/// `docker start|stop` of a kind node's container (its name is the node's).
+fn docker_node(action: &str, node: &str) {
+    let out = std::process::Command::new("docker")
+        .args([action, node])
+        .output()
+        .unwrap_or_else(|e| panic!("docker {action} {node}: {e}"));
+    assert!(
+        out.status.success(),
+        "docker {action} {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A node lost mid-run, as `docker stop` of a kind worker's container loses it: the gang (one rank
+/// per node, rank 0's checkpoints on its own node's local volume) cannot run on what is left, so
+/// it waits, and its status says why; once the node is back it resumes from its checkpoint, having
+/// lost no more than a checkpoint interval of steps, and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs e2e/kind.sh's kind cluster (CHARLM_KIND_CLUSTER): it stops and starts a node"]
+async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoint_when_back() {
+    let _serial = SERIAL.lock().await;
+    let cluster = std::env::var("CHARLM_KIND_CLUSTER")
+        .expect("CHARLM_KIND_CLUSTER: the kind cluster whose node this case stops (e2e/kind.sh sets it)");
+    let case = Case::start("node-loss").await;
+    worker_nodes(&case, 2).await;
+    let name = "survivor";
+    let interval_s = 6.0;
+    let mut gang = tiny(name, 2);
+    spread(&mut gang);
+    gang["spec"]["maxSteps"] = json!(100000);
+    gang["spec"]["hours"] = json!(0.04);
+    gang["spec"]["checkpoint"]["intervalMinutes"] = json!(interval_s / 60.0);
+    gang["spec"]["restartPolicy"]["maxRestarts"] = json!(5);
+    // The rank left alone notices its peer's silence within this, not c10d's default 10 minutes.
+    add_env(&mut gang, "CHARLM_DIST_TIMEOUT_S", "30");
+    case.apply(&gang).await;
+    case.wait_phase(name, Phase::Running, 3 * MINUTE).await;
+    let (checkpoint, seen, rate) = case
+        .until("a checkpoint and progress", 2 * MINUTE, || async {
+            let s = case.training(name).await?.status.unwrap_or_default();
+            match (s.latest_checkpoint, s.progress) {
+                (Some(c), Some(p)) if !p.complete && p.tokens_per_s.is_some() => {
+                    Ok(Some((c, p.step, p.tokens_per_s.unwrap() / 512.0)))
+                }
+                (c, p) => Err(format!("checkpoint {c:?}, progress {p:?}")),
+            }
+        })
+        .await;
+    let placed = case.placement(name).await;
+    let lost = placed
+        .get(&format!("{name}-worker-1"))
+        .expect("worker 1 placed")
+        .clone();
+    assert!(
+        lost.starts_with(&format!("{cluster}-")),
+        "{lost} is not a node of kind cluster {cluster}"
+    );
+    eprintln!("stopping {lost} (worker 1) at step {seen}, checkpoint {checkpoint}");
+    docker_node("stop", &lost);
+    // Whatever happens, the node comes back before the case ends.
+    struct Restart(String);
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["start", &self.0])
+                .output();
+        }
+    }
+    let restart = Restart(lost.clone());
+
+    // The gang stops; with one node left it cannot be placed again, and the status says why.
+    let why = case
+        .until("the gang to wait, saying why", 5 * MINUTE, || async {
+            let t = case.training(name).await?;
+            let s = t.status.clone().unwrap_or_default();
+            let waiting = s.conditions.iter().find(|c| {
+                c.status == "False"
+                    && (c.type_ == "PodsReady" || c.type_ == "Running")
+                    && !c.message.is_empty()
+                    && (c.reason.contains("Unschedulable")
+                        || c.message.contains("node")
+                        || c.message.contains("Unschedulable"))
+            });
+            match (s.phase, waiting) {
+                (Some(Phase::Pending | Phase::Restarting), Some(c)) if s.attempt >= 1 => {
+                    Ok(Some(format!("{:?} {}: {}", s.phase, c.reason, c.message)))
+                }
+                _ => Err(serde_json::to_string(&s).unwrap()),
+            }
+        })
+        .await;
+    eprintln!("waiting: {why}");
+
+    docker_node("start", &lost);
+    drop(restart);
+    let log = case
+        .until("the gang's resume from its checkpoint", 5 * MINUTE, || async {
+            let s = case.training(name).await?.status.unwrap_or_default();
+            if s.phase == Some(Phase::Failed) {
+                return Err(format!("failed: {}", serde_json::to_string(&s).unwrap()));
+            }
+            let log = case.worker_log(name, 0).await;
+            Ok(log.contains("resumed from ").then_some(log))
+        })
+        .await;
+    let at: i64 = log
+        .lines()
+        .find_map(|l| {
+            l.split_once(" at step ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a resume line with its step");
+    let saved: i64 = checkpoint
+        .rsplit("step-")
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(at >= saved, "resumed at step {at}, before the checkpoint {checkpoint} seen earlier");
+    // Steps done in one checkpoint interval at the rate seen (twice, for the poll's lag).
+    let interval_steps = (2.0 * rate * interval_s).ceil() as i64 + 1;
+    assert!(
+        seen - at <= interval_steps,
+        "resumed at step {at}, {} steps before the {seen} seen running: more than a checkpoint \
+         interval ({interval_steps} steps at {rate:.1} steps/s)",
+        seen - at
+    );
+    let done = case.wait_phase(name, Phase::Succeeded, 5 * MINUTE).await;
+    let last = done.status.unwrap().progress.unwrap();
+    assert!(last.complete && last.step > at && last.world_size == 2, "{last:?}");
+    eprintln!("lost {lost} at step {seen} ({checkpoint}); waited: {why}; resumed at {at}; done at {}", last.step);
+    case.finish().await;
+}
