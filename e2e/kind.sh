@@ -201,6 +201,15 @@ else
     DOCKER_BUILDKIT=1 docker build --target operator -t "charlm-operator:$tag" "$repo" || fail "building the operator image"
     DOCKER_BUILDKIT=1 docker build --target trainer -t "charlm-trainer:$tag" "$repo" || fail "building the trainer image"
   fi
+  if [ "$mode" = offline ]; then
+    # kind load writes the image to a tar under $TMPDIR, then each node's containerd keeps it
+    # twice (content and unpacked): ~19 GB at the peak for the 5 GB trainer image on two workers,
+    # measured. A shared disk filled by it breaks everyone's builds: refuse below 20 GB.
+    for dir in "${TMPDIR:-/tmp}" "$(/usr/bin/docker info -f '{{.DockerRootDir}}')"; do
+      avail="$(df --output=avail -BG "$dir" | tail -n 1 | tr -dc 0-9)"
+      [ "$avail" -ge 20 ] || fail "kind load needs about 20 GB free; $dir has ${avail} GB (free some, or set TMPDIR)"
+    done
+  fi
   kind load docker-image --name "$cluster" "charlm-operator:$tag" || fail "loading the operator image into kind"
   # The trainer image (5 GB) only where trainers run: the workers (the control plane keeps its
   # NoSchedule taint in a cluster with workers).
