@@ -973,7 +973,10 @@ async fn a_gang_on_two_nodes_trains_over_the_pod_network_like_one_worker_with_it
 
     case.apply(&solo).await;
     case.wait_phase("solo", Phase::Succeeded, 5 * MINUTE).await;
-    let (two, one) = (case.step_losses("gang").await, case.step_losses("solo").await);
+    let (two, one) = (
+        case.step_losses("gang").await,
+        case.step_losses("solo").await,
+    );
     assert_eq!(
         two.iter().map(|x| x.0).collect::<Vec<_>>(),
         one.iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -988,7 +991,11 @@ async fn a_gang_on_two_nodes_trains_over_the_pod_network_like_one_worker_with_it
             "step {step}: 1 worker {x} vs 2 workers on two nodes {y}"
         );
     }
-    eprintln!("two nodes {nodes:?}: losses {:?} .. {:?}", two.first(), two.last());
+    eprintln!(
+        "two nodes {nodes:?}: losses {:?} .. {:?}",
+        two.first(),
+        two.last()
+    );
     case.finish().await;
 }
 
@@ -1077,7 +1084,8 @@ fn probe_script(targets: &[String]) -> String {
 /// progress and the gang's ranks, on two nodes, still reach each other and finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a cluster with two worker nodes and NetworkPolicy enforcement: e2e/kind.sh runs it"]
-async fn the_network_policy_shuts_other_namespaces_out_of_rank_0_but_not_the_operator_or_the_gang() {
+async fn the_network_policy_shuts_other_namespaces_out_of_rank_0_but_not_the_operator_or_the_gang()
+{
     let _serial = SERIAL.lock().await;
     let case = Case::start("netpol").await;
     worker_nodes(&case, 2).await;
@@ -1113,8 +1121,13 @@ async fn the_network_policy_shuts_other_namespaces_out_of_rank_0_but_not_the_ope
     ];
     let (phase, log) = other.run_plain("probe", &probe_script(&targets)).await;
     assert_eq!(phase, "Succeeded", "{log}");
-    let report = case.report(&format!("probe from {}:\n{log}", other.ns)).await;
-    assert!(log.contains("open 10.96.0.10:53"), "the probe reached nothing at all: {report}");
+    let report = case
+        .report(&format!("probe from {}:\n{log}", other.ns))
+        .await;
+    assert!(
+        log.contains("open 10.96.0.10:53"),
+        "the probe reached nothing at all: {report}"
+    );
     for port in [9090, 29500] {
         assert!(
             log.contains(&format!("closed {rank0}:{port}")),
@@ -1150,8 +1163,9 @@ fn docker_node(action: &str, node: &str) {
 #[ignore = "needs e2e/kind.sh's kind cluster (CHARLM_KIND_CLUSTER): it stops and starts a node"]
 async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoint_when_back() {
     let _serial = SERIAL.lock().await;
-    let cluster = std::env::var("CHARLM_KIND_CLUSTER")
-        .expect("CHARLM_KIND_CLUSTER: the kind cluster whose node this case stops (e2e/kind.sh sets it)");
+    let cluster = std::env::var("CHARLM_KIND_CLUSTER").expect(
+        "CHARLM_KIND_CLUSTER: the kind cluster whose node this case stops (e2e/kind.sh sets it)",
+    );
     let case = Case::start("node-loss").await;
     worker_nodes(&case, 2).await;
     let name = "survivor";
@@ -1221,9 +1235,9 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
                 .iter()
                 .find(|c| c.type_ == "PodsReady" && c.status == "False" && !c.message.is_empty());
             match (s.phase, waiting) {
-                (Some(Phase::Pending | Phase::Restarting), Some(c)) if s.attempt >= 1 => {
-                    Ok(Some(format!("{:?} {}: {}", s.phase.unwrap(), c.reason, c.message)))
-                }
+                (Some(Phase::Pending | Phase::Restarting), Some(c)) if s.attempt >= 1 => Ok(Some(
+                    format!("{:?} {}: {}", s.phase.unwrap(), c.reason, c.message),
+                )),
                 _ => Err(serde_json::to_string(&s).unwrap()),
             }
         })
@@ -1233,14 +1247,18 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
     docker_node("start", &lost);
     drop(restart);
     let log = case
-        .until("the gang's resume from its checkpoint", 5 * MINUTE, || async {
-            let s = case.training(name).await?.status.unwrap_or_default();
-            if s.phase == Some(Phase::Failed) {
-                return Err(format!("failed: {}", serde_json::to_string(&s).unwrap()));
-            }
-            let log = case.worker_log(name, 0).await;
-            Ok(log.contains("resumed from ").then_some(log))
-        })
+        .until(
+            "the gang's resume from its checkpoint",
+            5 * MINUTE,
+            || async {
+                let s = case.training(name).await?.status.unwrap_or_default();
+                if s.phase == Some(Phase::Failed) {
+                    return Err(format!("failed: {}", serde_json::to_string(&s).unwrap()));
+                }
+                let log = case.worker_log(name, 0).await;
+                Ok(log.contains("resumed from ").then_some(log))
+            },
+        )
         .await;
     let at: i64 = log
         .lines()
@@ -1258,7 +1276,10 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap();
-    assert!(at >= saved, "resumed at step {at}, before the checkpoint {checkpoint} seen earlier");
+    assert!(
+        at >= saved,
+        "resumed at step {at}, before the checkpoint {checkpoint} seen earlier"
+    );
     // Steps done in one checkpoint interval at the rate seen (twice, for the poll's lag).
     let interval_steps = (2.0 * rate * interval_s).ceil() as i64 + 1;
     assert!(
@@ -1269,7 +1290,13 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
     );
     let done = case.wait_phase(name, Phase::Succeeded, 5 * MINUTE).await;
     let last = done.status.unwrap().progress.unwrap();
-    assert!(last.complete && last.step > at && last.world_size == 2, "{last:?}");
-    eprintln!("lost {lost} at step {seen} ({checkpoint}); waited: {why}; resumed at {at}; done at {}", last.step);
+    assert!(
+        last.complete && last.step > at && last.world_size == 2,
+        "{last:?}"
+    );
+    eprintln!(
+        "lost {lost} at step {seen} ({checkpoint}); waited: {why}; resumed at {at}; done at {}",
+        last.step
+    );
     case.finish().await;
 }
