@@ -165,7 +165,9 @@ fn every_setting_is_checked_before_anything_is_prepared() {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");
     texts(&base.join("data"));
-    let cases: &[(&[(&str, &str)], &[&str], &[&str])] = &[
+    // (environment, arguments, what the message must name)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case] = &[
         // The seed's names: the message names what the user set.
         (
             &[("DEPTH", "0")],
@@ -302,6 +304,7 @@ fn training(base: &Path, port: u16) -> Child {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("no step within 120 s:\n{}", seen.join("\n"));
 }
 
