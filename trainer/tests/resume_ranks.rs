@@ -14,7 +14,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::ranks::free_port;
 use common::{s, stderr};
@@ -34,7 +34,14 @@ fn launch(n: usize, data: &Path, ckpt: &Path, extra: &[&str]) -> Output {
     ];
     let settings = [
         ["--device-batch-size", "2", "--total-batch-size", "384"].as_slice(),
-        &["--eval-every", "20", "--log-every", "1000", "--dist-timeout-s", "10"],
+        &[
+            "--eval-every",
+            "20",
+            "--log-every",
+            "1000",
+            "--dist-timeout-s",
+            "10",
+        ],
         extra,
     ]
     .concat();
@@ -160,7 +167,10 @@ fn resume(
         ],
     );
     let err = stderr(&out);
-    assert!(err.contains(&format!("step-{resumed_at:09}")), "{name}: {err}");
+    assert!(
+        err.contains(&format!("step-{resumed_at:09}")),
+        "{name}: {err}"
+    );
     // The first evaluation after the resume is worse than the checkpoint's best.
     let evals = events(&out, "eval");
     let first = evals
@@ -253,7 +263,13 @@ fn resumes_on_other_rank_counts_past_the_best_finish_alike_on_every_rank() {
         reason: "early_stop",
     };
     let (two, _) = resume(&off(1, 2, "on", 340), &data, &base, 300, best);
-    resume(&on(1, 2, "off", memorising + 1, 320), &data, &base, 300, best);
+    resume(
+        &on(1, 2, "off", memorising + 1, 320),
+        &data,
+        &base,
+        300,
+        best,
+    );
     // The 2-rank checkpoint at 340 counts two more memorising evaluations.
     let counted = memorising + 2;
     resume(&on(2, 3, "on", counted + 1, 360), &data, &two, 340, best);
