@@ -73,11 +73,16 @@ impl Session<'_> {
     pub fn run(mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
-        let mut last_save = Instant::now();
+        let mut last_save = (Instant::now(), self.state.step);
         let mut step_times = VecDeque::with_capacity(20);
         loop {
-            if let Some(reason) = self.stop_reason()? {
+            let next = self.next(last_save)?;
+            if let Some(reason) = next.stop {
                 return self.finish(reason);
+            }
+            if next.save {
+                self.save()?;
+                last_save = (Instant::now(), self.state.step);
             }
             // From rank 0's clock, which every rank holds now: the same schedule on every rank.
             let progress = self
@@ -103,36 +108,26 @@ impl Session<'_> {
             step_times.push_back(t0.elapsed().as_secs_f64());
             let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
             self.report_step(loss, lr_mult, step_s);
-
-            // Both branches hold collectives (evaluation sums, the optimizer-state gather): rank 0
-            // decides them from its settings and its timer, in one agreement.
-            let every = self.plan.eval_every;
-            let save_due = self.checkpoints
-                && last_save.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
-            let agreed = self.decide(
-                "evaluate or save a checkpoint",
-                &[
-                    ("evaluate", yes(every > 0 && self.state.step % every == 0)),
-                    ("save", yes(save_due)),
-                ],
-            )?;
-            if agreed[0] > 0.0 {
+            if next.evaluate {
                 self.evaluate()?;
-            }
-            if agreed[1] > 0.0 {
-                self.save()?;
-                last_save = Instant::now();
             }
         }
     }
 
-    /// Rank 0's verdict on stopping now (and its clock, which every rank adopts).
-    fn stop_reason(&mut self) -> Result<Option<StopReason>> {
+    /// Rank 0's verdict, once a step, on what comes next: stop now, save the step just taken (its
+    /// timer; `last_save` is when and at which step it last saved), evaluate after the coming
+    /// step. Each branch holds collectives (the optimizer-state gather, the evaluation sums).
+    /// Every rank also adopts rank 0's clock.
+    fn next(&mut self, last_save: (Instant, i64)) -> Result<Next> {
         let progress = self
             .plan
             .budget
             .fraction(self.state.step, self.state.elapsed_s);
         let patience = self.plan.early_stop_patience;
+        let save_due = self.checkpoints
+            && last_save.1 != self.state.step
+            && last_save.0.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
+        let every = self.plan.eval_every;
         let values = [
             ("budget spent", yes(progress >= 1.0)),
             (
@@ -140,20 +135,31 @@ impl Session<'_> {
                 yes(patience > 0 && self.state.overfit_evals >= patience),
             ),
             ("signal", yes(self.stop.load(Ordering::Relaxed))),
+            ("save", yes(save_due)),
+            (
+                "evaluate",
+                yes(every > 0 && (self.state.step + 1) % every == 0),
+            ),
             ("clock", self.state.elapsed_s),
         ];
-        let agreed = self.decide("stop", &values)?;
-        self.state.elapsed_s = agreed[3];
+        let agreed = self.decide("stop, save or evaluate", &values)?;
+        self.state.elapsed_s = agreed[5];
         let reasons = [
             StopReason::Budget,
             StopReason::EarlyStop,
             StopReason::Signal,
         ];
-        Ok(reasons
+        let stop = reasons
             .into_iter()
-            .zip(agreed)
-            .find(|(_, v)| *v > 0.0)
-            .map(|(r, _)| r))
+            .zip(&agreed)
+            .find(|(_, v)| **v > 0.0)
+            .map(|(r, _)| r);
+        Ok(Next {
+            stop,
+            // A stop saves anyway.
+            save: stop.is_none() && agreed[3] > 0.0,
+            evaluate: agreed[4] > 0.0,
+        })
     }
 
     /// One optimizer step over the whole global batch; returns its mean loss over all ranks.
@@ -454,6 +460,13 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// What rank 0 decided comes next.
+struct Next {
+    stop: Option<StopReason>,
+    save: bool,
+    evaluate: bool,
 }
 
 /// A yes or no as a decision's value.
