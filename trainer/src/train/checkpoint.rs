@@ -38,6 +38,12 @@ pub struct Manifest {
     pub seed: u64,
     pub elapsed_s: f64,
     pub val_bpc: Option<f64>,
+    /// Evaluations since the best and, of them, the memorising ones: early stop's counts, kept
+    /// across a resume (absent in older checkpoints: 0).
+    #[serde(default)]
+    pub evals_since_best: u32,
+    #[serde(default)]
+    pub overfit_evals: u32,
     pub world_size: usize,
     pub adamw_step: i64,
     pub files: BTreeMap<String, FileCheck>,
@@ -327,6 +333,8 @@ mod tests {
             seed: 0,
             elapsed_s: 0.0,
             val_bpc: None,
+            evals_since_best: 0,
+            overfit_evals: 0,
             world_size: 1,
             adamw_step: step,
             files: BTreeMap::new(),
