@@ -47,6 +47,23 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     get(conditions, type_).is_some_and(|c| c.status == TRUE)
 }
 
+/// Reasons of conditions that say something the user must fix or know (someone else's object in
+/// the way, a missing StorageClass, lost checkpoints): their Events are Warnings.
+pub const WARNING_REASONS: [&str; 4] = [
+    "ClaimConflict",
+    "NameConflict",
+    "StorageClassNotFound",
+    "CheckpointsLost",
+];
+
+/// Whether the Event of a condition's transition is a Warning: a failure, a gang restart, a
+/// damaged checkpoint, or one of `WARNING_REASONS`.
+pub fn is_warning(c: &Condition) -> bool {
+    let alarming = ["Failed", "Restarting", "CheckpointDamaged"];
+    (c.status == TRUE && alarming.contains(&c.type_.as_str()))
+        || WARNING_REASONS.contains(&c.reason.as_str())
+}
+
 /// Conditions whose status or reason differs between two lists (or that appear as True): the
 /// transitions the operator reports as events.
 pub fn transitions<'a>(before: &[Condition], after: &'a [Condition]) -> Vec<&'a Condition> {

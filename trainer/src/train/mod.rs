@@ -118,6 +118,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
     if is_main {
+        // The report says where it resumed and what it set aside: the operator's only view of it.
+        let mut p = shared.lock().expect("progress lock");
+        p.resumed_from = resumed.as_ref().map(|d| d.display().to_string());
+        p.damaged_checkpoints = state.set_aside.clone();
+    }
+    if is_main {
         announce(&plan, &config, &data, &pg, device, &state, resumed, &events);
     }
     let tensorboard = match (&args.tensorboard_dir, is_main) {

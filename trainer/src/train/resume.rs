@@ -119,5 +119,6 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
         state.best = best.val_bpc.map(|v| (v, best.step));
     }
     state.last_checkpoint = Some(loaded.dir.clone());
+    state.set_aside = loaded.set_aside;
     Ok(Some(loaded.dir))
 }

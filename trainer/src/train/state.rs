@@ -25,6 +25,9 @@ pub struct RunState {
     /// split (memorising): what early stopping counts.
     pub overfit_evals: u32,
     pub last_checkpoint: Option<PathBuf>,
+    /// Damaged checkpoints the resume set aside (rank 0's, for its report; no rank decides
+    /// anything on it).
+    pub set_aside: Vec<charlm_contract::DamagedCheckpoint>,
 }
 
 impl RunState {
@@ -39,6 +42,7 @@ impl RunState {
             evals_since_best: 0,
             overfit_evals: 0,
             last_checkpoint: None,
+            set_aside: Vec::new(),
         }
     }
 }
