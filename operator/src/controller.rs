@@ -35,7 +35,7 @@ use crate::resources::{
     pvc_owner_update, service_name, worker_pod, workers_network_policy, workers_selector,
     workers_service, PROGRESS_PORT, REPORT_FINALIZER, TRAINING_LABEL,
 };
-use crate::volume::{Claim, ClaimFacts};
+use crate::volume::{class_to_check, Claim, ClaimFacts};
 use crate::workers::{holds_report, observe, report_read, Worker, WorkerState};
 
 pub const FINALIZER: &str = "charlm.dev/cleanup";
@@ -190,7 +190,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     };
     let dataset = check_dataset(&training, ctx).await?;
     let progress = poll_progress(&training, &workers, ctx).await;
-    let claim = observe_claim(&training, ctx).await?;
+    let (claim, class_missing) = observe_claim(&training, ctx).await?;
     let mut observed = Observed {
         training: &training,
         workers,
@@ -200,7 +200,11 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         price_per_gpu_hour: ctx.price_per_gpu_hour,
         rejection: None,
         queue,
-        objects: Objects { claim, conflicts },
+        objects: Objects {
+            claim,
+            class_missing,
+            conflicts,
+        },
     };
     let mut decision = decide(&observed);
     keep_claim_owner(&training, &observed.objects.claim, &decision, ctx).await?;
@@ -209,7 +213,8 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
             Ok(true) => {}
             // Someone made one meanwhile: decide on what it is.
             Ok(false) => {
-                observed.objects.claim = observe_claim(&training, ctx).await?;
+                (observed.objects.claim, observed.objects.class_missing) =
+                    observe_claim(&training, ctx).await?;
                 decision = decide(&observed);
             }
             Err(e) => {
@@ -426,18 +431,21 @@ fn spec_field(object: &str, message: &str) -> &'static str {
     .map_or("the spec", |(_, field)| field)
 }
 
-/// What is under the checkpoint claim's name, with whether the StorageClass it waits for exists.
-async fn observe_claim(training: &CharLMTraining, ctx: &Context) -> Result<Claim, Error> {
+/// What is under the checkpoint claim's name, and whether the StorageClass it waits for (or, with
+/// no claim yet, the spec names) is missing.
+async fn observe_claim(training: &CharLMTraining, ctx: &Context) -> Result<(Claim, bool), Error> {
     let ns = training.namespace().unwrap_or_default();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(pvc) = pvcs.get_opt(&pvc_name(&training.name_any())).await? else {
-        return Ok(Claim::Absent);
-    };
-    let class_missing = match ClaimFacts::class_to_check(&pvc) {
+    let pvc = pvcs.get_opt(&pvc_name(&training.name_any())).await?;
+    let class_missing = match class_to_check(pvc.as_ref(), training) {
         Some(class) => storage_class_missing(ctx, &class).await,
         None => false,
     };
-    Ok(Claim::Present(ClaimFacts::of(&pvc, training, class_missing)))
+    let claim = match &pvc {
+        Some(pvc) => Claim::Present(ClaimFacts::of(pvc, training)),
+        None => Claim::Absent,
+    };
+    Ok((claim, class_missing))
 }
 
 /// Whether StorageClass `class` is known not to exist. An error (RBAC without `get` on

@@ -79,6 +79,9 @@ pub struct Observed<'a> {
 pub struct Objects {
     /// What is under the checkpoint claim's name (`volume`).
     pub claim: Claim,
+    /// The StorageClass the claim waits for (or the spec names, before there is a claim) does
+    /// not exist (`volume::class_to_check`).
+    pub class_missing: bool,
     /// Objects of the training's names (its Service, NetworkPolicy, a worker pod's) that are not
     /// its own (`ownership`), each as a message naming it and the fix: no workers start while
     /// any is there, and the operator changes nothing on them.
@@ -1024,6 +1027,7 @@ impl<'a> Decider<'a> {
             self.o.training,
             &self.decision.status,
             &self.o.objects.claim,
+            self.o.objects.class_missing,
             &self.now,
         );
         if v.start_over {
@@ -1249,8 +1253,8 @@ mod tests {
                 phase: Some("Bound".into()),
                 volume: Some("pv-1".into()),
                 storage_class: Some("standard".into()),
-                class_missing: false,
             }),
+            class_missing: false,
             conflicts: vec![],
         }
     }
@@ -2439,6 +2443,7 @@ mod tests {
     fn no_claim() -> Objects {
         Objects {
             claim: Claim::Absent,
+            class_missing: false,
             conflicts: vec![],
         }
     }
@@ -2566,11 +2571,11 @@ mod tests {
     #[test]
     fn a_missing_storage_class_holds_no_gpus_and_backs_off() {
         let t = training(gpu_spec());
-        let missing = claim(|f| {
+        let mut missing = claim(|f| {
             f.phase = Some("Pending".into());
             f.storage_class = Some("fast-ssd".into());
-            f.class_missing = true;
         });
+        missing.class_missing = true;
         let d = decide_on(&t, &[], 0, missing.clone(), None);
         assert!(d.create.is_empty());
         assert_eq!(

@@ -38,12 +38,10 @@ pub struct ClaimFacts {
     pub phase: Option<String>,
     pub volume: Option<String>,
     pub storage_class: Option<String>,
-    /// The StorageClass it names does not exist (looked up only while the claim is not bound).
-    pub class_missing: bool,
 }
 
 impl ClaimFacts {
-    pub fn of(pvc: &PersistentVolumeClaim, training: &CharLMTraining, class_missing: bool) -> Self {
+    pub fn of(pvc: &PersistentVolumeClaim, training: &CharLMTraining) -> Self {
         let spec = pvc.spec.as_ref();
         ClaimFacts {
             uid: pvc.uid().unwrap_or_default(),
@@ -52,7 +50,6 @@ impl ClaimFacts {
             phase: pvc.status.as_ref().and_then(|s| s.phase.clone()),
             volume: spec.and_then(|s| s.volume_name.clone()),
             storage_class: spec.and_then(|s| s.storage_class_name.clone()),
-            class_missing,
         }
     }
 
@@ -60,12 +57,22 @@ impl ClaimFacts {
         self.phase.as_deref() == Some("Bound")
     }
 
-    /// The StorageClass to look up: one the claim names, while it waits for a volume.
-    pub fn class_to_check(pvc: &PersistentVolumeClaim) -> Option<String> {
-        let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
-        let class = pvc.spec.as_ref()?.storage_class_name.clone()?;
-        (!bound && !class.is_empty() && pvc.metadata.deletion_timestamp.is_none()).then_some(class)
-    }
+}
+
+/// The StorageClass to look up: the one the claim names while it waits for a volume, or, with no
+/// claim yet, the one the spec names (so that no worker is made for a claim that cannot be).
+pub fn class_to_check(pvc: Option<&PersistentVolumeClaim>, training: &CharLMTraining) -> Option<String> {
+    let class = match pvc {
+        None => training.spec.checkpoint.storage_class_name.clone()?,
+        Some(pvc) => {
+            let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            if bound || pvc.metadata.deletion_timestamp.is_some() {
+                return None;
+            }
+            pvc.spec.as_ref()?.storage_class_name.clone()?
+        }
+    };
+    (!class.is_empty()).then_some(class)
 }
 
 /// What the reconciler does about the volume.
@@ -103,10 +110,12 @@ impl Verdict {
     }
 }
 
+/// `class_missing`: the StorageClass of `class_to_check` does not exist.
 pub fn assess(
     training: &CharLMTraining,
     status: &CharLMTrainingStatus,
     claim: &Claim,
+    class_missing: bool,
     now: &Time,
 ) -> Verdict {
     let name = training.name_any();
@@ -118,7 +127,7 @@ pub fn assess(
     };
 
     if let Some(lost) = &status.lost_checkpoints {
-        return after_loss(training, lost, facts, ended);
+        return after_loss(training, lost, facts, class_missing, ended);
     }
 
     // The operator saw checkpoints on a claim (its uid is recorded; or, from before that record
@@ -153,11 +162,15 @@ pub fn assess(
                 format!("no checkpoint claim {claim_name}; the training has ended, so none is made"),
             );
         }
-        let mut v = Verdict::new(
-            UNKNOWN,
-            "Creating",
-            format!("creating the checkpoint claim {claim_name}"),
-        );
+        // Made even for a missing class, so that it is provisioned once the class exists.
+        let mut v = match &training.spec.checkpoint.storage_class_name {
+            Some(class) if class_missing => class_not_found(class, &claim_name),
+            _ => Verdict::new(
+                UNKNOWN,
+                "Creating",
+                format!("creating the checkpoint claim {claim_name}"),
+            ),
+        };
         v.create_claim = true;
         return v;
     };
@@ -198,7 +211,7 @@ pub fn assess(
                     Some(k),
                 );
             }
-            ready(f, &claim_name, known.is_none())
+            ready(f, &claim_name, known.is_none(), class_missing)
         }
         Ownership::EarlierTraining(uid) if !had_checkpoints => Verdict::new(
             FALSE,
@@ -228,23 +241,27 @@ pub fn assess(
     }
 }
 
+fn class_not_found(class: &str, claim_name: &str) -> Verdict {
+    Verdict::new(
+        FALSE,
+        "StorageClassNotFound",
+        format!(
+            "StorageClass {class} of the checkpoint claim {claim_name} does not exist, so no volume \
+             can be made for it, and no workers start (they could not be placed): create \
+             StorageClass {class}, or delete this training and create it with \
+             spec.checkpoint.storageClassName set to an existing class (kubectl get storageclass) \
+             or left out for the default; the operator looks again at a growing interval, at most \
+             every 10 minutes"
+        ),
+    )
+    .blocking()
+}
+
 /// A claim of this training's, not being deleted: ready, provisioning, or without a class.
-fn ready(f: &ClaimFacts, claim_name: &str, record: bool) -> Verdict {
+fn ready(f: &ClaimFacts, claim_name: &str, record: bool, class_missing: bool) -> Verdict {
     let class = f.storage_class.as_deref().unwrap_or("the cluster's default");
-    let mut v = if f.class_missing {
-        Verdict::new(
-            FALSE,
-            "StorageClassNotFound",
-            format!(
-                "StorageClass {class} of the checkpoint claim {claim_name} does not exist, so no \
-                 volume can be made for it, and no workers start (they could not be placed): \
-                 create StorageClass {class}, or delete this training and create it with \
-                 spec.checkpoint.storageClassName set to an existing class (kubectl get \
-                 storageclass) or left out for the default; the operator looks again at a growing \
-                 interval, at most every 10 minutes"
-            ),
-        )
-        .blocking()
+    let mut v = if class_missing {
+        class_not_found(class, claim_name)
     } else if f.bound() {
         Verdict::new(
             TRUE,
@@ -276,6 +293,7 @@ fn after_loss(
     training: &CharLMTraining,
     lost: &LostCheckpoints,
     facts: Option<&ClaimFacts>,
+    class_missing: bool,
     ended: bool,
 ) -> Verdict {
     let name = training.name_any();
@@ -307,11 +325,14 @@ fn after_loss(
     );
     match facts {
         None => {
-            let mut v = Verdict::new(
-                UNKNOWN,
-                "StartingOver",
-                format!("{started_over}: creating a new, empty checkpoint claim {claim_name}"),
-            );
+            let mut v = match &training.spec.checkpoint.storage_class_name {
+                Some(class) if class_missing => class_not_found(class, claim_name),
+                _ => Verdict::new(
+                    UNKNOWN,
+                    "StartingOver",
+                    format!("{started_over}: creating a new, empty checkpoint claim {claim_name}"),
+                ),
+            };
             v.create_claim = true;
             v.start_over = true;
             v
@@ -327,7 +348,7 @@ fn after_loss(
         .blocking(),
         Some(f) => match &f.ownership {
             Ownership::Ours | Ownership::Retained => {
-                let mut v = ready(f, claim_name, true);
+                let mut v = ready(f, claim_name, true, class_missing);
                 v.start_over = true;
                 v
             }
@@ -411,7 +432,6 @@ mod tests {
             phase: Some("Bound".into()),
             volume: Some("pv-1".into()),
             storage_class: Some("standard".into()),
-            class_missing: false,
         }
     }
 
@@ -434,10 +454,9 @@ mod tests {
     #[test]
     fn a_new_training_makes_its_claim_and_remembers_it_once_seen() {
         let t = training(cpu_spec());
-        let v = assess(&t, &Default::default(), &Claim::Absent, &now());
+        let v = assess(&t, &Default::default(), &Claim::Absent, false, &now());
         assert!(v.create_claim && v.block.is_none() && v.new_loss.is_none());
-        let v = assess(
-            &t,
+        let v = assess(&t,
             &Default::default(),
             &Claim::Present(facts("c1", Ownership::Ours)),
             &now(),
@@ -446,8 +465,7 @@ mod tests {
         assert_eq!(v.record_uid.as_deref(), Some("c1"));
         assert!(!v.create_claim && v.block.is_none());
         // A retained claim of an earlier training of this name is resumed from, as before.
-        let v = assess(
-            &t,
+        let v = assess(&t,
             &Default::default(),
             &Claim::Present(facts("r1", Ownership::Retained)),
             &now(),
@@ -460,8 +478,7 @@ mod tests {
     fn someone_elses_claim_of_the_name_is_a_conflict_and_left_alone() {
         let t = training(cpu_spec());
         let whose = "it has no owner reference to training demo".to_string();
-        let v = assess(
-            &t,
+        let v = assess(&t,
             &Default::default(),
             &Claim::Present(facts("u1", Ownership::Foreign(whose))),
             &now(),
@@ -481,24 +498,44 @@ mod tests {
 
     #[test]
     fn a_missing_storage_class_blocks_the_workers_and_names_the_class() {
-        let t = training(cpu_spec());
+        let mut t = training(cpu_spec());
+        t.spec.checkpoint.storage_class_name = Some("fast-ssd".into());
+        // No claim yet: it is made (to be provisioned once the class exists), no workers.
+        let v = assess(&t, &Default::default(), &Claim::Absent, true, &now());
+        assert!(v.create_claim);
+        assert_eq!((v.condition.0, v.condition.1), (FALSE, "StorageClassNotFound"));
+        assert!(v.block.unwrap().contains("StorageClass fast-ssd"));
         let mut f = facts("c1", Ownership::Ours);
         f.phase = Some("Pending".into());
         f.storage_class = Some("fast-ssd".into());
-        f.class_missing = true;
-        let v = assess(&t, &Default::default(), &Claim::Present(f.clone()), &now());
+        let v = assess(&t, &Default::default(), &Claim::Present(f.clone()), true, &now());
         assert_eq!((v.condition.0, v.condition.1), (FALSE, "StorageClassNotFound"));
         assert!(v.block.unwrap().contains("StorageClass fast-ssd"));
-        f.class_missing = false;
-        let v = assess(&t, &Default::default(), &Claim::Present(f), &now());
+        let v = assess(&t, &Default::default(), &Claim::Present(f), false, &now());
         assert_eq!((v.condition.0, v.condition.1), (UNKNOWN, "Provisioning"));
         assert!(v.block.is_none(), "a claim waiting for its volume does not block");
     }
 
     #[test]
+    fn the_class_looked_up_is_the_claims_while_it_waits_or_the_specs_before_it_exists() {
+        let mut t = training(cpu_spec());
+        assert_eq!(class_to_check(None, &t), None, "the default class");
+        t.spec.checkpoint.storage_class_name = Some("fast-ssd".into());
+        assert_eq!(class_to_check(None, &t).as_deref(), Some("fast-ssd"));
+        let mut pvc = crate::resources::checkpoint_pvc(&t);
+        pvc.spec.as_mut().unwrap().storage_class_name = Some("standard".into());
+        assert_eq!(class_to_check(Some(&pvc), &t).as_deref(), Some("standard"));
+        pvc.status = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimStatus {
+            phase: Some("Bound".into()),
+            ..Default::default()
+        });
+        assert_eq!(class_to_check(Some(&pvc), &t), None, "bound: nothing to wait for");
+    }
+
+    #[test]
     fn a_claim_gone_after_checkpoints_is_a_loss_and_no_new_claim() {
         let t = training(cpu_spec());
-        let v = assess(&t, &seen("c1"), &Claim::Absent, &now());
+        let v = assess(&t, &seen("c1"), &Claim::Absent, false, &now());
         assert!(!v.create_claim, "no empty claim in place of the lost one");
         assert_eq!((v.condition.0, v.condition.1), (FALSE, "CheckpointsLost"));
         let lost = v.new_loss.clone().unwrap();
@@ -517,7 +554,7 @@ mod tests {
         // From before the uid was recorded: a checkpoint in the status is proof enough.
         let mut legacy = seen("c1");
         legacy.checkpoint_pvc_uid = None;
-        let v = assess(&t, &legacy, &Claim::Absent, &now());
+        let v = assess(&t, &legacy, &Claim::Absent, false, &now());
         assert_eq!(v.new_loss.unwrap().restart_token, "demo-checkpoints");
     }
 
@@ -526,7 +563,7 @@ mod tests {
         let t = training(cpu_spec());
         let mut f = facts("c1", Ownership::Ours);
         f.deleting_since = Some(now());
-        let v = assess(&t, &seen("c1"), &Claim::Present(f.clone()), &now());
+        let v = assess(&t, &seen("c1"), &Claim::Present(f.clone()), false, &now());
         assert_eq!(v.condition.1, "CheckpointsLost");
         let msg = v.block.unwrap();
         assert!(msg.contains("is being deleted"), "{msg}");
@@ -535,7 +572,7 @@ mod tests {
             "{msg}"
         );
         // Before anything was seen on it, it is only a claim to wait for.
-        let v = assess(&t, &Default::default(), &Claim::Present(f), &now());
+        let v = assess(&t, &Default::default(), &Claim::Present(f), false, &now());
         assert_eq!(v.condition.1, "WaitingForClaim");
         assert!(v.new_loss.is_none() && !v.create_claim);
     }
@@ -544,7 +581,7 @@ mod tests {
     fn a_replaced_claim_is_a_loss_too() {
         let t = training(cpu_spec());
         for ownership in [Ownership::Ours, Ownership::Foreign("someone's".into())] {
-            let v = assess(&t, &seen("c1"), &Claim::Present(facts("c2", ownership)), &now());
+            let v = assess(&t, &seen("c1"), &Claim::Present(facts("c2", ownership)), false, &now());
             assert_eq!(v.condition.1, "CheckpointsLost");
             assert_eq!(v.new_loss.unwrap().restart_token, "c1");
             assert!(v.record_uid.is_none(), "the replacement is not remembered");
@@ -553,7 +590,7 @@ mod tests {
 
     /// The status after a loss of claim c1.
     fn after_loss_of_c1(t: &CharLMTraining) -> CharLMTrainingStatus {
-        let v = assess(t, &seen("c1"), &Claim::Absent, &now());
+        let v = assess(t, &seen("c1"), &Claim::Absent, false, &now());
         CharLMTrainingStatus {
             phase: Some(Phase::Restarting),
             lost_checkpoints: v.new_loss,
@@ -569,25 +606,24 @@ mod tests {
             if let Some(w) = word {
                 t.metadata.annotations = Some([(RESTART_FROM_SCRATCH.to_string(), w.to_string())].into());
             }
-            let v = assess(&t, &st, &Claim::Absent, &now());
+            let v = assess(&t, &st, &Claim::Absent, false, &now());
             assert!(!v.create_claim && !v.start_over, "{word:?}");
             assert_eq!(v.condition.1, "CheckpointsLost");
         }
         t.metadata.annotations = Some([(RESTART_FROM_SCRATCH.to_string(), "c1".to_string())].into());
-        let v = assess(&t, &st, &Claim::Absent, &now());
+        let v = assess(&t, &st, &Claim::Absent, false, &now());
         assert!(v.create_claim && v.start_over && v.block.is_none());
         assert_eq!(v.condition.1, "StartingOver");
         // The claim made for it is then remembered.
-        let v = assess(&t, &st, &Claim::Present(facts("c2", Ownership::Ours)), &now());
+        let v = assess(&t, &st, &Claim::Present(facts("c2", Ownership::Ours)), false, &now());
         assert!(v.start_over && v.block.is_none());
         assert_eq!(v.record_uid.as_deref(), Some("c2"));
         // A claim still going is waited for; someone else's is a conflict.
         let mut going = facts("c1", Ownership::Ours);
         going.deleting_since = Some(now());
-        let v = assess(&t, &st, &Claim::Present(going), &now());
+        let v = assess(&t, &st, &Claim::Present(going), false, &now());
         assert!(!v.start_over && v.block.is_some() && !v.create_claim);
-        let v = assess(
-            &t,
+        let v = assess(&t,
             &st,
             &Claim::Present(facts("x", Ownership::Foreign("someone's".into()))),
             &now(),
@@ -603,11 +639,11 @@ mod tests {
             phase: Some(Phase::Succeeded),
             ..Default::default()
         };
-        let v = assess(&t, &ended, &Claim::Absent, &now());
+        let v = assess(&t, &ended, &Claim::Absent, false, &now());
         assert!(!v.create_claim);
         let mut st = seen("c1");
         st.phase = Some(Phase::Succeeded);
-        let v = assess(&t, &st, &Claim::Absent, &now());
+        let v = assess(&t, &st, &Claim::Absent, false, &now());
         assert!(!v.create_claim);
         assert!(v.new_loss.is_some());
         assert!(!v.condition.2.contains("annotate"), "{}", v.condition.2);
