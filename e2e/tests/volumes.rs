@@ -54,13 +54,20 @@ async fn warning_event(
     reason: &str,
 ) -> k8s_openapi::api::events::v1::Event {
     let event = env
-        .wait(&format!("a {reason} Event of {training}"), MINUTE, || async {
-            let events = events_of(env, training).await;
-            match events.iter().find(|e| e.reason.as_deref() == Some(reason)) {
-                Some(e) => Ok(Some(e.clone())),
-                None => Err(format!("{:?}", events.iter().map(|e| &e.reason).collect::<Vec<_>>())),
-            }
-        })
+        .wait(
+            &format!("a {reason} Event of {training}"),
+            MINUTE,
+            || async {
+                let events = events_of(env, training).await;
+                match events.iter().find(|e| e.reason.as_deref() == Some(reason)) {
+                    Some(e) => Ok(Some(e.clone())),
+                    None => Err(format!(
+                        "{:?}",
+                        events.iter().map(|e| &e.reason).collect::<Vec<_>>()
+                    )),
+                }
+            },
+        )
         .await;
     assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
     event
@@ -159,7 +166,10 @@ async fn objects_of_a_trainings_names_that_the_operator_did_not_make_are_left_al
         "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}
     }))
     .unwrap();
-    policies.create(&PostParams::default(), &deny).await.unwrap();
+    policies
+        .create(&PostParams::default(), &deny)
+        .await
+        .unwrap();
     let own_pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "p3-worker-0", "labels": {"app": "mine"}},
         "spec": {"containers": [{"name": "c", "image": "busybox"}],
@@ -183,7 +193,9 @@ async fn objects_of_a_trainings_names_that_the_operator_did_not_make_are_left_al
             .await;
         let msg = message_of(&t, "PodsReady");
         assert!(
-            msg.contains(&format!("{object} already exists and is not this training's")),
+            msg.contains(&format!(
+                "{object} already exists and is not this training's"
+            )),
             "{name}: {msg}"
         );
     }
@@ -198,7 +210,10 @@ async fn objects_of_a_trainings_names_that_the_operator_did_not_make_are_left_al
         .iter()
         .map(|p| p.name_any())
         .collect();
-    assert!(p3_pods.is_empty(), "p3's label went onto a pod: {p3_pods:?}");
+    assert!(
+        p3_pods.is_empty(),
+        "p3's label went onto a pod: {p3_pods:?}"
+    );
     let check_untouched = || async {
         let claim = env.pvcs().get("a23-checkpoints").await.unwrap();
         let svc = services.get("b7-workers").await.unwrap();
@@ -214,8 +229,14 @@ async fn objects_of_a_trainings_names_that_the_operator_did_not_make_are_left_al
                 meta.owner_references.as_ref().is_none_or(|o| o.is_empty()),
                 "the user's {what} got an owner: {meta:?}"
             );
-            assert!(!touched_by_operator(meta), "the operator wrote to the user's {what}: {meta:?}");
-            assert!(meta.deletion_timestamp.is_none(), "the user's {what} is being deleted");
+            assert!(
+                !touched_by_operator(meta),
+                "the operator wrote to the user's {what}: {meta:?}"
+            );
+            assert!(
+                meta.deletion_timestamp.is_none(),
+                "the user's {what} is being deleted"
+            );
         }
         assert_eq!(
             svc.spec.unwrap().selector.unwrap(),
@@ -235,7 +256,10 @@ async fn objects_of_a_trainings_names_that_the_operator_did_not_make_are_left_al
     env.wait_phase("b7", Phase::Running, Duration::from_secs(150))
         .await;
     let made = services.get("b7-workers").await.unwrap();
-    assert!(made.owner_references().iter().any(|o| o.kind == "CharLMTraining"));
+    assert!(made
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "CharLMTraining"));
 
     // Deleting the trainings deletes none of the user's objects.
     for name in ["a23", "n5", "p3"] {
@@ -297,7 +321,13 @@ async fn a_deleted_checkpoint_claim_is_a_loss_and_only_the_users_word_starts_ove
     env.start_operator("operator-1").await;
     env.apply(&small_gpu("keep", 1).to_string()).await;
     env.wait_phase("keep", Phase::Running, MINUTE).await;
-    let claim_uid = env.pvcs().get("keep-checkpoints").await.unwrap().uid().unwrap();
+    let claim_uid = env
+        .pvcs()
+        .get("keep-checkpoints")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
     env.wait_training("keep", "the claim remembered", MINUTE, |t| {
         t.status.as_ref().unwrap().checkpoint_pvc_uid.as_deref() == Some(claim_uid.as_str())
     })
@@ -307,7 +337,14 @@ async fn a_deleted_checkpoint_claim_is_a_loss_and_only_the_users_word_starts_ove
     // gang trains on, and the status says the checkpoints are being lost and how to save them.
     let deleted = tool(
         "kubectl",
-        &["-n", &env.ns, "delete", "pvc", "keep-checkpoints", "--wait=false"],
+        &[
+            "-n",
+            &env.ns,
+            "delete",
+            "pvc",
+            "keep-checkpoints",
+            "--wait=false",
+        ],
     )
     .unwrap();
     assert!(deleted.contains("deleted"), "{deleted}");
@@ -356,8 +393,15 @@ async fn a_deleted_checkpoint_claim_is_a_loss_and_only_the_users_word_starts_ove
         condition(&t, "PodsReady"),
         ("False".into(), "CheckpointsLost".into())
     );
-    assert!(st.message.as_deref().unwrap().contains("its checkpoints are lost"));
-    assert_eq!(st.latest_checkpoint, None, "the status names no lost checkpoint");
+    assert!(st
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("its checkpoints are lost"));
+    assert_eq!(
+        st.latest_checkpoint, None,
+        "the status names no lost checkpoint"
+    );
     assert_eq!((st.best_val_bpc, st.best_step), (None, None));
     let lost = st.lost_checkpoints.clone().unwrap();
     assert_eq!(

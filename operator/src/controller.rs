@@ -26,9 +26,9 @@ pub use crate::context::{Context, Error, FIELD_MANAGER};
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
 use crate::kueue;
 use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
+use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
 use crate::progress::PollError;
 use crate::queueing::{queue_gate, settle_workload};
-use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
 use crate::reconcile::{decide, DatasetCheck, Decision, Objects, Observed};
 use crate::resources::{
     checkpoint_pvc, network_policy_name, owner_reference, pod_name as worker_name, pvc_name,

@@ -84,7 +84,9 @@ mod tests {
     use crate::resources::testing::{cpu_spec, training};
     use crate::resources::{common_labels, owner_reference};
 
-    fn meta(owners: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>) -> ObjectMeta {
+    fn meta(
+        owners: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    ) -> ObjectMeta {
         ObjectMeta {
             owner_references: Some(owners),
             ..Default::default()
@@ -113,7 +115,9 @@ mod tests {
 
         // A user's claim, with or without labels of its own: not ours.
         let mut bare = ObjectMeta::default();
-        assert!(matches!(ownership(&bare, &t), Ownership::Foreign(w) if w.contains("no owner reference")));
+        assert!(
+            matches!(ownership(&bare, &t), Ownership::Foreign(w) if w.contains("no owner reference"))
+        );
         bare.labels = Some([("app".to_string(), "texts".to_string())].into());
         assert!(matches!(ownership(&bare, &t), Ownership::Foreign(_)));
 
@@ -127,14 +131,16 @@ mod tests {
         retained.labels = Some(common_labels("other"));
         assert!(matches!(ownership(&retained, &t), Ownership::Foreign(_)));
         // Labels do not outweigh someone else's controller.
-        let mut controlled = meta(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-            api_version: "apps/v1".into(),
-            kind: "StatefulSet".into(),
-            name: "db".into(),
-            uid: "x".into(),
-            controller: Some(true),
-            ..Default::default()
-        }]);
+        let mut controlled = meta(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "StatefulSet".into(),
+                name: "db".into(),
+                uid: "x".into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
         controlled.labels = Some(common_labels("demo"));
         assert!(matches!(
             ownership(&controlled, &t),

@@ -1100,7 +1100,9 @@ impl<'a> Decider<'a> {
         let since = conditions::get(&self.decision.status.conditions, type_)
             .map(|c| c.last_transition_time.0);
         let waited = since.map_or(0, |t| self.o.now.duration_since(t).as_secs().max(0));
-        Duration::from_secs(waited.clamp(RECHECK_MIN.as_secs() as i64, MAX_BACKOFF.as_secs() as i64) as u64)
+        Duration::from_secs(
+            waited.clamp(RECHECK_MIN.as_secs() as i64, MAX_BACKOFF.as_secs() as i64) as u64,
+        )
     }
 
     /// `PastBest`: True while the trainer reports more evaluations since its best than
@@ -2476,11 +2478,17 @@ mod tests {
             ("False", "CheckpointsLost")
         );
         let lost = d.status.lost_checkpoints.clone().unwrap();
-        assert_eq!(lost.latest_checkpoint.as_deref(), Some("/checkpoints/step-000000400"));
+        assert_eq!(
+            lost.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000400")
+        );
         assert_eq!((lost.best_val_bpc, lost.best_step), (Some(1.25), Some(300)));
         assert_eq!(lost.restart_token, "claim-1");
         let st = &d.status;
-        assert_eq!((st.latest_checkpoint.as_ref(), st.best_val_bpc, st.best_step), (None, None, None));
+        assert_eq!(
+            (st.latest_checkpoint.as_ref(), st.best_val_bpc, st.best_step),
+            (None, None, None)
+        );
         assert_eq!(st.progress.as_ref().unwrap().checkpoint, None);
         let t = with(t, &d);
 
@@ -2507,7 +2515,11 @@ mod tests {
         // The user's word for this loss: a new claim and workers, from step 0.
         let mut t = t;
         t.metadata.annotations = Some(
-            [(volume::RESTART_FROM_SCRATCH.to_string(), "claim-1".to_string())].into(),
+            [(
+                volume::RESTART_FROM_SCRATCH.to_string(),
+                "claim-1".to_string(),
+            )]
+            .into(),
         );
         let d = decide_on(&t, &[], 300, no_claim(), None);
         assert!(d.create_claim);
@@ -2527,10 +2539,7 @@ mod tests {
         let t = with(t, &d);
         let d = decide_on(&t, &[], 400, no_claim(), None);
         assert!(!d.create_claim && d.create.is_empty());
-        assert_eq!(
-            d.status.lost_checkpoints.unwrap().restart_token,
-            "claim-2"
-        );
+        assert_eq!(d.status.lost_checkpoints.unwrap().restart_token, "claim-2");
     }
 
     #[test]
@@ -2551,7 +2560,12 @@ mod tests {
         let d = decide_on(&t, &[], 0, objects.clone(), None);
         assert!(d.create.is_empty());
         assert_eq!(condition(&d, c::PODS_READY), ("False", "NameConflict"));
-        assert!(d.status.message.clone().unwrap().contains("Service demo-workers"));
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("Service demo-workers"));
         assert_eq!(d.requeue, Some(RECHECK_MIN));
         // Looked at again as long as it has waited, at most every 10 minutes.
         let t = with(t, &d);
@@ -2582,7 +2596,12 @@ mod tests {
             condition(&d, c::CHECKPOINT_VOLUME_READY),
             ("False", "StorageClassNotFound")
         );
-        assert!(d.status.message.clone().unwrap().contains("StorageClass fast-ssd"));
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("StorageClass fast-ssd"));
         let t = with(t, &d);
         assert_eq!(
             decide_on(&t, &[], 45, missing, None).requeue,
@@ -2617,8 +2636,14 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle:?} in {msg}");
         }
-        assert_eq!(d.status.damaged_checkpoints, ["/checkpoints/step-000000200"]);
-        assert!(d.warnings.is_empty(), "the condition's transition is the Event");
+        assert_eq!(
+            d.status.damaged_checkpoints,
+            ["/checkpoints/step-000000200"]
+        );
+        assert!(
+            d.warnings.is_empty(),
+            "the condition's transition is the Event"
+        );
         assert!(conditions::is_warning(
             conditions::get(&d.status.conditions, c::CHECKPOINT_DAMAGED).unwrap()
         ));

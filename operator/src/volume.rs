@@ -56,12 +56,14 @@ impl ClaimFacts {
     pub fn bound(&self) -> bool {
         self.phase.as_deref() == Some("Bound")
     }
-
 }
 
 /// The StorageClass to look up: the one the claim names while it waits for a volume, or, with no
 /// claim yet, the one the spec names (so that no worker is made for a claim that cannot be).
-pub fn class_to_check(pvc: Option<&PersistentVolumeClaim>, training: &CharLMTraining) -> Option<String> {
+pub fn class_to_check(
+    pvc: Option<&PersistentVolumeClaim>,
+    training: &CharLMTraining,
+) -> Option<String> {
     let class = match pvc {
         None => training.spec.checkpoint.storage_class_name.clone()?,
         Some(pvc) => {
@@ -153,13 +155,18 @@ pub fn assess(
 
     let Some(f) = facts else {
         if had_checkpoints {
-            return lose(format!("the checkpoint claim {claim_name} was deleted"), known);
+            return lose(
+                format!("the checkpoint claim {claim_name} was deleted"),
+                known,
+            );
         }
         if ended {
             return Verdict::new(
                 UNKNOWN,
                 "NoClaim",
-                format!("no checkpoint claim {claim_name}; the training has ended, so none is made"),
+                format!(
+                    "no checkpoint claim {claim_name}; the training has ended, so none is made"
+                ),
             );
         }
         // Made even for a missing class, so that it is provisioned once the class exists.
@@ -259,7 +266,10 @@ fn class_not_found(class: &str, claim_name: &str) -> Verdict {
 
 /// A claim of this training's, not being deleted: ready, provisioning, or without a class.
 fn ready(f: &ClaimFacts, claim_name: &str, record: bool, class_missing: bool) -> Verdict {
-    let class = f.storage_class.as_deref().unwrap_or("the cluster's default");
+    let class = f
+        .storage_class
+        .as_deref()
+        .unwrap_or("the cluster's default");
     let mut v = if class_missing {
         class_not_found(class, claim_name)
     } else if f.bound() {
@@ -390,11 +400,18 @@ fn what_was_lost(lost: &LostCheckpoints) -> String {
         (Some(b), None) => format!("best {b:.4} bpc"),
         _ => "no best yet".into(),
     };
-    let step = lost.step.map_or(String::new(), |s| format!(", reached step {s}"));
+    let step = lost
+        .step
+        .map_or(String::new(), |s| format!(", reached step {s}"));
     format!("newest {latest}, {best}{step}")
 }
 
-fn lost_message(training: &CharLMTraining, lost: &LostCheckpoints, how: &str, ended: bool) -> String {
+fn lost_message(
+    training: &CharLMTraining,
+    lost: &LostCheckpoints,
+    how: &str,
+    ended: bool,
+) -> String {
     let name = training.name_any();
     let ns = training.namespace().unwrap_or_default();
     let what = what_was_lost(lost);
@@ -456,18 +473,22 @@ mod tests {
         let t = training(cpu_spec());
         let v = assess(&t, &Default::default(), &Claim::Absent, false, &now());
         assert!(v.create_claim && v.block.is_none() && v.new_loss.is_none());
-        let v = assess(&t,
+        let v = assess(
+            &t,
             &Default::default(),
             &Claim::Present(facts("c1", Ownership::Ours)),
+            false,
             &now(),
         );
         assert_eq!((v.condition.0, v.condition.1), (TRUE, "Bound"));
         assert_eq!(v.record_uid.as_deref(), Some("c1"));
         assert!(!v.create_claim && v.block.is_none());
         // A retained claim of an earlier training of this name is resumed from, as before.
-        let v = assess(&t,
+        let v = assess(
+            &t,
             &Default::default(),
             &Claim::Present(facts("r1", Ownership::Retained)),
+            false,
             &now(),
         );
         assert_eq!(v.record_uid.as_deref(), Some("r1"));
@@ -478,9 +499,11 @@ mod tests {
     fn someone_elses_claim_of_the_name_is_a_conflict_and_left_alone() {
         let t = training(cpu_spec());
         let whose = "it has no owner reference to training demo".to_string();
-        let v = assess(&t,
+        let v = assess(
+            &t,
             &Default::default(),
             &Claim::Present(facts("u1", Ownership::Foreign(whose))),
+            false,
             &now(),
         );
         assert_eq!((v.condition.0, v.condition.1), (FALSE, "ClaimConflict"));
@@ -503,17 +526,32 @@ mod tests {
         // No claim yet: it is made (to be provisioned once the class exists), no workers.
         let v = assess(&t, &Default::default(), &Claim::Absent, true, &now());
         assert!(v.create_claim);
-        assert_eq!((v.condition.0, v.condition.1), (FALSE, "StorageClassNotFound"));
+        assert_eq!(
+            (v.condition.0, v.condition.1),
+            (FALSE, "StorageClassNotFound")
+        );
         assert!(v.block.unwrap().contains("StorageClass fast-ssd"));
         let mut f = facts("c1", Ownership::Ours);
         f.phase = Some("Pending".into());
         f.storage_class = Some("fast-ssd".into());
-        let v = assess(&t, &Default::default(), &Claim::Present(f.clone()), true, &now());
-        assert_eq!((v.condition.0, v.condition.1), (FALSE, "StorageClassNotFound"));
+        let v = assess(
+            &t,
+            &Default::default(),
+            &Claim::Present(f.clone()),
+            true,
+            &now(),
+        );
+        assert_eq!(
+            (v.condition.0, v.condition.1),
+            (FALSE, "StorageClassNotFound")
+        );
         assert!(v.block.unwrap().contains("StorageClass fast-ssd"));
         let v = assess(&t, &Default::default(), &Claim::Present(f), false, &now());
         assert_eq!((v.condition.0, v.condition.1), (UNKNOWN, "Provisioning"));
-        assert!(v.block.is_none(), "a claim waiting for its volume does not block");
+        assert!(
+            v.block.is_none(),
+            "a claim waiting for its volume does not block"
+        );
     }
 
     #[test]
@@ -529,7 +567,11 @@ mod tests {
             phase: Some("Bound".into()),
             ..Default::default()
         });
-        assert_eq!(class_to_check(Some(&pvc), &t), None, "bound: nothing to wait for");
+        assert_eq!(
+            class_to_check(Some(&pvc), &t),
+            None,
+            "bound: nothing to wait for"
+        );
     }
 
     #[test]
@@ -545,7 +587,10 @@ mod tests {
             lost.latest_checkpoint.as_deref(),
             Some("/checkpoints/step-000000400")
         );
-        assert_eq!((lost.best_val_bpc, lost.best_step, lost.step), (Some(1.25), Some(300), Some(420)));
+        assert_eq!(
+            (lost.best_val_bpc, lost.best_step, lost.step),
+            (Some(1.25), Some(300), Some(420))
+        );
         let msg = v.block.unwrap();
         assert!(
             msg.contains("kubectl annotate charlmtraining demo -n team-a --overwrite charlm.dev/restart-from-scratch=c1"),
@@ -581,7 +626,13 @@ mod tests {
     fn a_replaced_claim_is_a_loss_too() {
         let t = training(cpu_spec());
         for ownership in [Ownership::Ours, Ownership::Foreign("someone's".into())] {
-            let v = assess(&t, &seen("c1"), &Claim::Present(facts("c2", ownership)), false, &now());
+            let v = assess(
+                &t,
+                &seen("c1"),
+                &Claim::Present(facts("c2", ownership)),
+                false,
+                &now(),
+            );
             assert_eq!(v.condition.1, "CheckpointsLost");
             assert_eq!(v.new_loss.unwrap().restart_token, "c1");
             assert!(v.record_uid.is_none(), "the replacement is not remembered");
@@ -604,18 +655,26 @@ mod tests {
         let st = after_loss_of_c1(&t);
         for word in [None, Some("true"), Some("c0")] {
             if let Some(w) = word {
-                t.metadata.annotations = Some([(RESTART_FROM_SCRATCH.to_string(), w.to_string())].into());
+                t.metadata.annotations =
+                    Some([(RESTART_FROM_SCRATCH.to_string(), w.to_string())].into());
             }
             let v = assess(&t, &st, &Claim::Absent, false, &now());
             assert!(!v.create_claim && !v.start_over, "{word:?}");
             assert_eq!(v.condition.1, "CheckpointsLost");
         }
-        t.metadata.annotations = Some([(RESTART_FROM_SCRATCH.to_string(), "c1".to_string())].into());
+        t.metadata.annotations =
+            Some([(RESTART_FROM_SCRATCH.to_string(), "c1".to_string())].into());
         let v = assess(&t, &st, &Claim::Absent, false, &now());
         assert!(v.create_claim && v.start_over && v.block.is_none());
         assert_eq!(v.condition.1, "StartingOver");
         // The claim made for it is then remembered.
-        let v = assess(&t, &st, &Claim::Present(facts("c2", Ownership::Ours)), false, &now());
+        let v = assess(
+            &t,
+            &st,
+            &Claim::Present(facts("c2", Ownership::Ours)),
+            false,
+            &now(),
+        );
         assert!(v.start_over && v.block.is_none());
         assert_eq!(v.record_uid.as_deref(), Some("c2"));
         // A claim still going is waited for; someone else's is a conflict.
@@ -623,9 +682,11 @@ mod tests {
         going.deleting_since = Some(now());
         let v = assess(&t, &st, &Claim::Present(going), false, &now());
         assert!(!v.start_over && v.block.is_some() && !v.create_claim);
-        let v = assess(&t,
+        let v = assess(
+            &t,
             &st,
             &Claim::Present(facts("x", Ownership::Foreign("someone's".into()))),
+            false,
             &now(),
         );
         assert_eq!(v.condition.1, "ClaimConflict");

@@ -9,10 +9,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use charlm_contract::DamagedCheckpoint;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
-use charlm_contract::DamagedCheckpoint;
 
 use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
