@@ -634,7 +634,14 @@ pub mod condition {
     pub const PAST_BEST: &str = "PastBest";
     /// Kueue admitted the training's Workload (only on a training that names a LocalQueue).
     pub const ADMITTED: &str = "Admitted";
-    pub const ALL: [&str; 10] = [
+    /// The checkpoint claim is the operator's and usable (True), being provisioned (Unknown), or
+    /// cannot be used (False): someone else's claim holds its name, its StorageClass does not
+    /// exist, or it was deleted and its checkpoints are lost.
+    pub const CHECKPOINT_VOLUME_READY: &str = "CheckpointVolumeReady";
+    /// A checkpoint failed its check at a resume and was set aside; the trainer resumed from an
+    /// older one (a warning, set from the trainer's report).
+    pub const CHECKPOINT_DAMAGED: &str = "CheckpointDamaged";
+    pub const ALL: [&str; 12] = [
         DATASET_READY,
         PODS_READY,
         RUNNING,
@@ -645,6 +652,8 @@ pub mod condition {
         DATA_CONSTRAINED,
         PAST_BEST,
         ADMITTED,
+        CHECKPOINT_VOLUME_READY,
+        CHECKPOINT_DAMAGED,
     ];
 }
 
@@ -693,6 +702,20 @@ pub struct CharLMTrainingStatus {
     pub restart_after: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_pvc: Option<String>,
+    /// The uid of the checkpoint claim, recorded when the operator first saw it as its own: a
+    /// claim of that name gone, being deleted or replaced by another means the checkpoints on it
+    /// are lost, which the operator then says instead of starting from step 0 on a new claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_pvc_uid: Option<String>,
+    /// Checkpoints lost with their deleted claim: what the status named before. The training
+    /// starts no new workers until the annotation `charlm.dev/restart-from-scratch` is set to
+    /// `restartToken` (then it starts over from step 0 on a new claim), or it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_checkpoints: Option<LostCheckpoints>,
+    /// Checkpoints the trainer found damaged at a resume and set aside as `<dir>.damaged`
+    /// (paths on the checkpoint volume, oldest first, at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged_checkpoints: Vec<String>,
     /// Path of the newest checkpoint inside the checkpoint volume's mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_checkpoint: Option<String>,
@@ -731,6 +754,32 @@ pub struct CharLMTrainingStatus {
     /// trainer has reported the dataset's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanStatus>,
+}
+
+/// What a deleted checkpoint claim held (`status.lostCheckpoints`), as the status named it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostCheckpoints {
+    /// The claim's name and uid (the uid unless the claim went before the operator recorded it).
+    pub claim_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_uid: Option<String>,
+    /// When the operator saw the claim being deleted or gone.
+    pub detected_time: Time,
+    /// The newest checkpoint, the best validation bpc and its step, and the step the training
+    /// had reached, on the lost claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_bpc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    /// The value of the annotation `charlm.dev/restart-from-scratch` that starts the training over
+    /// from step 0 on a new, empty claim: the lost claim's uid (its name when no uid was
+    /// recorded), so a value left on the training never approves a later loss.
+    pub restart_token: String,
 }
 
 /// Failures by reason (`status.failures`); the keys are the reasons of `restartPolicy.rules`.
@@ -903,6 +952,9 @@ pub struct ProgressStatus {
     /// GPU-hours of the budget an early stop left unspent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_gpu_hours: Option<f64>,
+    /// The checkpoint the running attempt resumed from (unset on a fresh start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<String>,
     /// When the operator read this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_time: Option<Time>,

@@ -31,6 +31,7 @@ use crate::kueue::{Gate, State as QueueState};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
+use crate::volume::{self, Claim};
 use crate::workers::{Waiting, Worker, WorkerState};
 use charlm_contract::planner;
 use charlm_contract::PAST_BEST_EVALUATIONS;
@@ -42,6 +43,9 @@ pub const RUNNING_REQUEUE: Duration = Duration::from_secs(30);
 const STARTING_REQUEUE: Duration = Duration::from_secs(15);
 const STOPPING_REQUEUE: Duration = Duration::from_secs(2);
 const DATASET_REQUEUE: Duration = Duration::from_secs(30);
+const RECHECK_MIN: Duration = Duration::from_secs(10);
+/// Damaged checkpoints the status names at most.
+const MAX_DAMAGED: usize = 16;
 
 /// Whether the training's dataset source exists (a synthetic one always does).
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +70,22 @@ pub struct Observed<'a> {
     pub rejection: Option<String>,
     /// Kueue's word, for a training that names a LocalQueue (`kueue`); `None`: not queued.
     pub queue: Option<Gate>,
+    /// The checkpoint claim, and the objects of the training's names that are someone else's.
+    pub objects: Objects,
+}
+
+/// What the API server holds under the names of the training's objects besides its pods' states.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Objects {
+    /// What is under the checkpoint claim's name (`volume`).
+    pub claim: Claim,
+    /// The StorageClass the claim waits for (or the spec names, before there is a claim) does
+    /// not exist (`volume::class_to_check`).
+    pub class_missing: bool,
+    /// Objects of the training's names (its Service, NetworkPolicy, a worker pod's) that are not
+    /// its own (`ownership`), each as a message naming it and the fix: no workers start while
+    /// any is there, and the operator changes nothing on them.
+    pub conflicts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,6 +104,10 @@ pub struct Decision {
     /// Kueue evicted the Workload and no worker runs any more: give its quota back (as Kueue's
     /// jobframework does once an evicted job stopped), so Kueue queues it again.
     pub release_quota: bool,
+    /// Make the checkpoint claim (before any worker).
+    pub create_claim: bool,
+    /// Warning Events that no condition's transition carries: (reason, note).
+    pub warnings: Vec<(String, String)>,
 }
 
 /// How a worker ended the attempt: the condition reason (`WorkerFailed`, `WorkerStopped`,
@@ -100,6 +124,7 @@ struct Ending {
 pub fn decide(o: &Observed) -> Decision {
     let mut d = Decider::new(o);
     d.run();
+    d.forget_lost();
     d.clocks();
     let usage = d.decision.status.usage.get_or_insert_with(Default::default);
     usage::refresh(usage, o.now, o.price_per_gpu_hour);
@@ -111,6 +136,8 @@ struct Decider<'a> {
     now: Time,
     generation: Option<i64>,
     decision: Decision,
+    /// Why no new workers may start: (the condition that says so, its reason, the message).
+    blocked: Option<(&'static str, &'static str, String)>,
 }
 
 impl<'a> Decider<'a> {
@@ -127,6 +154,7 @@ impl<'a> Decider<'a> {
                 status,
                 ..Default::default()
             },
+            blocked: None,
         }
     }
 
@@ -187,6 +215,7 @@ impl<'a> Decider<'a> {
             (cond::FAILED, FALSE, "Pending"),
             (cond::SUSPENDED, FALSE, "Pending"),
             (cond::RESTARTING, FALSE, "Pending"),
+            (cond::CHECKPOINT_VOLUME_READY, UNKNOWN, "Pending"),
         ];
         for (type_, status, reason) in initial {
             if conditions::get(&self.decision.status.conditions, type_).is_none() {
@@ -252,6 +281,7 @@ impl<'a> Decider<'a> {
         };
         self.st().workers = effective.workers;
         self.st().effective = Some(effective.clone());
+        self.checkpoint_volume();
 
         let attempt = self.decision.status.attempt;
         let wanted = effective.workers;
@@ -742,6 +772,13 @@ impl<'a> Decider<'a> {
         } else {
             Phase::Pending
         };
+        // Nothing that cannot work (no volume, someone else's object in the way) holds GPUs.
+        if let Some((type_, reason, msg)) = self.blocked.clone() {
+            self.set(cond::PODS_READY, FALSE, reason, msg.clone());
+            self.phase(waiting_phase, msg);
+            self.decision.requeue = Some(self.recheck(type_));
+            return;
+        }
         if let Some(after) = self.decision.status.restart_after.clone() {
             if after.0 > self.o.now {
                 let wait = after.0.duration_since(self.o.now).unsigned_abs();
@@ -1088,6 +1125,123 @@ impl<'a> Decider<'a> {
         st.progress = Some(progress);
         self.past_best(epb);
         self.plan(tokens_per_epoch);
+        self.damaged(report);
+    }
+
+    /// `CheckpointDamaged` and a Warning Event for each checkpoint a resume set aside that the
+    /// status does not name yet (a report is read many times).
+    fn damaged(&mut self, report: &TrainerReport) {
+        let attempt = self.decision.status.attempt;
+        let instead = report.resumed_from.as_deref().map_or_else(
+            || "nothing: it started from step 0".to_string(),
+            |d| format!("{d} instead"),
+        );
+        for d in &report.damaged_checkpoints {
+            if self.decision.status.damaged_checkpoints.contains(&d.path) {
+                continue;
+            }
+            let list = &mut self.decision.status.damaged_checkpoints;
+            list.push(d.path.clone());
+            let excess = list.len().saturating_sub(MAX_DAMAGED);
+            list.drain(..excess);
+            let msg = format!(
+                "checkpoint {} failed its check when attempt {attempt} resumed ({}) and was set \
+                 aside as {}; the trainer resumed from {instead}",
+                d.path, d.error, d.set_aside_as
+            );
+            if self.is(cond::CHECKPOINT_DAMAGED) {
+                // The condition's transition already told of an earlier one.
+                self.decision
+                    .warnings
+                    .push(("CheckpointDamaged".to_string(), msg.clone()));
+            }
+            self.set(cond::CHECKPOINT_DAMAGED, TRUE, "CheckpointDamaged", msg);
+        }
+    }
+
+    /// The checkpoint claim: whether to make it, whether it is lost, and whether new workers may
+    /// start on it (`volume::assess`).
+    fn checkpoint_volume(&mut self) {
+        let v = volume::assess(
+            self.o.training,
+            &self.decision.status,
+            &self.o.objects.claim,
+            self.o.objects.class_missing,
+            &self.now,
+        );
+        if v.start_over {
+            self.start_over();
+        }
+        if let Some(lost) = v.new_loss {
+            self.st().lost_checkpoints = Some(lost);
+        }
+        if let Some(uid) = v.record_uid {
+            self.st().checkpoint_pvc_uid = Some(uid);
+        }
+        let (status, reason, message) = v.condition;
+        self.set(cond::CHECKPOINT_VOLUME_READY, status, reason, message);
+        self.decision.create_claim = v.create_claim;
+        self.blocked = v
+            .block
+            .map(|msg| (cond::CHECKPOINT_VOLUME_READY, reason, msg));
+        if self.blocked.is_none() && !self.o.objects.conflicts.is_empty() {
+            let msg = self.o.objects.conflicts.join("; ");
+            self.blocked = Some((cond::PODS_READY, "NameConflict", msg));
+        }
+    }
+
+    /// The user's word after a loss: forget the lost checkpoints and what came from them; the
+    /// next workers start from step 0 on a new claim.
+    fn start_over(&mut self) {
+        let st = self.st();
+        st.lost_checkpoints = None;
+        st.checkpoint_pvc_uid = None;
+        st.latest_checkpoint = None;
+        st.best_val_bpc = None;
+        st.best_step = None;
+        st.progress = None;
+        st.eta = None;
+        st.loss_history.clear();
+        st.damaged_checkpoints.clear();
+        for type_ in [cond::PAST_BEST, cond::CHECKPOINT_DAMAGED] {
+            if conditions::get(&self.decision.status.conditions, type_).is_some() {
+                self.set(type_, FALSE, "StartedOver", "started over from step 0");
+            }
+        }
+    }
+
+    /// After a loss, reports still name checkpoints on the lost claim (worker 0 running on a
+    /// claim being deleted, or its final report): they go into `lostCheckpoints`, not the status.
+    fn forget_lost(&mut self) {
+        let st = &mut self.decision.status;
+        let Some(lost) = st.lost_checkpoints.as_mut() else {
+            return;
+        };
+        if let Some(latest) = st.latest_checkpoint.take() {
+            lost.latest_checkpoint = Some(latest);
+        }
+        if let Some(best) = st.best_val_bpc.take() {
+            lost.best_val_bpc = Some(best);
+            lost.best_step = st.best_step;
+        }
+        st.best_step = None;
+        if let Some(p) = st.progress.as_mut() {
+            lost.step = Some(p.step).max(lost.step);
+            p.checkpoint = None;
+            p.best_val_bpc = None;
+            p.best_step = None;
+        }
+    }
+
+    /// When to look again at a training waiting on something the operator does not watch (a
+    /// StorageClass, someone else's object): as long again as it has waited, from 10 s to 10 min.
+    fn recheck(&self, type_: &str) -> Duration {
+        let since = conditions::get(&self.decision.status.conditions, type_)
+            .map(|c| c.last_transition_time.0);
+        let waited = since.map_or(0, |t| self.o.now.duration_since(t).as_secs().max(0));
+        Duration::from_secs(
+            waited.clamp(RECHECK_MIN.as_secs() as i64, MAX_BACKOFF.as_secs() as i64) as u64,
+        )
     }
 
     /// `PastBest`: True while the trainer reports more evaluations since its best than
@@ -1274,7 +1428,24 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: rejection.map(str::to_string),
             queue: None,
+            objects: claim_bound(),
         })
+    }
+
+    /// The training's own checkpoint claim, bound: what most tests run with.
+    fn claim_bound() -> Objects {
+        Objects {
+            claim: Claim::Present(volume::ClaimFacts {
+                uid: "claim-1".into(),
+                ownership: crate::ownership::Ownership::Ours,
+                deleting_since: None,
+                phase: Some("Bound".into()),
+                volume: Some("pv-1".into()),
+                storage_class: Some("standard".into()),
+            }),
+            class_missing: false,
+            conflicts: vec![],
+        }
     }
 
     /// The training after its status was written.
@@ -1312,7 +1483,13 @@ mod tests {
         assert_eq!(d.status.launched_attempt, Some(0));
         assert_eq!(d.status.checkpoint_pvc.as_deref(), Some("demo-checkpoints"));
         assert_eq!(d.status.observed_generation, Some(1));
-        assert_eq!(d.status.conditions.len(), 7);
+        assert_eq!(d.status.conditions.len(), 8);
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("True", "Bound"),
+            "its claim is there and bound"
+        );
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-1"));
         assert_eq!(condition(&d, c::PODS_READY), ("False", "Creating"));
     }
 
@@ -1330,6 +1507,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -1604,6 +1782,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -1926,6 +2105,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         })
     }
 
@@ -1998,6 +2178,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert_eq!(
             (d.status.best_val_bpc, d.status.best_step),
@@ -2185,6 +2366,7 @@ mod tests {
                 local_queue: "team-a".into(),
                 state,
             }),
+            objects: claim_bound(),
         })
     }
 
@@ -2617,5 +2799,255 @@ mod tests {
         kept.spec.ttl_seconds_after_finished = None;
         let d = decide_at(&kept, &pods[..1], 10_000);
         assert!(!d.delete_training && d.requeue.is_none());
+    }
+
+    /// `decide` with the given claim, conflicts and report.
+    fn decide_on(
+        t: &CharLMTraining,
+        pods: &[Pod],
+        now: i64,
+        objects: Objects,
+        report: Option<&str>,
+    ) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: report.and_then(TrainerReport::parse),
+            now: at(now),
+            price_per_gpu_hour: 3.0,
+            rejection: None,
+            queue: None,
+            objects,
+        })
+    }
+
+    fn claim(edit: impl FnOnce(&mut volume::ClaimFacts)) -> Objects {
+        let mut o = claim_bound();
+        if let Claim::Present(f) = &mut o.claim {
+            edit(f);
+        }
+        o
+    }
+
+    fn no_claim() -> Objects {
+        Objects {
+            claim: Claim::Absent,
+            class_missing: false,
+            conflicts: vec![],
+        }
+    }
+
+    #[test]
+    fn a_new_training_has_its_claim_made_before_its_workers() {
+        let t = training(gpu_spec());
+        let d = decide_on(&t, &[], 0, no_claim(), None);
+        assert!(d.create_claim);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(d.status.checkpoint_pvc_uid, None, "remembered once seen");
+    }
+
+    #[test]
+    fn a_checkpoint_claim_deleted_mid_run_never_restarts_from_step_zero_by_itself() {
+        let (t, pods) = running_gpu_training();
+        let report = r#"{"step": 420, "checkpoint": "/checkpoints/step-000000400", "best_val_bpc": 1.25, "best_step": 300, "complete": false}"#;
+        let d = decide_on(&t, &pods, 40, claim_bound(), Some(report));
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-1"));
+        let t = with(t, &d);
+
+        // `kubectl delete pvc`: the claim waits for worker 0 (pvc-protection), and the gang
+        // trains on; the status no longer names what is on it as if it would stay.
+        let going = claim(|f| f.deleting_since = Some(Time(at(50))));
+        let d = decide_on(&t, &pods, 60, going.clone(), Some(report));
+        assert!(d.delete.is_empty() && d.create.is_empty() && !d.create_claim);
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("False", "CheckpointsLost")
+        );
+        let lost = d.status.lost_checkpoints.clone().unwrap();
+        assert_eq!(
+            lost.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000400")
+        );
+        assert_eq!((lost.best_val_bpc, lost.best_step), (Some(1.25), Some(300)));
+        assert_eq!(lost.restart_token, "claim-1");
+        let st = &d.status;
+        assert_eq!(
+            (st.latest_checkpoint.as_ref(), st.best_val_bpc, st.best_step),
+            (None, None, None)
+        );
+        assert_eq!(st.progress.as_ref().unwrap().checkpoint, None);
+        let t = with(t, &d);
+
+        // A worker fails: the gang restarts...
+        let mut failed = pods.clone();
+        failed[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "crash");
+        let d = decide_on(&t, &failed, 70, going, None);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        let t = with(t, &d);
+        // ... but once the claim is gone, no empty claim and no workers from step 0.
+        for now in [200, 5_000] {
+            let d = decide_on(&t, &[], now, no_claim(), None);
+            assert!(!d.create_claim && d.create.is_empty(), "at {now}");
+            assert_eq!(condition(&d, c::PODS_READY), ("False", "CheckpointsLost"));
+            let msg = d.status.message.clone().unwrap();
+            assert!(msg.contains("its checkpoints are lost"), "{msg}");
+            assert!(
+                msg.contains("charlm.dev/restart-from-scratch=claim-1"),
+                "{msg}"
+            );
+            assert!(d.requeue.is_some_and(|r| r <= MAX_BACKOFF));
+        }
+
+        // The user's word for this loss: a new claim and workers, from step 0.
+        let mut t = t;
+        t.metadata.annotations = Some(
+            [(
+                volume::RESTART_FROM_SCRATCH.to_string(),
+                "claim-1".to_string(),
+            )]
+            .into(),
+        );
+        let d = decide_on(&t, &[], 300, no_claim(), None);
+        assert!(d.create_claim);
+        assert_eq!(d.create, [0, 1]);
+        let st = &d.status;
+        assert!(st.lost_checkpoints.is_none() && st.checkpoint_pvc_uid.is_none());
+        assert!(st.progress.is_none() && st.loss_history.is_empty());
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("Unknown", "StartingOver")
+        );
+        // The new claim is remembered; the word left on the training approves nothing more.
+        let t = with(t, &d);
+        let new = claim(|f| f.uid = "claim-2".into());
+        let d = decide_on(&t, &[], 301, new, None);
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-2"));
+        let t = with(t, &d);
+        let d = decide_on(&t, &[], 400, no_claim(), None);
+        assert!(!d.create_claim && d.create.is_empty());
+        assert_eq!(d.status.lost_checkpoints.unwrap().restart_token, "claim-2");
+    }
+
+    #[test]
+    fn someone_elses_objects_block_the_workers_and_are_named() {
+        let t = training(gpu_spec());
+        let foreign = claim(|f| {
+            f.ownership = crate::ownership::Ownership::Foreign("no owner reference".into())
+        });
+        let d = decide_on(&t, &[], 0, foreign, None);
+        assert!(d.create.is_empty() && !d.create_claim);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "ClaimConflict"));
+        assert!(d.status.checkpoint_pvc_uid.is_none());
+
+        let mut objects = claim_bound();
+        objects
+            .conflicts
+            .push("Service demo-workers already exists and is not this training's".into());
+        let d = decide_on(&t, &[], 0, objects.clone(), None);
+        assert!(d.create.is_empty());
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "NameConflict"));
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("Service demo-workers"));
+        assert_eq!(d.requeue, Some(RECHECK_MIN));
+        // Looked at again as long as it has waited, at most every 10 minutes.
+        let t = with(t, &d);
+        assert_eq!(
+            decide_on(&t, &[], 100, objects.clone(), None).requeue,
+            Some(Duration::from_secs(100))
+        );
+        assert_eq!(
+            decide_on(&t, &[], 5_000, objects, None).requeue,
+            Some(MAX_BACKOFF)
+        );
+        // Gone: the workers start.
+        let d = decide_on(&t, &[], 5_001, claim_bound(), None);
+        assert_eq!(d.create, [0, 1]);
+    }
+
+    #[test]
+    fn a_missing_storage_class_holds_no_gpus_and_backs_off() {
+        let t = training(gpu_spec());
+        let mut missing = claim(|f| {
+            f.phase = Some("Pending".into());
+            f.storage_class = Some("fast-ssd".into());
+        });
+        missing.class_missing = true;
+        let d = decide_on(&t, &[], 0, missing.clone(), None);
+        assert!(d.create.is_empty());
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("False", "StorageClassNotFound")
+        );
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("StorageClass fast-ssd"));
+        let t = with(t, &d);
+        assert_eq!(
+            decide_on(&t, &[], 45, missing, None).requeue,
+            Some(Duration::from_secs(45))
+        );
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_at_resume_is_a_condition_and_an_event() {
+        let (t, pods) = running_gpu_training();
+        let report = |paths: &[&str]| {
+            let damaged: Vec<serde_json::Value> = paths
+                .iter()
+                .map(|p| serde_json::json!({"path": p, "set_aside_as": format!("{p}.damaged"), "error": "model.safetensors: sha256 mismatch"}))
+                .collect();
+            serde_json::json!({"step": 200, "resumed_from": "/checkpoints/step-000000100", "damaged_checkpoints": damaged}).to_string()
+        };
+        let first = report(&["/checkpoints/step-000000200"]);
+        let d = decide_on(&t, &pods, 40, claim_bound(), Some(&first));
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_DAMAGED),
+            ("True", "CheckpointDamaged")
+        );
+        let msg = &conditions::get(&d.status.conditions, c::CHECKPOINT_DAMAGED)
+            .unwrap()
+            .message;
+        for needle in [
+            "checkpoint /checkpoints/step-000000200 failed its check",
+            "sha256 mismatch",
+            "set aside as /checkpoints/step-000000200.damaged",
+            "resumed from /checkpoints/step-000000100 instead",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} in {msg}");
+        }
+        assert_eq!(
+            d.status.damaged_checkpoints,
+            ["/checkpoints/step-000000200"]
+        );
+        assert!(
+            d.warnings.is_empty(),
+            "the condition's transition is the Event"
+        );
+        assert!(conditions::is_warning(
+            conditions::get(&d.status.conditions, c::CHECKPOINT_DAMAGED).unwrap()
+        ));
+        assert_eq!(
+            d.status.progress.as_ref().unwrap().resumed_from.as_deref(),
+            Some("/checkpoints/step-000000100")
+        );
+        // Read again: nothing new. A later one: its own Event.
+        let t = with(t, &d);
+        let d = decide_on(&t, &pods, 80, claim_bound(), Some(&first));
+        assert!(d.warnings.is_empty());
+        let t = with(t, &d);
+        let later = report(&["/checkpoints/step-000000300"]);
+        let d = decide_on(&t, &pods, 120, claim_bound(), Some(&later));
+        assert_eq!(d.warnings.len(), 1);
+        assert!(d.warnings[0].1.contains("step-000000300"));
+        assert_eq!(d.status.damaged_checkpoints.len(), 2);
     }
 }

@@ -181,10 +181,36 @@ pub fn dataset_given() -> Rule {
 pub const NAME_RULE: &str = "size(self) <= 40 && self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
 pub const NAME_MESSAGE: &str = "metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels";
 
+/// A dataset claim named like the training's checkpoint claim (`<name>-checkpoints`) would be
+/// the volume the operator writes checkpoints to, and went with the training: refused at apply.
+/// A rule of the whole object, since only there is `metadata.name` in reach; `fieldPath` and the
+/// `Forbidden` reason make the error name the field, without a value.
+pub fn dataset_not_checkpoint_claim() -> serde_json::Value {
+    let claim = "self.spec.dataset.pvc.claimName";
+    serde_json::json!({
+        "rule": format!(
+            "!has(self.metadata.name) || !has(self.spec) || !has(self.spec.dataset) || \
+             !has(self.spec.dataset.pvc) || {claim} != self.metadata.name + '-checkpoints'"
+        ),
+        "messageExpression": format!(
+            "'dataset.pvc.claimName ' + {claim} + ' is the name of the checkpoint claim the \
+             operator makes for training ' + self.metadata.name + ' (<name>-checkpoints): its \
+             checkpoints would go onto the dataset, and the claim with the training; give the \
+             dataset claim or the training another name'"
+        ),
+        "message": "dataset.pvc.claimName must not be <metadata.name>-checkpoints, the name of \
+                    the training's own checkpoint claim; give the dataset claim or the training \
+                    another name",
+        "reason": "FieldValueForbidden",
+        "fieldPath": ".spec.dataset.pvc.claimName",
+    })
+}
+
 /// What the derived schema cannot say, added to the CRD: the name rule on `metadata.name`, and
 /// the bounds that keep the quantity rules' estimated cost within the API server's budget (it
 /// refuses a rule over an unbounded map or string).
 pub fn complete_schema(schema: &mut serde_json::Value) {
+    schema["x-kubernetes-validations"] = serde_json::json!([dataset_not_checkpoint_claim()]);
     schema["properties"]["metadata"] = serde_json::json!({
         "type": "object",
         "properties": {"name": {

@@ -122,6 +122,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let start = start_state(&plan, &data, &pg, device, &mut engine)?;
     if is_main {
+        // The report says where it resumed and what it set aside: the operator's only view of it.
+        let mut p = shared.lock().expect("progress lock");
+        p.resumed_from = start.resumed.as_ref().map(|d| d.display().to_string());
+        p.damaged_checkpoints = start.set_aside.clone();
+        drop(p);
         announce(
             &plan,
             &config,
@@ -309,6 +314,8 @@ struct Start {
     checkpoints: bool,
     /// The checkpoint resumed from.
     resumed: Option<PathBuf>,
+    /// Damaged checkpoints the resume set aside (for rank 0's report; no rank decides on it).
+    set_aside: Vec<charlm_contract::DamagedCheckpoint>,
 }
 
 /// Where the session starts: rank 0 restores the newest good checkpoint, then every rank takes
@@ -325,9 +332,10 @@ fn start_state(
         adamw_step: engine.adamw.step,
         checkpoints: plan.checkpoint_dir.is_some(),
         resumed: None,
+        set_aside: Vec::new(),
     };
     if pg.rank() == 0 {
-        start.resumed = resume::restore(plan, engine, &mut start.state)?;
+        start.resumed = resume::restore(plan, engine, &mut start.state, &mut start.set_aside)?;
         start.adamw_step = engine.adamw.step;
     }
     let start: Start = consensus::from_rank0(pg, device, &start)?;

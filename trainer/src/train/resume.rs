@@ -66,7 +66,13 @@ pub fn finished_summary(plan: &Plan) -> Result<Option<ProgressReport>> {
 
 /// Loads the newest good checkpoint into the engine and state (rank 0, which then sends the
 /// state to the others); returns its directory.
-pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result<Option<PathBuf>> {
+/// Damaged checkpoints it passed over on the way land in `set_aside`.
+pub fn restore(
+    plan: &Plan,
+    engine: &mut Engine,
+    state: &mut RunState,
+    set_aside: &mut Vec<charlm_contract::DamagedCheckpoint>,
+) -> Result<Option<PathBuf>> {
     let Some(root) = &plan.checkpoint_dir else {
         eprintln!("warning: no --checkpoint-dir: this run cannot be resumed");
         return Ok(None);
@@ -121,5 +127,6 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
     if let Ok(best) = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)) {
         state.best = best.val_bpc.map(|v| (v, best.step));
     }
+    *set_aside = loaded.set_aside;
     Ok(Some(loaded.dir))
 }
