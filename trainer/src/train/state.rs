@@ -3,9 +3,12 @@
 
 use std::path::PathBuf;
 
-use super::checkpoint::Manifest;
+use super::checkpoint::{InitFrom, Manifest};
 use super::plan::Plan;
 use crate::engine::Engine;
+
+/// Steps a session takes (past its first) before its pace projects where a time budget ends.
+pub const PACE_STEPS: i64 = 5;
 
 /// What the loop mutates besides the model.
 pub struct RunState {
@@ -25,6 +28,12 @@ pub struct RunState {
     /// split (memorising): what early stopping counts.
     pub overfit_evals: u32,
     pub last_checkpoint: Option<PathBuf>,
+    /// The checkpoint whose weights started this training (`--init-from`), kept in every
+    /// checkpoint's manifest.
+    pub init_from: Option<InitFrom>,
+    /// Step and training time at the end of this session's first step, from which its pace is
+    /// measured (evaluations and saves included, so that projections of the budget hold).
+    pub pace_anchor: Option<(i64, f64)>,
 }
 
 impl RunState {
@@ -39,7 +48,19 @@ impl RunState {
             evals_since_best: 0,
             overfit_evals: 0,
             last_checkpoint: None,
+            init_from: None,
+            pace_anchor: None,
         }
+    }
+
+    /// Seconds of training time per step in this session, once it has taken [`PACE_STEPS`]
+    /// steps past its first: a mean over the whole session, which settles instead of jumping
+    /// with each slow or fast step.
+    pub fn pace(&self) -> Option<f64> {
+        let (step, elapsed) = self.pace_anchor?;
+        let steps = self.step - step;
+        (steps >= PACE_STEPS && self.elapsed_s > elapsed)
+            .then(|| (self.elapsed_s - elapsed) / steps as f64)
     }
 }
 
@@ -60,5 +81,8 @@ pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest 
         world_size: batch.world_size,
         adamw_step: engine.adamw.step,
         files: Default::default(),
+        dataset: plan.dataset.clone(),
+        vocabulary: Some(super::resume::vocabulary()),
+        init_from: state.init_from.clone(),
     }
 }
