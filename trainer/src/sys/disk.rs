@@ -29,6 +29,14 @@ pub fn space(path: &Path) -> Option<Space> {
 
 /// 5242880 → "5.0 MiB (5,242,880 bytes)": readable, and exact for whoever compares.
 pub fn fmt_bytes(bytes: u64) -> String {
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    format!("{} ({} bytes)", fmt_size(bytes), grouped(bytes))
+}
+
+/// 5242880 → "5.0 MiB".
+pub fn fmt_size(bytes: u64) -> String {
     let units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;
@@ -36,18 +44,21 @@ pub fn fmt_bytes(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    let mut digits = bytes.to_string();
-    let mut grouped = String::new();
+    match unit {
+        0 => format!("{bytes} bytes"),
+        _ => format!("{v:.1} {}", units[unit]),
+    }
+}
+
+/// 5242880 → "5,242,880".
+pub fn grouped(n: u64) -> String {
+    let mut digits = n.to_string();
+    let mut out = String::new();
     while digits.len() > 3 {
         let tail = digits.split_off(digits.len() - 3);
-        grouped = format!(",{tail}{grouped}");
+        out = format!(",{tail}{out}");
     }
-    grouped = format!("{digits}{grouped}");
-    if unit == 0 {
-        format!("{grouped} bytes")
-    } else {
-        format!("{v:.1} {} ({grouped} bytes)", units[unit])
-    }
+    format!("{digits}{out}")
 }
 
 #[cfg(test)]
@@ -59,6 +70,7 @@ mod tests {
         assert_eq!(fmt_bytes(512), "512 bytes");
         assert_eq!(fmt_bytes(5 << 20), "5.0 MiB (5,242,880 bytes)");
         assert_eq!(fmt_bytes(1536), "1.5 KiB (1,536 bytes)");
+        assert_eq!(fmt_size(3 << 30), "3.0 GiB");
         let here = space(Path::new(".")).unwrap();
         assert!(here.total >= here.free && here.total > 0);
         assert_eq!(space(Path::new("/no/such/place")), None);

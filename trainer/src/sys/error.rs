@@ -50,14 +50,20 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 }
 
 /// The kind of the first I/O error in `err`'s chain, also one that libtorch's bindings wrap
-/// (`TchError::Io` is transparent, so the chain itself does not show it).
+/// (neither `TchError::Io` nor its safetensors error shows it as a source).
 pub fn io_kind(err: &anyhow::Error) -> Option<std::io::ErrorKind> {
+    use safetensors::SafeTensorError;
+    use tch::TchError;
     err.chain().find_map(|e| {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return Some(io.kind());
         }
-        match e.downcast_ref::<tch::TchError>() {
-            Some(tch::TchError::Io(io)) => Some(io.kind()),
+        match e.downcast_ref::<TchError>()? {
+            TchError::Io(io)
+            | TchError::SafeTensorError {
+                err: SafeTensorError::IoError(io),
+                ..
+            } => Some(io.kind()),
             _ => None,
         }
     })

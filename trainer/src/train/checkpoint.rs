@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::sys::disk::{self, fmt_bytes};
+use crate::sys::disk::{self, fmt_bytes, fmt_size, grouped};
 use crate::sys::error::{is_out_of_space, StorageFull};
 use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
@@ -200,7 +200,7 @@ fn tensor_bytes(tensors: &[(String, Tensor)]) -> u64 {
 fn storage_full(root: &Path, dest: &Path, needs: Needs, e: &anyhow::Error) -> StorageFull {
     let space = disk::space(root);
     let free = space.map_or("an unknown amount".into(), |s| fmt_bytes(s.free));
-    let total = space.map_or(String::new(), |s| format!(" of {}", fmt_bytes(s.total)));
+    let total = space.map_or(String::new(), |s| format!(" of {}", fmt_size(s.total)));
     let held = list(root).map_or(0, |l| l.len());
     let best = if root.join(BEST_DIR).join(MANIFEST_FILE).exists() {
         " and best/"
@@ -208,26 +208,24 @@ fn storage_full(root: &Path, dest: &Path, needs: Needs, e: &anyhow::Error) -> St
         ""
     };
     let why = crate::sys::error::io_kind(e).map_or_else(String::new, |k| format!(" ({k})"));
-    let (needed, parts) = match needs {
-        Needs::Checkpoint { model, optimizer } => (
-            model + optimizer,
-            format!(
-                " ({} of weights, {} of optimizer state)",
-                fmt_bytes(model),
-                fmt_bytes(optimizer)
-            ),
+    let needs = match needs {
+        Needs::Checkpoint { model, optimizer } => format!(
+            "{} ({} bytes: {} of weights, {} of optimizer state)",
+            fmt_size(model + optimizer),
+            grouped(model + optimizer),
+            fmt_size(model),
+            fmt_size(optimizer)
         ),
-        Needs::File(bytes) => (bytes, String::new()),
+        Needs::File(bytes) => fmt_bytes(bytes),
     };
     StorageFull(format!(
-        "the checkpoint volume is full{why}: writing {} needs about {}{parts}, and {} has {free} \
+        "the checkpoint volume is full{why}: writing {} needs about {needs}, and {} has {free} \
          free{total}; it holds {held} rolling checkpoint(s){best}. The partial write was removed \
          and the checkpoints saved before are intact. Make room for the rolling checkpoints kept \
          (--keep-checkpoints), best/ and one being written: free space on the volume, give it \
          more (the operator's spec.checkpoint.size), keep fewer checkpoints, or give another \
          --checkpoint-dir",
         dest.display(),
-        fmt_bytes(needed),
         root.display(),
     ))
 }
@@ -450,7 +448,8 @@ pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
         .and_then(|()| fs::rename(&tmp, root.join(COMPLETE_FILE)));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        let e = anyhow::Error::new(e).context(format!("write {}", root.join(COMPLETE_FILE).display()));
+        let e =
+            anyhow::Error::new(e).context(format!("write {}", root.join(COMPLETE_FILE).display()));
         if is_out_of_space(&e) {
             let needs = Needs::File(text.len() as u64);
             let full = storage_full(root, &root.join(COMPLETE_FILE), needs, &e);

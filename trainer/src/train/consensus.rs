@@ -42,7 +42,9 @@ pub fn rank0_outcome<T>(pg: &ProcessGroup, device: Device, outcome: Result<T>) -
     if agreed == 0 || pg.rank() == 0 {
         return outcome;
     }
-    let message = format!("rank 0 stopped this training at its start (exit code {agreed}): its error says why");
+    let message = format!(
+        "rank 0 stopped this training at its start (exit code {agreed}): its error says why"
+    );
     Err(match agreed {
         charlm_contract::exit::BAD_INPUT => UserError(message).into(),
         charlm_contract::exit::STORAGE_FULL => StorageFull(message).into(),

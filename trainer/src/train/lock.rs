@@ -57,8 +57,10 @@ pub fn acquire(root: &Path) -> Result<FolderLock> {
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            let who = serde_json::from_str::<Holder>(&text)
-                .map_or_else(|_| "a process that has not said who it is yet".into(), |h| describe(&h));
+            let who = serde_json::from_str::<Holder>(&text).map_or_else(
+                |_| "a process that has not said who it is yet".into(),
+                |h| describe(&h),
+            );
             user_bail!(
                 "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) is in use by another training: {who} \
                  holds its lock ({}). A checkpoint folder belongs to one training; two would \
@@ -88,11 +90,26 @@ pub fn acquire(root: &Path) -> Result<FolderLock> {
         since_unix_s: now,
     };
     let record = serde_json::to_string(&me)? + "\n";
-    file.set_len(0)
+    let written = file
+        .set_len(0)
         .and_then(|()| file.seek(SeekFrom::Start(0)))
         .and_then(|_| file.write_all(record.as_bytes()))
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", path.display()))?;
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) {
+            return Err(crate::sys::error::StorageFull(format!(
+                "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) is full ({e}): free space on its \
+                 volume, give it more (the operator's spec.checkpoint.size), or give another \
+                 --checkpoint-dir",
+                root.display()
+            ))
+            .into());
+        }
+        return Err(anyhow::Error::new(e).context(format!("write {}", path.display())));
+    }
     Ok(FolderLock { _file: Some(file) })
 }
 

@@ -28,7 +28,11 @@ pub fn dataset_id(path: &Path, data: &Dataset) -> DatasetId {
     let canonical = serde_json::to_vec(&data.manifest).unwrap_or_default();
     DatasetId {
         digest: format!("{:x}", Sha256::digest(&canonical)),
-        path: path.display().to_string(),
+        path: path
+            .canonicalize()
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string(),
         train_characters: data.manifest.train.characters,
         val_characters: data.manifest.val.characters,
     }
@@ -125,7 +129,10 @@ fn check_manifest(
     let mut diffs = Vec::new();
     let theirs = &m.model;
     if theirs.depth != model.depth {
-        diffs.push(format!("--depth {} (this run: {})", theirs.depth, model.depth));
+        diffs.push(format!(
+            "--depth {} (this run: {})",
+            theirs.depth, model.depth
+        ));
     }
     if theirs.seq_len != model.seq_len {
         diffs.push(format!(
@@ -154,8 +161,17 @@ fn check_manifest(
     if !diffs.is_empty() {
         // The weights fit another sequence length: only the data position does not.
         let weights_fit = theirs.seq_len != model.seq_len
-            && (theirs.depth, theirs.vocab_size, theirs.rope_base, theirs.scalars)
-                == (model.depth, model.vocab_size, model.rope_base, model.scalars);
+            && (
+                theirs.depth,
+                theirs.vocab_size,
+                theirs.rope_base,
+                theirs.scalars,
+            ) == (
+                model.depth,
+                model.vocab_size,
+                model.rope_base,
+                model.scalars,
+            );
         let init = if weights_fit {
             format!(
                 ", or start a new training from its weights with --init-from {} and another \
@@ -259,7 +275,10 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
             "note: --init-from {} is not used: {} holds this training's own checkpoints, which \
              it resumes",
             src.display(),
-            plan.checkpoint_dir.as_deref().unwrap_or(Path::new("")).display()
+            plan.checkpoint_dir
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
         );
     }
     if m.dataset.is_none() {
