@@ -92,7 +92,7 @@ pub fn checkpoint_size() -> Rule {
 pub fn failure_reasons_unique() -> Rule {
     Rule::new("self.all(r, self.exists_one(s, s.reason == r.reason))").message(
         "restartPolicy.rules must name each reason at most once (Evicted, Preempted, NodeLost, \
-             OOMKilled, BadInput, Error): merge the rules of the repeated reason into one",
+             OOMKilled, BadInput, StorageFull, Error): merge the rules of the repeated reason into one",
     )
     // Not `FieldValueDuplicate`: the API server prints that as a bare "Duplicate value", without
     // the message.

@@ -58,7 +58,8 @@ pub fn acquire(root: &Path) -> Result<FolderLock> {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let who = serde_json::from_str::<Holder>(&text).map_or_else(
-                |_| "a process that has not said who it is yet".into(),
+                // Just started, or on a filesystem whose locks forbid reading (SMB).
+                |_| "a training whose record of itself cannot be read yet".into(),
                 |h| describe(&h),
             );
             user_bail!(
