@@ -156,7 +156,7 @@ fn another_dataset_is_refused_and_init_from_starts_a_new_training_from_the_weigh
     let out = run(&inside);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("is inside --checkpoint-dir"),
+        stderr(&out).contains("is inside the checkpoint folder"),
         "{}",
         stderr(&out)
     );

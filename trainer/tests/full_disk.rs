@@ -250,4 +250,64 @@ fn full_disk_inside() {
         "{err}"
     );
     assert!(ckpt.join("step-000000003/manifest.json").exists());
+
+    // `run` (prepare, launch, train) on the same wall: exit 3 and a message to make room, not
+    // "the training failed; run the same command again".
+    let texts = tmp.path().join("texts");
+    std::fs::create_dir_all(&texts).unwrap();
+    let docs: String = (0..400)
+        .map(|i| format!("{i}+{i}\n{}\n\n", 2 * i))
+        .collect();
+    std::fs::write(texts.join("a.txt"), docs).unwrap();
+    let base = volume.join("base");
+    let run_to = |steps: &str| {
+        let port = common::ranks::free_port().to_string();
+        let mut cmd = Command::new(common::bin());
+        cmd.args(["run", "--data", s(&texts), "--base-dir", s(&base)])
+            .args([
+                "--depth",
+                "1",
+                "--device-batch-size",
+                "4",
+                "--samples",
+                "0",
+                "--",
+            ])
+            .args(["--seq-len", "32", "--total-batch-size", "256"])
+            .args(["--eval-tokens", "512"])
+            .args(["--metrics-port", "0", "--threads", "1", "--device", "cpu"])
+            .args(["--eval-every", "0", "--checkpoint-every-minutes", "0"])
+            .args(["--max-steps", steps])
+            .env("MASTER_PORT", port);
+        for name in [
+            "WORLD_SIZE",
+            "RANK",
+            "DEPTH",
+            "TRAINING_HOURS",
+            "NPROC_PER_NODE",
+        ] {
+            cmd.env_remove(name);
+        }
+        cmd.output().unwrap()
+    };
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    let out = run_to("2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d1 = base.join("checkpoints/d1");
+    let before = snapshot(&d1);
+    let filler = volume.join("filler");
+    let fill = free_bytes(&volume) - half(model);
+    std::fs::write(&filler, vec![7u8; fill as usize]).unwrap();
+    let out = run_to("3");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the checkpoint volume of {} is full",
+            d1.display()
+        )) && err.contains("make room there")
+            && !err.contains("the training failed"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&d1), before, "run: the folder changed");
 }

@@ -13,7 +13,7 @@ mod lock;
 mod plan;
 pub mod progress;
 pub mod recipe;
-mod resume;
+pub(crate) mod resume;
 mod session;
 mod state;
 
@@ -66,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         crate::engine::memory::check_fits(&GptConfig::new(args.depth, args.seq_len), n, device)?;
     }
     let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
-    early.dataset = Some(resume::dataset_id(&args.data, &data));
+    early.dataset = Some(resume::dataset_id(&args.data, &data.manifest));
     let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
     // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
     // single-GPU run exercises the same code path as a multi-GPU one.

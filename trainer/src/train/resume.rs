@@ -17,15 +17,15 @@ use super::lock::{self, FolderLock};
 use super::plan::{schedule_change, Batch, Plan, ScheduleInputs};
 use super::recipe::Recipe;
 use super::state::RunState;
-use crate::data::dataset::Dataset;
+use crate::data::prepare::Manifest as DataManifest;
 use crate::engine::Engine;
 use crate::model::GptConfig;
 use crate::user_bail;
 
-/// The identity of the prepared dataset in `path`: its manifest's digest (of its canonical JSON,
-/// so equal for byte-identical data wherever it lies).
-pub fn dataset_id(path: &Path, data: &Dataset) -> DatasetId {
-    let canonical = serde_json::to_vec(&data.manifest).unwrap_or_default();
+/// The identity of the prepared dataset in `path` (manifest `data`): its manifest's digest (of its
+/// canonical JSON, so equal for byte-identical data wherever it lies).
+pub fn dataset_id(path: &Path, data: &DataManifest) -> DatasetId {
+    let canonical = serde_json::to_vec(data).unwrap_or_default();
     DatasetId {
         digest: format!("{:x}", Sha256::digest(&canonical)),
         path: path
@@ -33,8 +33,8 @@ pub fn dataset_id(path: &Path, data: &Dataset) -> DatasetId {
             .unwrap_or_else(|_| path.to_path_buf())
             .display()
             .to_string(),
-        train_characters: data.manifest.train.characters,
-        val_characters: data.manifest.val.characters,
+        train_characters: data.train.characters,
+        val_characters: data.val.characters,
     }
 }
 
@@ -43,33 +43,85 @@ pub fn vocabulary() -> String {
     String::from_utf8_lossy(crate::data::vocab::CHARS).into_owned()
 }
 
+/// How a refusal names the ways on: `train` names its own flags; `run`, which picks the folder
+/// itself and passes `train` flags after `--`, names its `--model-tag` and `-- --init-from`.
+#[derive(Clone, Copy, Debug)]
+pub struct Remedy {
+    /// What to give for another checkpoint folder.
+    pub other_folder: &'static str,
+    /// The flag that starts a new training from a checkpoint's weights.
+    pub init_from: &'static str,
+}
+
+pub const TRAIN_REMEDY: Remedy = Remedy {
+    other_folder: "another --checkpoint-dir",
+    init_from: "--init-from",
+};
+
 /// Rank 0's claim on the checkpoint folder before any training: it can be written, no other
 /// training holds it (the lock, kept for the returned value's life), and the checkpoints in it are
 /// of this dataset and of the model `model` (the flags' architecture). Checked before the "already
 /// over" look, so a finished training of another model is refused, not reported as done.
 pub fn claim(plan: &Plan, model: &GptConfig) -> Result<Option<FolderLock>> {
     if let Some(src) = &plan.init_from {
-        check_init_source(src, plan.checkpoint_dir.as_deref())?;
+        check_init_source(src, plan.checkpoint_dir.as_deref(), TRAIN_REMEDY)?;
     }
     let Some(root) = &plan.checkpoint_dir else {
         return Ok(None);
     };
     checkpoint::check_writable(root)?;
     let held = lock::acquire(root)?;
-    // The newest readable rolling checkpoint (what a resume reads) and best/ (what `sample` reads).
+    check_checkpoints(
+        root,
+        model,
+        plan.batch.recipe,
+        plan.dataset.as_ref(),
+        TRAIN_REMEDY,
+    )?;
+    Ok(Some(held))
+}
+
+/// The checks of [`claim`] that read the folder, without taking it: `run` makes them before it
+/// starts the training, to name its own flags in a refusal.
+pub fn check_folder(
+    root: &Path,
+    init_from: Option<&Path>,
+    model: &GptConfig,
+    recipe: Recipe,
+    dataset: &DatasetId,
+    remedy: Remedy,
+) -> Result<()> {
+    if let Some(src) = init_from {
+        check_init_source(src, Some(root), remedy)?;
+    }
+    check_checkpoints(root, model, recipe, Some(dataset), remedy)
+}
+
+/// The newest readable rolling checkpoint in `root` (what a resume reads) and best/ (what
+/// `sample` reads) must be of this training.
+fn check_checkpoints(
+    root: &Path,
+    model: &GptConfig,
+    recipe: Recipe,
+    dataset: Option<&DatasetId>,
+    remedy: Remedy,
+) -> Result<()> {
+    if !root.is_dir() {
+        return Ok(());
+    }
     let newest = checkpoint::list(root)?
         .into_iter()
         .find_map(|(_, d)| checkpoint::load_manifest(&d).ok().map(|m| (d, m)));
     let best = root.join(checkpoint::BEST_DIR);
     let best = checkpoint::load_manifest(&best).ok().map(|m| (best, m));
     for (dir, m) in newest.into_iter().chain(best) {
-        check_manifest(&dir, &m, model, plan.batch.recipe, plan.dataset.as_ref())?;
+        check_manifest(&dir, &m, model, recipe, dataset, remedy)?;
     }
-    Ok(Some(held))
+    Ok(())
 }
 
 /// `--init-from` must name readable weights outside the new training's own folder.
-fn check_init_source(src: &Path, root: Option<&Path>) -> Result<()> {
+fn check_init_source(src: &Path, root: Option<&Path>, remedy: Remedy) -> Result<()> {
     let dir = checkpoint::resolve_for_reading(src).map_err(|e| {
         crate::sys::error::UserError(format!("--init-from (CHARLM_INIT_FROM): {e:#}"))
     })?;
@@ -77,10 +129,11 @@ fn check_init_source(src: &Path, root: Option<&Path>) -> Result<()> {
         let (dir, root) = (canonical(&dir), canonical(root));
         if dir.starts_with(&root) {
             user_bail!(
-                "--init-from {} is inside --checkpoint-dir {}: a new training from those weights \
-                 needs a folder of its own; give another --checkpoint-dir",
+                "--init-from {} is inside the checkpoint folder {}: a new training from those \
+                 weights needs a folder of its own; give {}",
                 src.display(),
-                root.display()
+                root.display(),
+                remedy.other_folder
             );
         }
     }
@@ -99,16 +152,20 @@ fn check_manifest(
     model: &GptConfig,
     recipe: Recipe,
     dataset: Option<&DatasetId>,
+    remedy: Remedy,
 ) -> Result<()> {
     let root = dir.parent().unwrap_or(dir);
+    let Remedy {
+        other_folder,
+        init_from,
+    } = remedy;
     if let (Some(theirs), Some(ours)) = (&m.dataset, dataset) {
         if theirs.digest != ours.digest {
             user_bail!(
                 "{} was trained on another dataset: {}; this run's --data is {}. Its val bpc and \
                  best/ were measured on that dataset's validation split, so it cannot go on here. \
-                 Give this training another --checkpoint-dir, or start a new training from those \
-                 weights, with its own best/, by adding --init-from {} and another \
-                 --checkpoint-dir",
+                 Give this training {other_folder}, or start a new training from those weights, \
+                 with its own best/, by adding {init_from} {} and {other_folder}",
                 dir.display(),
                 theirs.describe(),
                 ours.describe(),
@@ -119,7 +176,7 @@ fn check_manifest(
     if let Some(theirs) = m.vocabulary.as_deref().filter(|v| *v != vocabulary()) {
         user_bail!(
             "{} was trained with the vocabulary {theirs:?}, this trainer's is {:?}: its weights \
-             cannot be read by this model; give another --checkpoint-dir",
+             cannot be read by this model; give {other_folder}",
             dir.display(),
             vocabulary()
         );
@@ -174,8 +231,8 @@ fn check_manifest(
             );
         let init = if weights_fit {
             format!(
-                ", or start a new training from its weights with --init-from {} and another \
-                 --checkpoint-dir",
+                ", or start a new training from its weights with {init_from} {} and \
+                 {other_folder}",
                 root.display()
             )
         } else {
@@ -184,7 +241,7 @@ fn check_manifest(
         user_bail!(
             "{} holds another model than this run asks for: {}. A checkpoint resumes only into \
              the model and recipe it was trained with, whatever the budget: resume it with the \
-             same flags, or give this training another --checkpoint-dir{init}",
+             same flags, or give this training {other_folder}{init}",
             dir.display(),
             diffs.join(", ")
         );
@@ -269,6 +326,7 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
         &engine.model.config,
         plan.batch.recipe,
         plan.dataset.as_ref(),
+        TRAIN_REMEDY,
     )?;
     if let Some(src) = &plan.init_from {
         eprintln!(
