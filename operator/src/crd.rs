@@ -509,7 +509,9 @@ pub struct RestartPolicySpec {
     /// names. Reasons (defaults): Evicted, Preempted, NodeLost, Deleted (RestartWithoutCounting:
     /// from the last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower
     /// deviceBatchSize, or raise the memory of the container that ran out); BadInput, the
-    /// trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    /// trainer's exit code 2 (Fail); StorageFull, its exit code 3: a checkpoint did not fit on the
+    /// checkpoint volume (Fail: a restart would hit the same wall at its next save); Error, any
+    /// other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 7))]
     #[x_kube(validation = rules::failure_reasons_unique())]
@@ -547,6 +549,10 @@ pub enum FailureReason {
     OomKilled,
     /// The trainer exited with code 2: the input or settings are wrong. Default: Fail.
     BadInput,
+    /// The trainer exited with code 3: a checkpoint did not fit on the checkpoint volume (its
+    /// message names the bytes needed and free; nothing saved before was damaged). Default: Fail,
+    /// since a restart trains until the next save and hits the same wall.
+    StorageFull,
     /// Any other failure (a crash, a stop before the budget, a pod deleted by hand). Default:
     /// Restart.
     Error,
@@ -797,6 +803,8 @@ pub struct FailureCounts {
     pub oom_killed: i32,
     #[serde(rename = "BadInput", default)]
     pub bad_input: i32,
+    #[serde(rename = "StorageFull", default)]
+    pub storage_full: i32,
     #[serde(rename = "Error", default)]
     pub error: i32,
 }
@@ -810,6 +818,7 @@ impl FailureCounts {
             FailureReason::Deleted => &mut self.deleted,
             FailureReason::OomKilled => &mut self.oom_killed,
             FailureReason::BadInput => &mut self.bad_input,
+            FailureReason::StorageFull => &mut self.storage_full,
             FailureReason::Error => &mut self.error,
         }
     }

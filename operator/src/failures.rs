@@ -9,13 +9,14 @@ use crate::workers::{Worker, WorkerState};
 
 /// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
 /// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
-pub const ALL_REASONS: [FailureReason; 7] = [
+pub const ALL_REASONS: [FailureReason; 8] = [
     FailureReason::Evicted,
     FailureReason::Preempted,
     FailureReason::NodeLost,
     FailureReason::Deleted,
     FailureReason::OomKilled,
     FailureReason::BadInput,
+    FailureReason::StorageFull,
     FailureReason::Error,
 ];
 
@@ -28,6 +29,7 @@ impl FailureReason {
             FailureReason::Deleted => "Deleted",
             FailureReason::OomKilled => "OOMKilled",
             FailureReason::BadInput => "BadInput",
+            FailureReason::StorageFull => "StorageFull",
             FailureReason::Error => "Error",
         }
     }
@@ -51,14 +53,17 @@ impl FailureAction {
 }
 
 /// The action without a rule: the cluster's disruptions are not the training's fault, so they
-/// restart without using up restarts; bad input and running out of memory repeat on every retry.
+/// restart without using up restarts; bad input, running out of memory and a full checkpoint
+/// volume repeat on every retry.
 pub fn default_action(reason: FailureReason) -> FailureAction {
     match reason {
         FailureReason::Evicted
         | FailureReason::Preempted
         | FailureReason::NodeLost
         | FailureReason::Deleted => FailureAction::RestartWithoutCounting,
-        FailureReason::OomKilled | FailureReason::BadInput => FailureAction::Fail,
+        FailureReason::OomKilled | FailureReason::BadInput | FailureReason::StorageFull => {
+            FailureAction::Fail
+        }
         FailureReason::Error => FailureAction::Restart,
     }
 }
@@ -87,6 +92,7 @@ pub fn classify(worker: &Worker) -> FailureReason {
     }
     match &worker.state {
         WorkerState::Failed(f) if f.is_bad_input() => FailureReason::BadInput,
+        WorkerState::Failed(f) if f.is_storage_full() => FailureReason::StorageFull,
         WorkerState::Failed(f) if f.reason.as_deref() == Some("OOMKilled") => {
             FailureReason::OomKilled
         }
@@ -185,6 +191,14 @@ pub fn fail_message(
              micro-batch; gradient accumulation keeps totalBatchSize) or raise the memory limit in \
              spec.resources"
         ),
+        // The trainer's line names the folder, the bytes a checkpoint needs and what is free.
+        FailureReason::StorageFull => format!(
+            "{detail}; the checkpoint volume is full (StorageFull; the checkpoints saved before \
+             are intact): make room on the checkpoint claim (expand it if its StorageClass allows \
+             volume expansion, or delete what else it holds) or keep fewer checkpoints \
+             (spec.checkpoint.keep) in a new training; a restartPolicy.rules entry {{reason: \
+             StorageFull, action: Restart}} restarts instead of failing"
+        ),
         _ => detail.to_string(),
     }
 }
@@ -236,6 +250,15 @@ mod tests {
                 terminated(pod(&t, 0, 0), "prepare", 2, "error: no .txt files"),
                 FailureReason::BadInput,
             ),
+            (
+                terminated(
+                    pod(&t, 0, 0),
+                    TRAINER_CONTAINER,
+                    3,
+                    "error: the checkpoint volume is full",
+                ),
+                FailureReason::StorageFull,
+            ),
             (crash(), FailureReason::Error),
         ];
         for (p, want) in cases {
@@ -265,6 +288,7 @@ mod tests {
                 RestartWithoutCounting,
                 RestartWithoutCounting,
                 RestartWithoutCounting,
+                Fail,
                 Fail,
                 Fail,
                 Restart
@@ -325,6 +349,25 @@ mod tests {
                 && m.contains("raise the memory limit in spec.resources.limits.memory")
                 && !m.contains("lower spec.deviceBatchSize"),
             "{m}"
+        );
+        let m = fail_message(
+            FailureReason::StorageFull,
+            "t-worker-0: container trainer exited with code 3: the checkpoint volume is full: writing /checkpoints/step-000000040 needs about 1.2 GiB, and /checkpoints has 12.0 MiB free",
+            false,
+            None,
+        );
+        assert!(
+            m.contains("needs about 1.2 GiB") && m.contains("12.0 MiB free"),
+            "{m}"
+        );
+        assert!(
+            m.contains("spec.checkpoint.keep")
+                && m.contains("reason: StorageFull, action: Restart"),
+            "{m}"
+        );
+        assert_eq!(
+            failed_condition_reason(FailureReason::StorageFull),
+            "StorageFull"
         );
     }
 

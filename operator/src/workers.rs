@@ -133,6 +133,11 @@ impl Failure {
         self.exit_code == Some(EXIT_BAD_INPUT)
     }
 
+    /// The trainer's exit code 3: a checkpoint did not fit on the checkpoint volume.
+    pub fn is_storage_full(&self) -> bool {
+        self.exit_code == Some(charlm_contract::exit::STORAGE_FULL)
+    }
+
     /// One line for a condition message: which container, how it ended, and why.
     pub fn describe(&self, pod: &str) -> String {
         let mut out = match (&self.container, self.exit_code) {

@@ -5,7 +5,7 @@
 //! human lines with `[rank N] `, forwards SIGTERM/SIGINT to them, and exits 0 only when every worker
 //! exited 0. When a worker
 //! fails, the others are stopped and the failing rank is named; its exit code 2 ("bad input, do
-//! not retry") is passed on as 2, any other failure becomes 1.
+//! not retry") is passed on as 2, 3 (a full checkpoint volume) as 3, any other failure becomes 1.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -22,7 +22,7 @@ use signal_hook::iterator::Signals;
 use charlm_contract::events::{self, Event, Line};
 
 use crate::sys::children::{self, signal_name};
-use crate::sys::error::UserError;
+use crate::sys::error::{StorageFull, UserError};
 use crate::sys::events::Events;
 use crate::sys::flags::{self, LogFormat};
 use crate::user_bail;
@@ -196,13 +196,16 @@ pub fn run(args: Args) -> Result<()> {
             } else {
                 format!("rank {rank} failed: {}", describe(Some(status)))
             };
-            if status.code() == Some(2) {
-                Err(UserError(format!(
+            match status.code() {
+                Some(charlm_contract::exit::BAD_INPUT) => Err(UserError(format!(
                     "{what} (bad input or settings: see its message above)"
                 ))
-                .into())
-            } else {
-                Err(anyhow!(what))
+                .into()),
+                Some(charlm_contract::exit::STORAGE_FULL) => Err(StorageFull(format!(
+                    "{what} (its checkpoint volume is full: see its message above)"
+                ))
+                .into()),
+                _ => Err(anyhow!(what)),
             }
         }
     }

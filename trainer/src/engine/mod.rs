@@ -485,6 +485,12 @@ impl Engine {
         self.adamw.load_state(optimizer, adamw_step)
     }
 
+    /// Takes a checkpoint's weights alone (`--init-from`): the optimizer starts fresh.
+    pub fn load_weights(&mut self, model: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.mark_weights_changed();
+        self.model.load_weights(model)
+    }
+
     /// Makes every rank hold rank 0's weights and optimizer state (sharded: its own share of
     /// Muon's, from what rank 0 loaded or its zeros).
     pub fn broadcast_from_rank0(&self, pg: &ProcessGroup) -> Result<()> {

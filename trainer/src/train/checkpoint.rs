@@ -1,7 +1,9 @@
 //! Checkpoints: one directory per save, `step-<9 digits>/{model,optimizer}.safetensors + manifest.json`,
 //! written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
 //! that looks whole. The manifest records each file's size and sha256; a checkpoint that fails the
-//! check is reported, renamed aside (never deleted) and the previous one is used.
+//! check is reported, renamed aside (never deleted) and the previous one is used. A save that
+//! finds its volume full removes what it wrote and fails with [`StorageFull`] (exit 3), which
+//! names the folder, the bytes a checkpoint needs and what is free.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
+use crate::sys::disk::{self, fmt_bytes, fmt_size, grouped};
+use crate::sys::error::{is_out_of_space, StorageFull};
 use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
 
@@ -48,6 +52,51 @@ pub struct Manifest {
     pub world_size: usize,
     pub adamw_step: i64,
     pub files: BTreeMap<String, FileCheck>,
+    /// The prepared dataset this training reads (absent in checkpoints from before it was
+    /// recorded): a checkpoint folder belongs to one dataset, since `best/` compares val bpc
+    /// measured on its validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetId>,
+    /// The characters of token ids 0.. (absent before it was recorded: the one vocabulary there
+    /// was then, which is today's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<String>,
+    /// The checkpoint whose weights started this training (`--init-from`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// Which prepared dataset a training reads: the digest of its manifest (which records every
+/// source's sha256, the split and the counts, so equal digests mean byte-identical data), and
+/// where it was, for messages.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatasetId {
+    pub digest: String,
+    pub path: String,
+    pub train_characters: u64,
+    pub val_characters: u64,
+}
+
+impl DatasetId {
+    /// "data (manifest sha256 1a2b3c4d5e6f, 50,000 + 500 characters)".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (manifest sha256 {}, {} training + {} validation characters)",
+            self.path,
+            &self.digest[..self.digest.len().min(12)],
+            self.train_characters,
+            self.val_characters
+        )
+    }
+}
+
+/// Where a training's first weights came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InitFrom {
+    pub path: String,
+    pub step: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -103,13 +152,34 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 
 /// Writes a checkpoint into `root/<name>` atomically and returns its path. An older directory of
 /// the same name (a re-save of the same step, or `best/`) is replaced only once the new one is whole.
+/// A full volume is a [`StorageFull`] error, raised after the partial write was removed.
 pub fn save(
+    root: &Path,
+    name: &str,
+    manifest: Manifest,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+) -> Result<PathBuf> {
+    write_checkpoint(root, name, manifest, model, optimizer).map_err(|e| {
+        if !is_out_of_space(&e) {
+            return e;
+        }
+        let needs = Needs::Checkpoint {
+            model: tensor_bytes(model),
+            optimizer: tensor_bytes(optimizer),
+        };
+        anyhow::Error::new(storage_full(root, &root.join(name), needs, &e))
+    })
+}
+
+fn write_checkpoint(
     root: &Path,
     name: &str,
     mut manifest: Manifest,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
 ) -> Result<PathBuf> {
+    // Dropped unwritten on an error: the partial directory is removed before the caller looks.
     let staging = StagingDir::new(&root.join(name))?;
     write_tensors(&staging.path().join(MODEL_FILE), model)?;
     write_tensors(&staging.path().join(OPTIMIZER_FILE), optimizer)?;
@@ -127,6 +197,55 @@ pub fn save(
     staging.commit()
 }
 
+/// The bytes of tensors' data as safetensors stores them (its small header aside).
+fn tensor_bytes(tensors: &[(String, Tensor)]) -> u64 {
+    tensors
+        .iter()
+        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum()
+}
+
+/// What a full volume means for this training: the folder, what the write needs, what is free
+/// (measured after the partial write was removed) and what the folder already holds.
+fn storage_full(root: &Path, dest: &Path, needs: Needs, e: &anyhow::Error) -> StorageFull {
+    let space = disk::space(root);
+    let free = space.map_or("an unknown amount".into(), |s| fmt_bytes(s.free));
+    let total = space.map_or(String::new(), |s| format!(" of {}", fmt_size(s.total)));
+    let held = list(root).map_or(0, |l| l.len());
+    let best = if root.join(BEST_DIR).join(MANIFEST_FILE).exists() {
+        " and best/"
+    } else {
+        ""
+    };
+    let why = crate::sys::error::io_kind(e).map_or_else(String::new, |k| format!(" ({k})"));
+    let needs = match needs {
+        Needs::Checkpoint { model, optimizer } => format!(
+            "{} ({} bytes: {} of weights, {} of optimizer state)",
+            fmt_size(model + optimizer),
+            grouped(model + optimizer),
+            fmt_size(model),
+            fmt_size(optimizer)
+        ),
+        Needs::File(bytes) => fmt_bytes(bytes),
+    };
+    StorageFull(format!(
+        "the checkpoint volume is full{why}: writing {} needs about {needs}, and {} has {free} \
+         free{total}; it holds {held} rolling checkpoint(s){best}. The partial write was removed \
+         and the checkpoints saved before are intact. Make room for the rolling checkpoints kept \
+         (--keep-checkpoints), best/ and one being written: free space on the volume, give it \
+         more (the operator's spec.checkpoint.size), keep fewer checkpoints, or give another \
+         --checkpoint-dir",
+        dest.display(),
+        root.display(),
+    ))
+}
+
+/// What a write that found no room needed.
+enum Needs {
+    Checkpoint { model: u64, optimizer: u64 },
+    File(u64),
+}
+
 /// Makes sure checkpoints can be written to `root` (created if missing), before any training
 /// that a failed first save would throw away. A failure is the user's to fix: exit 2.
 pub fn check_writable(root: &Path) -> Result<()> {
@@ -135,6 +254,19 @@ pub fn check_writable(root: &Path) -> Result<()> {
         .and_then(|()| fs::write(&probe, b"charlm"))
         .and_then(|()| fs::remove_file(&probe));
     if let Err(e) = outcome {
+        let _ = fs::remove_file(&probe);
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) {
+            let free = disk::space(root).map_or("no".into(), |s| fmt_bytes(s.free));
+            return Err(anyhow::Error::new(StorageFull(format!(
+                "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) is full ({e}; {free} free): free \
+                 space on its volume, give it more (the operator's spec.checkpoint.size), or give \
+                 another --checkpoint-dir",
+                root.display()
+            ))));
+        }
         // SAFETY: getuid and getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         // The ids are the fix: a volume that arrives owned by another user (one whose driver does
@@ -280,15 +412,20 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
     }
     let mut failures = Vec::new();
     let mut set_aside = Vec::new();
-    for (_, dir) in &candidates {
+    for (i, (_, dir)) in candidates.iter().enumerate() {
         match load_dir(dir) {
             Ok(mut loaded) => {
                 loaded.set_aside = set_aside;
                 return Ok(Some(loaded));
             }
             Err(err) => {
+                // Say what happens next as it is: an earlier one is tried, or none is left.
+                let next = match candidates.get(i + 1) {
+                    Some((_, earlier)) => format!("trying the earlier {}", earlier.display()),
+                    None => "there is no earlier checkpoint to fall back on".to_string(),
+                };
                 eprintln!(
-                    "warning: checkpoint {} is damaged ({err:#}); using the previous one",
+                    "warning: checkpoint {} is damaged ({err:#}); {next}",
                     dir.display()
                 );
                 let aside = dir.with_extension("damaged");
@@ -326,10 +463,21 @@ pub fn read_complete(root: &Path) -> Result<Option<serde_json::Value>> {
 
 pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
     let tmp = root.join(format!(".{COMPLETE_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(summary)?.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, root.join(COMPLETE_FILE))?;
+    let text = serde_json::to_string_pretty(summary)?;
+    let written = fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, root.join(COMPLETE_FILE)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        let e =
+            anyhow::Error::new(e).context(format!("write {}", root.join(COMPLETE_FILE).display()));
+        if is_out_of_space(&e) {
+            let needs = Needs::File(text.len() as u64);
+            let full = storage_full(root, &root.join(COMPLETE_FILE), needs, &e);
+            return Err(anyhow::Error::new(full));
+        }
+        return Err(e);
+    }
     fsync(root)
 }
 
@@ -353,6 +501,9 @@ mod tests {
             world_size: 1,
             adamw_step: step,
             files: BTreeMap::new(),
+            dataset: None,
+            vocabulary: None,
+            init_from: None,
         }
     }
 

@@ -145,6 +145,26 @@ pub fn min_over_ranks(pg: &ProcessGroup, device: Device, value: f64) -> Result<f
     Ok(least)
 }
 
+/// The outcome of a step rank 0 alone takes (the others pass their `Ok`), seen by every rank: when
+/// it failed, the others fail too, with its exit code, instead of waiting in the next collective
+/// for a rank that left.
+pub fn rank0_outcome<T>(pg: &ProcessGroup, device: Device, outcome: Result<T>) -> Result<T> {
+    use crate::sys::error::{exit_code, StorageFull, UserError};
+    let code = outcome.as_ref().map_or_else(exit_code, |_| 0);
+    let agreed = agree(pg, device, &[f64::from(code)])?[0] as i32;
+    if agreed == 0 || pg.rank() == 0 {
+        return outcome;
+    }
+    let message = format!(
+        "rank 0 stopped this training at its start (exit code {agreed}): its error says why"
+    );
+    Err(match agreed {
+        charlm_contract::exit::BAD_INPUT => UserError(message).into(),
+        charlm_contract::exit::STORAGE_FULL => StorageFull(message).into(),
+        _ => anyhow::anyhow!(message),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

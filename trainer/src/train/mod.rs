@@ -11,10 +11,11 @@ mod args;
 pub mod checkpoint;
 pub mod consensus;
 mod endpoint;
+mod lock;
 mod plan;
 pub mod progress;
 pub mod recipe;
-mod resume;
+pub(crate) mod resume;
 mod session;
 mod state;
 
@@ -53,11 +54,6 @@ pub fn run(args: Args) -> Result<()> {
     let env = DistEnv::from_env();
     let events = Events::new(args.log_format, Some(env.rank as u64));
     let device = args.device.resolve(env.local_rank)?;
-    // Rank 0 alone writes checkpoints: an unwritable directory is found now, not at the first
-    // save after the training ran.
-    if let (Some(dir), 0) = (&args.checkpoint_dir, env.rank) {
-        checkpoint::check_writable(dir)?;
-    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
@@ -68,11 +64,12 @@ pub fn run(args: Args) -> Result<()> {
         MicroBatch::Fixed(n) => n,
         MicroBatch::Auto => 1,
     };
-    let early = Plan::new(&args, env.world_size, early_micro)?;
+    let mut early = Plan::new(&args, env.world_size, early_micro)?;
     if let MicroBatch::Fixed(n) = args.device_batch_size {
         crate::engine::memory::check_fits(&GptConfig::new(args.depth, args.seq_len), n, device)?;
     }
     let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
+    early.dataset = Some(resume::dataset_id(&args.data, &data.manifest));
     let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
     // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
     // single-GPU run exercises the same code path as a multi-GPU one.
@@ -80,6 +77,17 @@ pub fn run(args: Args) -> Result<()> {
     let pg = ProcessGroup::init_with(&env, device, &options)?;
     let is_main = pg.rank() == 0;
     same_settings_everywhere(&early, &args, &pg, device)?;
+    // Rank 0 alone writes checkpoints, and claims the folder now, before any training a failed
+    // save would throw away: writable, locked for this training's life, holding no other
+    // training. Every rank learns the outcome, so none waits for a rank that left.
+    let flags_model = GptConfig::new(args.depth, args.seq_len)
+        .with_rope_base(early.schedule.rope_base)
+        .with_scalars(early.schedule.scalars);
+    let claimed = match is_main {
+        true => resume::claim(&early, &flags_model),
+        false => Ok(None),
+    };
+    let _folder_lock = consensus::rank0_outcome(&pg, device, claimed)?;
 
     let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
         world_size: pg.world_size() as u64,
@@ -94,7 +102,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let config = GptConfig::new(args.depth, args.seq_len);
     let micro = plan::resolve_micro_batch(&args, &config, &pg, device)?;
-    let plan = Plan::new(&args, env.world_size, micro)?;
+    let mut plan = Plan::new(&args, env.world_size, micro)?;
+    plan.dataset = early.dataset.clone();
     let config = config
         .with_rope_base(plan.schedule.rope_base)
         .with_scalars(plan.schedule.scalars);

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
 use super::consensus::{self, from_rank0};
-use super::plan::Plan;
+use super::plan::{Plan, Projection};
 use super::progress::{self, SharedProgress};
 use super::state::{manifest_for, RunState};
 use super::PEAK_FLOPS;
@@ -102,6 +102,10 @@ impl Session<'_> {
                 }
             }
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            // The pace is measured from the end of the session's first step (its warm-up aside).
+            if self.state.pace_anchor.is_none() {
+                self.state.pace_anchor = Some((self.state.step, self.state.elapsed_s));
+            }
             if step_times.len() == 20 {
                 step_times.pop_front();
             }
@@ -201,7 +205,7 @@ impl Session<'_> {
             p.tokens_per_s = Some(tokens_per_s);
             p.mfu = mfu;
             p.peak_memory_gib = crate::sys::cuda::peak_memory_gib(self.device);
-            self.fill_progress(&mut p, Some(step_s));
+            self.fill_progress(&mut p);
             p.clone()
         };
         let every = self.plan.log_every;
@@ -210,7 +214,8 @@ impl Session<'_> {
                 .plan
                 .budget
                 .fraction(self.state.step, self.state.elapsed_s);
-            log_step(&snapshot, lr_mult, progress, &self.events);
+            let total = self.projection().shown();
+            log_step(&snapshot, &total, lr_mult, progress, &self.events);
             let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
             scalars.push(("perf/tokens_per_second", tokens_per_s));
             scalars.extend(mfu.map(|m| ("perf/mfu", m)));
@@ -260,7 +265,7 @@ impl Session<'_> {
         }
         {
             let mut p = self.shared.lock().expect("progress lock");
-            self.fill_progress(&mut p, None);
+            self.fill_progress(&mut p);
         }
         let past = charlm_contract::PAST_BEST_EVALUATIONS;
         if self.state.evals_since_best > past {
@@ -362,7 +367,7 @@ impl Session<'_> {
             return Ok(());
         }
         let mut p = self.shared.lock().expect("progress lock").clone();
-        self.fill_progress(&mut p, None);
+        self.fill_progress(&mut p);
         p.complete = reason.is_complete();
         p.stop_reason = Some(reason.as_str().to_string());
         if reason == StopReason::EarlyStop {
@@ -415,7 +420,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn fill_progress(&self, p: &mut ProgressReport, step_s: Option<f64>) {
+    /// Where the budget ends, in steps and seconds, from this session's pace so far.
+    fn projection(&self) -> Projection {
+        self.plan
+            .budget
+            .project(self.state.step, self.state.elapsed_s, self.state.pace())
+    }
+
+    fn fill_progress(&self, p: &mut ProgressReport) {
         let (state, plan) = (&self.state, self.plan);
         p.step = state.step;
         p.tokens = state.step as u64 * plan.batch.total_batch_size as u64;
@@ -431,25 +443,9 @@ impl Session<'_> {
             .last_checkpoint
             .as_ref()
             .map(|d| d.display().to_string());
-        let by_time = self
-            .plan
-            .budget
-            .seconds
-            .map(|b| (b - state.elapsed_s).max(0.0));
-        let by_steps = match (self.plan.budget.max_steps, step_s) {
-            (Some(m), Some(dt)) => Some((m - state.step).max(0) as f64 * dt),
-            _ => None,
-        };
-        if step_s.is_some() {
-            p.eta_s = match (by_time, by_steps) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            p.total_steps_estimate = match (p.eta_s, step_s) {
-                (Some(eta), Some(dt)) if dt > 0.0 => Some(state.step + (eta / dt).round() as i64),
-                _ => self.plan.budget.max_steps,
-            };
-        }
+        let projection = self.projection();
+        p.eta_s = projection.eta_s;
+        p.total_steps_estimate = projection.total_steps;
     }
 
     fn tensorboard_scalars(&mut self, step: i64, values: &[(&str, f64)]) {
@@ -596,18 +592,16 @@ pub fn evaluate(
     Ok(v[0] / v[1] / std::f64::consts::LN_2)
 }
 
-/// The step's human line (units, share of the budget, time left) and its `step` event.
-fn log_step(p: &ProgressReport, lr_mult: f64, progress: f64, events: &Events) {
-    let total = p
-        .total_steps_estimate
-        .map_or("?".to_string(), |t| t.to_string());
+/// The step's human line (units, share of the budget, time left) and its `step` event; `total`
+/// is what is known of the last step (`/40`, `/~207` for an estimate, or nothing yet).
+fn log_step(p: &ProgressReport, total: &str, lr_mult: f64, progress: f64, events: &Events) {
     let mfu = p
         .mfu
         .map_or(String::new(), |m| format!(" | mfu {:.1}%", m * 100.0));
     let loss = p.train_loss.unwrap_or(f64::NAN);
     let tokens_per_s = p.tokens_per_s.unwrap_or(0.0);
     eprintln!(
-        "step {:>6}/{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
+        "step {:>6}{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
          epoch {:.2} | {} elapsed, {} left",
         p.step,
         (progress * 100.0).min(100.0),

@@ -3,9 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::Manifest;
+use super::checkpoint::{InitFrom, Manifest};
 use super::plan::Plan;
 use crate::engine::Engine;
+
+/// Steps a session takes (past its first) before its pace projects where a time budget ends.
+pub const PACE_STEPS: i64 = 5;
 
 /// What the loop mutates besides the model. Every rank holds rank 0's: it is sent whole at start
 /// and after each evaluation (`consensus::from_rank0`), and each decision that guards a
@@ -29,6 +32,13 @@ pub struct RunState {
     /// Of those, the ones where the model fit the training split better than the validation
     /// split (memorising): what early stopping counts.
     pub overfit_evals: u32,
+    /// The checkpoint whose weights started this training (`--init-from`), kept in every
+    /// checkpoint's manifest.
+    pub init_from: Option<InitFrom>,
+    /// Step and training time at the end of this session's first step, from which its pace is
+    /// measured (evaluations and saves included, so that projections of the budget hold). Each
+    /// rank's own clock: left out of the shared digest, as `elapsed_s` is.
+    pub pace_anchor: Option<(i64, f64)>,
 }
 
 impl RunState {
@@ -42,6 +52,8 @@ impl RunState {
             best: None,
             evals_since_best: 0,
             overfit_evals: 0,
+            init_from: None,
+            pace_anchor: None,
         }
     }
 
@@ -70,8 +82,19 @@ impl RunState {
         let mut v = serde_json::to_value(self).expect("a run state is plain data");
         if let Some(map) = v.as_object_mut() {
             map.remove("elapsed_s");
+            map.remove("pace_anchor");
         }
         v.to_string()
+    }
+
+    /// Seconds of training time per step in this session, once it has taken [`PACE_STEPS`]
+    /// steps past its first: a mean over the whole session, which settles instead of jumping
+    /// with each slow or fast step.
+    pub fn pace(&self) -> Option<f64> {
+        let (step, elapsed) = self.pace_anchor?;
+        let steps = self.step - step;
+        (steps >= PACE_STEPS && self.elapsed_s > elapsed)
+            .then(|| (self.elapsed_s - elapsed) / steps as f64)
     }
 }
 
@@ -94,6 +117,9 @@ pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest 
         world_size: batch.world_size,
         adamw_step: engine.adamw.step,
         files: Default::default(),
+        dataset: plan.dataset.clone(),
+        vocabulary: Some(super::resume::vocabulary()),
+        init_from: state.init_from.clone(),
     }
 }
 
