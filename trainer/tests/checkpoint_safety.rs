@@ -469,6 +469,9 @@ fn the_projected_total_holds_steady_when_evaluations_take_time() {
             "4",
             "--eval-tokens",
             "100000",
+            // The budget, not a memorising model, must end it: that is the total projected.
+            "--early-stop-patience",
+            "0",
         ],
     ));
     let err = stderr(&out);
