@@ -117,8 +117,10 @@ pub const NAME_MESSAGE: &str = "metadata.name must be at most 40 characters of l
 pub fn complete_schema(schema: &mut serde_json::Value) {
     schema["properties"]["metadata"] = serde_json::json!({
         "type": "object",
+        "description": "Standard object metadata; the name is limited further, see metadata.name.",
         "properties": {"name": {
             "type": "string",
+            "description": "Names the worker pods (<name>-worker-<i>), the Service (<name>-workers) and the checkpoint claim (<name>-checkpoints): at most 40 lower-case letters, digits and '-', starting with a letter.",
             "maxLength": 253,
             "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}]
         }}
