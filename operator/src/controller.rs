@@ -26,7 +26,7 @@ use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
 use crate::kueue;
 use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
 use crate::progress::PollError;
-use crate::queueing::{queue_gate, settle_workload};
+use crate::queueing::{admitted_placement, queue_gate, settle_workload};
 use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
 use crate::resources::{
     checkpoint_pvc, network_policy_name, owner_reference, pvc_name, pvc_owner_update, service_name,
@@ -240,11 +240,21 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
             Err(e) => return Err(e.into()),
         }
     }
-    // Workers are created only for a spec that resolved into effective settings.
+    // Workers are created only for a spec that resolved into effective settings; a queued
+    // training's run where Kueue's admission put them.
+    let placement = match &observed.queue {
+        Some(gate) if gate.admitted() && !decision.create.is_empty() => {
+            Some(admitted_placement(&training, ctx).await?)
+        }
+        _ => None,
+    };
     if let Some(effective) = decision.status.effective.clone() {
         for &index in &decision.create.clone() {
             let attempt = decision.status.attempt;
-            let pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            let mut pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            if let Some(placement) = &placement {
+                kueue::apply_placement(&mut pod, placement);
+            }
             match pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod)).await {
                 Ok(_) => {
                     ctx.metrics.pods_created.inc();
