@@ -851,3 +851,8 @@ async fn suspend_names_its_checkpoint_resume_finishes_and_delete_removes_everyth
     .await;
     case.finish().await;
 }
+
+// Issue 33: Kueue's preemption of a running training, and `kubectl charlm` logs -f, sample and
+// export against one (a file of its own beside this one; cargo does not take it for a target).
+#[path = "in_cluster/queue_and_plugin.rs"]
+mod queue_and_plugin;
