@@ -583,8 +583,7 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
         .unwrap_or_default();
     let mut events = Vec::new();
     for c in conditions::transitions(&before, &decision.status.conditions) {
-        let warning = c.status == conditions::TRUE
-            && (c.type_ == cond::FAILED || c.type_ == cond::RESTARTING);
+        let warning = crate::reconcile::warns(c);
         let note = if c.message.is_empty() {
             format!("{} is {}", c.type_, c.status)
         } else {

@@ -274,7 +274,12 @@ pub struct CharLMTrainingSpec {
     /// Extra environment of the trainer container. The operator's own variables (the gang's
     /// rendezvous and what the spec's fields set) are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = rules::env_names(), validation = rules::env_not_reserved())]
+    #[x_kube(
+        validation = rules::env_names(),
+        validation = rules::env_not_reserved(),
+        validation = rules::env_value_size(),
+        validation = rules::env_total_size()
+    )]
     // Keyed by name, as a container's env is: server-side apply merges entries by name.
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub env: Option<Vec<EnvVar>>,
@@ -297,8 +302,10 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative (0 deletes the training as soon as it ends)"))]
     pub ttl_seconds_after_finished: Option<i64>,
 
-    /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
-    /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
+    /// Seconds the workers of an attempt may take to be placed on nodes and started (default
+    /// 600): a worker not placed, or placed with containers that have not started (an image that
+    /// cannot be pulled, a missing Secret), counts; one preparing the dataset does not. A gang not
+    /// all started by then releases the workers it holds (GPUs that train nothing) and tries again
     /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("startupTimeoutSeconds must be between 1 and 604800 (a week)"))]
@@ -440,6 +447,7 @@ pub struct DatasetSpec {
 pub struct PvcDataset {
     /// Name of the PersistentVolumeClaim in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.pvc.claimName", "PersistentVolumeClaim", "charlm-texts"))]
     pub claim_name: String,
     /// Directory of the .txt files, relative to the root of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,6 +461,7 @@ pub struct PvcDataset {
 pub struct ConfigMapDataset {
     /// Name of the ConfigMap in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.configMap.name", "ConfigMap", "charlm-texts"))]
     pub name: String,
 }
 
@@ -540,11 +549,12 @@ pub struct RestartPolicySpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
     /// What a failure of each reason does; a rule overrides the default of the one reason it
-    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
-    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
-    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost, Deleted (RestartWithoutCounting:
+    /// from the last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower
+    /// deviceBatchSize, or raise the memory of the container that ran out); BadInput, the
+    /// trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 6))]
+    #[schemars(length(max = 7))]
     #[x_kube(validation = rules::failure_reasons_unique())]
     pub rules: Vec<FailureRule>,
 }
@@ -575,6 +585,10 @@ pub enum FailureReason {
     /// Its node went away or stopped answering and the node lifecycle deleted the pod. Default:
     /// RestartWithoutCounting.
     NodeLost,
+    /// The pod was deleted by someone other than the operator without a disruption condition
+    /// (`kubectl delete pod`; its trainer saves a checkpoint on SIGTERM), or vanished. Default:
+    /// RestartWithoutCounting.
+    Deleted,
     /// A container ran out of memory. Default: Fail (lower deviceBatchSize).
     #[serde(rename = "OOMKilled")]
     OomKilled,
@@ -792,6 +806,10 @@ pub struct FailureCounts {
     /// Attempts ended because a worker's node went away or stopped answering.
     #[serde(rename = "NodeLost", default)]
     pub node_lost: i32,
+    /// Attempts ended because a worker pod was deleted without an eviction or a preemption
+    /// (`kubectl delete pod`, another controller): restarted without counting.
+    #[serde(rename = "Deleted", default)]
+    pub deleted: i32,
     /// Attempts ended because a container ran out of memory.
     #[serde(rename = "OOMKilled", default)]
     pub oom_killed: i32,
@@ -809,6 +827,7 @@ impl FailureCounts {
             FailureReason::Evicted => &mut self.evicted,
             FailureReason::Preempted => &mut self.preempted,
             FailureReason::NodeLost => &mut self.node_lost,
+            FailureReason::Deleted => &mut self.deleted,
             FailureReason::OomKilled => &mut self.oom_killed,
             FailureReason::BadInput => &mut self.bad_input,
             FailureReason::Error => &mut self.error,

@@ -31,7 +31,7 @@ use crate::kueue::{Gate, State as QueueState};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
-use crate::workers::{Worker, WorkerState};
+use crate::workers::{Waiting, Worker, WorkerState};
 use charlm_contract::planner;
 use charlm_contract::PAST_BEST_EVALUATIONS;
 
@@ -92,6 +92,8 @@ struct Ending {
     kind: &'static str,
     reason: FailureReason,
     pod: String,
+    /// The container that failed, when one did (`generate`, `prepare`, `trainer`).
+    container: Option<String>,
     message: String,
 }
 
@@ -429,6 +431,10 @@ impl<'a> Decider<'a> {
             kind,
             reason: failures::classify(w),
             pod: w.name.clone(),
+            container: match &w.state {
+                WorkerState::Failed(f) => f.container.clone(),
+                _ => None,
+            },
             message: format!("{message}{}", disrupted_by(w)),
         };
         for w in current {
@@ -462,16 +468,17 @@ impl<'a> Decider<'a> {
                 ));
             }
         }
-        // A worker missing after the whole gang was created has been deleted by someone else;
-        // nothing is left to say why.
+        // A worker missing after the whole gang was created has been deleted by someone else,
+        // who also removed its finalizer; nothing is left to say why.
         if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
             let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
             if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
                 let pod = pod_name(&self.o.training.name_any(), i);
                 endings.push(Ending {
                     kind: "WorkerLost",
-                    reason: FailureReason::Error,
-                    message: format!("{pod}: disappeared {when}"),
+                    reason: FailureReason::Deleted,
+                    message: format!("{pod}: disappeared {when} (deleted)"),
+                    container: None,
                     pod,
                 });
             }
@@ -487,9 +494,22 @@ impl<'a> Decider<'a> {
         let action = by_rule.unwrap_or_else(|| failures::default_action(e.reason));
         let max = policy.max_restarts;
         *self.st().failures.of(e.reason) += 1;
+        if e.container.as_deref().is_some_and(is_preparation) {
+            self.set(
+                cond::DATASET_READY,
+                FALSE,
+                "PreparationFailed",
+                e.message.clone(),
+            );
+        }
         let outcome = match action {
             FailureAction::Fail => {
-                let message = failures::fail_message(e.reason, &e.message, by_rule.is_some());
+                let message = failures::fail_message(
+                    e.reason,
+                    &e.message,
+                    by_rule.is_some(),
+                    e.container.as_deref(),
+                );
                 self.fail(
                     current,
                     failures::failed_condition_reason(e.reason),
@@ -557,6 +577,26 @@ impl<'a> Decider<'a> {
     fn fail(&mut self, current: &[&Worker], reason: &str, message: String) {
         self.stop_usage(current);
         self.delete(current, true);
+        // Nothing prepares the dataset any more: say whether it was.
+        if self.dataset_unsettled() {
+            if !current.is_empty() && current.iter().all(|w| w.dataset_prepared()) {
+                self.set(
+                    cond::DATASET_READY,
+                    TRUE,
+                    "Prepared",
+                    "every worker prepared the dataset",
+                );
+            } else {
+                self.set(
+                    cond::DATASET_READY,
+                    FALSE,
+                    "NotPrepared",
+                    format!(
+                        "the training failed ({reason}) before every worker prepared the dataset"
+                    ),
+                );
+            }
+        }
         let (now, generation) = (self.now.clone(), self.generation);
         let st = self.st();
         st.failed_generation = generation;
@@ -606,6 +646,7 @@ impl<'a> Decider<'a> {
             )
         };
         let msg = format!("{}; {outcome}", e.message);
+        self.dataset_waits("the workers of the next attempt prepare it once they start");
         self.set(cond::RESTARTING, TRUE, e.kind, msg.clone());
         self.set(cond::RUNNING, FALSE, "Restarting", "");
         self.set(cond::PODS_READY, FALSE, "Restarting", "");
@@ -751,8 +792,8 @@ impl<'a> Decider<'a> {
             self.set(
                 cond::DATASET_READY,
                 UNKNOWN,
-                "Preparing",
-                "the workers prepare the dataset",
+                WAITING_FOR_WORKERS,
+                "not prepared yet: the workers prepare it once they start",
             );
         }
         self.set(cond::PODS_READY, FALSE, "Creating", msg.clone());
@@ -819,6 +860,15 @@ impl<'a> Decider<'a> {
             return;
         }
 
+        if let Some((w, waiting)) = current.iter().find_map(|w| match &w.state {
+            WorkerState::Pending {
+                waiting: Some(x), ..
+            } if x.is_terminal() => Some((w, x)),
+            _ => None,
+        }) {
+            self.cannot_start(current, &w.name, waiting);
+            return;
+        }
         if self.startup_timed_out(current) {
             return;
         }
@@ -827,6 +877,12 @@ impl<'a> Decider<'a> {
                 unschedulable: Some(why),
                 ..
             } => Some(format!("{}: {why}", w.name)),
+            _ => None,
+        });
+        let waiting = current.iter().find_map(|w| match &w.state {
+            WorkerState::Pending {
+                waiting: Some(x), ..
+            } => Some((x.reason.clone(), x.describe(&w.name))),
             _ => None,
         });
         let preparing = current
@@ -842,15 +898,28 @@ impl<'a> Decider<'a> {
             })
             .count();
         let (reason, msg) = if let Some(why) = unschedulable {
-            ("Unschedulable", why)
+            ("Unschedulable".to_string(), why)
+        } else if let Some((reason, why)) = waiting {
+            let timeout = self.startup_timeout();
+            (
+                condition_reason(&reason),
+                format!(
+                    "{why}; the kubelet retries it, and the workers are released if they have not \
+                     all started {timeout}s after they were created (startupTimeoutSeconds)"
+                ),
+            )
         } else if preparing > 0 {
             (
-                "Initializing",
+                "Initializing".to_string(),
                 format!("{preparing}/{n} workers prepare the dataset"),
             )
         } else {
-            ("Starting", format!("{running}/{n} workers running"))
+            (
+                "Starting".to_string(),
+                format!("{running}/{n} workers running"),
+            )
         };
+        let prepared = current.iter().filter(|w| w.dataset_prepared()).count();
         if preparing > 0 {
             self.set(
                 cond::DATASET_READY,
@@ -858,9 +927,20 @@ impl<'a> Decider<'a> {
                 "Preparing",
                 format!("{preparing}/{n} workers prepare the dataset"),
             );
+        } else if prepared == n {
+            self.set(
+                cond::DATASET_READY,
+                TRUE,
+                "Prepared",
+                "every worker prepared the dataset",
+            );
+        } else {
+            self.dataset_waits(&format!(
+                "{prepared}/{n} workers prepared it and none is preparing it ({msg})"
+            ));
         }
-        self.set(cond::PODS_READY, FALSE, reason, msg.clone());
-        self.set(cond::RUNNING, FALSE, reason, msg.clone());
+        self.set(cond::PODS_READY, FALSE, &reason, msg.clone());
+        self.set(cond::RUNNING, FALSE, &reason, msg.clone());
         let phase = if self.is(cond::RESTARTING) {
             Phase::Restarting
         } else {
@@ -870,43 +950,96 @@ impl<'a> Decider<'a> {
         self.decision.requeue = Some(STARTING_REQUEUE);
     }
 
+    /// A worker's container can never start (its image's name cannot be parsed): no retry can
+    /// help, so the training fails once, naming the field to fix, as for a spec the API server
+    /// refused; a changed spec starts again.
+    fn cannot_start(&mut self, current: &[&Worker], pod: &str, waiting: &Waiting) {
+        let field = if self.o.training.spec.image.is_some() {
+            "spec.image"
+        } else {
+            "the operator's default trainer image (chart value trainerImage), or set spec.image,"
+        };
+        let message = format!(
+            "{}; no retry can help: fix {field} and apply the training again",
+            waiting.describe(pod)
+        );
+        let reason = condition_reason(&waiting.reason);
+        self.fail(current, &reason, message);
+    }
+
+    fn startup_timeout(&self) -> i32 {
+        self.o
+            .training
+            .spec
+            .startup_timeout_seconds
+            .unwrap_or(crate::crd::DEFAULT_STARTUP_TIMEOUT_SECONDS)
+    }
+
+    /// DatasetReady still says what is not known yet (Unknown): it is not settled by a success or
+    /// a failure of the preparation, nor found missing.
+    fn dataset_unsettled(&self) -> bool {
+        conditions::get(&self.decision.status.conditions, cond::DATASET_READY)
+            .is_none_or(|c| c.status == UNKNOWN)
+    }
+
+    /// No worker prepares the dataset now: DatasetReady says so (and why), unless it is settled.
+    fn dataset_waits(&mut self, why: &str) {
+        if self.dataset_unsettled() {
+            self.set(
+                cond::DATASET_READY,
+                UNKNOWN,
+                WAITING_FOR_WORKERS,
+                format!("not prepared yet: {why}"),
+            );
+        }
+    }
+
     /// A gang that is not all placed `startupTimeoutSeconds` after its pods were created holds
     /// GPUs that train nothing: its workers go, and after the backoff a new attempt tries again.
     /// Not a failure of the training, so `restarts` stays; `startupTimeouts` counts it.
     fn startup_timed_out(&mut self, current: &[&Worker]) -> bool {
         let spec = &self.o.training.spec;
-        let timeout = spec
-            .startup_timeout_seconds
-            .unwrap_or(crate::crd::DEFAULT_STARTUP_TIMEOUT_SECONDS);
+        let timeout = self.startup_timeout();
         let Some(started) = self.decision.status.attempt_start_time.clone() else {
             return false;
         };
         if self.o.now.duration_since(started.0) < SignedDuration::from_secs(i64::from(timeout)) {
             return false;
         }
-        let unplaced: Vec<String> = current
+        // Not placed, or placed but with containers that never started (an image that cannot
+        // be pulled, a Secret that does not exist). A worker that prepares the dataset works.
+        let mut unplaced = 0;
+        let stuck: Vec<String> = current
             .iter()
-            .filter_map(|w| match &w.state {
-                WorkerState::Pending {
-                    unschedulable: Some(why),
-                    ..
-                } => Some(format!("{} ({why})", w.name)),
-                WorkerState::Pending {
-                    unschedulable: None,
-                    scheduled: false,
-                    ..
-                } => Some(format!("{} (not scheduled yet)", w.name)),
-                _ => None,
+            .filter_map(|w| {
+                let why = match &w.state {
+                    WorkerState::Pending {
+                        unschedulable: Some(why),
+                        ..
+                    } => why.clone(),
+                    WorkerState::Pending {
+                        scheduled: false, ..
+                    } => "not scheduled yet".to_string(),
+                    WorkerState::Pending {
+                        waiting: Some(x), ..
+                    } => return Some(x.describe(&w.name)),
+                    WorkerState::Pending {
+                        preparing: false, ..
+                    } => return Some(format!("{}: its containers have not started", w.name)),
+                    _ => return None,
+                };
+                unplaced += 1;
+                Some(format!("{} ({why})", w.name))
             })
             .collect();
-        if unplaced.is_empty() {
+        if stuck.is_empty() {
             return false;
         }
         self.stop_usage(current);
         self.delete(current, false);
         let base = spec.restart_policy.backoff_seconds;
         let backoff = Duration::from_secs(u64::try_from(base).unwrap_or(0));
-        let (now, placed) = (self.o.now, current.len() - unplaced.len());
+        let (now, placed) = (self.o.now, current.len() - unplaced);
         let st = self.st();
         st.attempt += 1;
         st.startup_timeouts += 1;
@@ -916,12 +1049,18 @@ impl<'a> Decider<'a> {
         st.restart_after = Some(Time(
             now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
         ));
+        let what = if unplaced == stuck.len() {
+            "was placed"
+        } else {
+            "was placed and started"
+        };
         let msg = format!(
-            "not every worker was placed within {timeout}s (startupTimeoutSeconds): {}; \
+            "not every worker {what} within {timeout}s (startupTimeoutSeconds): {}; \
              released the {placed} placed worker(s) and trying again in {}s (not counted as a restart)",
-            unplaced.join("; "),
+            stuck.join("; "),
             backoff.as_secs()
         );
+        self.dataset_waits("no attempt has started every worker yet (see PodsReady)");
         self.set(cond::PODS_READY, FALSE, "StartupTimeout", msg.clone());
         self.set(cond::RUNNING, FALSE, "StartupTimeout", msg.clone());
         self.phase(Phase::Pending, msg);
@@ -1035,6 +1174,53 @@ fn disrupted_by(w: &Worker) -> String {
     }
 }
 
+/// PodsReady's reasons while the workers come and go as they should; any other (Unschedulable,
+/// StartupTimeout, a kubelet's reason such as ImagePullBackOff) says something is wrong.
+const PODS_READY_AS_EXPECTED: [&str; 10] = [
+    "Pending",
+    "Creating",
+    "Initializing",
+    "Starting",
+    "AllWorkersRunning",
+    "Restarting",
+    "Suspended",
+    "Queued",
+    "Completed",
+    "Failed",
+];
+
+/// Is this condition's change a Warning Event (`kubectl describe` lists those as what is wrong)?
+pub fn warns(c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> bool {
+    match c.type_.as_str() {
+        cond::FAILED | cond::RESTARTING => c.status == TRUE,
+        cond::PODS_READY => {
+            c.status == FALSE && !PODS_READY_AS_EXPECTED.contains(&c.reason.as_str())
+        }
+        _ => false,
+    }
+}
+
+/// DatasetReady's reason while no worker prepares the dataset yet.
+const WAITING_FOR_WORKERS: &str = "WaitingForWorkers";
+
+/// The init containers that generate and prepare the dataset.
+fn is_preparation(container: &str) -> bool {
+    container != crate::resources::TRAINER_CONTAINER
+}
+
+/// A kubelet's reason as a condition reason (CamelCase letters and digits; the API's pattern
+/// for `metav1.Condition`), so an odd runtime's reason cannot make the status invalid.
+fn condition_reason(reason: &str) -> String {
+    let clean: String = reason
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    match clean.chars().next() {
+        Some(c) if c.is_ascii_alphabetic() => clean,
+        _ => "ContainerNotStarted".to_string(),
+    }
+}
+
 fn worker_report(w: &Worker) -> Option<TrainerReport> {
     match &w.state {
         WorkerState::Succeeded { report } => report.clone(),
@@ -1059,7 +1245,8 @@ mod tests {
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
     use crate::workers::testing::{
-        deleting, disrupted, killed, pod, running, terminated, unschedulable, with_pod_reason,
+        deleting, disrupted, killed, killed_init, pod, running, terminated, unschedulable, waiting,
+        with_pod_reason,
     };
     use k8s_openapi::api::core::v1::Pod;
 
@@ -1448,6 +1635,207 @@ mod tests {
             .unwrap()
             .contains("Insufficient nvidia.com/gpu"));
         assert!(d.create.is_empty() && d.delete.is_empty());
+    }
+
+    /// A GPU training of two workers created at 0 (startupTimeoutSeconds 600).
+    fn starting_gpu_training() -> CharLMTraining {
+        let t = training(gpu_spec());
+        with(t.clone(), &decide_at(&t, &[], 0))
+    }
+
+    #[test]
+    fn a_container_that_cannot_start_is_said_at_once_and_ends_at_the_startup_timeout() {
+        let t = starting_gpu_training();
+        let pull = "Back-off pulling image \"registry.invalid/charlm:1\": not found";
+        let pods = vec![
+            waiting(pod(&t, 0, 0), "prepare", "ImagePullBackOff", pull),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "ImagePullBackOff"));
+        assert_eq!(condition(&d, c::RUNNING), ("False", "ImagePullBackOff"));
+        let msg = message(&d);
+        assert!(
+            msg.starts_with("demo-worker-0: container prepare cannot start: ImagePullBackOff: ")
+                && msg.contains(pull)
+                && msg.contains("600s after they were created (startupTimeoutSeconds)"),
+            "{msg}"
+        );
+        let pods_ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
+        assert!(warns(pods_ready), "a Warning event for kubectl describe");
+        // Nobody prepares the dataset: it does not say so.
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("Unknown", "WaitingForWorkers")
+        );
+        assert!(d.create.is_empty() && d.delete.is_empty());
+        let t = with(t, &d);
+
+        // The startup timeout counts it, as it counts unplaced workers: both go, not counted.
+        let d = decide_at(&t, &pods, 600);
+        assert_eq!((d.status.startup_timeouts, d.status.restarts), (1, 0));
+        assert_eq!(d.status.attempt, 1);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "StartupTimeout"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("not every worker was placed and started within 600s")
+                && msg.contains("demo-worker-0: container prepare cannot start: ImagePullBackOff")
+                && msg.contains("released the 2 placed worker(s)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_holds_the_trainer_back_after_the_dataset_was_prepared() {
+        let t = starting_gpu_training();
+        let pods = vec![
+            waiting(
+                pod(&t, 0, 0),
+                TRAINER_CONTAINER,
+                "CreateContainerConfigError",
+                "secret \"wandb\" not found",
+            ),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(
+            condition(&d, c::PODS_READY),
+            ("False", "CreateContainerConfigError")
+        );
+        assert!(message(&d).contains("container trainer cannot start: CreateContainerConfigError: secret \"wandb\" not found"));
+        assert_eq!(condition(&d, c::DATASET_READY), ("True", "Prepared"));
+        // Still waiting a moment before the timeout; then released like the rest.
+        let t = with(t, &d);
+        assert_eq!(decide_at(&t, &pods, 599).status.startup_timeouts, 0);
+        assert_eq!(decide_at(&t, &pods, 601).status.startup_timeouts, 1);
+    }
+
+    #[test]
+    fn an_image_name_that_cannot_be_parsed_fails_at_once_naming_the_field() {
+        let t = starting_gpu_training();
+        let t = with_spec(t, |s| s["image"] = "Charlm/Trainer:1".into());
+        let pods = vec![
+            waiting(
+                pod(&t, 0, 0),
+                "prepare",
+                "InvalidImageName",
+                "Failed to apply default image tag \"Charlm/Trainer:1\": couldn't parse image name",
+            ),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidImageName"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("couldn't parse image name") && msg.contains("fix spec.image"),
+            "{msg}"
+        );
+        assert_eq!((d.status.restarts, d.status.startup_timeouts), (0, 0));
+        assert_eq!(d.status.failed_generation, Some(1));
+        // Neither will ever train: both are freed (the waiting one has no log to keep).
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::DATASET_READY), ("False", "NotPrepared"));
+    }
+
+    #[test]
+    fn dataset_ready_says_preparing_only_while_a_worker_prepares() {
+        let t = starting_gpu_training();
+        let pods = vec![
+            unschedulable(pod(&t, 0, 0), "0/6 nodes are available"),
+            pod(&t, 1, 0),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("Unknown", "WaitingForWorkers")
+        );
+        let dataset = conditions::get(&d.status.conditions, c::DATASET_READY).unwrap();
+        assert!(
+            dataset.message.contains("0/2 workers prepared it")
+                && dataset.message.contains("0/6 nodes are available"),
+            "{}",
+            dataset.message
+        );
+        // A spec the API server refuses fails the training: nothing was prepared.
+        let d = decide_with(&with(t, &d), &pods, 6, Some("no PriorityClass"));
+        assert_eq!(condition(&d, c::DATASET_READY), ("False", "NotPrepared"));
+        assert!(conditions::get(&d.status.conditions, c::DATASET_READY)
+            .unwrap()
+            .message
+            .contains("failed (InvalidSpec)"));
+    }
+
+    #[test]
+    fn a_failed_preparation_is_what_dataset_ready_says() {
+        // A synthetic dataset: `generate` writes it before `prepare` reads it.
+        let t = training(cpu_spec());
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![killed_init(pod(&t, 0, 0), "generate", 137, "OOMKilled")];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(condition(&d, c::FAILED), ("True", "OOMKilled"));
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("False", "PreparationFailed")
+        );
+        let msg = message(&d);
+        assert!(
+            msg.contains("the init container generate ran out of memory")
+                && msg.contains("spec.resources.limits.memory")
+                && !msg.contains("deviceBatchSize (the micro-batch"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_worker_deleted_by_hand_restarts_the_gang_without_counting() {
+        let (t, pods) = running_gpu_training();
+        // `kubectl delete pod demo-worker-0`: the pod is terminating, its trainer saves a
+        // checkpoint on SIGTERM.
+        let mut gone = pods.clone();
+        gone[0] = deleting(pods[0].clone());
+        let d = decide_at(&t, &gone, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        assert_eq!(d.status.failures.error, 0);
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.action),
+            (
+                FailureReason::Deleted,
+                FailureAction::RestartWithoutCounting
+            )
+        );
+        assert!(
+            f.note().contains("not counted against maxRestarts"),
+            "{}",
+            f.note()
+        );
+        // Seen only after the trainer ended with its SIGTERM report: the same.
+        gone[0] = terminated(
+            deleting(pods[0].clone()),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+        );
+        let d = decide_at(&t, &gone, 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        // A pod that vanished (deleted, its finalizer removed) too.
+        let d = decide_at(&t, &pods[1..], 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        // A rule can count it.
+        let strict = with_spec(t, |s| {
+            s["restartPolicy"]["rules"] =
+                serde_json::json!([{"reason": "Deleted", "action": "Restart"}])
+        });
+        let d = decide_at(&strict, &gone, 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (1, 1));
     }
 
     #[test]
