@@ -173,7 +173,12 @@ fn adopt_crd() {
     }
     tool(
         "kubectl",
-        &["label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite"],
+        &[
+            "label",
+            crd,
+            "app.kubernetes.io/managed-by=Helm",
+            "--overwrite",
+        ],
     )
     .expect("labelling the CRD for Helm");
     tool(

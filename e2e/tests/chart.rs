@@ -31,8 +31,8 @@ fn args<'a>(command: &'a str, chart: &'a str, extra: &[&'a str]) -> Vec<&'a str>
 /// `helm template` of the chart with `extra` arguments: the documents, or helm's refusal.
 fn render(extra: &[&str]) -> Result<Vec<Value>, String> {
     let chart = chart();
-    let out =
-        tool("helm", &args("template", chart.to_str().unwrap(), extra)).map_err(|e| e.to_string())?;
+    let out = tool("helm", &args("template", chart.to_str().unwrap(), extra))
+        .map_err(|e| e.to_string())?;
     Ok(out
         .split("\n---")
         .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
@@ -101,14 +101,26 @@ resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: 1, memory: 512Mi
         ("trainerImage.repository=", "/trainerImage/repository"),
         ("metrics.port=70000", "/metrics/port"),
         ("metrics.service.type=Ingress", "/metrics/service/type"),
-        ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+        (
+            "metrics.serviceMonitor.interval=soon",
+            "/metrics/serviceMonitor/interval",
+        ),
         ("pricePerGpuHour=-1", "/pricePerGpuHour"),
         ("logLevel=verbose", "/logLevel"),
-        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
+        (
+            "leaderElection.leaseDurationSeconds=1",
+            "/leaderElection/leaseDurationSeconds",
+        ),
         ("progressNetworks={10.0.0.0}", "/progressNetworks/0"),
-        ("networkPolicy.metricsNamespaces={Monitoring}", "/networkPolicy/metricsNamespaces/0"),
+        (
+            "networkPolicy.metricsNamespaces={Monitoring}",
+            "/networkPolicy/metricsNamespaces/0",
+        ),
         ("crds.install=maybe", "/crds/install"),
-        ("podDisruptionBudget.minAvailable=-1", "/podDisruptionBudget/minAvailable"),
+        (
+            "podDisruptionBudget.minAvailable=-1",
+            "/podDisruptionBudget/minAvailable",
+        ),
     ];
     for (set, expected) in bad {
         for (what, result) in [
@@ -202,13 +214,18 @@ fn the_readme_values_table_is_the_one_values_yaml_and_the_schema_make() {
     assert!(rows.len() > 50, "only {} values", rows.len());
     let mut table = String::from("| Key | Type | Default | Description |\n|---|---|---|---|\n");
     for [key, ty, default, description] in &rows {
-        table.push_str(&format!("| `{key}` | {ty} | `{default}` | {description} |\n"));
+        table.push_str(&format!(
+            "| `{key}` | {ty} | `{default}` | {description} |\n"
+        ));
     }
 
     let readme_path = dir.join("README.md");
     let readme = std::fs::read_to_string(&readme_path).unwrap();
     let (start, end) = ("<!-- values:start -->\n", "<!-- values:end -->");
-    let a = readme.find(start).expect("README.md has <!-- values:start -->") + start.len();
+    let a = readme
+        .find(start)
+        .expect("README.md has <!-- values:start -->")
+        + start.len();
     let b = readme.find(end).expect("README.md has <!-- values:end -->");
     if std::env::var_os("CHARLM_BLESS").is_some() {
         let updated = format!("{}{table}{}", &readme[..a], &readme[b..]);
@@ -250,7 +267,10 @@ fn names_follow_name_override_and_fullname_override() {
         one(&docs, kind, name);
     }
     let d = one(&docs, "Deployment", "charlm");
-    assert_eq!(d["spec"]["template"]["spec"]["serviceAccountName"], "charlm");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["serviceAccountName"],
+        "charlm"
+    );
 }
 
 #[test]
@@ -299,13 +319,19 @@ fn the_operator_pod_takes_its_security_context_resources_placement_and_priority(
     let pod = &d["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsUser"], 1001);
     assert_eq!(pod["securityContext"]["fsGroup"], 1001);
-    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "merged with the defaults");
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"], true,
+        "merged with the defaults"
+    );
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], false);
     assert_eq!(c["resources"]["limits"]["memory"], "1Gi");
     assert_eq!(c["resources"]["requests"]["cpu"], "50m");
     assert_eq!(pod["nodeSelector"], json!({"pool": "system"}));
-    assert_eq!(pod["tolerations"], json!([{"key": "dedicated", "operator": "Exists"}]));
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"key": "dedicated", "operator": "Exists"}])
+    );
     assert_eq!(
         pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
             ["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
@@ -361,15 +387,35 @@ fn the_user_roles_aggregate_into_admin_edit_and_view() {
     let docs = render(&[]).unwrap();
     let edit = one(&docs, "ClusterRole", "t-charlm-operator-edit");
     let labels = &edit["metadata"]["labels"];
-    assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-admin"], "true");
-    assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
-    assert!(labels.get("rbac.authorization.k8s.io/aggregate-to-view").is_none());
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-admin"],
+        "true"
+    );
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert!(labels
+        .get("rbac.authorization.k8s.io/aggregate-to-view")
+        .is_none());
     let verbs = &edit["rules"][0]["verbs"];
-    for v in ["create", "delete", "get", "list", "patch", "update", "watch"] {
-        assert!(verbs.as_array().unwrap().iter().any(|x| x == v), "edit lacks {v}");
+    for v in [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ] {
+        assert!(
+            verbs.as_array().unwrap().iter().any(|x| x == v),
+            "edit lacks {v}"
+        );
     }
-    assert_eq!(edit["rules"][1]["resources"], json!(["charlmtrainings/status"]));
-    assert_eq!(edit["rules"][1]["verbs"], json!(["get"]), "the status is the operator's");
+    assert_eq!(
+        edit["rules"][1]["resources"],
+        json!(["charlmtrainings/status"])
+    );
+    assert_eq!(
+        edit["rules"][1]["verbs"],
+        json!(["get"]),
+        "the status is the operator's"
+    );
 
     let view = one(&docs, "ClusterRole", "t-charlm-operator-view");
     assert_eq!(
@@ -393,7 +439,11 @@ fn the_crd_is_rendered_from_templates_so_that_helm_upgrade_upgrades_it() {
     let generated: Value =
         serde_json::to_value(charlm_operator::crd::crd()).expect("the CRD serialises");
     let docs = render(&[]).unwrap();
-    let crd = one(&docs, "CustomResourceDefinition", "charlmtrainings.charlm.dev");
+    let crd = one(
+        &docs,
+        "CustomResourceDefinition",
+        "charlmtrainings.charlm.dev",
+    );
     assert_eq!(
         crd["spec"], generated["spec"],
         "the chart's CRD is not the one `charlm-operator crd` prints"
@@ -403,12 +453,27 @@ fn the_crd_is_rendered_from_templates_so_that_helm_upgrade_upgrades_it() {
         json!({"name": "charlmtrainings.charlm.dev"}),
         "templates/crd.yaml copies only the spec: carry new metadata over there"
     );
-    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
-    assert_eq!(crd["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm");
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    assert_eq!(
+        crd["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "Helm"
+    );
 
     let unkept = render(&["--set", "crds.keep=false"]).unwrap();
-    let crd = one(&unkept, "CustomResourceDefinition", "charlmtrainings.charlm.dev");
+    let crd = one(
+        &unkept,
+        "CustomResourceDefinition",
+        "charlmtrainings.charlm.dev",
+    );
     assert!(crd["metadata"].get("annotations").is_none());
     let none = render(&["--set", "crds.install=false"]).unwrap();
-    assert!(find(&none, "CustomResourceDefinition", "charlmtrainings.charlm.dev").is_none());
+    assert!(find(
+        &none,
+        "CustomResourceDefinition",
+        "charlmtrainings.charlm.dev"
+    )
+    .is_none());
 }

@@ -180,7 +180,14 @@ async fn helm_upgrade_brings_a_new_crd_field_and_uninstall_keeps_the_crd() {
     std::fs::write(&file, &first).unwrap();
     tool(
         "kubectl",
-        &["apply", "-n", &ns, "--dry-run=server", "-f", file.to_str().unwrap()],
+        &[
+            "apply",
+            "-n",
+            &ns,
+            "--dry-run=server",
+            "-f",
+            file.to_str().unwrap(),
+        ],
     )
     .unwrap_or_else(|e| panic!("the notes' training is refused: {e}\n{first}"));
 

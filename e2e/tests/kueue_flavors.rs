@@ -316,7 +316,13 @@ async fn an_admitted_gang_runs_on_its_flavors_nodes_only_and_moves_with_a_new_ad
     for kind in ["clusterqueue", "resourceflavor"] {
         tool(
             "kubectl",
-            &["delete", kind, "-l", &format!("{TEST_LABEL}={ns}"), "--timeout=60s"],
+            &[
+                "delete",
+                kind,
+                "-l",
+                &format!("{TEST_LABEL}={ns}"),
+                "--timeout=60s",
+            ],
         )
         .unwrap_or_else(|e| panic!("deleting the test's {kind}: {e}\n{}", kueue.log_tail()));
     }

@@ -36,7 +36,9 @@ async fn user(env: &TestEnv, ns: &str, name: &str, role: &str) -> Client {
         .create(&PostParams::default(), &binding)
         .await
         .unwrap();
-    let kubeconfig = token_kubeconfig(&env.admin, ns, name, &env.dir).await.unwrap();
+    let kubeconfig = token_kubeconfig(&env.admin, ns, name, &env.dir)
+        .await
+        .unwrap();
     client_from(&kubeconfig).await.unwrap()
 }
 
@@ -98,13 +100,24 @@ async fn edit_creates_suspends_and_deletes_trainings_in_its_namespace_and_view_o
     env.wait_phase("shared", Phase::Running, MINUTE).await;
 
     // `view` reads it, its status included, and may change nothing.
-    let seen = as_viewer.get("shared").await.expect("view reads a training");
+    let seen = as_viewer
+        .get("shared")
+        .await
+        .expect("view reads a training");
     assert!(seen.status.is_some());
     assert_eq!(
-        as_viewer.list(&ListParams::default()).await.unwrap().items.len(),
+        as_viewer
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
         1
     );
-    as_viewer.get_status("shared").await.expect("view reads the status");
+    as_viewer
+        .get_status("shared")
+        .await
+        .expect("view reads the status");
     let mut copy = manifest.clone();
     copy.metadata.name = Some("from-viewer".into());
     forbidden(

@@ -72,11 +72,17 @@ fn every_field_has_a_description_of_its_own() {
 #[test]
 fn every_printer_column_has_a_description() {
     let crd = crd();
-    let columns = version(&crd)["additionalPrinterColumns"].as_array().unwrap();
+    let columns = version(&crd)["additionalPrinterColumns"]
+        .as_array()
+        .unwrap();
     assert_eq!(columns.len(), 14);
     for c in columns {
         let d = c["description"].as_str().unwrap_or_default();
-        assert!(d.len() > 10, "printer column {} has no description", c["name"]);
+        assert!(
+            d.len() > 10,
+            "printer column {} has no description",
+            c["name"]
+        );
     }
 }
 

@@ -54,9 +54,7 @@ async fn start_kueue(case: &Case) -> Kueue {
     )
     .unwrap();
     // RFC 3339 times of one zone compare as text.
-    let stale = started
-        .split_whitespace()
-        .any(|t| t <= crd_created.trim());
+    let stale = started.split_whitespace().any(|t| t <= crd_created.trim());
     if stale {
         let deployment = format!("deployment/{OPERATOR_DEPLOYMENT}");
         tool(
@@ -174,20 +172,24 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
     let preempted_at = Instant::now();
     case.apply(&urgent).await;
     let queued = case
-        .until("routine to be preempted and stopped", 3 * MINUTE, || async {
-            let t = case.training("routine").await?;
-            let s = t.status.clone().unwrap_or_default();
-            let preempted = s
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Admitted" && c.reason == "Preempted");
-            let gone = case.workers("routine").await.is_empty();
-            if preempted && gone && s.phase == Some(Phase::Queued) {
-                Ok(Some(s))
-            } else {
-                Err(format!("preempted {preempted}, workers gone {gone}: {s:?}"))
-            }
-        })
+        .until(
+            "routine to be preempted and stopped",
+            3 * MINUTE,
+            || async {
+                let t = case.training("routine").await?;
+                let s = t.status.clone().unwrap_or_default();
+                let preempted = s
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Admitted" && c.reason == "Preempted");
+                let gone = case.workers("routine").await.is_empty();
+                if preempted && gone && s.phase == Some(Phase::Queued) {
+                    Ok(Some(s))
+                } else {
+                    Err(format!("preempted {preempted}, workers gone {gone}: {s:?}"))
+                }
+            },
+        )
         .await;
     // The SIGTERM report: rank 0 stopped for the signal and saved a checkpoint at its last step.
     let report = queued.progress.clone().expect("the final report");
@@ -197,8 +199,15 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
         .clone()
         .expect("status.latestCheckpoint");
     let saved_step = step_of(&checkpoint);
-    assert!(saved_step > before.step, "{checkpoint} is older than step {}", before.step);
-    assert_eq!(saved_step, report.step, "the checkpoint is of the step it stopped at");
+    assert!(
+        saved_step > before.step,
+        "{checkpoint} is older than step {}",
+        before.step
+    );
+    assert_eq!(
+        saved_step, report.step,
+        "the checkpoint is of the step it stopped at"
+    );
     let pvc = queued.checkpoint_pvc.clone().unwrap();
     let manifest = case
         .run_script(
@@ -212,15 +221,23 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
         .pods
         .delete("manifest", &DeleteParams::default().grace_period(0))
         .await;
-    assert_eq!(manifest.0, "Succeeded", "reading the checkpoint: {}", manifest.1);
+    assert_eq!(
+        manifest.0, "Succeeded",
+        "reading the checkpoint: {}",
+        manifest.1
+    );
     let saved: Value = serde_json::from_str(manifest.1.trim()).unwrap_or_else(|e| {
-        panic!("the checkpoint's manifest.json does not parse ({e}): {}", manifest.1)
+        panic!(
+            "the checkpoint's manifest.json does not parse ({e}): {}",
+            manifest.1
+        )
     });
     assert_eq!(saved["step"], saved_step);
     let lost_training_s = report.elapsed_s - saved["elapsed_s"].as_f64().unwrap();
 
     // The urgent one finishes; the routine one is admitted again and resumes at that step.
-    case.wait_phase("urgent", Phase::Succeeded, 4 * MINUTE).await;
+    case.wait_phase("urgent", Phase::Succeeded, 4 * MINUTE)
+        .await;
     let resumed = case.wait_phase("routine", Phase::Running, 3 * MINUTE).await;
     let back_after = preempted_at.elapsed();
     let log = case
@@ -253,15 +270,22 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
     assert_eq!(resumed_at, saved_step, "{line}");
     let status = resumed.status.unwrap_or_default();
     assert_eq!(status.restarts, 0, "a preemption is no restart");
-    assert_eq!(status.failures.preempted, 0, "Kueue's eviction is no failure");
+    assert_eq!(
+        status.failures.preempted, 0,
+        "Kueue's eviction is no failure"
+    );
     let after = case
-        .until("routine to train past its checkpoint", 3 * MINUTE, || async {
-            let s = case.training("routine").await?.status.unwrap_or_default();
-            match s.progress {
-                Some(p) if p.step > saved_step && p.stop_reason.is_none() => Ok(Some(p)),
-                p => Err(format!("progress {p:?}")),
-            }
-        })
+        .until(
+            "routine to train past its checkpoint",
+            3 * MINUTE,
+            || async {
+                let s = case.training("routine").await?.status.unwrap_or_default();
+                match s.progress {
+                    Some(p) if p.step > saved_step && p.stop_reason.is_none() => Ok(Some(p)),
+                    p => Err(format!("progress {p:?}")),
+                }
+            },
+        )
         .await;
     eprintln!(
         "preempted by Kueue: the SIGTERM checkpoint is of step {saved_step} (last report before \
@@ -297,7 +321,13 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
     for kind in ["clusterqueue", "resourceflavor", "workloadpriorityclass"] {
         let _ = tool(
             "kubectl",
-            &["delete", kind, "-l", &format!("{TEST_LABEL}={ns}"), "--timeout=60s"],
+            &[
+                "delete",
+                kind,
+                "-l",
+                &format!("{TEST_LABEL}={ns}"),
+                "--timeout=60s",
+            ],
         );
     }
     kueue.stop();
@@ -308,7 +338,10 @@ fn sums(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter_map(|l| {
             let (hash, file) = l.split_once("  ")?;
-            Some((file.trim().trim_start_matches("./").to_string(), hash.to_string()))
+            Some((
+                file.trim().trim_start_matches("./").to_string(),
+                hash.to_string(),
+            ))
         })
         .collect()
 }
