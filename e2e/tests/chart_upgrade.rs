@@ -106,6 +106,9 @@ fn training_keeps_tensorboard(ns: &str, name: &str, expected: bool) {
                 "-n",
                 ns,
                 "--dry-run=server",
+                // kubectl asks for strict field validation, which refuses the unknown field
+                // rather than show that the old schema prunes it.
+                "--validate=ignore",
                 "-o",
                 "json",
                 "-f",

@@ -186,8 +186,8 @@ pub const NAME_MESSAGE: &str = "metadata.name must be at most 40 characters of l
 /// refuses a rule over an unbounded map or string).
 pub fn complete_schema(schema: &mut serde_json::Value) {
     schema["properties"]["metadata"] = serde_json::json!({
+        // The API server refuses anything on metadata itself but its type (a description too).
         "type": "object",
-        "description": "Standard object metadata; the name is limited further, see metadata.name.",
         "properties": {"name": {
             "type": "string",
             "description": "Names the worker pods (<name>-worker-<i>), the Service (<name>-workers) and the checkpoint claim (<name>-checkpoints): at most 40 lower-case letters, digits and '-', starting with a letter.",
