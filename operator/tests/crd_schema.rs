@@ -50,6 +50,8 @@ fn every_field_has_a_description_of_its_own() {
     );
     let bad: Vec<String> = fields
         .iter()
+        // The API server refuses anything on metadata itself but its type; its name has one.
+        .filter(|(path, _)| path != ".metadata")
         .filter_map(|(path, schema)| match schema["description"].as_str() {
             None => Some(format!("{path}: no description")),
             Some(d) if d.trim().is_empty() => Some(format!("{path}: an empty description")),
