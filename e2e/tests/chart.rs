@@ -186,7 +186,9 @@ fn value_rows(
     }
     if let Some(described) = props.as_object() {
         for key in described.keys() {
-            if !values.contains_key(key.as_str()) && !(prefix.is_empty() && key == "global") {
+            // `global` is Helm's, never in values.yaml.
+            let helms = prefix.is_empty() && key == "global";
+            if !helms && !values.contains_key(key.as_str()) {
                 let path = if prefix.is_empty() {
                     key.clone()
                 } else {
