@@ -28,7 +28,7 @@ use crate::kueue;
 use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
 use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
 use crate::progress::PollError;
-use crate::queueing::{queue_gate, settle_workload};
+use crate::queueing::{admitted_placement, queue_gate, settle_workload};
 use crate::reconcile::{decide, DatasetCheck, Decision, Objects, Observed};
 use crate::resources::{
     checkpoint_pvc, network_policy_name, owner_reference, pod_name as worker_name, pvc_name,
@@ -245,7 +245,14 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         observed.objects.conflicts.extend(in_the_way);
         decision = decide(&observed);
     }
-    // Workers are created only for a spec that resolved into effective settings.
+    // Workers are created only for a spec that resolved into effective settings; a queued
+    // training's run where Kueue's admission put them.
+    let placement = match &observed.queue {
+        Some(gate) if gate.admitted() && !decision.create.is_empty() => {
+            Some(admitted_placement(&training, ctx).await?)
+        }
+        _ => None,
+    };
     if let Some(effective) = decision.status.effective.clone() {
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
@@ -253,7 +260,12 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         };
         for &index in &decision.create.clone() {
             let attempt = decision.status.attempt;
-            let pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            let mut pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            if let Some(placement) = &placement {
+                kueue::apply_placement(&mut pod, placement);
+            }
+            // Create, never apply: an apply would take over a pod of that name made meanwhile
+            // by someone else.
             match pods.create(&pp, &pod).await {
                 Ok(_) => {
                     ctx.metrics.pods_created.inc();

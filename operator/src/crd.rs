@@ -30,67 +30,108 @@ pub const KIND: &str = "CharLMTraining";
     kind = "CharLMTraining",
     plural = "charlmtrainings",
     shortname = "clt",
+    // `kubectl get charlm` lists the trainings, and `kubectl get training` those of every operator
+    // that files its resources under it. Not `all`: `kubectl delete all --all` would delete the
+    // trainings and, with them, their checkpoint volumes.
+    category = "charlm",
+    category = "training",
     namespaced,
     status = "CharLMTrainingStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    doc = "A CharLMTraining trains one character-level GPT (nanochat's model) on GPUs or CPUs: \
+           spec says the model size (depth), the hardware (gpus, gpusPerNode or cpuWorkers), the \
+           budget (hours, maxSteps or a preset) and the dataset; the operator runs one worker pod \
+           per node under a headless Service, keeps checkpoints on a PersistentVolumeClaim, \
+           restarts the whole gang from the last checkpoint after a failure, and reports the \
+           progress, the best validation bits per character and the GPU-hours in status.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Queued, Running, Restarting, Suspended, Succeeded or Failed"
+    ),
     printcolumn(
         name = "Depth",
         type_ = "integer",
-        json_path = ".status.effective.depth"
+        json_path = ".status.effective.depth",
+        description = "Transformer layers the workers run with (a preset's when the spec leaves it unset)"
     ),
-    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.effective.gpus"),
-    printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
+    printcolumn(
+        name = "GPUs",
+        type_ = "integer",
+        json_path = ".status.effective.gpus",
+        description = "GPUs of all worker pods; 0 trains on CPUs"
+    ),
+    printcolumn(
+        name = "Step",
+        type_ = "integer",
+        json_path = ".status.progress.step",
+        description = "The optimizer step rank 0 last reported"
+    ),
     printcolumn(
         name = "Loss",
         type_ = "number",
-        json_path = ".status.progress.trainLoss"
+        json_path = ".status.progress.trainLoss",
+        description = "The training loss (nats per token) rank 0 last reported"
     ),
-    printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta"),
+    printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.eta",
+        description = "Time left of the budget, as rank 0 estimates it"
+    ),
     printcolumn(
         name = "Cost",
         type_ = "number",
-        json_path = ".status.usage.estimatedCost"
+        json_path = ".status.usage.estimatedCost",
+        description = "GPU-hours used times the operator's price per GPU-hour"
     ),
     printcolumn(
         name = "Age",
         type_ = "date",
-        json_path = ".metadata.creationTimestamp"
+        json_path = ".metadata.creationTimestamp",
+        description = "Time since the training was created"
     ),
     printcolumn(
         name = "Restarts",
         type_ = "integer",
         json_path = ".status.restarts",
-        priority = 1
+        priority = 1,
+        description = "Gang restarts counted against restartPolicy.maxRestarts"
     ),
     printcolumn(
         name = "ValBPC",
         type_ = "number",
         json_path = ".status.progress.valBpc",
-        priority = 1
+        priority = 1,
+        description = "The latest validation bits per character"
     ),
     printcolumn(
         name = "BestBPC",
         type_ = "number",
         json_path = ".status.bestValBpc",
-        priority = 1
+        priority = 1,
+        description = "The best validation bits per character so far (its checkpoint is best/)"
     ),
     printcolumn(
         name = "Epoch",
         type_ = "number",
         json_path = ".status.progress.epoch",
-        priority = 1
+        priority = 1,
+        description = "Passes over the training split so far"
     ),
     printcolumn(
         name = "GPUHours",
         type_ = "number",
         json_path = ".status.usage.gpuHours",
-        priority = 1
+        priority = 1,
+        description = "GPUs times the hours all workers trained, over all attempts"
     ),
     printcolumn(
         name = "Preset",
         type_ = "string",
         json_path = ".spec.preset",
-        priority = 1
+        priority = 1,
+        description = "The budget preset the spec names, if any"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -239,6 +280,8 @@ pub struct CharLMTrainingSpec {
         validation = rules::env_value_size(),
         validation = rules::env_total_size()
     )]
+    // Keyed by name, as a container's env is: server-side apply merges entries by name.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub env: Option<Vec<EnvVar>>,
 
     /// PriorityClass of the worker pods.
@@ -522,7 +565,11 @@ pub struct RestartPolicySpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureRule {
+    /// The reason of failures this rule acts on: Evicted, Preempted, NodeLost, OOMKilled,
+    /// BadInput or Error.
     pub reason: FailureReason,
+    /// What such a failure does: Restart (counted against maxRestarts), RestartWithoutCounting
+    /// or Fail.
     pub action: FailureAction,
 }
 
@@ -663,16 +710,25 @@ pub mod condition {
     ];
 }
 
+/// What the operator observed of a training: its phase and conditions, its workers, restarts and
+/// failures, the checkpoint volume, rank 0's progress, the settings it runs with, and its cost.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CharLMTrainingStatus {
+    /// Where the training stands: Pending, Queued, Running, Restarting, Suspended, Succeeded or
+    /// Failed; `message` and the conditions say why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// One line on why the training is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The latest observations of the training, one per type: DatasetReady, PodsReady, Running,
+    /// Succeeded, Failed, Suspended, Restarting, Admitted (queued in Kueue), and the warnings
+    /// DataConstrained and PastBest. Each change of one is also an Event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The generation of the spec this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Worker pods of the current attempt.
@@ -706,6 +762,8 @@ pub struct CharLMTrainingStatus {
     /// Earliest time of the next gang start after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_after: Option<Time>,
+    /// Name of the checkpoint PersistentVolumeClaim (`<name>-checkpoints`), mounted at
+    /// /checkpoints in worker 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_pvc: Option<String>,
     /// The uid of the checkpoint claim, recorded when the operator first saw it as its own: a
@@ -731,12 +789,15 @@ pub struct CharLMTrainingStatus {
     /// The training loss at a few steps over the whole run (at most 32, thinned evenly as the
     /// run grows), for a loss curve without a metrics stack (`kubectl charlm status`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["step"]))]
     pub loss_history: Vec<LossPoint>,
     /// Human-readable time left, from progress.etaS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<String>,
+    /// When the workers of the first attempt were created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the training ended (Succeeded or Failed); `ttlSecondsAfterFinished` counts from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Validation bits per character when the training succeeded.
@@ -791,20 +852,29 @@ pub struct LostCheckpoints {
 /// Failures by reason (`status.failures`); the keys are the reasons of `restartPolicy.rules`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct FailureCounts {
+    /// Attempts ended by an eviction (node pressure, a drain, the Eviction API).
     #[serde(rename = "Evicted", default)]
     pub evicted: i32,
+    /// Attempts ended by a preemption (the scheduler's, a critical pod's, Kueue's).
     #[serde(rename = "Preempted", default)]
     pub preempted: i32,
+    /// Attempts ended because a worker's node went away or stopped answering.
     #[serde(rename = "NodeLost", default)]
     pub node_lost: i32,
+    /// Attempts ended because a worker pod was deleted without an eviction or a preemption
+    /// (`kubectl delete pod`, another controller): restarted without counting.
     #[serde(rename = "Deleted", default)]
     pub deleted: i32,
+    /// Attempts ended because a container ran out of memory.
     #[serde(rename = "OOMKilled", default)]
     pub oom_killed: i32,
+    /// Attempts ended by the trainer's exit code 2: wrong input or settings.
     #[serde(rename = "BadInput", default)]
     pub bad_input: i32,
+    /// Attempts ended by the trainer's exit code 3: a checkpoint did not fit on its volume.
     #[serde(rename = "StorageFull", default)]
     pub storage_full: i32,
+    /// Attempts ended by any other failure.
     #[serde(rename = "Error", default)]
     pub error: i32,
 }
@@ -836,8 +906,9 @@ pub struct PlanStatus {
     pub recommended_hours: f64,
     /// Hours after which the effective depth's best model is expected.
     pub hours_to_best: f64,
-    /// Dollars of the whole budget, and of the recommended hours, at the operator's price.
+    /// Cost of the whole budget at the operator's price per GPU-hour.
     pub budget_cost: f64,
+    /// Cost of the recommended hours at the recommended depth, at the same price.
     pub recommended_cost: f64,
     /// Unique training tokens the plan is for.
     pub unique_tokens: i64,
@@ -848,20 +919,30 @@ pub struct PlanStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveSettings {
+    /// The preset that filled the fields the spec leaves unset, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
+    /// Transformer layers.
     pub depth: i32,
+    /// GPUs of all worker pods; 0 trains on CPUs.
     pub gpus: i32,
+    /// GPUs of one node (and of one worker pod, when gpus fills several nodes).
     pub gpus_per_node: i32,
     /// Worker pods: one per node with GPUs, `cpuWorkers` on CPU.
     pub workers: i32,
+    /// The budget in hours, if the training has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hours: Option<f64>,
+    /// The budget in optimizer steps, if the training has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<i64>,
+    /// Sequences per GPU per micro-step, or `auto` (the trainer picks the largest that fits).
     pub device_batch_size: DeviceBatchSize,
+    /// Evaluations without a better validation bpc before an early stop; unset: the trainer's
+    /// default; 0: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop_patience: Option<i32>,
+    /// Whether the trainer writes TensorBoard event files to /checkpoints/tensorboard.
     #[serde(default)]
     pub tensorboard: bool,
     /// The generation of the spec these settings come from.
@@ -911,7 +992,9 @@ pub struct UsageStatus {
 /// One point of `status.lossHistory`: the training loss (nats per token) rank 0 reported at a step.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
 pub struct LossPoint {
+    /// The optimizer step of the report.
     pub step: i64,
+    /// The training loss at that step, in nats per token.
     pub loss: f64,
 }
 
@@ -919,37 +1002,56 @@ pub struct LossPoint {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProgressStatus {
+    /// Optimizer steps done.
     pub step: i64,
+    /// Steps the whole budget is expected to take, at the current speed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_steps_estimate: Option<i64>,
+    /// Training tokens seen so far, over all workers.
     #[serde(default)]
     pub tokens: i64,
+    /// Passes over the training split so far (fractional).
     #[serde(default)]
     pub epoch: f64,
+    /// The latest training loss, in nats per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
+    /// The latest validation bits per character.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_bpc: Option<f64>,
+    /// The best validation bits per character of the run (its checkpoint is `best/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_val_bpc: Option<f64>,
+    /// The step of `bestValBpc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_step: Option<i64>,
+    /// Training tokens per second over all workers, recently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// Model FLOPs utilisation: the share of the GPUs' peak bf16 FLOPs the model's arithmetic
+    /// uses (0 to 1); unset on CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Seconds of training so far, over all attempts (the budget's clock).
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Seconds of the budget left, as the trainer estimates them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<f64>,
+    /// Path of the newest checkpoint the trainer wrote (under /checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Trainer processes of the gang (GPUs, or CPU workers).
     #[serde(default)]
     pub world_size: i64,
+    /// Peak GPU memory of rank 0, in GiB; unset on CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_gib: Option<f64>,
+    /// Training tokens in one pass over the training split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_epoch: Option<i64>,
+    /// True once the trainer has ended its budget (or stopped early) and written its last
+    /// checkpoint.
     #[serde(default)]
     pub complete: bool,
     /// Why the trainer exited: `budget`, `early_stop` or `signal`.

@@ -114,6 +114,27 @@ pub async fn queue_gate(
     ))))
 }
 
+/// Where the workers of an admitted training run: the node labels and tolerations of the
+/// ResourceFlavors its Workload's admission assigns (read now, so a worker made after a new
+/// admission gets that one's). A flavour that cannot be read fails the reconcile, which is
+/// retried: a worker placed without it could run outside the quota Kueue admitted it into.
+pub async fn admitted_placement(
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<kueue::Placement, Error> {
+    let api = workloads(ctx, training);
+    let Some(w) = api.get_opt(&kueue::workload_name(training)).await? else {
+        return Ok(kueue::Placement::default());
+    };
+    let flavors: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &kueue::resource_flavor_resource());
+    let mut specs = Vec::new();
+    for name in kueue::assigned_flavors(&w.data["status"]) {
+        specs.push(flavors.get(&name).await?.data["spec"].clone());
+    }
+    kueue::placement(&specs).map_err(Error::Kueue)
+}
+
 /// The Workload the training should have, or why none can be made yet.
 async fn desired_workload(
     training: &CharLMTraining,

@@ -212,9 +212,11 @@ pub fn dataset_not_checkpoint_claim() -> serde_json::Value {
 pub fn complete_schema(schema: &mut serde_json::Value) {
     schema["x-kubernetes-validations"] = serde_json::json!([dataset_not_checkpoint_claim()]);
     schema["properties"]["metadata"] = serde_json::json!({
+        // The API server refuses anything on metadata itself but its type (a description too).
         "type": "object",
         "properties": {"name": {
             "type": "string",
+            "description": "Names the worker pods (<name>-worker-<i>), the Service (<name>-workers) and the checkpoint claim (<name>-checkpoints): at most 40 lower-case letters, digits and '-', starting with a letter.",
             "maxLength": 253,
             "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}]
         }}
