@@ -23,6 +23,8 @@ enum KernelId {
   kMuonMomentum,
   kMixFwd,
   kMixBwd,
+  kCastF8,
+  kWeightF8,
   kNumKernels
 };
 extern const char* const kKernelNames[kNumKernels];

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "fp8.h"
+
 namespace charlm {
 
 // ATen's rms_norm default: the epsilon of float, the type it computes in for bf16 and fp32.
@@ -16,12 +18,17 @@ constexpr int64_t kHead = 128;
 
 using at::Tensor;
 
+// Each step that produces a tensor a matrix product reads can also write its FP8 copy: given a
+// defined slot `f8`, *out8 receives it (in the same kernel with delayed scaling, else by
+// cast_f8 after the step).
+
 // (y, rstd) for rows of x [N, C].
-std::pair<Tensor, Tensor> rmsnorm_fwd(const Tensor& x, bool fused);
+std::pair<Tensor, Tensor> rmsnorm_fwd(const Tensor& x, bool fused, const Slot* f8 = nullptr,
+                                      Tensor* y8 = nullptr);
 
 // dres + backward of the row norm, from its output y and factor rstd.
 Tensor rmsnorm_bwd(const Tensor& dy, const Tensor& y, const Tensor& rstd, const Tensor& dres,
-                   bool fused);
+                   bool fused, const Slot* f8 = nullptr, Tensor* dx8 = nullptr);
 
 // Rotary + per-head rmsnorm of the q and k parts of qkv [N, 3A], in place; returns rstd [N, 2H].
 Tensor rope_norm_fwd_(Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t seq,
@@ -31,13 +38,17 @@ Tensor rope_norm_fwd_(Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t
 // are [B, H, T, 128] (any strides with a contiguous last dim); qkv holds the saved normalized q, k.
 Tensor rope_norm_bwd(const Tensor& dq4, const Tensor& dk4, const Tensor& dv4, const Tensor& qkv,
                      const Tensor& rstd, const Tensor& cos, const Tensor& sin, int64_t seq,
-                     int64_t heads, bool fused);
+                     int64_t heads, bool fused, const Slot* f8 = nullptr,
+                     Tensor* out8 = nullptr);
 
-Tensor relu2_fwd(const Tensor& h, bool fused);
+// relu(h)²; without `want_a` only the FP8 copy is wanted and the result may be undefined.
+Tensor relu2_fwd(const Tensor& h, bool fused, bool want_a = true, const Slot* f8 = nullptr,
+                 Tensor* a8 = nullptr);
 
 // (a = relu(h)², dh = 2·da·h where h > 0); the fused kernel writes dh over da. Without
-// `need_a` (the forward kept a) only dh is computed and a is undefined.
-std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused, bool need_a = true);
+// `need_a` (the forward kept a) only dh is computed and a is undefined. f8/dh8: dh's FP8 copy.
+std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused, bool need_a = true,
+                                    const Slot* f8 = nullptr, Tensor* dh8 = nullptr);
 
 // The tensor behind a pointer Rust handed over (NULL: undefined), detached from autograd.
 inline Tensor arg(const at::Tensor* const* t, int i) {
