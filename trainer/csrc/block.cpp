@@ -14,6 +14,9 @@
 //   xn2 = rmsnorm(x1)                         (saved with its 1/rms)
 //   h   = xn2 · Wfcᵀ                          [N, 4C] (saved)
 //   out = x1 + relu(h)² · Wpᵀ
+// With nanochat 2026's per-layer scalars the block first makes its input xin = r[i]·x + x0s[i]·x0
+// (mix.cpp), inside the first row norm's kernel, and returns the gradients of x, x0 and the two
+// scalars from inside that norm's backward.
 // Every rmsnorm computes in fp32 and rounds once, like ATen's rms_norm; so do the fused kernels.
 //
 // With FP8 weights (--precision fp8) the four products run as at::_scaled_mm on e4m3 copies of
@@ -25,6 +28,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -133,20 +137,61 @@ void accumulate(Tensor& g, const Tensor& a, const Tensor& b) {
 }
 
 struct Saved {
+  Tensor x;  // the input before the per-layer scalars, when there are some
   Tensor xn, rstd1, qkv, rstd_qk, y, xn2, rstd2, h;
   Tensor act;  // relu(h)², when kept
   Attention attn;
 };
 
+// The per-layer scalars of nanochat 2026 for this block (all undefined without them).
+struct Mix {
+  Tensor x0, r, x0s;  // the normed embedding [N, C]; the fp32 [depth] scalars
+  int64_t layer = 0;
+  bool defined() const { return r.defined(); }
+};
 
-Tensor block_forward_f8(const Tensor& x, const Weights& w, const Spec& s, Saved& sv);
-Tensor block_backward_f8(const Tensor& dout, Weights& w, const Spec& s, Saved& sv);
+// The gradients a block's backward returns: its input's, and with the scalars x0's and the
+// layer's two sums [Σ g·x, Σ g·x0].
+struct Grads {
+  Tensor dx, dx0, sums;
+};
 
-Tensor block_forward(const Tensor& x, const Weights& w, const Spec& s, Saved& sv) {
-  if (w.f8.defined()) return block_forward_f8(x, w, s, sv);
-  const auto kind = x.scalar_type();
-  const int64_t n = x.size(0), a = s.heads * kHead, seq = n / s.batch;
-  std::tie(sv.xn, sv.rstd1) = rmsnorm_fwd(x, s.fused);
+// The block's input (after the scalars, if any) and its row norm into sv.xn, sv.rstd1, with the
+// norm's FP8 copy when f8 is given.
+Tensor block_input(const Tensor& x, const Mix& m, const Spec& s, Saved& sv, const Slot* f8,
+                   Tensor* xn8) {
+  if (!m.defined()) {
+    std::tie(sv.xn, sv.rstd1) = rmsnorm_fwd(x, s.fused, f8, xn8);
+    return x;
+  }
+  sv.x = x;
+  auto [xin, xn, rstd] = mix_rmsnorm_fwd(x, m.x0, m.r, m.x0s, m.layer, s.fused, f8, xn8);
+  sv.xn = xn;
+  sv.rstd1 = rstd;
+  return xin;
+}
+
+// The end of the backward: the first norm's backward plus the residual gradient dx1, then the
+// scalars' backward.
+Grads block_input_backward(const Tensor& dxn, const Tensor& dx1, const Mix& m, const Spec& s,
+                           Saved& sv) {
+  if (!m.defined()) return {rmsnorm_bwd(dxn, sv.xn, sv.rstd1, dx1, s.fused)};
+  auto [gx, gx0, sums] = rmsnorm_mix_bwd(dxn, sv.xn, sv.rstd1, dx1, sv.x, m.x0, m.r, m.x0s,
+                                         m.layer, s.fused);
+  return {gx, gx0, sums};
+}
+
+
+Tensor block_forward_f8(const Tensor& x, const Weights& w, const Mix& m, const Spec& s,
+                        Saved& sv);
+Grads block_backward_f8(const Tensor& dout, Weights& w, const Mix& m, const Spec& s, Saved& sv);
+
+Tensor block_forward(const Tensor& x_in, const Weights& w, const Mix& m, const Spec& s,
+                     Saved& sv) {
+  if (w.f8.defined()) return block_forward_f8(x_in, w, m, s, sv);
+  const auto kind = x_in.scalar_type();
+  const int64_t n = x_in.size(0), a = s.heads * kHead, seq = n / s.batch;
+  const Tensor x = block_input(x_in, m, s, sv, nullptr, nullptr);
   sv.qkv = at::mm(sv.xn, qkv_weight(w, kind).t());
   sv.rstd_qk = rope_norm_fwd_(sv.qkv, w.cos, w.sin, seq, s.heads, s.fused);
   Tensor q4 = view4(sv.qkv.narrow(1, 0, a), s.batch, s.heads);
@@ -166,8 +211,8 @@ Tensor block_forward(const Tensor& x, const Weights& w, const Spec& s, Saved& sv
   return x1;
 }
 
-Tensor block_backward(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) {
-  if (w.f8.defined()) return block_backward_f8(dout, w, s, sv);
+Grads block_backward(const Tensor& dout, Weights& w, const Mix& m, const Spec& s, Saved& sv) {
+  if (w.f8.defined()) return block_backward_f8(dout, w, m, s, sv);
   const auto kind = dout.scalar_type();
   const int64_t n = dout.size(0), a = s.heads * kHead, seq = n / s.batch;
   // MLP: out = x1 + relu(h)²·Wpᵀ, h = xn2·Wfcᵀ.
@@ -202,17 +247,18 @@ Tensor block_backward(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) 
   accumulate(w.gqkv, dqkv.t(), sv.xn);
   Tensor dxn = at::mm(dqkv, qkv_weight(w, kind));
   dqkv = Tensor();
-  return rmsnorm_bwd(dxn, sv.xn, sv.rstd1, dx1, s.fused);
+  return block_input_backward(dxn, dx1, m, s, sv);
 }
 
 // The forward with FP8 products: the same steps and the same saved tensors as block_forward.
-Tensor block_forward_f8(const Tensor& x, const Weights& w, const Spec& s, Saved& sv) {
-  const auto kind = x.scalar_type();
-  const int64_t n = x.size(0), a = s.heads * kHead, seq = n / s.batch;
+Tensor block_forward_f8(const Tensor& x_in, const Weights& w, const Mix& m, const Spec& s,
+                        Saved& sv) {
+  const auto kind = x_in.scalar_type();
+  const int64_t n = x_in.size(0), a = s.heads * kHead, seq = n / s.batch;
   const Slot s_xn = slot(w, kXn, s), s_y = slot(w, kY, s), s_xn2 = slot(w, kXn2, s),
              s_act = slot(w, kAct, s);
   Tensor x8;
-  std::tie(sv.xn, sv.rstd1) = rmsnorm_fwd(x, s.fused, &s_xn, &x8);
+  const Tensor x = block_input(x_in, m, s, sv, &s_xn, &x8);
   sv.qkv = scaled_mm(x8, s_xn.inv, w.wqkv8, winv(w, 0), kind, true);
   sv.rstd_qk = rope_norm_fwd_(sv.qkv, w.cos, w.sin, seq, s.heads, s.fused);
   Tensor q4 = view4(sv.qkv.narrow(1, 0, a), s.batch, s.heads);
@@ -243,7 +289,7 @@ void accumulate_f8(Tensor& g, const Tensor& grad8, const Tensor& grad_inv, const
                    false));
 }
 
-Tensor block_backward_f8(const Tensor& dout, Weights& w, const Spec& s, Saved& sv) {
+Grads block_backward_f8(const Tensor& dout, Weights& w, const Mix& m, const Spec& s, Saved& sv) {
   const auto kind = dout.scalar_type();
   const int64_t n = dout.size(0), a = s.heads * kHead, seq = n / s.batch;
   const Slot s_dout = slot(w, kDout, s), s_dh = slot(w, kDh, s), s_dx1 = slot(w, kDx1, s),
@@ -301,20 +347,33 @@ Tensor block_backward_f8(const Tensor& dout, Weights& w, const Spec& s, Saved& s
   dqkv = Tensor();
   Tensor dxn = scaled_mm(dqkv8, s_dqkv.inv, w.wqkv8t, winv(w, 0), kind, false);
   dqkv8 = Tensor();
-  return rmsnorm_bwd(dxn, sv.xn, sv.rstd1, dx1, s.fused);
+  return block_input_backward(dxn, dx1, m, s, sv);
 }
 
 
 struct BlockFunction : public torch::autograd::Function<BlockFunction> {
+  // x0, r and x0s (the per-layer scalars; nullopt without them) are inputs autograd tracks; the
+  // weights in ws are not: their gradients go to the g* buffers.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::vector<Tensor>& ws,
+                        const std::optional<Tensor>& x0, const std::optional<Tensor>& r,
+                        const std::optional<Tensor>& x0s, int64_t layer,
                         int64_t batch, int64_t heads, bool fused, bool recompute, bool cudnn,
                         bool keep_act, bool f8_dynamic, bool f8_wgrad) {
     Weights w = unpack(ws);
+    Mix m;
+    if (r.has_value()) m = Mix{*x0, *r, *x0s, layer};
     // Recomputation recomputes the activation anyway; keeping it would only cost memory.
     Spec s{batch, heads, fused, recompute, cudnn, keep_act && !recompute, f8_dynamic, f8_wgrad};
     Saved sv;
-    Tensor out = block_forward(x, w, s, sv);
+    Tensor out = block_forward(x, w, m, s, sv);
     auto& d = ctx->saved_data;
+    d["has_mix"] = m.defined();
+    if (m.defined()) {
+      d["x0"] = m.x0;
+      d["r"] = m.r;
+      d["x0s"] = m.x0s;
+      d["layer"] = layer;
+    }
     for (size_t i = 0; i < ws.size(); ++i) {
       d[kWeightNames[i]] = ws[i];
       d[std::string("has_") + kWeightNames[i]] = ws[i].defined();
@@ -327,9 +386,8 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     d["keep_act"] = s.keep_act;
     d["f8_dynamic"] = s.f8_dynamic;
     d["f8_wgrad"] = s.f8_wgrad;
-    if (recompute) {
-      d["x"] = x;
-    } else {
+    if (recompute || m.defined()) d["x"] = x;
+    if (!recompute) {
       d["xn"] = sv.xn;
       d["rstd1"] = sv.rstd1;
       d["qkv"] = sv.qkv;
@@ -362,6 +420,11 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       ws.push_back(d.at(std::string("has_") + name).toBool() ? d.at(name).toTensor() : Tensor());
     }
     Weights w = unpack(ws);
+    Mix m;
+    if (d.at("has_mix").toBool()) {
+      m = Mix{d.at("x0").toTensor(), d.at("r").toTensor(), d.at("x0s").toTensor(),
+              d.at("layer").toInt()};
+    }
     Spec s{d.at("batch").toInt(),      d.at("heads").toInt(),         d.at("fused").toBool(),
            d.at("recompute").toBool(), d.at("cudnn").toBool(),        d.at("keep_act").toBool(),
            d.at("f8_dynamic").toBool(), d.at("f8_wgrad").toBool()};
@@ -369,8 +432,9 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
     if (s.recompute) {
       Tensor x = d.at("x").toTensor();
       d.clear();
-      block_forward(x, w, s, sv);
+      block_forward(x, w, m, s, sv);
     } else {
+      if (m.defined()) sv.x = d.at("x").toTensor();
       sv.xn = d.at("xn").toTensor();
       sv.rstd1 = d.at("rstd1").toTensor();
       sv.qkv = d.at("qkv").toTensor();
@@ -394,9 +458,16 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
       // Drop the context's references so each activation is freed as soon as it is used.
       d.clear();
     }
-    Tensor dx = block_backward(grads[0].contiguous(), w, s, sv);
-    variable_list out(10);
-    out[0] = dx;
+    Grads g = block_backward(grads[0].contiguous(), w, m, s, sv);
+    variable_list out(15);
+    out[0] = g.dx;
+    if (m.defined()) {
+      out[2] = g.dx0;
+      out[3] = at::zeros_like(m.r);
+      out[4] = at::zeros_like(m.x0s);
+      out[3].select(0, m.layer).copy_(g.sums.select(0, 0));
+      out[4].select(0, m.layer).copy_(g.sums.select(0, 1));
+    }
     return out;
   }
 };
@@ -405,11 +476,14 @@ struct BlockFunction : public torch::autograd::Function<BlockFunction> {
 
 extern "C" {
 
-// x, then the block's tensors in CHARLM_BLOCK_TENSORS order (wqkv and the FP8 ones may be NULL).
+// x, then the block's tensors in CHARLM_BLOCK_TENSORS order (wqkv and the FP8 ones may be NULL),
+// then nanochat 2026's per-layer scalars: the normed embedding x0 and the fp32 [depth] vectors r
+// and x0s, whose entries `layer` make the block's input r·x + x0s·x0 (all NULL: none).
 // f8_flags: bit 0 dynamic FP8 scaling, bit 1 FP8 weight gradients (with the FP8 tensors only).
-char* charlm_block_apply(const at::Tensor* x_in, const at::Tensor* const* tensors, int64_t batch,
-                         int64_t heads, int fused, int recompute, int cudnn, int keep_act,
-                         int f8_flags, at::Tensor** out) {
+char* charlm_block_apply(const at::Tensor* x_in, const at::Tensor* const* tensors,
+                         const at::Tensor* x0, const at::Tensor* r, const at::Tensor* x0s,
+                         int64_t layer, int64_t batch, int64_t heads, int fused, int recompute,
+                         int cudnn, int keep_act, int f8_flags, at::Tensor** out) {
   return guarded([&] {
     Tensor x = *x_in;
     std::vector<Tensor> ws;
@@ -420,8 +494,15 @@ char* charlm_block_apply(const at::Tensor* x_in, const at::Tensor* const* tensor
     TORCH_CHECK(!f8.defined() || (f8.scalar_type() == at::kFloat && f8.size(0) == 3 &&
                                   f8.size(1) == kNumSlots),
                 "block: the FP8 state must be fp32 [3, ", int(kNumSlots), "]");
-    Tensor y = BlockFunction::apply(x, ws, batch, heads, fused != 0, recompute != 0, cudnn != 0,
-                                    keep_act != 0, (f8_flags & 1) != 0, (f8_flags & 2) != 0);
+    const bool mix = r != nullptr;
+    TORCH_CHECK(!mix || (x0 != nullptr && x0s != nullptr && layer >= 0 && layer < r->numel() &&
+                         x0s->numel() == r->numel()),
+                "block: the per-layer scalars need x0, r and x0s, and a layer within them");
+    using Opt = std::optional<Tensor>;
+    Tensor y = BlockFunction::apply(x, ws, mix ? Opt(*x0) : Opt(), mix ? Opt(*r) : Opt(),
+                                    mix ? Opt(*x0s) : Opt(), layer, batch, heads, fused != 0,
+                                    recompute != 0, cudnn != 0, keep_act != 0,
+                                    (f8_flags & 1) != 0, (f8_flags & 2) != 0);
     *out = new at::Tensor(std::move(y));
   });
 }

@@ -25,6 +25,8 @@ enum KernelId {
   kMixBwd,
   kCastF8,
   kWeightF8,
+  kMixRmsFwdReg,
+  kRmsMixBwdReg,
   kNumKernels
 };
 extern const char* const kKernelNames[kNumKernels];

@@ -2,6 +2,8 @@
 // block's matrices once per optimizer step.
 #include "fp8.h"
 
+#include <cstdint>
+
 #include <cmath>
 #include <vector>
 
@@ -77,9 +79,21 @@ Tensor cast_f8(const Tensor& x, const Slot& s, bool fused) {
   return out;
 }
 
+namespace {
+
+// cuBLASLt refuses (CUBLAS_STATUS_NOT_SUPPORTED) scale pointers that are not 16-byte aligned
+// (pytorch/pytorch#159957), and the scales are 4-byte entries of the per-block state; a misaligned
+// one is copied to a fresh, 256-byte aligned allocation (one 4-byte device copy).
+Tensor aligned_scale(const Tensor& s) {
+  return reinterpret_cast<uintptr_t>(s.data_ptr()) % 16 == 0 ? s : s.clone();
+}
+
+}  // namespace
+
 Tensor scaled_mm(const Tensor& a8, const Tensor& inv_a, const Tensor& b8, const Tensor& inv_b,
                  at::ScalarType out, bool fast_accum) {
-  return at::_scaled_mm(a8, b8.t(), inv_a, inv_b, {}, {}, out, fast_accum);
+  return at::_scaled_mm(a8, b8.t(), aligned_scale(inv_a), aligned_scale(inv_b), {}, {}, out,
+                        fast_accum);
 }
 
 }  // namespace charlm

@@ -436,6 +436,99 @@ extern "C" __global__ void charlm_rmsnorm_bwd_row(const bf16* __restrict__ dy,
   }
 }
 
+// nanochat 2026's per-layer scalars fused into the block's first row norm: xin = a·x + b·x0 (a, b
+// the layer's fp32 scalars on the device) rounded to bf16 and written, then the row norm of those
+// bf16 values, as charlm_mix_fwd followed by charlm_rmsnorm_fwd_row computes it, in one pass.
+extern "C" __global__ void charlm_mix_rmsnorm_fwd_row(
+    const bf16* __restrict__ x, const bf16* __restrict__ x0, const float* __restrict__ lam,
+    const float* __restrict__ lam0, bf16* __restrict__ xin, bf16* __restrict__ y,
+    float* __restrict__ rstd, int64_t rows, int cols, float eps, uint8_t* __restrict__ y8,
+    const float* __restrict__ scale, float* __restrict__ amax, int fmt) {
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * (cols / 8) + threadIdx.x;
+  const float a = *lam, b = *lam0;
+  float f[8], f0[8];
+  unpack8(reinterpret_cast<const uint4*>(x)[at], f);
+  unpack8(reinterpret_cast<const uint4*>(x0)[at], f0);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) f[k] = a * f[k] + b * f0[k];
+  const uint4 mixed = pack8(f);
+  reinterpret_cast<uint4*>(xin)[at] = mixed;
+  unpack8(mixed, f);
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) ss += f[k] * f[k];
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / cols + eps);
+  if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) f[k] *= r;
+  const uint4 out = pack8(f);
+  reinterpret_cast<uint4*>(y)[at] = out;
+  if (y8) {
+    unpack8(out, f);
+    reinterpret_cast<uint2*>(y8)[at] = f8x8(f, *scale, fmt);
+    block_commit_amax(amax, abs_max8(f));
+  }
+}
+
+// Backward of the block's first row norm (with the residual gradient dres) and then of the
+// per-layer scalars, as charlm_rmsnorm_bwd_row followed by charlm_mix_bwd computes them: with g
+// the bf16 gradient of xin, gx = a·g, gx0 = b·g, sums[0] += Σ g·x, sums[1] += Σ g·x0.
+extern "C" __global__ void charlm_rmsnorm_mix_bwd_row(
+    const bf16* __restrict__ dy, const bf16* __restrict__ y, const float* __restrict__ rstd,
+    const bf16* __restrict__ dres, const bf16* __restrict__ x, const bf16* __restrict__ x0,
+    const float* __restrict__ lam, const float* __restrict__ lam0, bf16* __restrict__ gx,
+    bf16* __restrict__ gx0, float* __restrict__ sums, int64_t rows, int cols) {
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * (cols / 8) + threadIdx.x;
+  float g[8], b[8], c[8];
+  unpack8(reinterpret_cast<const uint4*>(dy)[at], g);
+  unpack8(reinterpret_cast<const uint4*>(y)[at], b);
+  unpack8(reinterpret_cast<const uint4*>(dres)[at], c);
+  const float r = rstd[row];
+  float dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) dot += g[k] * b[k];
+  dot = block_sum(dot);
+  const float mean = dot / cols;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) g[k] = c[k] + r * (g[k] - b[k] * mean);
+  unpack8(pack8(g), g);
+  const float la = *lam, lb = *lam0;
+  float fx[8], f0[8];
+  unpack8(reinterpret_cast<const uint4*>(x)[at], fx);
+  unpack8(reinterpret_cast<const uint4*>(x0)[at], f0);
+  float sx = 0.f, s0 = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    sx += g[k] * fx[k];
+    s0 += g[k] * f0[k];
+    fx[k] = la * g[k];
+    f0[k] = lb * g[k];
+  }
+  reinterpret_cast<uint4*>(gx)[at] = pack8(fx);
+  reinterpret_cast<uint4*>(gx0)[at] = pack8(f0);
+  __shared__ float part[2][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  sx = warp_sum(sx);
+  s0 = warp_sum(s0);
+  if (lane == 0) {
+    part[0][warp] = sx;
+    part[1][warp] = s0;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+    sx = warp_sum(lane < warps ? part[0][lane] : 0.f);
+    s0 = warp_sum(lane < warps ? part[1][lane] : 0.f);
+    if (lane == 0) {
+      atomicAdd(&sums[0], sx);
+      atomicAdd(&sums[1], s0);
+    }
+  }
+}
+
 // a = relu(h)², 8 elements a thread (n is a multiple of 8). `a` may be NULL when only the FP8
 // copy a8 is wanted.
 extern "C" __global__ void charlm_relu2_fwd(const bf16* __restrict__ h, bf16* __restrict__ a,

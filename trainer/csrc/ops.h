@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
 #include <utility>
 
 #include "fp8.h"
@@ -49,6 +50,30 @@ Tensor relu2_fwd(const Tensor& h, bool fused, bool want_a = true, const Slot* f8
 // `need_a` (the forward kept a) only dh is computed and a is undefined. f8/dh8: dh's FP8 copy.
 std::pair<Tensor, Tensor> relu2_bwd(const Tensor& h, Tensor da, bool fused, bool need_a = true,
                                     const Slot* f8 = nullptr, Tensor* dh8 = nullptr);
+
+// nanochat 2026's per-layer scalars before block `layer` (mix.cpp): xin = r[layer]·x +
+// x0s[layer]·x0, with r and x0s fp32 [depth] on the stream's device.
+Tensor mix_fwd(const Tensor& x, const Tensor& x0, const Tensor& r, const Tensor& x0s,
+               int64_t layer, bool fused);
+
+// Its backward for xin's gradient g: (gx, gx0, [Σ g·x, Σ g·x0] fp32).
+std::tuple<Tensor, Tensor, Tensor> mix_bwd(const Tensor& g, const Tensor& x, const Tensor& x0,
+                                           const Tensor& r, const Tensor& x0s, int64_t layer,
+                                           bool fused);
+
+// The mix then the row norm of xin (one kernel where the block-per-row norm runs): (xin, y, rstd).
+std::tuple<Tensor, Tensor, Tensor> mix_rmsnorm_fwd(const Tensor& x, const Tensor& x0,
+                                                   const Tensor& r, const Tensor& x0s,
+                                                   int64_t layer, bool fused,
+                                                   const Slot* f8 = nullptr,
+                                                   Tensor* y8 = nullptr);
+
+// The row norm's backward with dres, then the mix's: (gx, gx0, sums) as mix_bwd.
+std::tuple<Tensor, Tensor, Tensor> rmsnorm_mix_bwd(const Tensor& dy, const Tensor& y,
+                                                   const Tensor& rstd, const Tensor& dres,
+                                                   const Tensor& x, const Tensor& x0,
+                                                   const Tensor& r, const Tensor& x0s,
+                                                   int64_t layer, bool fused);
 
 // The tensor behind a pointer Rust handed over (NULL: undefined), detached from autograd.
 inline Tensor arg(const at::Tensor* const* t, int i) {

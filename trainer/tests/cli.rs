@@ -259,10 +259,21 @@ fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
 #[test]
 fn fp8_is_refused_on_a_cpu_with_the_fix() {
     let out = trainer(
-        &["bench", "--device", "cpu", "--precision", "fp8", "--steps", "1"],
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp8",
+            "--steps",
+            "1",
+        ],
         &[],
     );
-    refused(&out, &["--precision fp8", "FP8 tensor cores", "--precision bf16"]);
+    refused(
+        &out,
+        &["--precision fp8", "FP8 tensor cores", "--precision bf16"],
+    );
     // From the environment (what the operator sets from spec.precision), under train.
     let out = trainer(
         &[

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{DistEnv, ProcessGroup};
-use crate::engine::{Engine, EngineOptions, Kernels, LearningRates, Precision, Recompute, Toggle};
+use crate::engine::{Engine, EngineOptions, Kernels, LearningRates, Recompute, Toggle};
 use crate::model::block::{self, Op};
 use crate::model::{apply_rotary, norm, rotary_tables, GptConfig};
 
@@ -104,7 +104,11 @@ pub fn fused_vs_eager_f8(shape: OpShape, device: Device) -> Result<Vec<Diff>> {
         };
         compare(format!("{name} (fp8)"), *op, inputs, *p0, *p1, e5)?;
     }
-    let x = vec![Some(rand(&[shape.b * shape.t, shape.c], Kind::BFloat16, device))];
+    let x = vec![Some(rand(
+        &[shape.b * shape.t, shape.c],
+        Kind::BFloat16,
+        device,
+    ))];
     compare("cast e4m3".into(), Op::CastF8, &x, 0, 0, false)?;
     compare("cast e5m2".into(), Op::CastF8, &x, 0, 0, true)?;
     Ok(out)
@@ -651,6 +655,7 @@ pub fn curve_diff(got: &[f64], reference: &[f64]) -> CurveDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Precision;
 
     fn lock() -> std::sync::MutexGuard<'static, ()> {
         crate::model::SEED_LOCK
@@ -832,7 +837,10 @@ mod tests {
             let (l1, g1) = run(Recompute::Blocks(i64::MAX), delayed);
             assert_eq!(l0, l1);
             for ((n, a), (_, b)) in g0.iter().zip(&g1) {
-                assert!(a.equal(b), "{n} differs with recomputation (delayed {delayed})");
+                assert!(
+                    a.equal(b),
+                    "{n} differs with recomputation (delayed {delayed})"
+                );
             }
         }
     }
@@ -842,15 +850,18 @@ mod tests {
         let x = Tensor::from_slice(&[0.5f32, -1.0, 3.0, 0.001, -1000.0, 2.0, 0.0, 7.0]);
         let scale = Tensor::from(100.0f32);
         for (e5m2, max) in [(false, 448.0f32), (true, 57344.0)] {
-            let r = block::op_f8(Op::CastF8, &[Some(&x)], false, 0, 0, Some((&scale, e5m2)))
-                .unwrap();
+            let r =
+                block::op_f8(Op::CastF8, &[Some(&x)], false, 0, 0, Some((&scale, e5m2))).unwrap();
             let got: Vec<f32> = Vec::try_from(&r[0]).unwrap();
             // Scaled, rounded to the format (3 or 2 mantissa bits), and saturated at its max.
             let want = [50.0, -100.0, 300.0, 0.1, -max, 200.0, 0.0, 700.0];
             for (g, w) in got.iter().zip(want) {
                 let w = w.clamp(-max, max);
                 let tol = if e5m2 { 0.125 } else { 0.0625 };
-                assert!((g - w).abs() <= tol * w.abs() + 1e-3, "{got:?} (e5m2 {e5m2})");
+                assert!(
+                    (g - w).abs() <= tol * w.abs() + 1e-3,
+                    "{got:?} (e5m2 {e5m2})"
+                );
             }
             assert_eq!(r[1].double_value(&[]), 1000.0, "amax of |x|");
         }
@@ -871,7 +882,10 @@ mod tests {
         let amax = |t: &Tensor| t.abs().max().double_value(&[]);
         let qkv_amax = amax(&blk.c_q).max(amax(&blk.c_k)).max(amax(&blk.c_v));
         let inv: Vec<f32> = Vec::try_from(&v.winv).unwrap();
-        assert!((f64::from(inv[0]) - qkv_amax / 448.0).abs() < 1e-9, "{inv:?}");
+        assert!(
+            (f64::from(inv[0]) - qkv_amax / 448.0).abs() < 1e-9,
+            "{inv:?}"
+        );
         assert!((f64::from(inv[3]) - amax(&blk.mlp_proj) / 448.0).abs() < 1e-9);
         let f = |t: &Tensor| t.to_kind(Kind::Float);
         // Dequantized, each weight is itself within e4m3's rounding (2⁻⁴ relative).
@@ -880,7 +894,10 @@ mod tests {
         let d = diff("k", &k, &blk.c_k.detach());
         assert!(d.rel < 0.05 && d.rel > 0.0, "{d:?}");
         for i in 0..4 {
-            assert!(v.w8t[i].tr().to_kind(Kind::Float).equal(&f(&v.w8[i])), "{i}");
+            assert!(
+                v.w8t[i].tr().to_kind(Kind::Float).equal(&f(&v.w8[i])),
+                "{i}"
+            );
         }
         assert_eq!(v.w8[1].size(), [c, a]);
         // The largest weight lands on the format's largest value.

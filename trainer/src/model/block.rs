@@ -18,6 +18,10 @@ extern "C" {
     fn charlm_block_apply(
         x: *const CTensor,
         tensors: *const *const CTensor,
+        x0: *const CTensor,
+        r: *const CTensor,
+        x0s: *const CTensor,
+        layer: i64,
         batch: i64,
         heads: i64,
         fused: c_int,
@@ -41,15 +45,6 @@ extern "C" {
         rel: *mut f64,
     ) -> *mut c_char;
     fn charlm_fused_status(device: c_int) -> *mut c_char;
-    fn charlm_mix_apply(
-        x: *const CTensor,
-        x0: *const CTensor,
-        r: *const CTensor,
-        x0s: *const CTensor,
-        layer: i64,
-        fused: c_int,
-        out: *mut *mut CTensor,
-    ) -> *mut c_char;
     fn charlm_fused_op(
         op: c_int,
         inputs: *const *const CTensor,
@@ -149,18 +144,32 @@ pub struct BlockMode {
     pub f8_wgrad: bool,
 }
 
-/// Runs one block on `x` (`[N, C]`, contiguous) and records its backward; the weight gradients
-/// are added to the `g*` buffers during the backward pass.
+/// nanochat 2026's per-layer scalars as a block applies them to its input: `r[layer]·x +
+/// x0s[layer]·x0`, with `r` and `x0s` the model's fp32 `[depth]` scalars and `x0` the `[N, C]`
+/// normed embedding.
+pub struct Scalars<'a> {
+    pub x0: &'a Tensor,
+    pub r: &'a Tensor,
+    pub x0s: &'a Tensor,
+    pub layer: usize,
+}
+
+/// Runs one block on `x` (`[N, C]`, contiguous; with `scalars`, the block's input is made of it
+/// and x0 first) and records its backward; the weight gradients are added to the `g*` buffers
+/// during the backward pass, those of x, x0 and the scalars go to autograd.
+#[allow(clippy::too_many_arguments)]
 pub fn block(
     x: &Tensor,
     views: &BlockViews,
     own: &Block,
     rotary: (&Tensor, &Tensor),
+    scalars: Option<Scalars>,
     batch: i64,
     heads: i64,
     mode: BlockMode,
 ) -> Result<Tensor> {
     let tensors = tensor_pointers(views, own, rotary.0, rotary.1);
+    let sc = scalars.as_ref();
     let mut out: *mut CTensor = std::ptr::null_mut();
     // SAFETY: x and every tensor are live (or NULL where allowed) for the call's duration; on
     // success `out` is a new `at::Tensor*` whose ownership passes to the returned Tensor.
@@ -168,6 +177,10 @@ pub fn block(
         charlm_block_apply(
             ptr(Some(x)),
             tensors.as_ptr(),
+            ptr(sc.map(|s| s.x0)),
+            ptr(sc.map(|s| s.r)),
+            ptr(sc.map(|s| s.x0s)),
+            sc.map_or(0, |s| s.layer as i64),
             batch,
             heads,
             mode.fused as c_int,
@@ -209,34 +222,6 @@ pub fn fp8_weights(own: &Block, fp8: &Fp8Views, fused: bool) -> Result<()> {
             fused as c_int,
         )
     })
-}
-
-/// nanochat 2026's per-layer scalars before block `layer`: `r[layer]·x + x0s[layer]·x0` as one
-/// autograd node (csrc/mix.cpp), with fused kernels or their eager twins; `r` and `x0s` are the
-/// model's fp32 `[depth]` scalars, `x` and `x0` the `[N, C]` stream and the normed embedding.
-pub fn mix(
-    x: &Tensor,
-    x0: &Tensor,
-    r: &Tensor,
-    x0s: &Tensor,
-    layer: usize,
-    fused: bool,
-) -> Result<Tensor> {
-    let mut out: *mut CTensor = std::ptr::null_mut();
-    // SAFETY: the four tensors are live for the call's duration; on success `out` is a new
-    // `at::Tensor*` whose ownership passes to the returned Tensor.
-    check(unsafe {
-        charlm_mix_apply(
-            ptr(Some(x)),
-            ptr(Some(x0)),
-            ptr(Some(r)),
-            ptr(Some(x0s)),
-            layer as i64,
-            fused as c_int,
-            &mut out,
-        )
-    })?;
-    Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
 
 /// Causal attention forward + backward with cuDNN vs flash attention on random data of this

@@ -409,9 +409,12 @@ impl Gpt {
         let mut x = self.embed(idx, kind).view([b * t, c]);
         let x0 = x.shallow_clone();
         for (layer, (blk, v)) in self.blocks.iter().zip(&runner.blocks).enumerate() {
-            if let Some((resid, lx0)) = &self.scalars {
-                x = block::mix(&x, &x0, resid, lx0, layer, runner.fused)?;
-            }
+            let scalars = self.scalars.as_ref().map(|(r, x0s)| block::Scalars {
+                x0: &x0,
+                r,
+                x0s,
+                layer,
+            });
             let mode = block::BlockMode {
                 fused: runner.fused,
                 recompute: v.recompute,
@@ -420,7 +423,16 @@ impl Gpt {
                 f8_dynamic: runner.f8_dynamic,
                 f8_wgrad: runner.f8_wgrad,
             };
-            x = block::block(&x, v, blk, (&cos, &sin), b, self.config.heads(), mode)?;
+            x = block::block(
+                &x,
+                v,
+                blk,
+                (&cos, &sin),
+                scalars,
+                b,
+                self.config.heads(),
+                mode,
+            )?;
         }
         let logits = norm(&x)
             .matmul(&self.lm_head.to_kind(kind).tr())
