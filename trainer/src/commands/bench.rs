@@ -444,10 +444,18 @@ fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
         show(d, tolerances[i % 3]);
     }
     if device.is_cuda() {
-        eprintln!("FP8 fused vs FP8 eager (the same casts; dynamic scales):");
+        // The fused kernels round bf16 like the eager twins but not bit for bit, and a 1-ulp
+        // difference before a cast can move an element across an e5m2 step (12.5-25%): the
+        // worst single matrix measured 5.07% on an H100 (2026-12-07), inside the FP8-vs-reference
+        // spread; it gets FP8_GRADS_TOLERANCE, the loss and all gradients MODEL_TOLERANCE.
+        eprintln!(
+            "FP8 fused vs FP8 eager (the same casts; dynamic scales; tolerances: loss and all gradients {MODEL_TOLERANCE}, worst matrix {FP8_GRADS_TOLERANCE}):"
+        );
         let same = [("fp8 fused", f8(fused), false)];
-        for d in crate::engine::verify::models_vs(config26, g.b, device, f8(eager), &same) {
-            show(&d, MODEL_TOLERANCE);
+        let diffs = crate::engine::verify::models_vs(config26, g.b, device, f8(eager), &same);
+        for (i, d) in diffs.iter().enumerate() {
+            let worst = i % 3 == 2;
+            show(d, if worst { FP8_GRADS_TOLERANCE } else { MODEL_TOLERANCE });
         }
     }
     // The 2026 recipe: its rotary base through both paths, and its optimizer step.
