@@ -135,10 +135,24 @@ pub struct Plan {
     pub recommended_cost: f64,
 }
 
-/// One depth's figures for `budget`.
+/// Training tokens per second at a depth, for the whole budget's hardware.
+pub type Throughput<'a> = &'a dyn Fn(i64) -> f64;
+
+/// One depth's figures for `budget` on H100s.
 pub fn depth_plan(depth: i64, budget: &Budget) -> DepthPlan {
+    depth_plan_with(depth, budget, &|d| gpu_tokens_per_s(d, budget))
+}
+
+/// The budget's GPUs together at `depth`.
+fn gpu_tokens_per_s(depth: i64, budget: &Budget) -> f64 {
+    tokens_per_s(depth, budget.seq_len) * f64::from(budget.gpus)
+}
+
+/// One depth's figures for `budget` on hardware training `throughput` tokens per second (a CPU,
+/// say).
+pub fn depth_plan_with(depth: i64, budget: &Budget, throughput: Throughput) -> DepthPlan {
     let n = params(depth) as f64;
-    let tps = tokens_per_s(depth, budget.seq_len) * f64::from(budget.gpus);
+    let tps = throughput(depth);
     let tokens = tps * budget.hours * 3600.0;
     let u = budget.unique_tokens.max(1) as f64;
     let epochs = tokens / u;
@@ -170,9 +184,17 @@ pub fn expected_loss(params: f64, tokens: f64, unique_tokens: f64) -> f64 {
     E + A / n_eff.powf(ALPHA) + B / d_eff.max(1.0).powf(BETA)
 }
 
-/// Plans `budget` over [`DEPTHS`].
+/// Plans `budget` over [`DEPTHS`] on H100s.
 pub fn plan(budget: &Budget) -> Plan {
-    let depths: Vec<DepthPlan> = DEPTHS.iter().map(|&d| depth_plan(d, budget)).collect();
+    plan_with(budget, &|d| gpu_tokens_per_s(d, budget))
+}
+
+/// Plans `budget` over [`DEPTHS`] on hardware training `throughput` tokens per second.
+pub fn plan_with(budget: &Budget, throughput: Throughput) -> Plan {
+    let depths: Vec<DepthPlan> = DEPTHS
+        .iter()
+        .map(|&d| depth_plan_with(d, budget, throughput))
+        .collect();
     // Past what the unique data supports, more parameters stop paying (the law saturates):
     // among the depths within TIE of the lowest loss, the smallest is as good and cheaper.
     let lowest = depths
@@ -192,6 +214,20 @@ pub fn plan(budget: &Budget) -> Plan {
         recommended_cost: best.hours_to_best * per_hour,
         depths,
     }
+}
+
+/// Whether the law tells the depths apart: false when every depth's expected loss is within
+/// the tie margin of the lowest, as on a dataset so small that it, not the model, bounds the
+/// loss at every depth (then any depth is expected to do as well, and the smallest is cheapest).
+pub fn ranks_depths(plan: &Plan) -> bool {
+    let (lo, hi) = plan
+        .depths
+        .iter()
+        .map(|d| d.expected_loss)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| {
+            (lo.min(l), hi.max(l))
+        });
+    hi > lo * (1.0 + TIE)
 }
 
 /// The `DataConstrained` warning for training `depth` on `budget`, if its epochs exceed
@@ -289,6 +325,20 @@ mod tests {
             four - fresh < 0.02 && forty - fresh > 0.1,
             "{fresh} {four} {forty}"
         );
+    }
+
+    #[test]
+    fn a_dataset_too_small_for_any_depth_cannot_rank_them() {
+        // 2 800 tokens: every depth has far more parameters than the data supports and sees it
+        // thousands of times, so the law gives them all the same loss.
+        let tiny = plan(&budget(1, 1.0, 2_800));
+        assert!(!ranks_depths(&tiny));
+        assert!(ranks_depths(&plan(&budget(2, 16.0, 350_000_000))));
+        // A CPU's throughput plans the same way.
+        let cpu = plan_with(&budget(1, 1.0, 350_000_000), &|d| {
+            50e9 / flops_per_token(d, 2048)
+        });
+        assert!(cpu.depths[0].tokens < plan(&budget(1, 1.0, 350_000_000)).depths[0].tokens);
     }
 
     #[test]

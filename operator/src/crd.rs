@@ -239,7 +239,12 @@ pub struct CharLMTrainingSpec {
     /// Extra environment of the trainer container. The operator's own variables (the gang's
     /// rendezvous and what the spec's fields set) are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = rules::env_names(), validation = rules::env_not_reserved())]
+    #[x_kube(
+        validation = rules::env_names(),
+        validation = rules::env_not_reserved(),
+        validation = rules::env_value_size(),
+        validation = rules::env_total_size()
+    )]
     pub env: Option<Vec<EnvVar>>,
 
     /// PriorityClass of the worker pods.
@@ -260,8 +265,10 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative (0 deletes the training as soon as it ends)"))]
     pub ttl_seconds_after_finished: Option<i64>,
 
-    /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
-    /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
+    /// Seconds the workers of an attempt may take to be placed on nodes and started (default
+    /// 600): a worker not placed, or placed with containers that have not started (an image that
+    /// cannot be pulled, a missing Secret), counts; one preparing the dataset does not. A gang not
+    /// all started by then releases the workers it holds (GPUs that train nothing) and tries again
     /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("startupTimeoutSeconds must be between 1 and 604800 (a week)"))]
@@ -424,6 +431,7 @@ pub struct DatasetSpec {
 pub struct PvcDataset {
     /// Name of the PersistentVolumeClaim in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.pvc.claimName", "PersistentVolumeClaim", "charlm-texts"))]
     pub claim_name: String,
     /// Directory of the .txt files, relative to the root of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,6 +445,7 @@ pub struct PvcDataset {
 pub struct ConfigMapDataset {
     /// Name of the ConfigMap in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.configMap.name", "ConfigMap", "charlm-texts"))]
     pub name: String,
 }
 
@@ -524,11 +533,12 @@ pub struct RestartPolicySpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
     /// What a failure of each reason does; a rule overrides the default of the one reason it
-    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
-    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
-    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost, Deleted (RestartWithoutCounting:
+    /// from the last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower
+    /// deviceBatchSize, or raise the memory of the container that ran out); BadInput, the
+    /// trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 6))]
+    #[schemars(length(max = 7))]
     #[x_kube(validation = rules::failure_reasons_unique())]
     pub rules: Vec<FailureRule>,
 }
@@ -555,6 +565,10 @@ pub enum FailureReason {
     /// Its node went away or stopped answering and the node lifecycle deleted the pod. Default:
     /// RestartWithoutCounting.
     NodeLost,
+    /// The pod was deleted by someone other than the operator without a disruption condition
+    /// (`kubectl delete pod`; its trainer saves a checkpoint on SIGTERM), or vanished. Default:
+    /// RestartWithoutCounting.
+    Deleted,
     /// A container ran out of memory. Default: Fail (lower deviceBatchSize).
     #[serde(rename = "OOMKilled")]
     OomKilled,
@@ -647,7 +661,14 @@ pub mod condition {
     pub const PAST_BEST: &str = "PastBest";
     /// Kueue admitted the training's Workload (only on a training that names a LocalQueue).
     pub const ADMITTED: &str = "Admitted";
-    pub const ALL: [&str; 10] = [
+    /// The checkpoint claim is the operator's and usable (True), being provisioned (Unknown), or
+    /// cannot be used (False): someone else's claim holds its name, its StorageClass does not
+    /// exist, or it was deleted and its checkpoints are lost.
+    pub const CHECKPOINT_VOLUME_READY: &str = "CheckpointVolumeReady";
+    /// A checkpoint failed its check at a resume and was set aside; the trainer resumed from an
+    /// older one (a warning, set from the trainer's report).
+    pub const CHECKPOINT_DAMAGED: &str = "CheckpointDamaged";
+    pub const ALL: [&str; 12] = [
         DATASET_READY,
         PODS_READY,
         RUNNING,
@@ -658,6 +679,8 @@ pub mod condition {
         DATA_CONSTRAINED,
         PAST_BEST,
         ADMITTED,
+        CHECKPOINT_VOLUME_READY,
+        CHECKPOINT_DAMAGED,
     ];
 }
 
@@ -706,6 +729,20 @@ pub struct CharLMTrainingStatus {
     pub restart_after: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_pvc: Option<String>,
+    /// The uid of the checkpoint claim, recorded when the operator first saw it as its own: a
+    /// claim of that name gone, being deleted or replaced by another means the checkpoints on it
+    /// are lost, which the operator then says instead of starting from step 0 on a new claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_pvc_uid: Option<String>,
+    /// Checkpoints lost with their deleted claim: what the status named before. The training
+    /// starts no new workers until the annotation `charlm.dev/restart-from-scratch` is set to
+    /// `restartToken` (then it starts over from step 0 on a new claim), or it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_checkpoints: Option<LostCheckpoints>,
+    /// Checkpoints the trainer found damaged at a resume and set aside as `<dir>.damaged`
+    /// (paths on the checkpoint volume, oldest first, at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged_checkpoints: Vec<String>,
     /// Path of the newest checkpoint inside the checkpoint volume's mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_checkpoint: Option<String>,
@@ -746,6 +783,32 @@ pub struct CharLMTrainingStatus {
     pub plan: Option<PlanStatus>,
 }
 
+/// What a deleted checkpoint claim held (`status.lostCheckpoints`), as the status named it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostCheckpoints {
+    /// The claim's name and uid (the uid unless the claim went before the operator recorded it).
+    pub claim_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_uid: Option<String>,
+    /// When the operator saw the claim being deleted or gone.
+    pub detected_time: Time,
+    /// The newest checkpoint, the best validation bpc and its step, and the step the training
+    /// had reached, on the lost claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_bpc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    /// The value of the annotation `charlm.dev/restart-from-scratch` that starts the training over
+    /// from step 0 on a new, empty claim: the lost claim's uid (its name when no uid was
+    /// recorded), so a value left on the training never approves a later loss.
+    pub restart_token: String,
+}
+
 /// Failures by reason (`status.failures`); the keys are the reasons of `restartPolicy.rules`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct FailureCounts {
@@ -755,6 +818,8 @@ pub struct FailureCounts {
     pub preempted: i32,
     #[serde(rename = "NodeLost", default)]
     pub node_lost: i32,
+    #[serde(rename = "Deleted", default)]
+    pub deleted: i32,
     #[serde(rename = "OOMKilled", default)]
     pub oom_killed: i32,
     #[serde(rename = "BadInput", default)]
@@ -769,6 +834,7 @@ impl FailureCounts {
             FailureReason::Evicted => &mut self.evicted,
             FailureReason::Preempted => &mut self.preempted,
             FailureReason::NodeLost => &mut self.node_lost,
+            FailureReason::Deleted => &mut self.deleted,
             FailureReason::OomKilled => &mut self.oom_killed,
             FailureReason::BadInput => &mut self.bad_input,
             FailureReason::Error => &mut self.error,
@@ -913,6 +979,9 @@ pub struct ProgressStatus {
     /// GPU-hours of the budget an early stop left unspent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_gpu_hours: Option<f64>,
+    /// The checkpoint the running attempt resumed from (unset on a fresh start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<String>,
     /// When the operator read this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_time: Option<Time>,

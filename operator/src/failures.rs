@@ -4,14 +4,16 @@
 //! applies the action.
 
 use crate::crd::{FailureAction, FailureReason, FailureRule};
+use crate::resources::TRAINER_CONTAINER;
 use crate::workers::{Worker, WorkerState};
 
 /// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
 /// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
-pub const ALL_REASONS: [FailureReason; 6] = [
+pub const ALL_REASONS: [FailureReason; 7] = [
     FailureReason::Evicted,
     FailureReason::Preempted,
     FailureReason::NodeLost,
+    FailureReason::Deleted,
     FailureReason::OomKilled,
     FailureReason::BadInput,
     FailureReason::Error,
@@ -23,12 +25,20 @@ impl FailureReason {
             FailureReason::Evicted => "Evicted",
             FailureReason::Preempted => "Preempted",
             FailureReason::NodeLost => "NodeLost",
+            FailureReason::Deleted => "Deleted",
             FailureReason::OomKilled => "OOMKilled",
             FailureReason::BadInput => "BadInput",
             FailureReason::Error => "Error",
         }
     }
 }
+
+/// Every action, in the order the schema lists them.
+pub const ALL_ACTIONS: [FailureAction; 3] = [
+    FailureAction::Restart,
+    FailureAction::RestartWithoutCounting,
+    FailureAction::Fail,
+];
 
 impl FailureAction {
     pub fn as_str(self) -> &'static str {
@@ -44,9 +54,10 @@ impl FailureAction {
 /// restart without using up restarts; bad input and running out of memory repeat on every retry.
 pub fn default_action(reason: FailureReason) -> FailureAction {
     match reason {
-        FailureReason::Evicted | FailureReason::Preempted | FailureReason::NodeLost => {
-            FailureAction::RestartWithoutCounting
-        }
+        FailureReason::Evicted
+        | FailureReason::Preempted
+        | FailureReason::NodeLost
+        | FailureReason::Deleted => FailureAction::RestartWithoutCounting,
         FailureReason::OomKilled | FailureReason::BadInput => FailureAction::Fail,
         FailureReason::Error => FailureAction::Restart,
     }
@@ -68,6 +79,11 @@ pub fn action(rules: &[FailureRule], reason: FailureReason) -> FailureAction {
 pub fn classify(worker: &Worker) -> FailureReason {
     if let Some(reason) = disruption(worker.disruption.as_deref(), worker.pod_reason.as_deref()) {
         return reason;
+    }
+    // Deleted without a word of who or why (`kubectl delete pod`): the user's or another
+    // controller's decision, as an eviction is, not a fault of the training.
+    if worker.deleted {
+        return FailureReason::Deleted;
     }
     match &worker.state {
         WorkerState::Failed(f) if f.is_bad_input() => FailureReason::BadInput,
@@ -137,15 +153,32 @@ pub fn failed_condition_reason(reason: FailureReason) -> &'static str {
     }
 }
 
-/// The message of a training that a failure ends, with the fix.
-pub fn fail_message(reason: FailureReason, detail: &str, by_rule: bool) -> String {
+/// The message of a training that a failure of `container` (when one failed) ends, with the fix.
+pub fn fail_message(
+    reason: FailureReason,
+    detail: &str,
+    by_rule: bool,
+    container: Option<&str>,
+) -> String {
     if by_rule {
         return format!(
             "{detail}; restartPolicy.rules says Fail for {} (change the rule to restart instead)",
             reason.as_str()
         );
     }
+    let preparation = container.filter(|c| *c != TRAINER_CONTAINER);
     match reason {
+        // The data preparation holds no model: the micro-batch is not what filled its memory.
+        FailureReason::OomKilled if preparation.is_some() => format!(
+            "{detail}; the init container {} ran out of memory (OOMKilled) while it {}: raise the \
+             memory limit in spec.resources.limits.memory (the init containers get the trainer's \
+             resources, without GPUs); deviceBatchSize plays no part there",
+            preparation.unwrap_or_default(),
+            match preparation {
+                Some("generate") => "generated the synthetic dataset",
+                _ => "prepared the dataset",
+            }
+        ),
         // The trainer's own error line (in `detail`) names the micro-batch that fits, if it said.
         FailureReason::OomKilled => format!(
             "{detail}; the worker ran out of memory (OOMKilled): lower spec.deviceBatchSize (the \
@@ -231,6 +264,7 @@ mod tests {
                 RestartWithoutCounting,
                 RestartWithoutCounting,
                 RestartWithoutCounting,
+                RestartWithoutCounting,
                 Fail,
                 Fail,
                 Restart
@@ -269,12 +303,29 @@ mod tests {
             FailureReason::OomKilled,
             "t-worker-0: container trainer exited with code 137 (OOMKilled): rank 0: out of memory at micro-batch 16; micro-batch 8 fits",
             false,
+            Some("trainer"),
         );
         assert!(m.contains("micro-batch 8 fits"), "{m}");
         assert!(m.contains("lower spec.deviceBatchSize"), "{m}");
-        let m = fail_message(FailureReason::Error, "boom", true);
+        let m = fail_message(FailureReason::Error, "boom", true, None);
         assert!(m.contains("restartPolicy.rules says Fail for Error"), "{m}");
-        assert_eq!(fail_message(FailureReason::BadInput, "bad", false), "bad");
+        assert_eq!(
+            fail_message(FailureReason::BadInput, "bad", false, None),
+            "bad"
+        );
+        // An init container's OOM: its name and its memory, not the micro-batch.
+        let m = fail_message(
+            FailureReason::OomKilled,
+            "t-worker-0: container generate exited with code 137 (OOMKilled): Killed",
+            false,
+            Some("generate"),
+        );
+        assert!(
+            m.contains("the init container generate ran out of memory")
+                && m.contains("raise the memory limit in spec.resources.limits.memory")
+                && !m.contains("lower spec.deviceBatchSize"),
+            "{m}"
+        );
     }
 
     #[test]

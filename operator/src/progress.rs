@@ -35,6 +35,9 @@ impl From<&TrainerReport> for ProgressStatus {
             evals_since_best,
             saved_s: _,
             saved_gpu_hours,
+            resumed_from,
+            // Read by the reconciler (status.damagedCheckpoints, CheckpointDamaged).
+            damaged_checkpoints: _,
             // Read by the reconciler for failure messages; not part of the status.
             error: _,
         } = report;
@@ -60,6 +63,7 @@ impl From<&TrainerReport> for ProgressStatus {
             stop_reason: stop_reason.clone(),
             evals_since_best: i64::from(*evals_since_best),
             saved_gpu_hours: finite(saved_gpu_hours),
+            resumed_from: resumed_from.clone(),
             observed_time: None,
         }
     }

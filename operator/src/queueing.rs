@@ -13,6 +13,7 @@ use crate::context::{publish, Context, Error, FIELD_MANAGER};
 use crate::crd::{CharLMTraining, Phase};
 use crate::effective;
 use crate::kueue::{self, Gate, State};
+use crate::ownership::{ownership, Ownership};
 use crate::reconcile::Decision;
 use crate::resources::worker_pod;
 
@@ -63,6 +64,14 @@ pub async fn queue_gate(
         }
     };
     if let Some(w) = existing {
+        // Someone else's Workload under this training's Workload name is neither changed nor
+        // deleted; the training waits and says so.
+        if ownership(&w.metadata, training) != Ownership::Ours {
+            return Ok(gate(State::NoWorkload(format!(
+                "Workload {name} exists but is not this training's (it has no owner reference \
+                 to it): the operator leaves it untouched; delete it if it is not needed"
+            ))));
+        }
         let state = kueue::state(&w.data["status"]);
         let holds_quota = matches!(
             state,
@@ -169,6 +178,9 @@ pub async fn settle_workload(
     let Some(w) = api.get_opt(&name).await? else {
         return Ok(());
     };
+    if ownership(&w.metadata, training) != Ownership::Ours {
+        return Ok(());
+    }
     let status = &w.data["status"];
     let now = Time(Timestamp::now());
     let generation = w.metadata.generation;

@@ -1,7 +1,8 @@
-//! The command line as a newcomer meets it (issue 20), through the real binary on CPU: one
+//! The command line as a newcomer meets it (issues 20 and 29), through the real binary on CPU: one
 //! validation for every subcommand (exit 2 and a message naming the flag or variable, never a
-//! panic), the `--help` of every flag, the aliases, and the JSON Lines stream of docs/contract.md
-//! under `train` and `launch`, each event checked field by field against that page.
+//! panic), the `--help` of every flag, the one naming rule of the variables and their aliases,
+//! and the JSON Lines stream of docs/contract.md under `train`, `launch` and `run`, each event
+//! checked field by field against that page.
 
 mod common;
 
@@ -11,8 +12,8 @@ use std::process::{Command, Output};
 
 use common::{s, stderr, stdout, synthetic_data, tiny_train};
 
-const SUBCOMMANDS: [&str; 7] = [
-    "prepare", "generate", "train", "launch", "sample", "bench", "plan",
+const SUBCOMMANDS: [&str; 8] = [
+    "prepare", "generate", "train", "launch", "sample", "bench", "plan", "run",
 ];
 
 fn trainer(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -216,6 +217,69 @@ fn a_bad_value_from_the_environment_names_the_variable() {
 }
 
 #[test]
+fn one_naming_rule_with_the_seeds_and_torchruns_names_as_aliases() {
+    // CHARLM_<FLAG> for flags that had another variable, or none.
+    let cases: &[(&[&str], (&str, &str), &str)] = &[
+        (
+            &["plan", "--data", "x"],
+            ("CHARLM_PRICE_PER_GPU_HOUR", "-1"),
+            "--price-per-gpu-hour",
+        ),
+        (&["run"], ("CHARLM_SAMPLES", "many"), "--samples"),
+        (&["run"], ("CHARLM_DEPTH", "0"), "--depth"),
+        (&["run"], ("CHARLM_HOURS", "-1"), "--hours"),
+        (
+            &["launch", "--", "train"],
+            ("CHARLM_NPROC_PER_NODE", "zero"),
+            "--nproc-per-node",
+        ),
+        (
+            &["launch", "--", "train"],
+            ("CHARLM_MASTER_PORT", "0"),
+            "--master-port",
+        ),
+        // The seed's names for run, torchrun's for launch.
+        (&["run"], ("DEPTH", "0"), "--depth"),
+        (&["run"], ("TRAINING_HOURS", "-1"), "--hours"),
+        (&["launch", "--", "train"], ("NNODES", "0"), "--nnodes"),
+    ];
+    for (args, (name, value), flag) in cases {
+        let want = format!("{name}=\"{value}\" (the environment variable of {flag})");
+        refused(&trainer(args, &[(name, value)]), &[&want]);
+    }
+    // Both names set and different: neither wins silently.
+    for (args, a, b) in [
+        (&["run"][..], ("DEPTH", "3"), ("CHARLM_DEPTH", "4")),
+        (&["run"][..], ("TRAINING_HOURS", "2"), ("CHARLM_HOURS", "1")),
+        (
+            &["launch", "--", "train"][..],
+            ("NPROC_PER_NODE", "2"),
+            ("CHARLM_NPROC_PER_NODE", "3"),
+        ),
+    ] {
+        let out = trainer(args, &[a, b]);
+        refused(
+            &out,
+            &[
+                &format!("{}=\"{}\"", a.0, a.1),
+                &format!("{}=\"{}\"", b.0, b.1),
+                "unset one",
+            ],
+        );
+    }
+    // The same value under both names is one setting, not a conflict: the check goes on to
+    // the value itself.
+    let out = trainer(&["run"], &[("DEPTH", "0"), ("CHARLM_DEPTH", "0")]);
+    refused(&out, &["CHARLM_DEPTH=\"0\""]);
+    // A seed name is run's only: train (what the operator's pods run) reads no DEPTH.
+    let out = trainer(
+        &["train", "--data", "x", "--max-steps", "1"],
+        &[("DEPTH", "0")],
+    );
+    assert!(!stderr(&out).contains("DEPTH"), "{}", stderr(&out));
+}
+
+#[test]
 fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
     // 100 billion parameters: the estimate refuses it in an instant instead of filling the RAM.
     let out = trainer(
@@ -341,29 +405,21 @@ fn help_blocks(sub: &str) -> BTreeMap<String, String> {
 
 #[test]
 fn help_gives_every_flag_its_meaning_variable_default_and_range() {
-    // launch's rendezvous flags read torchrun's variables (docs/contract.md).
-    let torchrun = [
-        ("nproc-per-node", "NPROC_PER_NODE"),
-        ("nnodes", "NNODES"),
-        ("node-rank", "NODE_RANK"),
-        ("master-addr", "MASTER_ADDR"),
-        ("master-port", "MASTER_PORT"),
-    ];
+    // Other names a flag reads, per subcommand (the seed's and torchrun's).
+    let aliases = charlm_trainer::sys::flags::ALIASES;
     let required = ["data", "input", "output", "checkpoint"];
     let switches = ["profile", "check", "curve"];
     for sub in SUBCOMMANDS {
         let blocks = help_blocks(sub);
         assert!(blocks.len() >= 3, "{sub}: {blocks:?}");
         for (flag, text) in &blocks {
-            let env = torchrun
-                .iter()
-                .find(|(f, _)| sub == "launch" && f == flag)
-                .map_or_else(
-                    || charlm_trainer::sys::flags::env_name(flag),
-                    |(_, e)| e.to_string(),
-                );
+            // One rule for every flag of every subcommand: CHARLM_<FLAG>.
+            let env = charlm_trainer::sys::flags::env_name(flag);
             let what = format!("{sub} --{flag}:\n{text}");
             assert!(text.contains(&format!("[env: {env}=")), "{what}");
+            for (_, _, alias, _) in aliases.iter().filter(|a| a.0 == sub && a.1 == flag) {
+                assert!(text.contains(&format!("Also read from {alias} ")), "{what}");
+            }
             let meaning = text.lines().next().unwrap_or("");
             assert!(meaning.len() > 10 && !meaning.starts_with('['), "{what}");
             assert!(
@@ -380,6 +436,13 @@ fn help_gives_every_flag_its_meaning_variable_default_and_range() {
         if let Some(device) = blocks.get("device") {
             assert!(device.contains("auto") && device.contains("cpu") && device.contains("cuda"));
         }
+    }
+    // Every alias belongs to a flag of its subcommand.
+    for (sub, flag, alias, _) in aliases {
+        assert!(
+            help_blocks(sub).contains_key(flag),
+            "{alias}: {sub} --{flag}"
+        );
     }
     // The names people bring from nanochat and torchrun.
     assert!(help_blocks("train")["max-steps"].contains("num-iterations"));
@@ -439,7 +502,9 @@ fn check_stream(out: &Output, under_launch: bool) -> Vec<serde_json::Value> {
                 &have, want,
                 "{event}: fields differ from docs/contract.md: {l}"
             );
-            let own_launch_line = under_launch && (event == "launch" || event == "error");
+            // launch's and run's own lines are about no rank.
+            let own_launch_line =
+                under_launch && ["launch", "error", "plan", "sample"].contains(&event);
             if !own_launch_line {
                 assert!(v["rank"].is_u64(), "no rank: {l}");
             }
@@ -568,6 +633,79 @@ fn launch_with_torchrun_names_writes_one_stream_with_ranks() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn run_keeps_stdout_one_stream_and_says_once_that_wandb_is_not_built_in() {
+    let root = tempfile::tempdir().unwrap();
+    let texts = root.path().join("base/data");
+    std::fs::create_dir_all(&texts).unwrap();
+    let docs: String = (0..400)
+        .map(|i| format!("{i}+{i}\n{}\n\n", 2 * i))
+        .collect();
+    std::fs::write(texts.join("a.txt"), docs).unwrap();
+    let base = root.path().join("base");
+    let out = trainer(
+        &[
+            "run",
+            "--base-dir",
+            s(&base),
+            "--depth",
+            "1",
+            "--samples",
+            "2",
+            "--",
+            "--seq-len",
+            "32",
+            "--total-batch-size",
+            "256",
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--eval-tokens",
+            "512",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        &[
+            ("WANDB_RUN", "seed-run"),
+            ("MASTER_PORT", "29747"),
+            ("CHARLM_METRICS_PORT", "0"),
+        ],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    // stdout (a file here, not a terminal): every line an event of docs/contract.md.
+    let lines = check_stream(&out, true);
+    let names: Vec<&str> = lines.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(names.first(), Some(&"plan"), "{names:?}");
+    for event in ["launch", "start", "end", "exit"] {
+        assert!(names.contains(&event), "{event}: {names:?}");
+    }
+    let samples: Vec<_> = lines.iter().filter(|v| v["event"] == "sample").collect();
+    assert_eq!(samples.len(), 2, "{names:?}");
+    assert!(samples[0]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("checkpoints/d1/best"));
+    assert_eq!(samples[1]["index"], 1);
+    // The human text on stderr: W&B named once, with what is built in instead.
+    assert_eq!(err.matches("Weights & Biases").count(), 1, "{err}");
+    let board = base.join("tensorboard/seed-run");
+    assert!(err.contains(s(&board)) && err.contains("/metrics"), "{err}");
+    assert!(
+        std::fs::read_dir(&board).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tfevents")),
+        "no TensorBoard events in {}",
+        board.display()
+    );
+    assert!(err.contains("run: sample 1:"), "{err}");
 }
 
 #[test]

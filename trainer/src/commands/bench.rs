@@ -27,56 +27,56 @@ use crate::user_bail;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Transformer layers, 1 to 128; the width is 64 × depth.
-    #[arg(long, env = "CHARLM_DEPTH", default_value_t = 12, value_parser = flags::depth)]
+    #[arg(long, default_value_t = 12, value_parser = flags::depth)]
     pub depth: i64,
     /// Sequences per forward/backward (1 or more), or `auto`: the largest power of two whose step
     /// fits, as for `train` (on a CPU, also one whose micro-batch stays about a second).
-    #[arg(long, env = "CHARLM_DEVICE_BATCH_SIZE", default_value = "8")]
+    #[arg(long, default_value = "8")]
     pub device_batch_size: MicroBatch,
     /// Tokens per optimizer step, a multiple of device batch × seq len; accumulation fills it
     /// (as `train`'s). Unset: --accum micro-batches.
-    #[arg(long, env = "CHARLM_TOTAL_BATCH_SIZE", value_parser = flags::at_least(1i64))]
+    #[arg(long, value_parser = flags::at_least(1i64))]
     pub total_batch_size: Option<i64>,
     /// Micro-batches per optimizer step, 1 or more. Unset: what --total-batch-size needs, else 1.
-    #[arg(long, env = "CHARLM_ACCUM", value_parser = flags::at_least(1i64))]
+    #[arg(long, value_parser = flags::at_least(1i64))]
     pub accum: Option<i64>,
     /// Timed optimizer steps after the warm-up ones, 1 or more.
-    #[arg(long, env = "CHARLM_STEPS", default_value_t = 10, value_parser = flags::at_least(1i64))]
+    #[arg(long, default_value_t = 10, value_parser = flags::at_least(1i64))]
     pub steps: i64,
     /// Untimed optimizer steps first (kernels load, allocator settles), 0 or more.
-    #[arg(long, env = "CHARLM_WARMUP", default_value_t = 3, value_parser = flags::at_least(0i64))]
+    #[arg(long, default_value_t = 3, value_parser = flags::at_least(0i64))]
     pub warmup: i64,
     /// Tokens per sequence, 2 to 65536.
-    #[arg(long, env = "CHARLM_SEQ_LEN", default_value_t = 2048, value_parser = flags::seq_len)]
+    #[arg(long, default_value_t = 2048, value_parser = flags::seq_len)]
     pub seq_len: i64,
     /// Where to measure: auto (CUDA when present, else CPU), cpu or cuda.
-    #[arg(long, env = "CHARLM_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
     #[command(flatten)]
     pub engine: EngineOptions,
     /// The training recipe whose optimizer step is timed (its orthogonalizer, clip and weight
     /// decay at the start of its schedule).
-    #[arg(long, env = "CHARLM_RECIPE", value_enum, default_value_t = Recipe::default())]
+    #[arg(long, value_enum, default_value_t = Recipe::default())]
     pub recipe: Recipe,
     /// Print GPU time per kernel over the timed steps (libtorch's Kineto profiler).
-    #[arg(long, env = "CHARLM_PROFILE", value_parser = BoolishValueParser::new())]
+    #[arg(long, value_parser = BoolishValueParser::new())]
     pub profile: bool,
     /// Instead of timing: compare each fused kernel with its eager twin, and the block path's loss
     /// and gradients with the reference model's, at this size; fails beyond bf16 tolerances.
-    #[arg(long, env = "CHARLM_CHECK", value_parser = BoolishValueParser::new())]
+    #[arg(long, value_parser = BoolishValueParser::new())]
     pub check: bool,
     /// Instead of timing: train --steps steps (micro-batch × accum, constant learning rate) on
     /// generated worksheets twice from the same seed, the reference model and then these options,
     /// and compare the loss curves.
-    #[arg(long, env = "CHARLM_CURVE", value_parser = BoolishValueParser::new())]
+    #[arg(long, value_parser = BoolishValueParser::new())]
     pub curve: bool,
     /// With --curve: fail when any 10-step mean differs by more than this (nats, above 0).
-    #[arg(long, env = "CHARLM_CURVE_TOLERANCE", default_value_t = 0.05,
+    #[arg(long, default_value_t = 0.05,
           value_parser = flags::positive)]
     pub curve_tolerance: f64,
     /// auto (human in a terminal, else json), human (the human line on stderr only) or json (also
     /// the `bench` event of docs/contract.md on stdout).
-    #[arg(long, env = "CHARLM_LOG_FORMAT", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub log_format: LogFormat,
 }
 

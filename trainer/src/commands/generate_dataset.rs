@@ -10,14 +10,14 @@ use crate::sys::flags;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Directory to write `part-NNNN.txt` files into (replaced only once complete).
-    #[arg(long, env = "CHARLM_OUTPUT")]
+    #[arg(long)]
     pub output: PathBuf,
     /// Approximate total characters, 1 or more.
-    #[arg(long, env = "CHARLM_CHARS", default_value_t = 10_000_000,
+    #[arg(long, default_value_t = 10_000_000,
           value_parser = flags::at_least(1u64))]
     pub chars: u64,
     /// Seed of the worksheets, 0 or more.
-    #[arg(long, env = "CHARLM_SEED", default_value_t = 0, value_parser = flags::at_least(0u64))]
+    #[arg(long, default_value_t = 0, value_parser = flags::at_least(0u64))]
     pub seed: u64,
 }
 

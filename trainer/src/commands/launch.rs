@@ -8,7 +8,7 @@
 //! not retry") is passed on as 2, any other failure becomes 1.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use charlm_contract::{env, RENDEZVOUS_PORT};
-use signal_hook::consts::{SIGINT, SIGKILL, SIGTERM};
+use signal_hook::consts::{SIGKILL, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use charlm_contract::events::{self, Event, Line};
 
+use crate::sys::children::{self, signal_name};
 use crate::sys::error::UserError;
 use crate::sys::events::Events;
 use crate::sys::flags::{self, LogFormat};
@@ -33,43 +34,43 @@ const LOG_FORMAT_ENV: &str = "CHARLM_LOG_FORMAT";
 const AFTER_FAILURE_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Launch's rendezvous flags read torchrun's variables (`NPROC_PER_NODE`, `NNODES`, `NODE_RANK`,
-/// `MASTER_ADDR`, `MASTER_PORT`: what torchrun, Kubeflow's PyTorchJob and the operator set) and
-/// take torchrun's spellings as aliases (`--nproc_per_node`, ...); its own flags follow the
-/// `CHARLM_<FLAG>` rule.
+/// Launch's flags follow the `CHARLM_<FLAG>` rule; its rendezvous flags also read torchrun's
+/// variables (`NPROC_PER_NODE`, `NNODES`, `NODE_RANK`, `MASTER_ADDR`, `MASTER_PORT`: what
+/// torchrun, Kubeflow's PyTorchJob and the operator set; `sys::flags::ALIASES`) and take
+/// torchrun's spellings as aliases (`--nproc_per_node`, ...).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Worker processes on this node: 1 or more, or `auto` (one per visible GPU; 1 without GPUs).
-    #[arg(long, env = env::NPROC_PER_NODE, default_value = "auto", value_parser = processes,
+    #[arg(long, default_value = "auto", value_parser = processes,
           visible_alias = "nproc_per_node")]
     pub nproc_per_node: String,
     /// Number of nodes (pods) in the job, 1 or more, each running one `launch`.
-    #[arg(long, env = env::NNODES, default_value_t = 1, value_parser = flags::at_least(1usize))]
+    #[arg(long, default_value_t = 1, value_parser = flags::at_least(1usize))]
     pub nnodes: usize,
     /// This node's index, 0 to --nnodes - 1; node 0 hosts the rendezvous.
-    #[arg(long, env = env::NODE_RANK, default_value_t = 0, value_parser = flags::at_least(0usize),
+    #[arg(long, default_value_t = 0, value_parser = flags::at_least(0usize),
           visible_alias = "node_rank")]
     pub node_rank: usize,
     /// Host of node 0, where global rank 0 serves the TCPStore.
-    #[arg(long, env = env::MASTER_ADDR, default_value = "127.0.0.1", visible_alias = "master_addr")]
+    #[arg(long, default_value = "127.0.0.1", visible_alias = "master_addr")]
     pub master_addr: String,
     /// TCP port of that store, 1 to 65535.
-    #[arg(long, env = env::MASTER_PORT, default_value_t = RENDEZVOUS_PORT,
+    #[arg(long, default_value_t = RENDEZVOUS_PORT,
           value_parser = flags::int(1u16, u16::MAX), visible_alias = "master_port")]
     pub master_port: u16,
     /// Seconds workers get to exit after a forwarded SIGTERM/SIGINT before they are killed, 0 or
     /// more.
-    #[arg(long, env = "CHARLM_GRACE_PERIOD_S", default_value_t = 30,
+    #[arg(long, default_value_t = 30,
           value_parser = flags::at_least(0u64))]
     pub grace_period_s: u64,
     /// Program to start instead of this charlm-trainer (for wrappers such as profilers, and
     /// tests). Unset: this executable.
-    #[arg(long, env = "CHARLM_PROGRAM")]
+    #[arg(long)]
     pub program: Option<PathBuf>,
     /// auto (human in a terminal, else json), human (workers' lines prefixed `[rank N] `) or json
     /// (one JSON Lines stream on stdout, each line with its worker's `rank`; human lines on
     /// stderr). Passed on to the workers as CHARLM_LOG_FORMAT.
-    #[arg(long, env = "CHARLM_LOG_FORMAT", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub log_format: LogFormat,
     /// The workers' command, after `--`: e.g. `-- train --depth 4`.
     #[arg(last = true, required = true)]
@@ -111,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
     let first = args.node_rank * nproc;
 
     // Registered before the first worker starts, so that no signal is lost in between.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let mut signals = children::stop_signals()?;
     note(&format!(
         "starting ranks {first}-{} of {world} (node {} of {}), rendezvous at {}:{}",
         first + nproc - 1,
@@ -303,22 +304,16 @@ fn supervise(
     }
 }
 
-/// Sends `sig` to the process group of every worker not yet reaped (a reaped worker's id may
-/// belong to someone else by now; an unreaped one's cannot).
+/// Sends `sig` to the process group of every worker not yet reaped.
 fn stop_all(workers: &mut [Worker], sig: i32) {
     for w in workers.iter().filter(|w| w.status.is_none()) {
-        // SAFETY: kill(2) with a process group id we own; failure (already gone) is harmless.
-        unsafe { libc::kill(-(w.child.id() as libc::pid_t), sig) };
+        children::signal_group(&w.child, sig);
     }
 }
 
 /// The launcher's own messages, on stderr; a closed stderr must not stop the supervision.
 fn note(message: &str) {
     let _ = writeln!(std::io::stderr(), "launch: {message}");
-}
-
-fn signal_name(sig: i32) -> String {
-    signal_hook::low_level::signal_name(sig).map_or_else(|| format!("signal {sig}"), str::to_string)
 }
 
 fn describe(status: Option<ExitStatus>) -> String {
@@ -354,20 +349,9 @@ impl Worker {
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: a terminal's Ctrl-C reaches the launcher only, which forwards
-            // it once, and a signal reaches whatever the worker itself started.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe, as required between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Workers die with the launcher even when it is SIGKILLed and cannot stop them.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .stderr(Stdio::piped());
+        // A worker that lost its launcher has no one to report to: it dies with it.
+        children::tie_to_parent(&mut cmd, SIGKILL);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting rank {rank}: {}", program.display()))?;

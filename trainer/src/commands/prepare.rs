@@ -10,19 +10,19 @@ use crate::sys::flags;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A directory searched recursively for `*.txt` files (names starting with `.` are skipped).
-    #[arg(long, env = "CHARLM_INPUT")]
+    #[arg(long)]
     pub input: PathBuf,
     /// The prepared dataset's directory: new, empty, or one that prepare wrote before (then it is
     /// replaced, only once the new one is complete). Not inside --input.
-    #[arg(long, env = "CHARLM_OUTPUT")]
+    #[arg(long)]
     pub output: PathBuf,
     /// Share of documents held out for validation, above 0 and below 1 (each document decided by
     /// a hash of --seed).
-    #[arg(long, env = "CHARLM_VAL_FRACTION", default_value_t = 0.01,
+    #[arg(long, default_value_t = 0.01,
           value_parser = flags::open_fraction)]
     pub val_fraction: f64,
     /// Chooses which documents are held out, 0 or more.
-    #[arg(long, env = "CHARLM_SEED", default_value_t = 0, value_parser = flags::at_least(0u64))]
+    #[arg(long, default_value_t = 0, value_parser = flags::at_least(0u64))]
     pub seed: u64,
 }
 

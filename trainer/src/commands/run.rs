@@ -1,47 +1,85 @@
-//! `charlm-trainer run --data DIR`: the whole workflow on one GPU box without Kubernetes, as the
-//! seed's run.sh gave its users. It prepares the text folder into the cache folder (reusing the
-//! prepared copy when its sources are unchanged), prints the plan for the budget, trains on every
-//! visible GPU through `launch` with early stop, and ends with samples from `best/`. Run again,
+//! `charlm-trainer run`: the whole workflow on one machine without Kubernetes, as the seed's
+//! run.sh gave its users. It checks every setting (its own flags, their variables and the `train`
+//! flags after `--`) before doing anything, prepares the texts into a folder of its own (reused
+//! while the texts are unchanged), prints the plan for the budget, trains on every visible GPU
+//! (or the CPU) through `launch` with early stop, and ends with samples from `best/`. Run again,
 //! it resumes from the newest checkpoint (or, when the training is over, only samples).
 //!
-//! Layout of the cache folder: `data/` (the prepared dataset), `checkpoints/d{depth}/`.
-//! The seed's knobs are honoured as environment variables: NPROC_PER_NODE (read by `launch`),
-//! DEPTH, DEVICE_BATCH_SIZE and TRAINING_HOURS.
+//! The base folder (`--base-dir`) is laid out as the seed's: `data/` holds the user's `.txt`
+//! files (read, never written), `checkpoints/d{depth}/` the checkpoints; run's prepared copy goes
+//! to `prepared/<digest>/`, named by the texts' paths, sizes and SHA-256, so it can never collide
+//! with the texts and other texts get a copy of their own.
+//!
+//! SIGTERM or Ctrl-C is passed on to `launch`, which passes it to the workers: they save a
+//! checkpoint and exit, and so does `run`. `launch` dies with `run` even when `run` is SIGKILLed
+//! (`sys::children`), and its workers with it.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use charlm_contract::planner;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use signal_hook::consts::SIGTERM;
+use signal_hook::iterator::Signals;
 
-use crate::data::prepare::{is_up_to_date, prepare, read_manifest};
+use super::plan::Hardware;
+use super::sample;
+use crate::data::prepare::{prepare, read_manifest, sources, MANIFEST_FILE};
+use crate::engine::autobatch::MicroBatch;
+use crate::model::GptConfig;
+use crate::sys::children::{self, signal_name};
 use crate::sys::error::UserError;
+use crate::sys::events::Events;
+use crate::sys::flags::{self, Count, DeviceChoice, LogFormat};
+use crate::train;
 use crate::user_bail;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A folder of `.txt` files (documents separated by a blank line).
+    /// A folder of `.txt` files (any depth; documents separated by a blank line); run only
+    /// reads it. Unset: `<base-dir>/data`, the seed's layout.
     #[arg(long)]
-    pub data: PathBuf,
-    /// Where the prepared data and the checkpoints live.
-    #[arg(long, env = "CHARLM_BASE_DIR", default_value_os_t = default_base())]
+    pub data: Option<PathBuf>,
+    /// Where run keeps its prepared copy of the texts (`prepared/<digest>/`), the checkpoints
+    /// (`checkpoints/d<depth>/`) and, with WANDB_RUN set, TensorBoard files (`tensorboard/`).
+    #[arg(long, default_value_os_t = default_base())]
     pub base_dir: PathBuf,
-    /// Transformer layers. Default: the planner's recommendation.
-    #[arg(long, env = "DEPTH")]
+    /// Transformer layers, 1 to 128; the width is 64 × depth. Unset: the planner's
+    /// recommendation.
+    #[arg(long, value_parser = flags::depth)]
     pub depth: Option<i64>,
-    /// Hours of training (early stop may end it sooner).
-    #[arg(long, env = "TRAINING_HOURS", default_value_t = 1.0)]
+    /// Hours of training, above 0 (early stop may end it sooner).
+    #[arg(long, default_value_t = 1.0, value_parser = flags::positive)]
     pub hours: f64,
-    /// Sequences per GPU per micro-step, or `auto`.
-    #[arg(long, env = "DEVICE_BATCH_SIZE", default_value = "auto")]
-    pub device_batch_size: String,
-    /// Dollars per GPU-hour, for the plan's cost.
-    #[arg(long, env = "CHARLM_PRICE_PER_GPU_HOUR", default_value_t = 3.0)]
-    pub price: f64,
-    /// Samples printed from `best/` at the end (0: none).
-    #[arg(long, default_value_t = 3)]
+    /// Worker processes, 1 or more, or `auto`: one per visible GPU, or one on the CPU.
+    #[arg(long, default_value = "auto")]
+    pub nproc_per_node: Count,
+    /// Sequences per GPU per micro-step, 1 or more, or `auto`: the largest power of two that
+    /// fits (`train --help` says more).
+    #[arg(long, default_value = "auto")]
+    pub device_batch_size: MicroBatch,
+    /// Dollars per GPU-hour, 0 or more: the plan's cost and the summary's savings.
+    #[arg(long, default_value_t = 3.0, value_parser = flags::non_negative,
+          visible_alias = "price")]
+    pub price_per_gpu_hour: f64,
+    /// Samples generated from `best/` at the end, 0 or more (0: none).
+    #[arg(long, default_value_t = 3, value_parser = flags::at_least(0usize))]
     pub samples: usize,
-    /// More `train` flags, after `--` (e.g. `-- --eval-every 100 --recipe nanochat-2025`).
+    /// Seconds the training gets to save a checkpoint and exit after SIGTERM/Ctrl-C, 0 or more,
+    /// before it is killed.
+    #[arg(long, default_value_t = 30, value_parser = flags::at_least(0u64))]
+    pub grace_period_s: u64,
+    /// auto (human in a terminal, else json), human (progress on stderr, the samples as text on
+    /// stdout) or json (stdout is one JSON Lines stream: `plan`, the training's events, one
+    /// `sample` event per sample; every human line on stderr).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    /// More `train` flags, after `--` (e.g. `-- --eval-every 100 --recipe nanochat-2025`); those
+    /// run sets itself (`--data`, `--depth`, `--hours`, `--device-batch-size`,
+    /// `--checkpoint-dir`, `--price-per-gpu-hour`) go before `--`.
     #[arg(last = true)]
     pub train_args: Vec<String>,
 }
@@ -53,119 +91,363 @@ fn default_base() -> PathBuf {
         .join(".cache/charlm-run")
 }
 
-/// Worker processes: NPROC_PER_NODE when set, else one per visible GPU (at least one).
-fn processes() -> Result<(usize, bool)> {
-    let gpus = if tch::Cuda::is_available() {
-        tch::Cuda::device_count() as usize
-    } else {
-        0
-    };
-    match std::env::var(charlm_contract::env::NPROC_PER_NODE) {
-        Ok(v) if v != "auto" => match v.parse::<usize>() {
-            Ok(n) if n >= 1 => Ok((n, gpus > 0)),
-            _ => user_bail!("NPROC_PER_NODE={v:?} is not a number of processes (1 or more)"),
-        },
-        _ => Ok((gpus.max(1), gpus > 0)),
-    }
-}
+/// `train` flags run passes itself: given again after `--` they would be given twice.
+const OWN_TRAIN_FLAGS: [&str; 6] = [
+    "data",
+    "depth",
+    "hours",
+    "device-batch-size",
+    "checkpoint-dir",
+    "price-per-gpu-hour",
+];
+
+/// How `prepare` splits the texts (its defaults).
+const VAL_FRACTION: f64 = 0.01;
+const SPLIT_SEED: u64 = 0;
+
+/// W&B's "off" value in nanochat's scripts.
+const WANDB_OFF: &str = "dummy";
 
 pub fn run(args: Args) -> Result<()> {
-    if args.hours.is_nan() || args.hours <= 0.0 {
-        user_bail!("--hours (TRAINING_HOURS) must be above 0");
-    }
-    let data = args.base_dir.join("data");
-    std::fs::create_dir_all(&args.base_dir)
-        .with_context(|| format!("create the cache folder {}", args.base_dir.display()))?;
-    if is_up_to_date(&args.data, &data)? {
-        eprintln!(
-            "run: reusing {} (its sources in {} are unchanged)",
-            data.display(),
-            args.data.display()
-        );
-    } else {
-        let m = prepare(&args.data, &data, 0.01, 0)?;
-        eprintln!(
-            "run: prepared {} → {} ({} training tokens)",
-            args.data.display(),
-            data.display(),
-            m.train.tokens
-        );
-    }
-    let (nproc, on_gpus) = processes()?;
-    let budget = planner::Budget {
-        gpus: nproc as u32,
-        hours: args.hours,
-        price_per_gpu_hour: args.price,
-        unique_tokens: read_manifest(&data)?.train.tokens,
-        seq_len: 2048,
+    let events = Events::new(args.log_format, None);
+    let texts = args
+        .data
+        .clone()
+        .unwrap_or_else(|| args.base_dir.join("data"));
+    let gpus = flags::visible_gpus();
+    let nproc = match args.nproc_per_node {
+        Count::N(n) => n,
+        Count::Auto => gpus.max(1),
     };
-    let plan = planner::plan(&budget);
-    super::plan::print(&plan, args.depth);
-    if !on_gpus {
-        eprintln!("run: no GPU visible: the plan's figures are for GPUs; training on the CPU");
+    let hardware = if gpus > 0 {
+        Hardware::Gpus { count: nproc }
+    } else {
+        Hardware::cpu()
+    };
+
+    // Everything is checked before anything is written or started.
+    let settled = args.depth.unwrap_or(planner_smallest());
+    let train_args = check_train_flags(
+        &train_argv(&args, Path::new("PREPARED"), settled, Path::new("CKPT"))?,
+        nproc,
+    )?;
+    if !texts.is_dir() {
+        let what = if texts.exists() {
+            "is not a folder"
+        } else {
+            "does not exist"
+        };
+        user_bail!(
+            "the texts folder {} {what}: put the .txt files there (the seed's layout: \
+             <base-dir>/data, with --base-dir or CHARLM_BASE_DIR) or give --data DIR",
+            texts.display()
+        );
     }
+    let tensorboard = wandb(&args, &train_args);
+
+    std::fs::create_dir_all(&args.base_dir)
+        .with_context(|| format!("create the base folder {}", args.base_dir.display()))?;
+    let data = prepared(&texts, &args.base_dir)?;
+    let unique_tokens = read_manifest(&data)?.train.tokens;
+    let plan = hardware.plan(
+        args.hours,
+        args.price_per_gpu_hour,
+        unique_tokens,
+        train_args.seq_len,
+    );
+    super::plan::print(hardware, &plan, args.depth, &events);
     let depth = args.depth.unwrap_or(plan.recommended_depth);
+    if let MicroBatch::Fixed(b) = args.device_batch_size {
+        let device = train_args.device.resolve(0)?;
+        crate::engine::memory::check_fits(&GptConfig::new(depth, train_args.seq_len), b, device)?;
+    }
     let checkpoints = args.base_dir.join("checkpoints").join(format!("d{depth}"));
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let mut train = Command::new(&exe);
-    train
-        .arg("launch")
-        .arg("--nproc-per-node")
-        .arg(nproc.to_string())
-        .arg("--")
-        .arg("train")
-        .arg("--data")
-        .arg(&data)
-        .arg("--depth")
-        .arg(depth.to_string())
-        .arg("--hours")
-        .arg(args.hours.to_string())
-        .arg("--device-batch-size")
-        .arg(&args.device_batch_size)
-        .arg("--checkpoint-dir")
-        .arg(&checkpoints)
-        .args(&args.train_args);
+    let mut argv = train_argv(&args, &data, depth, &checkpoints)?;
+    if let Some(dir) = &tensorboard {
+        argv.push("--tensorboard-dir".into());
+        argv.push(dir.into());
+    }
+
+    let processes = match hardware {
+        Hardware::Gpus { count } => format!("{count} GPU{}", if count == 1 { "" } else { "s" }),
+        Hardware::Cpu { .. } if nproc == 1 => "the CPU".into(),
+        Hardware::Cpu { .. } => format!("the CPU ({nproc} processes)"),
+    };
     eprintln!(
-        "run: training depth {depth} on {nproc} {} for up to {} h into {}",
-        if on_gpus { "GPUs" } else { "CPU process(es)" },
+        "run: training depth {depth} on {processes} for up to {} h into {}",
         args.hours,
         checkpoints.display()
     );
-    let status = train.status().context("start the training")?;
-    if !status.success() {
-        // Exit 2 from launch means bad input: say so with the same code; else run again resumes.
-        let msg =
-            format!("the training failed ({status}); run again to resume from its checkpoint");
-        if status.code() == Some(charlm_contract::exit::BAD_INPUT) {
-            return Err(anyhow::Error::new(UserError(msg)));
+    let mut signals = children::stop_signals()?;
+    let ended = train(&args, nproc, &events, &argv, &mut signals)?;
+    if let Some(sig) = ended.stopped_by {
+        if ended.status.success() {
+            eprintln!(
+                "run: stopped by {}; the checkpoint in {} resumes when you run the same command \
+                 again",
+                signal_name(sig),
+                checkpoints.display()
+            );
+            return Ok(());
         }
-        anyhow::bail!(msg);
+        anyhow::bail!(
+            "the training did not stop cleanly after {} ({}); run the same command again to \
+             resume from the newest checkpoint in {}",
+            signal_name(sig),
+            ended.status,
+            checkpoints.display()
+        );
+    }
+    if ended.status.code() == Some(charlm_contract::exit::BAD_INPUT) {
+        return Err(UserError(format!(
+            "the training refused its input or settings ({}): its message above names the fix",
+            ended.status
+        ))
+        .into());
+    }
+    if !ended.status.success() {
+        anyhow::bail!(
+            "the training failed ({}); run the same command again to resume from the newest \
+             checkpoint in {}",
+            ended.status,
+            checkpoints.display()
+        );
     }
     if args.samples > 0 {
-        sample(&exe, &checkpoints, args.samples)?;
+        samples(&checkpoints, args.samples, &events, &mut signals)?;
     }
     Ok(())
 }
 
-/// Samples from `best/` (the delivered model) with `sample`.
-fn sample(exe: &Path, checkpoints: &Path, n: usize) -> Result<()> {
-    let best = checkpoints.join(crate::train::checkpoint::BEST_DIR);
-    let dir = if best.is_dir() {
-        best
-    } else {
-        checkpoints.to_path_buf()
-    };
-    eprintln!("run: {n} samples from {}", dir.display());
-    let status = Command::new(exe)
-        .args(["sample", "--max-tokens", "200", "--temperature", "0.8"])
-        .arg("--num-samples")
-        .arg(n.to_string())
-        .arg("--checkpoint")
-        .arg(&dir)
-        .status()
-        .context("start sample")?;
-    if !status.success() {
-        anyhow::bail!("sample failed ({status})");
+/// The depth checks run with when `--depth` is unset: any the planner may pick will do, since
+/// none of the checks depends on it but the memory one, which runs again once it is known.
+fn planner_smallest() -> i64 {
+    charlm_contract::planner::DEPTHS[0]
+}
+
+/// `charlm-trainer train …` as run starts it: its own settings, then the user's after `--`.
+/// A flag run sets itself is refused when the user repeats it after `--`.
+fn train_argv(args: &Args, data: &Path, depth: i64, checkpoints: &Path) -> Result<Vec<OsString>> {
+    for given in &args.train_args {
+        let name = given.trim_start_matches('-');
+        let name = name.split('=').next().unwrap_or(name);
+        if given.starts_with("--") && OWN_TRAIN_FLAGS.contains(&name) {
+            user_bail!(
+                "--{name} after `--` is a flag run sets itself: give it to run, before `--` \
+                 (`charlm-trainer run --{name} …`){}",
+                if name == "checkpoint-dir" || name == "data" {
+                    "; run keeps checkpoints in <base-dir>/checkpoints/d<depth> and reads the \
+                     texts from --data"
+                } else {
+                    ""
+                }
+            );
+        }
     }
-    Ok(())
+    let mut argv: Vec<OsString> = ["charlm-trainer", "train", "--data"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    argv.push(data.into());
+    for (flag, value) in [
+        ("--depth", depth.to_string()),
+        ("--hours", args.hours.to_string()),
+        ("--device-batch-size", args.device_batch_size.to_string()),
+        ("--price-per-gpu-hour", args.price_per_gpu_hour.to_string()),
+    ] {
+        argv.push(flag.into());
+        argv.push(value.into());
+    }
+    argv.push("--checkpoint-dir".into());
+    argv.push(checkpoints.into());
+    argv.extend(args.train_args.iter().map(OsString::from));
+    Ok(argv)
+}
+
+/// Parses `argv` as `train` would, with the environment, and runs the checks `train` runs before
+/// its first slow step; a refusal names the flag after `--` or the variable the user set.
+fn check_train_flags(argv: &[OsString], nproc: u32) -> Result<train::Args> {
+    let args = match super::parse(argv) {
+        Ok(super::Cli {
+            command: super::Command::Train(args),
+        }) => *args,
+        Ok(_) => unreachable!("the command line names train"),
+        Err(refusal) => {
+            let message = refusal.message();
+            let origin = if message.starts_with("--") || message.contains("'--") {
+                "after `--`, "
+            } else {
+                ""
+            };
+            return Err(UserError(format!("{origin}{message}")).into());
+        }
+    };
+    let early_micro = match args.device_batch_size {
+        MicroBatch::Fixed(n) => n,
+        MicroBatch::Auto => 1,
+    };
+    train::Plan::new(&args, nproc as usize, early_micro)?;
+    if args.device != DeviceChoice::Auto {
+        args.device.resolve(0)?;
+    }
+    Ok(args)
+}
+
+/// WANDB_RUN is how the seed's users ask for a dashboard: say once that W&B is not built in, and
+/// turn on what is: TensorBoard files (under the base folder, unless `--tensorboard-dir` was
+/// given) beside the `/metrics` endpoint. Returns the TensorBoard folder run adds.
+fn wandb(args: &Args, train_args: &train::Args) -> Option<PathBuf> {
+    let name = std::env::var("WANDB_RUN").ok()?;
+    if name.is_empty() || name == WANDB_OFF {
+        return None;
+    }
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let (dir, added) = match &train_args.tensorboard_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = args.base_dir.join("tensorboard").join(safe);
+            (dir.clone(), Some(dir))
+        }
+    };
+    let metrics = match train_args.metrics_port {
+        0 => "its /metrics endpoint is off (--metrics-port 0)".to_string(),
+        port => format!(
+            "rank 0 serves Prometheus metrics at http://localhost:{port}/metrics (and JSON at \
+             /progress)"
+        ),
+    };
+    eprintln!(
+        "run: WANDB_RUN={name} is set, but Weights & Biases is not built into charlm: this run \
+         writes TensorBoard event files to {} (`tensorboard --logdir {}`) and {metrics}",
+        dir.display(),
+        dir.display()
+    );
+    added
+}
+
+/// The prepared copy of the `.txt` files in `texts`: `<base>/prepared/<digest>`, reused when it
+/// holds exactly these files, else prepared now.
+fn prepared(texts: &Path, base: &Path) -> Result<PathBuf> {
+    let found = match sources(texts) {
+        Ok(found) => found,
+        Err(e) if texts.join(MANIFEST_FILE).is_file() => user_bail!(
+            "{} holds a dataset `prepare` wrote, not .txt files: run reads the texts themselves \
+             (and keeps its own prepared copy under {}); give --data the folder of .txt files \
+             ({e:#})",
+            texts.display(),
+            base.join("prepared").display()
+        ),
+        Err(e) => return Err(e),
+    };
+    #[derive(Serialize)]
+    struct Identity<'a> {
+        sources: &'a [crate::data::prepare::SourceFile],
+        val_fraction: f64,
+        seed: u64,
+    }
+    let identity = serde_json::to_vec(&Identity {
+        sources: &found,
+        val_fraction: VAL_FRACTION,
+        seed: SPLIT_SEED,
+    })?;
+    let digest = format!("{:x}", Sha256::digest(&identity));
+    let dir = base.join("prepared").join(&digest[..16]);
+    if read_manifest(&dir).is_ok_and(|m| m.sources == found) {
+        eprintln!(
+            "run: reusing {} (the texts in {} are unchanged)",
+            dir.display(),
+            texts.display()
+        );
+        return Ok(dir);
+    }
+    let m = prepare(texts, &dir, VAL_FRACTION, SPLIT_SEED)?;
+    eprintln!(
+        "run: prepared {} → {} ({} training tokens)",
+        texts.display(),
+        dir.display(),
+        m.train.tokens
+    );
+    Ok(dir)
+}
+
+/// Starts `launch -- train …` and waits for it, passing SIGTERM/SIGINT on.
+fn train(
+    args: &Args,
+    nproc: u32,
+    events: &Events,
+    train_argv: &[OsString],
+    signals: &mut Signals,
+) -> Result<children::Ended> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("launch")
+        .arg("--nproc-per-node")
+        .arg(nproc.to_string())
+        .arg("--grace-period-s")
+        .arg(args.grace_period_s.to_string())
+        .arg("--log-format")
+        .arg(if events.is_on() { "json" } else { "human" })
+        .arg("--")
+        .args(&train_argv[1..])
+        .stdin(Stdio::null());
+    // launch stops its workers gently when run dies, even by SIGKILL: they save a checkpoint.
+    children::tie_to_parent(&mut cmd, SIGTERM);
+    let mut child = cmd.spawn().context("start the training (launch)")?;
+    // launch kills what is left after its own grace period; this is for a launch that hangs.
+    let grace = Duration::from_secs(args.grace_period_s + 15);
+    children::wait_forwarding(&mut child, signals, grace, |m| eprintln!("run: {m}"))
+}
+
+/// Samples from `best/` (the delivered model): `sample` events on a JSON stdout (and the text on
+/// stderr), else the text on stdout. A stop signal ends it between samples.
+fn samples(checkpoints: &Path, n: usize, events: &Events, signals: &mut Signals) -> Result<()> {
+    let args = sample::Args {
+        checkpoint: checkpoints.to_path_buf(),
+        prompt: String::new(),
+        max_tokens: 200,
+        temperature: 0.8,
+        top_k: None,
+        seed: 0,
+        num_samples: n,
+        device: DeviceChoice::Auto,
+    };
+    #[derive(Serialize)]
+    struct SampleEvent<'a> {
+        checkpoint: String,
+        step: i64,
+        index: usize,
+        text: &'a str,
+    }
+    let stop = std::cell::Cell::new(false);
+    let result = sample::each_sample(&args, |source, index, text| {
+        if stop.get() || signals.pending().next().is_some() {
+            stop.set(true);
+            return Ok(());
+        }
+        if events.is_on() {
+            eprintln!("run: sample {}:\n{text}", index + 1);
+            events.emit_other(
+                "sample",
+                &SampleEvent {
+                    checkpoint: source.dir.display().to_string(),
+                    step: source.step,
+                    index,
+                    text,
+                },
+            );
+        } else {
+            println!("{text}\n");
+        }
+        Ok(())
+    });
+    result.map(|_| ())
 }

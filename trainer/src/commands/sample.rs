@@ -17,34 +17,34 @@ use crate::user_bail;
 pub struct Args {
     /// A checkpoint directory (`step-…` or `best`), or a checkpoint root: then its `best/` if
     /// present, else its newest good checkpoint.
-    #[arg(long, env = "CHARLM_CHECKPOINT")]
+    #[arg(long)]
     pub checkpoint: PathBuf,
     /// Text to continue; only vocabulary characters (`0-9 + - H B L .` and newline). Empty: start
     /// a new document.
-    #[arg(long, env = "CHARLM_PROMPT", default_value = "")]
+    #[arg(long, default_value = "")]
     pub prompt: String,
     /// Most characters to generate per sample, 1 or more (a sample also ends where the model
     /// ends its document).
-    #[arg(long, env = "CHARLM_MAX_TOKENS", default_value_t = 256,
+    #[arg(long, default_value_t = 256,
           value_parser = flags::at_least(1i64))]
     pub max_tokens: i64,
     /// Softmax temperature, 0 or more; 0 picks the most likely character every time.
-    #[arg(long, env = "CHARLM_TEMPERATURE", default_value_t = 1.0,
+    #[arg(long, default_value_t = 1.0,
           value_parser = flags::non_negative)]
     pub temperature: f64,
     /// Sample only from the K most likely characters, 1 to 18 (18, the vocabulary and BOS,
     /// keeps all). Unset: all.
-    #[arg(long, env = "CHARLM_TOP_K", value_parser = flags::int(1i64, TOKENS))]
+    #[arg(long, value_parser = flags::int(1i64, TOKENS))]
     pub top_k: Option<i64>,
     /// Seed of the first sample (sample i uses seed + i), 0 or more.
-    #[arg(long, env = "CHARLM_SEED", default_value_t = 0, value_parser = flags::at_least(0u64))]
+    #[arg(long, default_value_t = 0, value_parser = flags::at_least(0u64))]
     pub seed: u64,
     /// Samples to generate, 1 or more (separated by a blank line).
-    #[arg(long, env = "CHARLM_NUM_SAMPLES", default_value_t = 1,
+    #[arg(long, default_value_t = 1,
           value_parser = flags::at_least(1usize))]
     pub num_samples: usize,
     /// Where to compute: auto (CUDA when present, else CPU), cpu or cuda.
-    #[arg(long, env = "CHARLM_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
 }
 
@@ -52,6 +52,30 @@ pub struct Args {
 const TOKENS: i64 = vocab::BOS as i64 + 1;
 
 pub fn run(args: Args) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    each_sample(&args, |_, _, text| {
+        writeln!(out, "{text}")?;
+        if args.num_samples > 1 {
+            writeln!(out)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The checkpoint samples come from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub dir: PathBuf,
+    pub step: i64,
+}
+
+/// Generates `args.num_samples` samples and hands each to `each` as it comes: the checkpoint,
+/// the sample's index, and its text (the prompt and what the model wrote after it).
+pub fn each_sample(
+    args: &Args,
+    mut each: impl FnMut(&Source, usize, &str) -> Result<()>,
+) -> Result<Source> {
     if args.temperature < 0.0 || args.temperature.is_nan() {
         user_bail!("--temperature must be 0 or more");
     }
@@ -61,20 +85,20 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = checkpoint::load_model(&dir)?;
     let mut model = Gpt::new(loaded.manifest.model, device, 0);
     model.load_weights(&loaded.model)?;
+    let source = Source {
+        dir,
+        step: loaded.manifest.step,
+    };
     eprintln!(
         "sampling from {} (step {})",
-        dir.display(),
-        loaded.manifest.step
+        source.dir.display(),
+        source.step
     );
-    let mut out = std::io::stdout().lock();
     for i in 0..args.num_samples {
-        let text = generate(&model, &prompt, &args, args.seed + i as u64);
-        writeln!(out, "{}{}", args.prompt, text)?;
-        if args.num_samples > 1 {
-            writeln!(out)?;
-        }
+        let text = generate(&model, &prompt, args, args.seed + i as u64);
+        each(&source, i, &format!("{}{}", args.prompt, text))?;
     }
-    Ok(())
+    Ok(source)
 }
 
 /// Continues `prompt` (token ids, without BOS) and returns the new characters.

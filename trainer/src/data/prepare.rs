@@ -568,39 +568,30 @@ fn locate(path: &Path, offset: u64) -> Result<(u64, u64, Vec<u8>)> {
     Ok((line, offset - line_start + 1, here))
 }
 
-/// Whether the dataset prepared in `output` came from exactly the `*.txt` files now under `input`
-/// (same paths, sizes and SHA-256), so that preparing again would write the same thing.
-pub fn is_up_to_date(input: &Path, output: &Path) -> Result<bool> {
-    let Ok(manifest) = read_manifest(output) else {
-        return Ok(false);
-    };
-    let files = find_inputs(input)?;
-    if files.len() != manifest.sources.len() {
-        return Ok(false);
-    }
-    for ((path, rel), source) in files.iter().zip(&manifest.sources) {
-        let bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
-        if *rel != source.path || bytes != source.bytes {
-            return Ok(false);
-        }
-    }
+/// The `*.txt` files under `input` as a manifest records them (path, size, SHA-256), read once
+/// without preparing anything: what tells whether a prepared copy is of these files.
+pub fn sources(input: &Path) -> Result<Vec<SourceFile>> {
     let mut chunk = vec![0u8; CHUNK];
-    for ((path, _), source) in files.iter().zip(&manifest.sources) {
-        let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut out = Vec::new();
+    for (path, rel) in find_inputs(input)? {
+        let mut file = fs::File::open(&path).map_err(|e| input_error(&path, e))?;
         let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
         loop {
-            let n = read_full(&mut file, &mut chunk)
-                .with_context(|| format!("read {}", path.display()))?;
+            let n = read_full(&mut file, &mut chunk).map_err(|e| input_error(&path, e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&chunk[..n]);
+            bytes += n as u64;
         }
-        if format!("{:x}", hasher.finalize()) != source.sha256 {
-            return Ok(false);
-        }
+        out.push(SourceFile {
+            path: rel,
+            bytes,
+            sha256: format!("{:x}", hasher.finalize()),
+        });
     }
-    Ok(true)
+    Ok(out)
 }
 
 /// Reads a prepared dataset's manifest; a missing or foreign one names the fix.

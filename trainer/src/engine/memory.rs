@@ -143,6 +143,55 @@ pub fn plan_memory(
     }
 }
 
+/// What `--device-batch-size auto` is expected to choose on a GPU, by this model instead of a
+/// probe (the table `plan` prints for GPUs it does not have).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct AutoChoice {
+    pub micro_batch: i64,
+    /// Blocks that recompute their activations in backward (0: none).
+    pub recompute_blocks: i64,
+    pub weight_cache: bool,
+    pub keep_activations: bool,
+    /// The step's estimated peak.
+    pub peak_bytes: f64,
+}
+
+/// The choice `auto` makes on one GPU of `total_bytes` (one rank, Muon whole), as
+/// `autobatch::choose` makes it with probes: the largest of `candidates` (largest first) whose
+/// step fits without recomputation, else the largest that fits when every block recomputes; then
+/// what [`plan_memory`] and [`plan_keep_activations`] decide at that size. `None`: nothing fits,
+/// not even one sequence with every block recomputed.
+pub fn expected_auto(
+    config: &GptConfig,
+    candidates: &[i64],
+    total_bytes: f64,
+) -> Option<AutoChoice> {
+    let (depth, t) = (config.depth, config.seq_len);
+    let budget = HEADROOM * total_bytes;
+    let fits = |b: i64, r: i64| MemoryEstimate::new(config, b, t).total(depth, r, false) <= budget;
+    let b = candidates
+        .iter()
+        .copied()
+        .find(|&b| fits(b, 0))
+        .or_else(|| candidates.iter().copied().find(|&b| fits(b, depth)))?;
+    let auto = EngineOptions::default();
+    let (cache, r) = plan_memory(config, b, t, total_bytes, &auto, 1);
+    let est = MemoryEstimate::new(config, b, t);
+    let keep = r == 0 && plan_keep_activations(config, b, t, total_bytes, cache, 1);
+    let kept = if keep {
+        depth as f64 * est.block_activation
+    } else {
+        0.0
+    };
+    Some(AutoChoice {
+        micro_batch: b,
+        recompute_blocks: r,
+        weight_cache: cache,
+        keep_activations: keep,
+        peak_bytes: est.total(depth, r, cache) + kept,
+    })
+}
+
 /// A rough upper estimate of the bytes one training step of the reference path needs at
 /// micro-batch `b` with activations in `kind`: what the CPU's `auto` is held to.
 pub fn estimate_bytes(config: &GptConfig, b: i64, kind: Kind) -> u64 {

@@ -101,38 +101,28 @@ pub enum Toggle {
 #[derive(clap::Args, Clone, Copy, Debug, serde::Serialize)]
 pub struct EngineOptions {
     /// auto | reference | eager | fused: the implementation of the training step.
-    #[arg(long, env = "CHARLM_KERNELS", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub kernels: Kernels,
     /// auto | off | all | N: blocks that recompute activations in backward (saves memory, costs
     /// about a third of those blocks' time). auto: the fewest that fit the GPU.
-    #[arg(long, env = "CHARLM_RECOMPUTE", default_value = "auto")]
+    #[arg(long, default_value = "auto")]
     pub recompute: Recompute,
     /// auto | on | off: keep a bf16 copy of the matrices, refreshed once per optimizer step,
     /// instead of casting the fp32 weights on every use. auto: on when it fits.
-    #[arg(long, env = "CHARLM_WEIGHT_CACHE", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub weight_cache: Toggle,
     /// auto | flash | cudnn: the block path's attention kernel on CUDA.
-    #[arg(long, env = "CHARLM_ATTENTION", value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub attention: Attention,
     /// auto | on | off: blocks keep relu(h)² for the backward (4·width bf16 values a token a
     /// block) instead of recomputing it there. auto: on when it fits without recomputation.
-    #[arg(
-        long,
-        env = "CHARLM_KEEP_ACTIVATIONS",
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long, value_enum, default_value = "auto")]
     pub keep_activations: Toggle,
     /// auto | on | off: split Muon's momentum and Newton–Schulz work over the ranks
     /// (reduce-scatter of the gradients, each rank updates its share of the matrices, all-gather
     /// of the parameters). auto: on with more than one rank. on: also with one rank, where the
     /// collectives only copy (it runs the sharded path on a single GPU, to check it).
-    #[arg(
-        long,
-        env = "CHARLM_SHARD_OPTIMIZER",
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long, value_enum, default_value = "auto")]
     pub shard_optimizer: Toggle,
     /// bf16 | fp8: the precision of the blocks' matrix products (bf16 means fp32 on a CPU).
     /// fp8 runs q|k|v, the attention output and the MLP's two products in FP8 (e4m3 forward,

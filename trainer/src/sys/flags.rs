@@ -3,11 +3,14 @@
 //! parse errors as a user should read them.
 //!
 //! A flag is declared once, in its command's `Args`, as
-//! `#[arg(long, env = "CHARLM_<FLAG>", value_parser = flags::…, default_value…)]` with a doc
-//! comment that says what it means, its allowed values or range, and what `0` or absence does.
-//! The check in `value_parser` runs for the command line and the environment alike, so a bad
-//! value exits 2 before any work starts, and [`explain`] names the variable when it came from
-//! the environment. `trainer/tests/cli.rs` holds every flag of every subcommand to this.
+//! `#[arg(long, value_parser = flags::…, default_value…)]` with a doc comment that says what it
+//! means, its allowed values or range, and what `0` or absence does. Its variable is not written
+//! there: [`name_variables`] gives every flag of every subcommand `CHARLM_<FLAG>` (from its long
+//! name), and [`resolve_aliases`] lets the names a seed or torchrun user already sets
+//! ([`ALIASES`]) stand in for it. The check in `value_parser` runs for the command line and the
+//! environment alike, so a bad value exits 2 before any work starts, and [`explain`] names the
+//! variable the user set when it came from the environment. `trainer/tests/cli.rs` holds every
+//! flag of every subcommand to this.
 
 use std::ffi::OsString;
 use std::fmt::Display;
@@ -16,6 +19,7 @@ use std::str::FromStr;
 
 use anyhow::Result;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::Command;
 use serde::Serialize;
 use tch::Device;
 
@@ -24,6 +28,106 @@ use crate::user_bail;
 /// The environment variable of `--flag` (`--dist-timeout-s` ↔ `CHARLM_DIST_TIMEOUT_S`).
 pub fn env_name(long: &str) -> String {
     format!("CHARLM_{}", long.to_uppercase().replace('-', "_"))
+}
+
+/// Other names of a flag's variable, for people who bring them: `(subcommand, flag, variable,
+/// whose name)`. `run` takes the seed's run.sh knobs, `launch` torchrun's rendezvous variables
+/// (what torchrun, Kubeflow's PyTorchJob and the operator set). Only where the flag means what the
+/// name meant there: `train` reads no `DEPTH`, so a shell that exports one for `run` cannot
+/// change a worker's depth behind the operator's back.
+pub const ALIASES: [(&str, &str, &str, &str); 9] = [
+    ("run", "depth", "DEPTH", "the seed's run.sh"),
+    ("run", "hours", "TRAINING_HOURS", "the seed's run.sh"),
+    (
+        "run",
+        "nproc-per-node",
+        "NPROC_PER_NODE",
+        "the seed's run.sh and torchrun",
+    ),
+    (
+        "run",
+        "device-batch-size",
+        "DEVICE_BATCH_SIZE",
+        "the seed's run.sh",
+    ),
+    ("launch", "nproc-per-node", "NPROC_PER_NODE", "torchrun"),
+    ("launch", "nnodes", "NNODES", "torchrun"),
+    ("launch", "node-rank", "NODE_RANK", "torchrun"),
+    ("launch", "master-addr", "MASTER_ADDR", "torchrun"),
+    ("launch", "master-port", "MASTER_PORT", "torchrun"),
+];
+
+/// Gives every flag of `cmd` and of its subcommands its variable, [`env_name`] of its long name,
+/// and says in its help which other name ([`ALIASES`]) it also reads.
+pub fn name_variables(cmd: Command) -> Command {
+    let sub = cmd.get_name().to_string();
+    cmd.mut_args(|arg| {
+        let Some(long) = arg.get_long().map(str::to_string) else {
+            return arg;
+        };
+        let primary = env_name(&long);
+        let mut arg = arg.env(primary.clone());
+        for (_, _, alias, whose) in ALIASES.iter().filter(|a| a.0 == sub && a.1 == long) {
+            let note = |help: String| {
+                let stop = if help.ends_with('.') { "" } else { "." };
+                format!(
+                    "{help}{stop} Also read from {alias} ({whose} name) when {primary} is unset."
+                )
+            };
+            if let Some(help) = arg.get_help().map(|h| h.to_string()) {
+                arg = arg.help(note(help));
+            }
+            if let Some(help) = arg.get_long_help().map(|h| h.to_string()) {
+                arg = arg.long_help(note(help));
+            }
+        }
+        arg
+    })
+    .mut_subcommands(name_variables)
+}
+
+/// Makes the flags of the subcommand `argv` invokes read their alias ([`ALIASES`]) where it is
+/// set and `CHARLM_<FLAG>` is not, so that a bad value's message names what the user set. Both
+/// set to different values is an error that names both: neither silently wins.
+pub fn resolve_aliases(cmd: Command, argv: &[OsString]) -> Result<Command, String> {
+    let Some(sub) = invoked(&cmd, argv).map(|s| s.get_name().to_string()) else {
+        return Ok(cmd);
+    };
+    let mut cmd = cmd;
+    for &(_, long, alias, whose) in ALIASES.iter().filter(|a| a.0 == sub) {
+        let primary = env_name(long);
+        let Some(value) = std::env::var_os(alias) else {
+            continue;
+        };
+        match std::env::var_os(&primary) {
+            Some(other) if other != value => {
+                return Err(format!(
+                    "{alias}={value:?} ({whose} name) and {primary}={other:?} both set --{long} \
+                     of `{sub}`, to different values: unset one of them"
+                ))
+            }
+            Some(_) => {}
+            None => {
+                cmd = cmd.mut_subcommand(&sub, |c| {
+                    c.mut_args(|a| {
+                        if a.get_long() == Some(long) {
+                            a.env(alias)
+                        } else {
+                            a
+                        }
+                    })
+                })
+            }
+        }
+    }
+    Ok(cmd)
+}
+
+/// The subcommand `argv` invokes (`argv[0]` is the program).
+fn invoked<'c>(cli: &'c Command, argv: &[OsString]) -> Option<&'c Command> {
+    argv.iter()
+        .skip(1)
+        .find_map(|a| cli.find_subcommand(a.to_string_lossy().as_ref()))
 }
 
 /// Whole numbers from `lo` to `hi` (both included): `value_parser = flags::int(1, 128)`.
@@ -118,6 +222,44 @@ pub const MAX_SEQ_LEN: i64 = 1 << 16;
 /// `--seq-len`: 2 to [`MAX_SEQ_LEN`] tokens.
 pub fn seq_len(s: &str) -> Result<i64, String> {
     int(2, MAX_SEQ_LEN)(s)
+}
+
+/// `auto` or a count of 1 or more (`--gpus`, `--nproc-per-node`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Count {
+    /// What this machine has: one per visible GPU, or the CPU.
+    Auto,
+    N(u32),
+}
+
+impl FromStr for Count {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "auto" {
+            return Ok(Self::Auto);
+        }
+        whole(s, 1u32, None)
+            .map(Self::N)
+            .map_err(|e| format!("{e}, or `auto`"))
+    }
+}
+
+impl Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::N(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// CUDA GPUs this process sees (0 without CUDA).
+pub fn visible_gpus() -> u32 {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as u32
+    } else {
+        0
+    }
 }
 
 /// Where a command computes.

@@ -1,8 +1,9 @@
 //! What the rest of the trainer stands on and that knows nothing of models: CUDA queries, staging
 //! directories, the random streams, user errors and exit codes, the flags' shared checks and
-//! naming rule, the JSON Lines event stream, the C++ bridge's error helper, and the TensorBoard
-//! event writer.
+//! naming rule, the JSON Lines event stream, the C++ bridge's error helper, the TensorBoard
+//! event writer, and child processes tied to their parent.
 
+pub mod children;
 pub mod cuda;
 pub mod error;
 pub mod events;

@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use charlm_contract::DamagedCheckpoint;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
@@ -38,6 +39,12 @@ pub struct Manifest {
     pub seed: u64,
     pub elapsed_s: f64,
     pub val_bpc: Option<f64>,
+    /// Evaluations since the best and, of them, the memorising ones: early stop's counts, kept
+    /// across a resume (absent in older checkpoints: 0).
+    #[serde(default)]
+    pub evals_since_best: u32,
+    #[serde(default)]
+    pub overfit_evals: u32,
     pub world_size: usize,
     pub adamw_step: i64,
     pub files: BTreeMap<String, FileCheck>,
@@ -55,6 +62,9 @@ pub struct Loaded {
     pub manifest: Manifest,
     pub model: BTreeMap<String, Tensor>,
     pub optimizer: BTreeMap<String, Tensor>,
+    /// Newer checkpoints that failed their check and were set aside before this one was found
+    /// (`load_latest`), for the progress report: a damaged checkpoint is not only a log line.
+    pub set_aside: Vec<DamagedCheckpoint>,
 }
 
 pub fn step_dir_name(step: i64) -> String {
@@ -218,6 +228,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded> {
         manifest,
         model,
         optimizer,
+        set_aside: Vec::new(),
     })
 }
 
@@ -237,6 +248,7 @@ pub fn load_model(dir: &Path) -> Result<Loaded> {
         manifest,
         model,
         optimizer: BTreeMap::new(),
+        set_aside: Vec::new(),
     })
 }
 
@@ -267,9 +279,13 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
         return Ok(None);
     }
     let mut failures = Vec::new();
+    let mut set_aside = Vec::new();
     for (_, dir) in &candidates {
         match load_dir(dir) {
-            Ok(loaded) => return Ok(Some(loaded)),
+            Ok(mut loaded) => {
+                loaded.set_aside = set_aside;
+                return Ok(Some(loaded));
+            }
             Err(err) => {
                 eprintln!(
                     "warning: checkpoint {} is damaged ({err:#}); using the previous one",
@@ -279,6 +295,11 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
                 if let Err(e) = fs::rename(dir, &aside) {
                     eprintln!("warning: could not move {} aside: {e}", dir.display());
                 }
+                set_aside.push(DamagedCheckpoint {
+                    path: dir.display().to_string(),
+                    set_aside_as: aside.display().to_string(),
+                    error: format!("{err:#}"),
+                });
                 failures.push(format!("{}: {err:#}", dir.display()));
             }
         }
@@ -327,6 +348,8 @@ mod tests {
             seed: 0,
             elapsed_s: 0.0,
             val_bpc: None,
+            evals_since_best: 0,
+            overfit_evals: 0,
             world_size: 1,
             adamw_step: step,
             files: BTreeMap::new(),
@@ -369,6 +392,12 @@ mod tests {
         assert_eq!(loaded.manifest.step, 10);
         assert_eq!(loaded.model["w"].double_value(&[0]), 1.0);
         assert!(root.path().join("step-000000020.damaged").exists());
+        // ... and it is said where the operator reads it, with the one used instead.
+        assert_eq!(loaded.set_aside.len(), 1);
+        let d = &loaded.set_aside[0];
+        assert_eq!(d.path, newest.display().to_string());
+        assert!(d.set_aside_as.ends_with("step-000000020.damaged"), "{d:?}");
+        assert!(d.error.contains(MODEL_FILE), "{d:?}");
     }
 
     #[test]

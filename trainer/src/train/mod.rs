@@ -2,12 +2,14 @@
 //!
 //! A run sets up ranks and the model, resumes from the newest good checkpoint, then a [`Session`]
 //! repeats {micro-batches → optimizer step → report → evaluate → checkpoint} until the time budget
-//! or step limit is spent, validation stops improving, or a SIGTERM arrives. Rank 0 decides when
-//! to stop, evaluate and save and tells the others, so every rank takes the same branch.
+//! or step limit is spent, validation stops improving, or a SIGTERM arrives. Every decision that
+//! guards a collective is rank 0's, broadcast (`consensus`): rank 0 decides when to stop, evaluate
+//! and save and tells the others, and its run state is every rank's, so every rank takes the same
+//! branch.
 
 mod args;
 pub mod checkpoint;
-mod consensus;
+pub mod consensus;
 mod endpoint;
 mod plan;
 pub mod progress;
@@ -24,6 +26,7 @@ use std::time::Duration;
 use anyhow::Result;
 use charlm_contract::events::{self, Event};
 use charlm_contract::ProgressReport;
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
 pub use args::Args;
@@ -77,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
     options.connect_single = std::env::var_os("WORLD_SIZE").is_some();
     let pg = ProcessGroup::init_with(&env, device, &options)?;
     let is_main = pg.rank() == 0;
+    same_settings_everywhere(&early, &args, &pg, device)?;
 
     let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
         world_size: pg.world_size() as u64,
@@ -117,9 +121,23 @@ pub fn run(args: Args) -> Result<()> {
             sharded.then(|| engine.muon.shard().count),
         );
     }
-    let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
+    let start = start_state(&plan, &data, &pg, device, &mut engine)?;
     if is_main {
-        announce(&plan, &config, &data, &pg, device, &state, resumed, &events);
+        // The report says where it resumed and what it set aside: the operator's only view of it.
+        let mut p = shared.lock().expect("progress lock");
+        p.resumed_from = start.resumed.as_ref().map(|d| d.display().to_string());
+        p.damaged_checkpoints = start.set_aside.clone();
+        drop(p);
+        announce(
+            &plan,
+            &config,
+            &data,
+            &pg,
+            device,
+            &start.state,
+            start.resumed.clone(),
+            &events,
+        );
     }
     let tensorboard = match (&args.tensorboard_dir, is_main) {
         (Some(dir), true) => match EventWriter::create(dir) {
@@ -142,7 +160,9 @@ pub fn run(args: Args) -> Result<()> {
         pg: &pg,
         device,
         engine,
-        state,
+        state: start.state,
+        checkpoints: start.checkpoints,
+        last_checkpoint: start.resumed,
         shared,
         stop,
         tensorboard,
@@ -168,6 +188,38 @@ fn serve_progress(port: u16, shared: &SharedProgress) {
         shared.clone(),
         endpoint::Limits::default(),
     );
+}
+
+/// Ranks started with other settings would run other collectives (another batch geometry, the
+/// optimizer sharded or not, another evaluation cadence) and wait for each other until the
+/// collective timeout: every rank must be started with rank 0's. Only where rank 0 alone writes
+/// (the checkpoint volume is mounted in pod 0 only) may differ.
+fn same_settings_everywhere(
+    plan: &Plan,
+    args: &Args,
+    pg: &ProcessGroup,
+    device: Device,
+) -> Result<()> {
+    let mut alike = plan.clone();
+    alike.checkpoint_dir = None;
+    alike.termination_log = None;
+    let text = format!("{alike:?} {:?}", args.engine);
+    let digests = consensus::digests(pg, device, &text)?;
+    if digests.iter().all(|&d| d == digests[0]) {
+        return Ok(());
+    }
+    let each: Vec<String> = digests
+        .iter()
+        .enumerate()
+        .map(|(rank, d)| format!("rank {rank}: {d:016x}"))
+        .collect();
+    crate::user_bail!(
+        "rank {} of {}: the ranks were started with different training settings (digests {}): \
+         start every rank with the same flags and CHARLM_* variables. This rank's: {text}",
+        pg.rank(),
+        pg.world_size(),
+        each.join(", ")
+    )
 }
 
 /// Whether the newest checkpoint already ended this training (rank 0 looks, every rank agrees);
@@ -252,39 +304,53 @@ fn describe(
     }
 }
 
+/// Where a session starts, as rank 0 has it: every rank gets all of it.
+#[derive(Serialize, Deserialize)]
+struct Start {
+    /// The whole run state (best, early-stop counts, clock, ...), not a chosen few fields: one
+    /// rank without the best once entered the `best/` gather alone and hung the gang (issue 28).
+    state: RunState,
+    adamw_step: i64,
+    /// Whether rank 0 writes checkpoints.
+    checkpoints: bool,
+    /// The checkpoint resumed from.
+    resumed: Option<PathBuf>,
+    /// Damaged checkpoints the resume set aside (for rank 0's report; no rank decides on it).
+    set_aside: Vec<charlm_contract::DamagedCheckpoint>,
+}
+
 /// Where the session starts: rank 0 restores the newest good checkpoint, then every rank takes
-/// rank 0's position, clock and weights.
+/// rank 0's run state and weights.
 fn start_state(
     plan: &Plan,
     data: &Dataset,
     pg: &ProcessGroup,
     device: Device,
     engine: &mut Engine,
-) -> Result<(RunState, Option<PathBuf>)> {
-    let mut state = RunState::new(data.train_windows());
-    let resumed = if pg.rank() == 0 {
-        resume::restore(plan, engine, &mut state)?
-    } else {
-        None
+) -> Result<Start> {
+    let mut start = Start {
+        state: RunState::new(data.train_windows()),
+        adamw_step: engine.adamw.step,
+        checkpoints: plan.checkpoint_dir.is_some(),
+        resumed: None,
+        set_aside: Vec::new(),
     };
-    let header = consensus::agree(
-        pg,
-        device,
-        &[state.step as f64, state.elapsed_s, engine.adamw.step as f64],
-    )?;
-    state.step = header[0] as i64;
-    state.elapsed_s = header[1];
-    engine.adamw.step = header[2] as i64;
+    if pg.rank() == 0 {
+        start.resumed = resume::restore(plan, engine, &mut start.state, &mut start.set_aside)?;
+        start.adamw_step = engine.adamw.step;
+    }
+    let start: Start = consensus::from_rank0(pg, device, &start)?;
+    engine.adamw.step = start.adamw_step;
     engine.broadcast_from_rank0(pg)?;
-    if let Some(dir) = &resumed {
+    if let (Some(dir), 0) = (&start.resumed, pg.rank()) {
         eprintln!(
             "resumed from {} at step {} ({} trained)",
             dir.display(),
-            state.step,
-            session::fmt_duration(state.elapsed_s)
+            start.state.step,
+            session::fmt_duration(start.state.elapsed_s)
         );
     }
-    Ok((state, resumed))
+    Ok(start)
 }
 
 /// Rank 0's `start` event and line: where training starts and what its budget and first

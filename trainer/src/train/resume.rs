@@ -64,8 +64,15 @@ pub fn finished_summary(plan: &Plan) -> Result<Option<ProgressReport>> {
     }))
 }
 
-/// Loads the newest good checkpoint into the engine and state (rank 0); returns its directory.
-pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result<Option<PathBuf>> {
+/// Loads the newest good checkpoint into the engine and state (rank 0, which then sends the
+/// state to the others); returns its directory.
+/// Damaged checkpoints it passed over on the way land in `set_aside`.
+pub fn restore(
+    plan: &Plan,
+    engine: &mut Engine,
+    state: &mut RunState,
+    set_aside: &mut Vec<charlm_contract::DamagedCheckpoint>,
+) -> Result<Option<PathBuf>> {
     let Some(root) = &plan.checkpoint_dir else {
         eprintln!("warning: no --checkpoint-dir: this run cannot be resumed");
         return Ok(None);
@@ -115,9 +122,11 @@ pub fn restore(plan: &Plan, engine: &mut Engine, state: &mut RunState) -> Result
     state.step = m.step;
     state.elapsed_s = m.elapsed_s;
     state.val_bpc = m.val_bpc;
+    state.evals_since_best = m.evals_since_best;
+    state.overfit_evals = m.overfit_evals;
     if let Ok(best) = checkpoint::load_manifest(&root.join(checkpoint::BEST_DIR)) {
         state.best = best.val_bpc.map(|v| (v, best.step));
     }
-    state.last_checkpoint = Some(loaded.dir.clone());
+    *set_aside = loaded.set_aside;
     Ok(Some(loaded.dir))
 }

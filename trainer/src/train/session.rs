@@ -3,6 +3,7 @@
 //! validation stops improving, or a signal asks to stop.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
-use super::consensus::{agree, agree_flag};
+use super::consensus::{self, from_rank0};
 use super::plan::Plan;
 use super::progress::{self, SharedProgress};
 use super::state::{manifest_for, RunState};
@@ -32,7 +33,13 @@ pub struct Session<'a> {
     pub pg: &'a ProcessGroup,
     pub device: Device,
     pub engine: Engine,
+    /// Rank 0's, on every rank (see `consensus`).
     pub state: RunState,
+    /// Whether rank 0 writes checkpoints (it has a checkpoint directory): rank 0's, on every rank,
+    /// because every rank takes part in gathering a sharded optimizer's state for a save.
+    pub checkpoints: bool,
+    /// The newest checkpoint, for rank 0's progress report.
+    pub last_checkpoint: Option<PathBuf>,
     pub shared: SharedProgress,
     pub stop: Arc<AtomicBool>,
     /// TensorBoard writer, on rank 0 when asked for.
@@ -46,19 +53,42 @@ impl Session<'_> {
         self.pg.rank() == 0
     }
 
+    /// Rank 0's values for a decision that guards a collective; every rank's run state is
+    /// compared on the way (`consensus::decide`).
+    fn decide(&self, decision: &str, values: &[(&str, f64)]) -> Result<Vec<f64>> {
+        consensus::decide(
+            self.pg,
+            self.device,
+            decision,
+            self.state.step,
+            &self.state.shared_json(),
+            values,
+        )
+    }
+
+    fn decide_flag(&self, decision: &str, flag: bool) -> Result<bool> {
+        Ok(self.decide(decision, &[(decision, yes(flag))])?[0] > 0.0)
+    }
+
     pub fn run(mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
-        let mut last_save = Instant::now();
+        let mut last_save = (Instant::now(), self.state.step);
         let mut step_times = VecDeque::with_capacity(20);
         loop {
+            let next = self.next(last_save)?;
+            if let Some(reason) = next.stop {
+                return self.finish(reason);
+            }
+            if next.save {
+                self.save()?;
+                last_save = (Instant::now(), self.state.step);
+            }
+            // From rank 0's clock, which every rank holds now: the same schedule on every rank.
             let progress = self
                 .plan
                 .budget
                 .fraction(self.state.step, self.state.elapsed_s);
-            if let Some(reason) = self.stop_reason(progress)? {
-                return self.finish(reason);
-            }
             let schedule = &self.plan.schedule;
             let lr_mult = schedule.lr_multiplier(self.state.step, progress);
             let momentum = schedule.muon_momentum(self.state.step, progress);
@@ -78,40 +108,58 @@ impl Session<'_> {
             step_times.push_back(t0.elapsed().as_secs_f64());
             let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
             self.report_step(loss, lr_mult, step_s);
-
-            if self.plan.eval_every > 0 && self.state.step % self.plan.eval_every == 0 {
+            if next.evaluate {
                 self.evaluate()?;
-            }
-            let save_due = last_save.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
-            if agree_flag(self.pg, self.device, save_due)? {
-                self.save()?;
-                last_save = Instant::now();
             }
         }
     }
 
-    /// Rank 0's verdict on stopping now (and its clock, which every rank adopts).
-    fn stop_reason(&mut self, progress: f64) -> Result<Option<StopReason>> {
+    /// Rank 0's verdict, once a step, on what comes next: stop now, save the step just taken (its
+    /// timer; `last_save` is when and at which step it last saved), evaluate after the coming
+    /// step. Each branch holds collectives (the optimizer-state gather, the evaluation sums).
+    /// Every rank also adopts rank 0's clock.
+    fn next(&mut self, last_save: (Instant, i64)) -> Result<Next> {
+        let progress = self
+            .plan
+            .budget
+            .fraction(self.state.step, self.state.elapsed_s);
         let patience = self.plan.early_stop_patience;
-        let flags = [
-            progress >= 1.0,
-            patience > 0 && self.state.overfit_evals >= patience,
-            self.stop.load(Ordering::Relaxed),
+        let save_due = self.checkpoints
+            && last_save.1 != self.state.step
+            && last_save.0.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
+        let every = self.plan.eval_every;
+        let values = [
+            ("budget spent", yes(progress >= 1.0)),
+            (
+                "early stop",
+                yes(patience > 0 && self.state.overfit_evals >= patience),
+            ),
+            ("signal", yes(self.stop.load(Ordering::Relaxed))),
+            ("save", yes(save_due)),
+            (
+                "evaluate",
+                yes(every > 0 && (self.state.step + 1) % every == 0),
+            ),
+            ("clock", self.state.elapsed_s),
         ];
-        let mut values: Vec<f64> = flags.iter().map(|&f| f64::from(u8::from(f))).collect();
-        values.push(self.state.elapsed_s);
-        let agreed = agree(self.pg, self.device, &values)?;
-        self.state.elapsed_s = agreed[3];
+        let agreed = self.decide("stop, save or evaluate", &values)?;
+        self.state.elapsed_s = agreed[5];
         let reasons = [
             StopReason::Budget,
             StopReason::EarlyStop,
             StopReason::Signal,
         ];
-        Ok(reasons
+        let stop = reasons
             .into_iter()
-            .zip(agreed)
-            .find(|(_, v)| *v > 0.0)
-            .map(|(r, _)| r))
+            .zip(&agreed)
+            .find(|(_, v)| **v > 0.0)
+            .map(|(r, _)| r);
+        Ok(Next {
+            stop,
+            // A stop saves anyway.
+            save: stop.is_none() && agreed[3] > 0.0,
+            evaluate: agreed[4] > 0.0,
+        })
     }
 
     /// One optimizer step over the whole global batch; returns its mean loss over all ranks.
@@ -179,42 +227,36 @@ impl Session<'_> {
         // the noisy high-learning-rate phase val bpc rises and falls again while train ≈ val).
         let train_bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Train)?;
         let step = self.state.step;
-        self.state.val_bpc = Some(bpc);
-        self.state.val_step = Some(step);
-        let improved = self.state.best.is_none_or(|(best, _)| bpc < best);
-        if improved {
-            self.state.best = Some((bpc, step));
-            self.state.evals_since_best = 0;
-            self.state.overfit_evals = 0;
-        } else {
-            self.state.evals_since_best += 1;
-            if train_bpc < bpc * (1.0 - super::args::MEMORISING_MARGIN) {
-                self.state.overfit_evals += 1;
-            }
+        // Rank 0 records the evaluation (best, early-stop counts) and every rank takes its state.
+        // The sums above are all-reduced, so the others would count the same; but a rank that
+        // counts on its own is one restore, one rounding or one new field away from entering the
+        // gather below alone (issue 28).
+        let mut improved = false;
+        if self.is_main() {
+            improved = self.state.record_eval(bpc, train_bpc);
         }
+        (self.state, improved) = from_rank0(self.pg, self.device, &(self.state.clone(), improved))?;
         // A sharded optimizer's state is gathered by every rank; rank 0 writes it.
-        let optimizer = match (improved, &self.plan.checkpoint_dir) {
-            (true, Some(_)) => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
-            _ => None,
+        let optimizer = match self.decide_flag("save best/", improved && self.checkpoints)? {
+            true => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
+            false => None,
         };
         if !self.is_main() {
             return Ok(());
         }
         if let Some(optimizer) = optimizer {
-            if let Some(root) = &self.plan.checkpoint_dir {
-                let t0 = Instant::now();
-                let manifest = manifest_for(self.plan, &self.engine, &self.state);
-                let model = self.engine.model_state();
-                let dir =
-                    checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
-                        .context("save the best checkpoint")?;
-                self.events.emit(Event::Checkpoint(events::Checkpoint {
-                    step,
-                    path: dir.display().to_string(),
-                    kind: "best".into(),
-                    seconds: t0.elapsed().as_secs_f64(),
-                }));
-            }
+            let root = self.checkpoint_root()?;
+            let t0 = Instant::now();
+            let manifest = manifest_for(self.plan, &self.engine, &self.state);
+            let model = self.engine.model_state();
+            let dir = checkpoint::save(&root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
+                .context("save the best checkpoint")?;
+            self.events.emit(Event::Checkpoint(events::Checkpoint {
+                step,
+                path: dir.display().to_string(),
+                kind: "best".into(),
+                seconds: t0.elapsed().as_secs_f64(),
+            }));
         }
         {
             let mut p = self.shared.lock().expect("progress lock");
@@ -257,16 +299,23 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// A rolling checkpoint (rank 0), then pruning to `--keep-checkpoints`.
+    /// Rank 0's checkpoint directory (it saves only with one).
+    fn checkpoint_root(&self) -> Result<PathBuf> {
+        self.plan
+            .checkpoint_dir
+            .clone()
+            .context("rank 0 decided to save a checkpoint without a --checkpoint-dir")
+    }
+
+    /// A rolling checkpoint (every rank gathers, rank 0 writes), then pruning to
+    /// `--keep-checkpoints`. Called where rank 0 decided to save.
     fn save(&mut self) -> Result<()> {
-        let Some(root) = self.plan.checkpoint_dir.clone() else {
-            return Ok(());
-        };
         let t0 = Instant::now();
         let optimizer = self.engine.optimizer_state(self.pg, self.is_main())?;
         if !self.is_main() {
             return Ok(());
         }
+        let root = self.checkpoint_root()?;
         let manifest = manifest_for(self.plan, &self.engine, &self.state);
         let name = checkpoint::step_dir_name(self.state.step);
         let model = self.engine.model_state();
@@ -281,21 +330,34 @@ impl Session<'_> {
             kind: "rolling".into(),
             seconds,
         }));
-        self.state.last_checkpoint = Some(dir);
-        self.shared.lock().expect("progress lock").checkpoint = self
-            .state
-            .last_checkpoint
-            .as_ref()
-            .map(|d| d.display().to_string());
+        self.shared.lock().expect("progress lock").checkpoint = Some(dir.display().to_string());
+        self.last_checkpoint = Some(dir);
         Ok(())
     }
 
     /// Ends the session: a last evaluation when complete, a checkpoint, the summary.
     fn finish(mut self, reason: StopReason) -> Result<()> {
-        if reason.is_complete() && self.state.val_step != Some(self.state.step) {
+        let unmeasured = self.state.val_step != Some(self.state.step);
+        if self.decide_flag("evaluate at the end", reason.is_complete() && unmeasured)? {
             self.evaluate()?;
         }
-        self.save()?;
+        if self.decide_flag("save a last checkpoint", self.checkpoints)? {
+            self.save()?;
+        }
+        if self.pg.world_size() > 1 {
+            // What this rank ended with: the same line on every rank, or a bug.
+            let best = self.state.best.map_or("no evaluation".into(), |(b, s)| {
+                format!("best val bpc {b:.4} at step {s}")
+            });
+            eprintln!(
+                "rank {} of {}: stopped at step {} ({}); {best}; run state {:016x}",
+                self.pg.rank(),
+                self.pg.world_size(),
+                self.state.step,
+                reason.as_str(),
+                consensus::digest(self.state.shared_json().as_bytes())
+            );
+        }
         if !self.is_main() {
             return Ok(());
         }
@@ -365,7 +427,7 @@ impl Session<'_> {
         p.best_val_bpc = state.best.map(|b| b.0);
         p.best_step = state.best.map(|b| b.1);
         p.evals_since_best = state.evals_since_best;
-        p.checkpoint = state
+        p.checkpoint = self
             .last_checkpoint
             .as_ref()
             .map(|d| d.display().to_string());
@@ -398,6 +460,18 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// What rank 0 decided comes next.
+struct Next {
+    stop: Option<StopReason>,
+    save: bool,
+    evaluate: bool,
+}
+
+/// A yes or no as a decision's value.
+fn yes(flag: bool) -> f64 {
+    f64::from(u8::from(flag))
 }
 
 /// Training seconds the budget still held when a run stopped at `step` after `elapsed_s`: the time
