@@ -455,7 +455,14 @@ fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
         let diffs = crate::engine::verify::models_vs(config26, g.b, device, f8(eager), &same);
         for (i, d) in diffs.iter().enumerate() {
             let worst = i % 3 == 2;
-            show(d, if worst { FP8_GRADS_TOLERANCE } else { MODEL_TOLERANCE });
+            show(
+                d,
+                if worst {
+                    FP8_GRADS_TOLERANCE
+                } else {
+                    MODEL_TOLERANCE
+                },
+            );
         }
     }
     // The 2026 recipe: its rotary base through both paths, and its optimizer step.
