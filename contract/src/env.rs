@@ -40,12 +40,14 @@ pub const EARLY_STOP_PATIENCE: &str = "CHARLM_EARLY_STOP_PATIENCE";
 pub const TENSORBOARD_DIR: &str = "CHARLM_TENSORBOARD_DIR";
 /// The training recipe (`--recipe`).
 pub const RECIPE: &str = "CHARLM_RECIPE";
+/// The precision of the blocks' matrix products (`--precision`: `bf16` or `fp8`).
+pub const PRECISION: &str = "CHARLM_PRECISION";
 
 /// Names a training's own `spec.env` may not set (the CRD refuses them at apply): the gang's
 /// (pods and processes, and torchrun's names that scripts read), and what the operator sets from
 /// the spec's fields or relies on for the trainer's outputs. A user's value would silently break
 /// the gang or make the status lie. The operator's tests hold this list against what it sets.
-pub const RESERVED: [&str; 32] = [
+pub const RESERVED: [&str; 33] = [
     NNODES,
     NODE_RANK,
     NPROC_PER_NODE,
@@ -78,6 +80,7 @@ pub const RESERVED: [&str; 32] = [
     EARLY_STOP_PATIENCE,
     TENSORBOARD_DIR,
     RECIPE,
+    PRECISION,
 ];
 
 /// What the operator sets that `spec.env` may replace: nothing in the status depends on it.

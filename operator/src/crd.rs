@@ -223,6 +223,12 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<Recipe>,
 
+    /// Number format of the blocks' matrix products (`bf16` or `fp8`; fp8 needs GPUs with FP8
+    /// tensor cores, H100 or later, and a CPU training refuses it); unset lets the trainer choose
+    /// (docs/training.md, "Precision").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+
     /// Write TensorBoard event files to the checkpoint volume (`/checkpoints/tensorboard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensorboard: Option<bool>,
@@ -421,6 +427,27 @@ impl Recipe {
         match self {
             Recipe::Nanochat2025 => "nanochat-2025",
             Recipe::Nanochat2026 => "nanochat-2026",
+        }
+    }
+}
+
+/// The precision of the trainer's matrix products (`--precision`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Precision {
+    /// bf16 products with fp32 accumulation.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// FP8 products for the blocks' four matrices (e4m3 forward, e5m2 gradients).
+    #[serde(rename = "fp8")]
+    Fp8,
+}
+
+impl Precision {
+    /// The trainer's name for it (`CHARLM_PRECISION`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
         }
     }
 }

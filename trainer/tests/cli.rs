@@ -321,6 +321,44 @@ fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
 }
 
 #[test]
+fn fp8_is_refused_on_a_cpu_with_the_fix() {
+    let out = trainer(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp8",
+            "--steps",
+            "1",
+        ],
+        &[],
+    );
+    refused(
+        &out,
+        &["--precision fp8", "FP8 tensor cores", "--precision bf16"],
+    );
+    // From the environment (what the operator sets from spec.precision), under train.
+    let out = trainer(
+        &[
+            "train",
+            "--data",
+            "x",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--metrics-port",
+            "0",
+        ],
+        &[("CHARLM_PRECISION", "fp8")],
+    );
+    refused(&out, &["CHARLM_PRECISION", "--precision bf16"]);
+    let out = trainer(&["bench", "--device", "cpu", "--precision", "fp16"], &[]);
+    refused(&out, &["--precision fp16", "bf16", "fp8"]);
+}
+
+#[test]
 fn launch_without_the_separator_shows_the_command_that_works() {
     let out = trainer(
         &["launch", "--nproc-per-node", "2", "train", "--depth", "4"],

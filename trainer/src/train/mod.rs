@@ -59,6 +59,7 @@ pub fn run(args: Args) -> Result<()> {
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
         tch::set_num_threads(args.threads.unwrap_or(per_rank));
     }
+    crate::engine::check_precision(&args.engine, device)?;
     // Check the settings before anything slow starts (an `auto` micro-batch is settled later).
     let early_micro = match args.device_batch_size {
         MicroBatch::Fixed(n) => n,
