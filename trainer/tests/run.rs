@@ -240,7 +240,7 @@ fn other_texts_at_the_same_depth_are_refused_naming_the_folder_and_model_tag() {
     assert_eq!(listing(&d1), before, "the first training's folder changed");
     assert_eq!(
         subdirs(&base.join("checkpoints")),
-        [d1.clone()],
+        std::slice::from_ref(&d1),
         "a silent new folder"
     );
 

@@ -128,15 +128,15 @@ pub fn fp8_weights_fused_vs_eager(config: GptConfig, device: Device) -> Result<V
     let (f, e) = (make(true)?, make(false)?);
     let names = ["qkv", "attn out", "mlp up", "mlp down"];
     let mut out = Vec::new();
-    for i in 0..4 {
+    for (i, name) in names.iter().enumerate() {
         let f32 = |t: &Tensor| t.to_kind(Kind::Float);
         out.push(diff(
-            format!("fp8 weight {}", names[i]),
+            format!("fp8 weight {name}"),
             &f32(&f.w8[i]),
             &f32(&e.w8[i]),
         ));
         out.push(diff(
-            format!("fp8 weight {} transposed", names[i]),
+            format!("fp8 weight {name} transposed"),
             &f32(&f.w8t[i]),
             &f32(&e.w8t[i]),
         ));
