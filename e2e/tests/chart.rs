@@ -92,7 +92,7 @@ resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: 1, memory: 512Mi
     }
 
     // Bad values: refused before anything renders, naming the key.
-    let bad: [(&str, &str); 16] = [
+    let bad: [(&str, &str); 17] = [
         ("replicas=2", "additional properties 'replicas' not allowed"),
         ("replicaCount=-1", "/replicaCount"),
         ("replicaCount=two", "/replicaCount"),
@@ -106,6 +106,7 @@ resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: 1, memory: 512Mi
             "/metrics/serviceMonitor/interval",
         ),
         ("pricePerGpuHour=-1", "/pricePerGpuHour"),
+        ("pricePerGpuHour=cheap", "/pricePerGpuHour"),
         ("logLevel=verbose", "/logLevel"),
         (
             "leaderElection.leaseDurationSeconds=1",

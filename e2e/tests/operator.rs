@@ -1722,7 +1722,7 @@ async fn failure_rules_choose_what_each_reason_does() {
                     json!([{"reason": "Crashed", "action": "Fail"}])
             }),
             "spec.restartPolicy.rules[0].reason: Invalid value: \"Crashed\": restartPolicy.rules[].reason \
-             must be one of Evicted, Preempted, NodeLost, Deleted, OOMKilled, BadInput, Error",
+             must be one of Evicted, Preempted, NodeLost, Deleted, OOMKilled, BadInput, StorageFull, Error",
         ),
         (
             "an unknown action",
