@@ -856,6 +856,7 @@ pub struct CharLMTrainingStatus {
 pub struct LostCheckpoints {
     /// The claim's name and uid (the uid unless the claim went before the operator recorded it).
     pub claim_name: String,
+    /// The lost claim's uid, when the operator had recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_uid: Option<String>,
     /// When the operator saw the claim being deleted or gone.
@@ -864,10 +865,13 @@ pub struct LostCheckpoints {
     /// had reached, on the lost claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_checkpoint: Option<String>,
+    /// The best validation bpc on the lost claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_val_bpc: Option<f64>,
+    /// The step of that best validation bpc.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_step: Option<i64>,
+    /// The step the training had reached when the claim was lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<i64>,
     /// The value of the annotation `charlm.dev/restart-from-scratch` that starts the training over
