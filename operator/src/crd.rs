@@ -584,7 +584,7 @@ pub struct RestartPolicySpec {
     /// other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 7))]
-    #[x_kube(validation = rules::failure_reasons_unique())]
+    #[x_kube(validation = rules::failure_reasons_unique(&reason_names()))]
     pub rules: Vec<FailureRule>,
 }
 
@@ -641,6 +641,61 @@ pub enum FailureAction {
     RestartWithoutCounting,
     /// Fail the training at once.
     Fail,
+}
+
+/// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
+/// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
+pub const ALL_REASONS: [FailureReason; 8] = [
+    FailureReason::Evicted,
+    FailureReason::Preempted,
+    FailureReason::NodeLost,
+    FailureReason::Deleted,
+    FailureReason::OomKilled,
+    FailureReason::BadInput,
+    FailureReason::StorageFull,
+    FailureReason::Error,
+];
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Evicted => "Evicted",
+            FailureReason::Preempted => "Preempted",
+            FailureReason::NodeLost => "NodeLost",
+            FailureReason::Deleted => "Deleted",
+            FailureReason::OomKilled => "OOMKilled",
+            FailureReason::BadInput => "BadInput",
+            FailureReason::StorageFull => "StorageFull",
+            FailureReason::Error => "Error",
+        }
+    }
+}
+
+/// Every action, in the order the schema lists them.
+pub const ALL_ACTIONS: [FailureAction; 3] = [
+    FailureAction::Restart,
+    FailureAction::RestartWithoutCounting,
+    FailureAction::Fail,
+];
+
+impl FailureAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureAction::Restart => "Restart",
+            FailureAction::RestartWithoutCounting => "RestartWithoutCounting",
+            FailureAction::Fail => "Fail",
+        }
+    }
+}
+
+/// The names of [`ALL_REASONS`], as the schema and the messages list them.
+pub fn reason_names() -> Vec<&'static str> {
+    ALL_REASONS.iter().map(|r| r.as_str()).collect()
+}
+
+/// The names of [`ALL_ACTIONS`].
+pub fn action_names() -> Vec<&'static str> {
+    ALL_ACTIONS.iter().map(|a| a.as_str()).collect()
 }
 
 fn default_max_restarts() -> i32 {
@@ -1107,7 +1162,11 @@ pub fn crd(
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     let mut crd = serde_json::to_value(CharLMTraining::crd()).expect("the CRD serialises");
     for version in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
-        rules::complete_schema(&mut version["schema"]["openAPIV3Schema"]);
+        rules::complete_schema(
+            &mut version["schema"]["openAPIV3Schema"],
+            &reason_names(),
+            &action_names(),
+        );
     }
     serde_json::from_value(crd).expect("the completed CRD is still a CRD")
 }

@@ -7,51 +7,6 @@ use crate::crd::{FailureAction, FailureReason, FailureRule};
 use crate::resources::TRAINER_CONTAINER;
 use crate::workers::{Worker, WorkerState};
 
-/// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
-/// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
-pub const ALL_REASONS: [FailureReason; 8] = [
-    FailureReason::Evicted,
-    FailureReason::Preempted,
-    FailureReason::NodeLost,
-    FailureReason::Deleted,
-    FailureReason::OomKilled,
-    FailureReason::BadInput,
-    FailureReason::StorageFull,
-    FailureReason::Error,
-];
-
-impl FailureReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureReason::Evicted => "Evicted",
-            FailureReason::Preempted => "Preempted",
-            FailureReason::NodeLost => "NodeLost",
-            FailureReason::Deleted => "Deleted",
-            FailureReason::OomKilled => "OOMKilled",
-            FailureReason::BadInput => "BadInput",
-            FailureReason::StorageFull => "StorageFull",
-            FailureReason::Error => "Error",
-        }
-    }
-}
-
-/// Every action, in the order the schema lists them.
-pub const ALL_ACTIONS: [FailureAction; 3] = [
-    FailureAction::Restart,
-    FailureAction::RestartWithoutCounting,
-    FailureAction::Fail,
-];
-
-impl FailureAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureAction::Restart => "Restart",
-            FailureAction::RestartWithoutCounting => "RestartWithoutCounting",
-            FailureAction::Fail => "Fail",
-        }
-    }
-}
-
 /// The action without a rule: the cluster's disruptions are not the training's fault, so they
 /// restart without using up restarts; bad input, running out of memory and a full checkpoint
 /// volume repeat on every retry.
@@ -212,6 +167,7 @@ pub fn checkpoint_step(path: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ALL_REASONS;
     use crate::resources::testing::{cpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;

@@ -453,7 +453,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Why the current attempt has ended without success. When several workers ended, the most
-    /// specific reason wins (`failures::ALL_REASONS`): the peers of a worker whose node was lost
+    /// specific reason wins (`crd::ALL_REASONS`): the peers of a worker whose node was lost
     /// fail too, with a plain error.
     fn failure(&self, current: &[&Worker], wanted: i32) -> Option<Ending> {
         let mut endings = Vec::new();
@@ -610,12 +610,7 @@ impl<'a> Decider<'a> {
         // Nothing prepares the dataset any more: say whether it was.
         if self.dataset_unsettled() {
             if !current.is_empty() && current.iter().all(|w| w.dataset_prepared()) {
-                self.set(
-                    cond::DATASET_READY,
-                    TRUE,
-                    "Prepared",
-                    "every worker prepared the dataset",
-                );
+                self.say_dataset_prepared();
             } else {
                 self.set(
                     cond::DATASET_READY,
@@ -860,12 +855,7 @@ impl<'a> Decider<'a> {
         });
         if settled {
             let msg = format!("{running}/{n} workers running");
-            self.set(
-                cond::DATASET_READY,
-                TRUE,
-                "Prepared",
-                "every worker prepared the dataset",
-            );
+            self.say_dataset_prepared();
             self.set(cond::PODS_READY, TRUE, "AllWorkersRunning", msg.clone());
             self.set(cond::RUNNING, TRUE, "Training", msg.clone());
             if self.is(cond::RESTARTING) {
@@ -965,12 +955,7 @@ impl<'a> Decider<'a> {
                 format!("{preparing}/{n} workers prepare the dataset"),
             );
         } else if prepared == n {
-            self.set(
-                cond::DATASET_READY,
-                TRUE,
-                "Prepared",
-                "every worker prepared the dataset",
-            );
+            self.say_dataset_prepared();
         } else {
             self.dataset_waits(&format!(
                 "{prepared}/{n} workers prepared it and none is preparing it ({msg})"
@@ -1020,6 +1005,15 @@ impl<'a> Decider<'a> {
     }
 
     /// No worker prepares the dataset now: DatasetReady says so (and why), unless it is settled.
+    fn say_dataset_prepared(&mut self) {
+        self.set(
+            cond::DATASET_READY,
+            TRUE,
+            "Prepared",
+            "every worker prepared the dataset",
+        );
+    }
+
     fn dataset_waits(&mut self, why: &str) {
         if self.dataset_unsettled() {
             self.set(

@@ -7,8 +7,6 @@ use kube::core::{Message, Reason, Rule};
 
 use charlm_contract::env::RESERVED;
 
-use crate::failures::{ALL_ACTIONS, ALL_REASONS};
-
 /// `field` of the spec cannot be set, unset or changed after creation.
 pub fn fixed_at_creation(field: &str, why: &str) -> Rule {
     Rule::new(format!(
@@ -91,24 +89,17 @@ pub fn checkpoint_size() -> Rule {
 }
 
 /// Two rules for one reason would leave the action to their order.
-pub fn failure_reasons_unique() -> Rule {
+/// `reasons`: every reason's name (`crd::reason_names`), for the message.
+pub fn failure_reasons_unique(reasons: &[&str]) -> Rule {
     Rule::new("self.all(r, self.exists_one(s, s.reason == r.reason))").message(Message::Message(
         format!(
             "restartPolicy.rules must name each reason at most once ({}): merge the rules of the \
              repeated reason into one",
-            reason_names().join(", ")
+            reasons.join(", ")
         ),
     ))
     // Not `FieldValueDuplicate`: the API server prints that as a bare "Duplicate value", without
     // the message.
-}
-
-fn reason_names() -> Vec<&'static str> {
-    ALL_REASONS.iter().map(|r| r.as_str()).collect()
-}
-
-fn action_names() -> Vec<&'static str> {
-    ALL_ACTIONS.iter().map(|a| a.as_str()).collect()
 }
 
 /// `self in [...]` over `names`, as a CEL rule with its message. A schema `enum` says the same,
@@ -209,7 +200,7 @@ pub fn dataset_not_checkpoint_claim() -> serde_json::Value {
 /// What the derived schema cannot say, added to the CRD: the name rule on `metadata.name`, and
 /// the bounds that keep the quantity rules' estimated cost within the API server's budget (it
 /// refuses a rule over an unbounded map or string).
-pub fn complete_schema(schema: &mut serde_json::Value) {
+pub fn complete_schema(schema: &mut serde_json::Value, reasons: &[&str], actions: &[&str]) {
     schema["x-kubernetes-validations"] = serde_json::json!([dataset_not_checkpoint_claim()]);
     schema["properties"]["metadata"] = serde_json::json!({
         // The API server refuses anything on metadata itself but its type (a description too).
@@ -232,14 +223,14 @@ pub fn complete_schema(schema: &mut serde_json::Value) {
     env["maxItems"] = 256.into();
     env["items"]["properties"]["name"]["maxLength"] = 256.into();
     let rule = &mut spec["properties"]["restartPolicy"]["properties"]["rules"]["items"];
-    for (field, names) in [("reason", reason_names()), ("action", action_names())] {
+    for (field, names) in [("reason", reasons), ("action", actions)] {
         let property = &mut rule["properties"][field];
         if let Some(p) = property.as_object_mut() {
             p.remove("enum");
         }
         property["maxLength"] = 64.into();
         property["x-kubernetes-validations"] =
-            serde_json::json!([one_of(&format!("restartPolicy.rules[].{field}"), &names)]);
+            serde_json::json!([one_of(&format!("restartPolicy.rules[].{field}"), names)]);
     }
     let tolerations = &mut spec["properties"]["tolerations"];
     tolerations["maxItems"] = 64.into();

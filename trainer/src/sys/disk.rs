@@ -4,6 +4,8 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use super::figures::grouped;
+
 /// Bytes of the filesystem holding a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Space {
@@ -48,17 +50,6 @@ pub fn fmt_size(bytes: u64) -> String {
         0 => format!("{bytes} bytes"),
         _ => format!("{v:.1} {}", units[unit]),
     }
-}
-
-/// 5242880 → "5,242,880".
-pub fn grouped(n: u64) -> String {
-    let mut digits = n.to_string();
-    let mut out = String::new();
-    while digits.len() > 3 {
-        let tail = digits.split_off(digits.len() - 3);
-        out = format!(",{tail}{out}");
-    }
-    format!("{digits}{out}")
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::sys::disk::{self, fmt_bytes, fmt_size, grouped};
+use crate::sys::disk::{self, fmt_bytes, fmt_size};
 use crate::sys::error::{is_out_of_space, StorageFull};
+use crate::sys::figures::grouped;
 use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
 
@@ -479,6 +480,11 @@ pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
         return Err(e);
     }
     fsync(root)
+}
+
+/// The vocabulary checkpoints record: the characters of token ids 0...
+pub fn vocabulary() -> String {
+    String::from_utf8_lossy(crate::data::vocab::CHARS).into_owned()
 }
 
 #[cfg(test)]

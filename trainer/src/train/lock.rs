@@ -125,7 +125,7 @@ fn describe(h: &Holder) -> String {
         h.pid,
         h.host,
         h.since,
-        super::session::fmt_duration(ago as f64)
+        crate::sys::figures::fmt_duration(ago as f64)
     )
 }
 

@@ -42,6 +42,7 @@ use crate::engine::memory::MemoryEstimate;
 use crate::engine::Engine;
 use crate::model::GptConfig;
 use crate::sys::events::Events;
+use crate::sys::figures::fmt_duration;
 use crate::sys::tensorboard::EventWriter;
 use progress::SharedProgress;
 use session::Session;
@@ -356,7 +357,7 @@ fn start_state(
             "resumed from {} at step {} ({} trained)",
             dir.display(),
             start.state.step,
-            session::fmt_duration(start.state.elapsed_s)
+            fmt_duration(start.state.elapsed_s)
         );
     }
     Ok(start)
@@ -383,10 +384,10 @@ fn announce(
     let budget = match (plan.budget.max_steps, plan.budget.seconds) {
         (Some(m), Some(s)) => format!(
             "{m} steps or {} of training, whichever ends first",
-            session::fmt_duration(s)
+            fmt_duration(s)
         ),
         (Some(m), None) => format!("{m} steps"),
-        (None, Some(s)) => format!("{} of training", session::fmt_duration(s)),
+        (None, Some(s)) => format!("{} of training", fmt_duration(s)),
         (None, None) => "none".into(),
     };
     eprintln!(

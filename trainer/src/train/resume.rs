@@ -38,11 +38,6 @@ pub fn dataset_id(path: &Path, data: &DataManifest) -> DatasetId {
     }
 }
 
-/// The vocabulary checkpoints record: the characters of token ids 0...
-pub fn vocabulary() -> String {
-    String::from_utf8_lossy(crate::data::vocab::CHARS).into_owned()
-}
-
 /// How a refusal names the ways on: `train` names its own flags; `run`, which picks the folder
 /// itself and passes `train` flags after `--`, names its `--model-tag` and `-- --init-from`.
 #[derive(Clone, Copy, Debug)]
@@ -173,12 +168,16 @@ fn check_manifest(
             );
         }
     }
-    if let Some(theirs) = m.vocabulary.as_deref().filter(|v| *v != vocabulary()) {
+    if let Some(theirs) = m
+        .vocabulary
+        .as_deref()
+        .filter(|v| *v != checkpoint::vocabulary())
+    {
         user_bail!(
             "{} was trained with the vocabulary {theirs:?}, this trainer's is {:?}: its weights \
              cannot be read by this model; give {other_folder}",
             dir.display(),
-            vocabulary()
+            checkpoint::vocabulary()
         );
     }
     let their_recipe = serde_json::from_value::<Batch>(m.settings.clone())

@@ -22,6 +22,7 @@ use crate::dist::{ProcessGroup, ReduceOp};
 use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
 use crate::sys::events::Events;
+use crate::sys::figures::{fmt_duration, grouped};
 use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
 use charlm_contract::events::{self, Event};
@@ -605,7 +606,7 @@ fn log_step(p: &ProgressReport, total: &str, lr_mult: f64, progress: f64, events
          epoch {:.2} | {} elapsed, {} left",
         p.step,
         (progress * 100.0).min(100.0),
-        thousands(tokens_per_s),
+        grouped(tokens_per_s.max(0.0).round_ties_even() as u64),
         p.epoch,
         fmt_duration(p.elapsed_s),
         p.eta_s.map_or("?".to_string(), fmt_duration),
@@ -625,40 +626,4 @@ fn log_step(p: &ProgressReport, total: &str, lr_mult: f64, progress: f64, events
         tokens_per_epoch: p.tokens_per_epoch,
         peak_memory_gib: p.peak_memory_gib,
     }));
-}
-
-/// 1234567.8 → "1,234,568".
-fn thousands(v: f64) -> String {
-    let digits = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-pub(super) fn fmt_duration(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_figures_read_easily() {
-        assert_eq!(thousands(1234567.8), "1,234,568");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(fmt_duration(59.0), "59s");
-        assert_eq!(fmt_duration(61.0), "1m01s");
-        assert_eq!(fmt_duration(7300.0), "2h01m");
-    }
 }

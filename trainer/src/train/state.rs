@@ -118,7 +118,7 @@ pub fn manifest_for(plan: &Plan, engine: &Engine, state: &RunState) -> Manifest 
         adamw_step: engine.adamw.step,
         files: Default::default(),
         dataset: plan.dataset.clone(),
-        vocabulary: Some(super::resume::vocabulary()),
+        vocabulary: Some(super::checkpoint::vocabulary()),
         init_from: state.init_from.clone(),
     }
 }
