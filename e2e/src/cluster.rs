@@ -124,6 +124,28 @@ pub fn tool(name: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `helm upgrade --install` of `chart` as the tests' release, with no operator pod (the tests
+/// run their own operator).
+pub fn helm_upgrade(chart: &Path) -> Result<String> {
+    tool(
+        "helm",
+        &[
+            "upgrade",
+            "--install",
+            CHART_RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            CHART_NAMESPACE,
+            "--create-namespace",
+            "--set",
+            "replicaCount=0",
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    )
+}
+
 /// `helm upgrade --install` of the chart with no operator replica (the tests run the binary
 /// themselves), once per test process. The chart renders the CRD, so the upgrade keeps a
 /// long-lived control plane's CRD current.
@@ -131,25 +153,8 @@ pub fn install_chart() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         adopt_crd();
-        let chart = repo_root().join("charts/charlm-operator");
-        tool(
-            "helm",
-            &[
-                "upgrade",
-                "--install",
-                CHART_RELEASE,
-                chart.to_str().unwrap(),
-                "--namespace",
-                CHART_NAMESPACE,
-                "--create-namespace",
-                "--set",
-                "replicaCount=0",
-                "--wait",
-                "--timeout",
-                "2m",
-            ],
-        )
-        .expect("helm install of charts/charlm-operator");
+        helm_upgrade(&repo_root().join("charts/charlm-operator"))
+            .expect("helm install of charts/charlm-operator");
         tool(
             "kubectl",
             &[

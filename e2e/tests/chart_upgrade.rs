@@ -12,7 +12,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use charlm_e2e::cluster::{
-    admin_client, create_namespace, install_chart, repo_root, run_dir, tool, CHART_NAMESPACE,
+    self, admin_client, create_namespace, install_chart, repo_root, run_dir, tool, CHART_NAMESPACE,
     CHART_RELEASE,
 };
 
@@ -54,23 +54,8 @@ fn older_chart(dir: &Path) -> PathBuf {
 }
 
 fn helm_upgrade(chart: &Path) -> String {
-    tool(
-        "helm",
-        &[
-            "upgrade",
-            "--install",
-            CHART_RELEASE,
-            chart.to_str().unwrap(),
-            "--namespace",
-            CHART_NAMESPACE,
-            "--set",
-            "replicaCount=0",
-            "--wait",
-            "--timeout",
-            "2m",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("helm upgrade to {}: {e}", chart.display()))
+    cluster::helm_upgrade(chart)
+        .unwrap_or_else(|e| panic!("helm upgrade to {}: {e}", chart.display()))
 }
 
 fn live_crd() -> Value {

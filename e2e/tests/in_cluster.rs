@@ -56,6 +56,20 @@ struct Case {
     pods: Api<Pod>,
 }
 
+/// The step of the trainer's "resumed from … at step N" line in `log`.
+fn resumed_at_step(log: &str) -> i64 {
+    log.lines()
+        .find_map(|l| {
+            l.split_once(" at step ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a resume line with its step")
+}
+
 impl Case {
     async fn start(test: &str) -> Case {
         let client = admin_client().await;
@@ -164,6 +178,11 @@ impl Case {
                             {"name": "tmp", "emptyDir": {}}]
             }
         });
+        self.run_pod(pod, manifest).await
+    }
+
+    /// Creates the pod `manifest` describes and waits for it to finish: its phase and log.
+    async fn run_pod(&self, pod: &str, manifest: serde_json::Value) -> (String, String) {
         self.pods
             .create(
                 &PostParams::default(),
@@ -699,17 +718,7 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_its_checkpoint() 
             Ok(log.contains("resumed from ").then_some(log))
         })
         .await;
-    let at: i64 = log
-        .lines()
-        .find_map(|l| {
-            l.split_once(" at step ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("a resume line with its step");
+    let at = resumed_at_step(&log);
     assert!(
         at > 0,
         "attempt 1 starts from a checkpoint, not from step 0: {log}"
@@ -1021,28 +1030,7 @@ impl Case {
                 "volumes": [{"name": "tmp", "emptyDir": {}}]
             }
         });
-        self.pods
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(manifest).unwrap(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("creating pod {pod}: {e}"));
-        let phase = self
-            .until(&format!("pod {pod} to finish"), 3 * MINUTE, || async {
-                let p = self.pods.get(pod).await.map_err(|e| e.to_string())?;
-                match p.status.as_ref().and_then(|s| s.phase.clone()).as_deref() {
-                    Some(done @ ("Succeeded" | "Failed")) => Ok(Some(done.to_string())),
-                    _ => Err(format!("{:?}", p.status)),
-                }
-            })
-            .await;
-        let log = self
-            .pods
-            .logs(pod, &LogParams::default())
-            .await
-            .unwrap_or_default();
-        (phase, log)
+        self.run_pod(pod, manifest).await
     }
 
     /// The training's latest reported step, once it is past `after`.
@@ -1260,17 +1248,7 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
             },
         )
         .await;
-    let at: i64 = log
-        .lines()
-        .find_map(|l| {
-            l.split_once(" at step ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("a resume line with its step");
+    let at = resumed_at_step(&log);
     let saved: i64 = checkpoint
         .rsplit("step-")
         .next()

@@ -313,19 +313,7 @@ async fn an_admitted_gang_runs_on_its_flavors_nodes_only_and_moves_with_a_new_ad
     assert_on_flavor(&env, "first", "b", "a").await;
 
     env.finish().await;
-    for kind in ["clusterqueue", "resourceflavor"] {
-        tool(
-            "kubectl",
-            &[
-                "delete",
-                kind,
-                "-l",
-                &format!("{TEST_LABEL}={ns}"),
-                "--timeout=60s",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("deleting the test's {kind}: {e}\n{}", kueue.log_tail()));
-    }
+    kueue.delete_test_objects(&["clusterqueue", "resourceflavor"], &ns);
     kueue.stop();
     drop(nodes);
 }

@@ -99,18 +99,9 @@ fn diverged_ranks_fail_at_once_naming_the_decision_the_step_and_each_rank() {
         Duration::from_secs(TIMEOUT_S),
     );
     for (rank, r) in out.iter().enumerate() {
-        assert!(
-            r.status.success(),
-            "rank {rank}: {}\n{}\n{}",
-            r.status,
-            r.stdout,
-            r.stderr
-        );
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("rank {rank} failed after ")))
-            .unwrap_or_else(|| panic!("rank {rank} did not fail:\n{}", r.stdout));
+        let line = r.reported(rank, |l| {
+            l.starts_with(&format!("rank {rank} failed after "))
+        });
         for part in [
             "differ at step 320",
             "whether to save best/",

@@ -13,6 +13,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use charlm_trainer::sys::figures::grouped;
 use common::{json_lines, run, s, stderr, synthetic_data, tiny_train};
 
 /// Set in the re-executed test process that runs inside the mount namespace.
@@ -97,19 +98,6 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
                 out.insert(rel, std::fs::read(&p).unwrap());
             }
         }
-    }
-    out
-}
-
-/// 5242880 → "5,242,880", as the message writes exact byte counts.
-fn grouped(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
     }
     out
 }
@@ -285,15 +273,7 @@ fn full_disk_inside() {
             .args(["--eval-every", "0", "--checkpoint-every-minutes", "0"])
             .args(["--max-steps", steps])
             .env("MASTER_PORT", port);
-        for name in [
-            "WORLD_SIZE",
-            "RANK",
-            "DEPTH",
-            "TRAINING_HOURS",
-            "NPROC_PER_NODE",
-        ] {
-            cmd.env_remove(name);
-        }
+        common::without_seed_and_torchrun_variables(&mut cmd);
         cmd.output().unwrap()
     };
     std::fs::remove_dir_all(&ckpt).unwrap();

@@ -44,17 +44,7 @@ fn run_cmd(base: &Path, port: u16) -> Command {
         .env("CHARLM_BASE_DIR", base)
         .env("MASTER_PORT", port.to_string())
         .stdin(Stdio::null());
-    for name in [
-        "WORLD_SIZE",
-        "RANK",
-        "DEPTH",
-        "TRAINING_HOURS",
-        "NPROC_PER_NODE",
-        "DEVICE_BATCH_SIZE",
-        "WANDB_RUN",
-    ] {
-        cmd.env_remove(name);
-    }
+    common::without_seed_and_torchrun_variables(&mut cmd);
     cmd
 }
 
