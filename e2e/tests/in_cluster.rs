@@ -740,15 +740,32 @@ async fn two_cpu_pods_meet_through_the_headless_service_dns_and_complete() {
     let case = Case::start("pair").await;
     let name = "pair";
     case.apply(&tiny(name, 2)).await;
-    let done = case.wait_phase(name, Phase::Succeeded, 5 * MINUTE).await;
+    // Addresses are read while the pods run: a finished pod's IP may already be released and
+    // cleared from its status, which once made this test see one address of two.
+    let seen = std::sync::Mutex::new(std::collections::BTreeMap::<String, String>::new());
+    let done = case
+        .until(&format!("{name} to succeed"), 5 * MINUTE, || async {
+            for p in case.workers(name).await {
+                if let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) {
+                    seen.lock().unwrap().insert(p.name_any(), ip);
+                }
+            }
+            let t = case.training(name).await?;
+            match t.status.as_ref().and_then(|s| s.phase) {
+                Some(Phase::Succeeded) => Ok(Some(t)),
+                Some(Phase::Failed) => Err(format!(
+                    "ended otherwise: {}",
+                    serde_json::to_string(&t.status).unwrap()
+                )),
+                _ => Err(serde_json::to_string(&t.status).unwrap()),
+            }
+        })
+        .await;
     let status = done.status.clone().unwrap();
     let p = status.progress.clone().unwrap();
     assert_eq!((p.world_size, p.step), (2, 300), "{p:?}");
     let pods = case.workers(name).await;
-    let ips: Vec<String> = pods
-        .iter()
-        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
-        .collect();
+    let ips: Vec<String> = seen.into_inner().unwrap().into_values().collect();
     assert!(
         ips.len() == 2 && ips[0] != ips[1],
         "two pods with their own addresses: {ips:?}"
