@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -25,6 +26,7 @@ use crate::context::{publish, send};
 pub use crate::context::{Context, Error, FIELD_MANAGER};
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
 use crate::kueue;
+use crate::nodes::{self, NODE_LEASE_NAMESPACE};
 use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
 use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
 use crate::progress::PollError;
@@ -177,12 +179,13 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         .await?;
     // Only the training's own pods are its workers: a pod of an earlier training of the same
     // name, or anyone's pod with its label, is neither counted nor deleted.
-    let workers: Vec<Worker> = listed
+    let mut workers: Vec<Worker> = listed
         .items
         .iter()
         .filter(|pod| ownership(&pod.metadata, &training) == Ownership::Ours)
         .map(observe)
         .collect();
+    judge_nodes(&mut workers, ctx).await;
 
     let queue = match kueue::queue_name(&training) {
         Some(local_queue) => Some(queue_gate(&training, &local_queue, ctx).await?),
@@ -311,6 +314,39 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
     })
+}
+
+/// Whether the nodes of the workers are lost (`nodes::lost`), read only while a worker has ended
+/// or is being deleted: a gang that trains needs no look at its nodes, and one that failed or waits
+/// for a pod to go must say whether a lost node is why. A Node or Lease that cannot be read (no
+/// RBAC for it, an API error) says nothing: the worker is judged by its pod alone, as before.
+async fn judge_nodes(workers: &mut [Worker], ctx: &Context) {
+    let ended = |w: &Worker| w.terminating || !w.is_active();
+    if !workers.iter().any(ended) {
+        return;
+    }
+    let names: std::collections::BTreeSet<String> =
+        workers.iter().filter_map(|w| w.node.clone()).collect();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
+    let now = Timestamp::now();
+    for name in names {
+        let node = match nodes.get_opt(&name).await {
+            Ok(node) => node,
+            Err(error) => {
+                tracing::debug!(node = %name, %error, "node not read");
+                continue;
+            }
+        };
+        let lease = leases.get_opt(&name).await.unwrap_or_else(|error| {
+            tracing::debug!(node = %name, %error, "node lease not read");
+            None
+        });
+        let lost = nodes::lost(&name, node.as_ref(), lease.as_ref(), now);
+        for w in workers.iter_mut().filter(|w| w.node.as_ref() == Some(&name)) {
+            w.node_lost = lost.clone();
+        }
+    }
 }
 
 /// `ttlSecondsAfterFinished` has passed: the training is deleted, as a Job's TTL deletes the Job;

@@ -15,6 +15,7 @@ pub mod history;
 pub mod kueue;
 pub mod leader;
 pub mod metrics;
+pub mod nodes;
 pub mod ownership;
 pub mod preset;
 pub mod progress;

@@ -513,6 +513,23 @@ impl<'a> Decider<'a> {
                 });
             }
         }
+        // A gang that ended while one of its workers sits on a lost node ended because of the
+        // node: its peers' collectives timed out waiting for it (its own pod still reads Running,
+        // the last its kubelet wrote). A lost node alone ends nothing: the node may come back
+        // before the collective's timeout.
+        if !endings.is_empty() {
+            for w in current {
+                if let Some(why) = &w.node_lost {
+                    endings.push(Ending {
+                        kind: "WorkerLost",
+                        reason: FailureReason::NodeLost,
+                        pod: w.name.clone(),
+                        container: None,
+                        message: format!("{}: {why}", w.name),
+                    });
+                }
+            }
+        }
         // `min_by_key` keeps the first of equals: the order above.
         endings.into_iter().min_by_key(|e| e.reason)
     }
@@ -784,7 +801,11 @@ impl<'a> Decider<'a> {
                     .map(|c| c.message.clone());
                 let msg = match why {
                     Some(why) => why,
-                    None => format!("waiting until {} before the gang restart", after.0),
+                    None => {
+                        let msg = format!("waiting until {} before the gang restart", after.0);
+                        self.set(cond::PODS_READY, FALSE, waiting_phase.as_str(), msg.clone());
+                        msg
+                    }
                 };
                 self.wait_phase(waiting_phase, msg);
                 self.decision.requeue = Some(Duration::from_secs(wait.as_secs() + 1));
@@ -792,10 +813,9 @@ impl<'a> Decider<'a> {
             }
         }
         if !stale.is_empty() {
-            self.wait_phase(
-                waiting_phase,
-                "waiting for the previous workers to stop".into(),
-            );
+            let (reason, msg) = stale_workers(stale, waiting_phase);
+            self.set(cond::PODS_READY, FALSE, reason, msg.clone());
+            self.wait_phase(waiting_phase, msg);
             self.decision.requeue = Some(STOPPING_REQUEUE);
             return;
         }
@@ -1310,6 +1330,41 @@ fn final_report(current: &[&Worker]) -> Option<TrainerReport> {
     first.or_else(|| current.iter().find_map(|w| worker_report(w)))
 }
 
+/// PodsReady while the previous attempt's pods are still there: which, and why they stay. A pod
+/// on a lost node stays `Terminating` until its kubelet confirms the end (the node comes back) or
+/// the node is deleted: never forced away, since its trainer may still run and write checkpoints
+/// on the shared volume (StatefulSet's rule for the same reason).
+fn stale_workers(stale: &[&Worker], waiting: Phase) -> (&'static str, String) {
+    let on_lost: Vec<String> = stale
+        .iter()
+        .filter_map(|w| {
+            let (node, why) = (w.node.as_deref()?, w.node_lost.as_deref()?);
+            Some(format!(
+                "{} is still terminating on node {node}: {why}; Kubernetes removes it once the \
+                 node is back, or deleted (`kubectl delete node {node}` if it will not return)",
+                w.name
+            ))
+        })
+        .collect();
+    if !on_lost.is_empty() {
+        return (
+            "NodeLost",
+            format!(
+                "waiting for the previous workers to stop: {}",
+                on_lost.join("; ")
+            ),
+        );
+    }
+    let names: Vec<&str> = stale.iter().map(|w| w.name.as_str()).collect();
+    (
+        waiting.as_str(),
+        format!(
+            "waiting for the previous workers to stop: {}",
+            names.join(", ")
+        ),
+    )
+}
+
 /// Who took the pod away, when Kubernetes says (its `DisruptionTarget` or status reason).
 fn disrupted_by(w: &Worker) -> String {
     match (&w.disruption, &w.pod_reason) {
@@ -1402,28 +1457,71 @@ mod tests {
         Timestamp::from_second(1_700_000_000 + s).unwrap()
     }
 
-    fn decide_at(t: &CharLMTraining, pods: &[Pod], now: i64) -> Decision {
-        decide_with(t, pods, now, None)
+    /// The one builder of what a decision sees: `training` with `pods` at `now`, its dataset
+    /// there, its own claim bound, no report, no queue; each method changes one of these.
+    struct Look<'a> {
+        observed: Observed<'a>,
     }
 
-    /// With `rejection`: the API server refused an object made from the spec.
+    fn look<'a>(t: &'a CharLMTraining, pods: &[Pod], now: i64) -> Look<'a> {
+        Look {
+            observed: Observed {
+                training: t,
+                workers: pods.iter().map(observe).collect(),
+                dataset: DatasetCheck::Available,
+                progress: None,
+                now: at(now),
+                price_per_gpu_hour: 3.0,
+                rejection: None,
+                queue: None,
+                objects: claim_bound(),
+            },
+        }
+    }
+
+    impl Look<'_> {
+        /// The API server refused an object made from the spec.
+        fn rejection(mut self, rejection: Option<&str>) -> Self {
+            self.observed.rejection = rejection.map(str::to_string);
+            self
+        }
+
+        /// Queued in LocalQueue `team-a`, in Kueue's `state`.
+        fn queue(mut self, state: QueueState) -> Self {
+            self.observed.queue = Some(Gate {
+                local_queue: "team-a".into(),
+                state,
+            });
+            self
+        }
+
+        fn objects(mut self, objects: Objects) -> Self {
+            self.observed.objects = objects;
+            self
+        }
+
+        /// Rank 0's `/progress`, read just now.
+        fn report(mut self, report: Option<&str>) -> Self {
+            self.observed.progress = report.and_then(TrainerReport::parse);
+            self
+        }
+
+        fn decide(&self) -> Decision {
+            decide(&self.observed)
+        }
+    }
+
+    fn decide_at(t: &CharLMTraining, pods: &[Pod], now: i64) -> Decision {
+        look(t, pods, now).decide()
+    }
+
     fn decide_with(
         t: &CharLMTraining,
         pods: &[Pod],
         now: i64,
         rejection: Option<&str>,
     ) -> Decision {
-        decide(&Observed {
-            training: t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: None,
-            now: at(now),
-            price_per_gpu_hour: 3.0,
-            rejection: rejection.map(str::to_string),
-            queue: None,
-            objects: claim_bound(),
-        })
+        look(t, pods, now).rejection(rejection).decide()
     }
 
     /// The training's own checkpoint claim, bound: what most tests run with.
@@ -1490,19 +1588,11 @@ mod tests {
     #[test]
     fn running_gang_reports_running_and_progress() {
         let (t, pods) = running_gpu_training();
-        let d = decide(&Observed {
-            training: &t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: TrainerReport::parse(
+        let d = look(&t, &pods, 40)
+            .report(Some(
                 r#"{"step": 1200, "total_steps_estimate": 9000, "train_loss": 0.92, "eta_s": 51600.0, "checkpoint": "/checkpoints/step-000001200", "complete": false}"#,
-            ),
-            now: at(40),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: None,
-            objects: claim_bound(),
-        });
+            ))
+            .decide();
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
         assert_eq!(d.status.running_workers, 2);
@@ -1766,17 +1856,10 @@ mod tests {
     fn a_missing_dataset_blocks_creation_with_a_message() {
         let t = training(gpu_spec());
         let d = decide(&Observed {
-            training: &t,
-            workers: vec![],
             dataset: DatasetCheck::Missing(
                 "PersistentVolumeClaim texts (spec.dataset.pvc.claimName) not found in namespace team-a".into(),
             ),
-            progress: None,
-            now: at(0),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: None,
-            objects: claim_bound(),
+            ..look(&t, &[], 0).observed
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -2090,17 +2173,7 @@ mod tests {
     }
 
     fn observe_report(t: &CharLMTraining, pods: &[Pod], report: &str, now: i64) -> Decision {
-        decide(&Observed {
-            training: t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: TrainerReport::parse(report),
-            now: at(now),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: None,
-            objects: claim_bound(),
-        })
+        look(t, pods, now).report(Some(report)).decide()
     }
 
     #[test]
@@ -2161,19 +2234,11 @@ mod tests {
     #[test]
     fn the_best_validation_and_epochs_survive_an_early_stop() {
         let (t, pods) = running_gpu_training();
-        let d = decide(&Observed {
-            training: &t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: TrainerReport::parse(
+        let d = look(&t, &pods, 40)
+            .report(Some(
                 r#"{"step": 3000, "val_bpc": 1.25, "best_val_bpc": 1.2, "best_step": 2500, "epoch": 2.5, "tokens_per_epoch": 343932928, "complete": false}"#,
-            ),
-            now: at(40),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: None,
-            objects: claim_bound(),
-        });
+            ))
+            .decide();
         assert_eq!(
             (d.status.best_val_bpc, d.status.best_step),
             (Some(1.2), Some(2500))
@@ -2348,20 +2413,7 @@ mod tests {
     }
 
     fn decide_queued(t: &CharLMTraining, pods: &[Pod], now: i64, state: QueueState) -> Decision {
-        decide(&Observed {
-            training: t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: None,
-            now: at(now),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: Some(Gate {
-                local_queue: "team-a".into(),
-                state,
-            }),
-            objects: claim_bound(),
-        })
+        look(t, pods, now).queue(state).decide()
     }
 
     fn admitted() -> QueueState {
@@ -2803,17 +2855,7 @@ mod tests {
         objects: Objects,
         report: Option<&str>,
     ) -> Decision {
-        decide(&Observed {
-            training: t,
-            workers: pods.iter().map(observe).collect(),
-            dataset: DatasetCheck::Available,
-            progress: report.and_then(TrainerReport::parse),
-            now: at(now),
-            price_per_gpu_hour: 3.0,
-            rejection: None,
-            queue: None,
-            objects,
-        })
+        look(t, pods, now).objects(objects).report(report).decide()
     }
 
     fn claim(edit: impl FnOnce(&mut volume::ClaimFacts)) -> Objects {
@@ -3043,5 +3085,88 @@ mod tests {
         assert_eq!(d.warnings.len(), 1);
         assert!(d.warnings[0].1.contains("step-000000300"));
         assert_eq!(d.status.damaged_checkpoints.len(), 2);
+    }
+
+    /// The workers of `pods`, worker 1's node lost (as the controller finds it).
+    fn on_lost_node(pods: &[Pod]) -> Vec<Worker> {
+        pods.iter()
+            .map(|p| {
+                let mut w = observe(p);
+                if w.index == Some(1) {
+                    w.node = Some("h100-1".into());
+                    w.node_lost = Some(LOST.into());
+                }
+                w
+            })
+            .collect()
+    }
+
+    const LOST: &str = "node h100-1 is unreachable (its kubelet has not renewed its Lease for \
+                        34s; leaseDurationSeconds 40)";
+
+    #[test]
+    fn a_gang_that_fails_beside_a_lost_node_is_node_lost_and_names_the_pod_the_node_holds() {
+        let (t, pods) = running_gpu_training();
+        // Worker 1's node stopped: its pod still reads Running; worker 0's collective timed out.
+        let timed_out = vec![
+            terminated(
+                pods[0].clone(),
+                TRAINER_CONTAINER,
+                1,
+                "[rank 0] error: collective allreduce timed out after 30s",
+            ),
+            pods[1].clone(),
+        ];
+        // Without the node's word it is the training's own error, counted.
+        let d = decide_at(&t, &timed_out, 10);
+        assert_eq!((d.status.failures.error, d.status.restarts), (1, 1));
+
+        let observed = |t, workers, now| Observed {
+            workers,
+            ..look(t, &[], now).observed
+        };
+        let d = decide(&observed(&t, on_lost_node(&timed_out), 10));
+        let failure = d.failure.clone().unwrap();
+        assert_eq!(failure.reason, FailureReason::NodeLost);
+        assert!(failure.message.contains(LOST), "{}", failure.message);
+        let st = &d.status;
+        assert_eq!(
+            (st.failures.node_lost, st.failures.error, st.restarts, st.attempt),
+            (1, 0, 0, 1)
+        );
+        assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
+        assert!(d.delete.contains(&pods[1].name_any()));
+
+        // During the backoff, PodsReady says what it waits for.
+        let t = with(t, &d);
+        let stale = vec![deleting(pods[1].clone())];
+        let d = decide(&observed(&t, on_lost_node(&stale), 11));
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "Restarting"));
+        let ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
+        assert!(ready.message.starts_with("waiting until"), "{}", ready.message);
+
+        // After it, the old pod the lost node holds is named, with the node and the way out.
+        let d = decide(&observed(&t, on_lost_node(&stale), 700));
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert!(d.create.is_empty());
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "NodeLost"));
+        let ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
+        let pod = pods[1].name_any();
+        for needle in [
+            format!("{pod} is still terminating on node h100-1: {LOST}"),
+            "kubectl delete node h100-1".to_string(),
+        ] {
+            assert!(ready.message.contains(&needle), "{needle:?} in {}", ready.message);
+        }
+        assert!(warns(ready), "a lost node is something wrong: a Warning Event");
+
+        // A plain old pod still going: named, as expected.
+        let d = decide_at(&t, &stale, 700);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "Restarting"));
+        let ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
+        assert_eq!(
+            ready.message,
+            format!("waiting for the previous workers to stop: {pod}")
+        );
     }
 }

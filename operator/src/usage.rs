@@ -99,6 +99,8 @@ mod tests {
             disruption: None,
             pod_reason: None,
             deleted: false,
+            node: None,
+            node_lost: None,
             state: WorkerState::Running,
         }
     }

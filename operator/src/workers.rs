@@ -33,6 +33,11 @@ pub struct Worker {
     /// after it (a trainer saving a checkpoint on SIGTERM and exiting) is the deletion's
     /// consequence. Who deleted it, when Kubernetes says, is in `disruption`.
     pub deleted: bool,
+    /// The node the pod is bound to.
+    pub node: Option<String>,
+    /// Why that node is lost (`nodes::lost`), when the controller looked and it is; the pod's
+    /// status is then the last its kubelet wrote, not the truth.
+    pub node_lost: Option<String>,
     pub state: WorkerState,
 }
 
@@ -299,6 +304,8 @@ pub fn observe(pod: &Pod) -> Worker {
         disruption: disruption_target(&status),
         pod_reason: status.reason.clone(),
         deleted,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        node_lost: None,
         state,
     }
 }
