@@ -127,6 +127,18 @@ pub fn container_state(container: &str, state: Value) -> Value {
     })
 }
 
+/// The pod as a kubelet writes it once the init containers ended and the trainer runs.
+pub fn trainer_running() -> Value {
+    json!({
+        "phase": "Running",
+        "initContainerStatuses": [
+            container_state("generate", ended(0, "Completed", "")),
+            container_state("prepare", ended(0, "Completed", "")),
+        ],
+        "containerStatuses": [container_state("trainer", running())]
+    })
+}
+
 pub fn waiting(reason: &str, message: &str) -> Value {
     json!({"waiting": {"reason": reason, "message": message}})
 }

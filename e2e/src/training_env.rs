@@ -142,6 +142,38 @@ impl TestEnv {
         pods
     }
 
+    /// Waits (a minute at most) until `training` has `n` worker pods of attempt `attempt`, not being
+    /// deleted and all bound to a node (the scheduler's part, which kwok leaves alone), and returns
+    /// each one's name and node.
+    pub async fn bound_workers(
+        &self,
+        training: &str,
+        n: usize,
+        attempt: i64,
+    ) -> Vec<(String, String)> {
+        self.wait(
+            &format!("{n} bound workers of {training}, attempt {attempt}"),
+            Duration::from_secs(60),
+            || async {
+                let pods = self.workers(training).await;
+                let bound: Vec<(String, String)> = pods
+                    .iter()
+                    .filter(|p| {
+                        p.labels().get("charlm.dev/attempt") == Some(&attempt.to_string())
+                            && p.metadata.deletion_timestamp.is_none()
+                    })
+                    .filter_map(|p| Some((p.name_any(), p.spec.as_ref()?.node_name.clone()?)))
+                    .collect();
+                if bound.len() == n {
+                    Ok(Some(bound))
+                } else {
+                    Err(format!("{} pods, {} bound", pods.len(), bound.len()))
+                }
+            },
+        )
+        .await
+    }
+
     /// Waits until `check` accepts the training; on timeout the failure shows its status and the
     /// operators' logs.
     pub async fn wait_training<F>(

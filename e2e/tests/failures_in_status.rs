@@ -13,8 +13,8 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use charlm_e2e::specs::{
-    condition, container_state, ended, events_of, kubelet_played_by_test, running, small_cpu,
-    waiting,
+    condition, container_state, ended, events_of, kubelet_played_by_test, small_cpu,
+    trainer_running, waiting,
 };
 use charlm_e2e::training_env::TestEnv;
 use charlm_operator::crd::{CharLMTraining, Phase};
@@ -23,48 +23,9 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// "Within seconds": from the kubelet's status to the training's condition.
 const SAY_IT_WITHIN: Duration = Duration::from_secs(10);
 
-/// Waits until `training` has `n` worker pods of attempt `attempt`, all bound to a node (the
-/// scheduler's part, which kwok leaves alone), and returns their names.
-async fn bound_workers(env: &TestEnv, training: &str, n: usize, attempt: i64) -> Vec<String> {
-    env.wait(
-        &format!("{n} bound workers of {training}, attempt {attempt}"),
-        MINUTE,
-        || async {
-            let pods = env.workers(training).await;
-            let bound: Vec<String> = pods
-                .iter()
-                .filter(|p| {
-                    p.labels().get("charlm.dev/attempt") == Some(&attempt.to_string())
-                        && p.metadata.deletion_timestamp.is_none()
-                        && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
-                })
-                .map(|p| p.name_any())
-                .collect();
-            if bound.len() == n {
-                Ok(Some(bound))
-            } else {
-                Err(format!("{} pods, {} bound", pods.len(), bound.len()))
-            }
-        },
-    )
-    .await
-}
-
 /// The pod's status as a kubelet writes it while the pod waits (phase Pending).
 fn pending(init: &[Value], trainer: Value) -> Value {
     json!({"phase": "Pending", "initContainerStatuses": init, "containerStatuses": [trainer]})
-}
-
-/// The pod as a kubelet writes it once the init containers ended and the trainer runs.
-fn trainer_running() -> Value {
-    json!({
-        "phase": "Running",
-        "initContainerStatuses": [
-            container_state("generate", ended(0, "Completed", "")),
-            container_state("prepare", ended(0, "Completed", "")),
-        ],
-        "containerStatuses": [container_state("trainer", running())]
-    })
 }
 
 fn pod_initializing(container: &str) -> Value {
@@ -128,7 +89,7 @@ async fn containers_that_cannot_start_say_why_at_once_and_count_for_the_startup_
         env.apply(&manifest.to_string()).await;
     }
     for name in ["pull", "badname", "nosecret"] {
-        bound_workers(&env, name, 1, 0).await;
+        env.bound_workers(name, 1, 0).await;
     }
 
     // The kubelet cannot pull the image: its first init container waits.
@@ -331,7 +292,7 @@ async fn an_init_container_out_of_memory_names_itself_and_its_memory() {
     env.start_operator("operator-1").await;
     env.apply(&kubelet_played_by_test(small_cpu("genoom", 1)).to_string())
         .await;
-    bound_workers(&env, "genoom", 1, 0).await;
+    env.bound_workers("genoom", 1, 0).await;
     env.set_pod_status(
         "genoom-worker-0",
         json!({
@@ -373,7 +334,7 @@ async fn a_worker_deleted_by_hand_restarts_the_gang_without_counting() {
     let mut manifest = kubelet_played_by_test(small_cpu("byhand", 2));
     manifest["spec"]["restartPolicy"] = json!({"maxRestarts": 0, "backoffSeconds": 2});
     env.apply(&manifest.to_string()).await;
-    for pod in bound_workers(&env, "byhand", 2, 0).await {
+    for (pod, _) in env.bound_workers("byhand", 2, 0).await {
         env.set_pod_status(&pod, trainer_running()).await;
     }
     env.wait_phase("byhand", Phase::Running, MINUTE).await;
@@ -417,7 +378,7 @@ async fn a_worker_deleted_by_hand_restarts_the_gang_without_counting() {
     env.set_pod_status("byhand-worker-0", stopped.clone()).await;
     stopped["containerStatuses"] = json!([container_state("trainer", ended(0, "Completed", ""))]);
     env.set_pod_status("byhand-worker-1", stopped).await;
-    for pod in bound_workers(&env, "byhand", 2, 1).await {
+    for (pod, _) in env.bound_workers("byhand", 2, 1).await {
         env.set_pod_status(&pod, trainer_running()).await;
     }
     let t = env.wait_phase("byhand", Phase::Running, MINUTE).await;

@@ -18,7 +18,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use charlm_e2e::specs::{container_state, ended, kubelet_played_by_test, running, small_cpu};
+use charlm_e2e::specs::{
+    container_state, ended, kubelet_played_by_test, small_cpu, trainer_running,
+};
 use charlm_e2e::training_env::TestEnv;
 use charlm_operator::crd::{CharLMTraining, Phase};
 
@@ -89,53 +91,38 @@ impl FakeNode {
     /// `unreachable` taint.
     async fn lose(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        nodes
-            .patch_status(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"conditions": [
-                    ready("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.")
-                ]}})),
-            )
-            .await
-            .unwrap();
-        nodes
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"taints": [
-                    {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
-                     "timeAdded": Timestamp::now().to_string()},
-                    {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
-                ]}})),
-            )
-            .await
-            .unwrap();
+        let unreachable = |effect| json!({"key": "node.kubernetes.io/unreachable", "effect": effect});
+        self.mark(
+            ready("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status."),
+            json!([unreachable("NoExecute"), unreachable("NoSchedule")]),
+        )
+        .await;
     }
 
     /// The node's kubelet answers again: Ready, no taint, and the pods deleted meanwhile go.
     async fn come_back(&self) {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        nodes
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"taints": null}})),
-            )
-            .await
-            .unwrap();
-        nodes
-            .patch_status(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"conditions": [
-                    ready("True", "KubeletReady", "kubelet is posting ready status")
-                ]}})),
-            )
-            .await
-            .unwrap();
+        self.mark(
+            ready("True", "KubeletReady", "kubelet is posting ready status"),
+            serde_json::Value::Null,
+        )
+        .await;
         self.alive.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the node's Ready condition and its taints.
+    async fn mark(&self, ready: serde_json::Value, taints: serde_json::Value) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let params = PatchParams::default();
+        let status = json!({"status": {"conditions": [ready]}});
+        nodes
+            .patch_status(&self.name, &params, &Patch::Merge(status))
+            .await
+            .unwrap();
+        let spec = json!({"spec": {"taints": taints}});
+        nodes
+            .patch(&self.name, &params, &Patch::Merge(spec))
+            .await
+            .unwrap();
     }
 }
 
@@ -199,43 +186,6 @@ async fn kubelet(client: Client, node: String, namespace: String, alive: Arc<Ato
     }
 }
 
-/// The pods of `training`'s attempt `attempt`, not being deleted, each with its node, once all
-/// `n` are bound.
-async fn bound(env: &TestEnv, training: &str, n: usize, attempt: i64) -> Vec<(String, String)> {
-    env.wait(
-        &format!("{n} bound workers of {training}, attempt {attempt}"),
-        MINUTE,
-        || async {
-            let pods = env.workers(training).await;
-            let bound: Vec<(String, String)> = pods
-                .iter()
-                .filter(|p| {
-                    p.labels().get("charlm.dev/attempt") == Some(&attempt.to_string())
-                        && p.metadata.deletion_timestamp.is_none()
-                })
-                .filter_map(|p| Some((p.name_any(), p.spec.as_ref()?.node_name.clone()?)))
-                .collect();
-            if bound.len() == n {
-                Ok(Some(bound))
-            } else {
-                Err(format!("{} pods, {} bound", pods.len(), bound.len()))
-            }
-        },
-    )
-    .await
-}
-
-fn trainer_running() -> serde_json::Value {
-    json!({
-        "phase": "Running",
-        "initContainerStatuses": [
-            container_state("generate", ended(0, "Completed", "")),
-            container_state("prepare", ended(0, "Completed", "")),
-        ],
-        "containerStatuses": [container_state("trainer", running())]
-    })
-}
-
 fn pods_ready(t: &CharLMTraining) -> (String, String, String) {
     let c = t
         .status
@@ -259,7 +209,7 @@ async fn a_gang_on_a_lost_node_ends_as_node_lost_says_which_pod_the_node_holds_a
     gang["spec"]["nodeSelector"] = json!({NODE_LABEL: label});
     gang["spec"]["restartPolicy"] = json!({"maxRestarts": 3, "backoffSeconds": 1});
     env.apply(&gang.to_string()).await;
-    let placed = bound(&env, name, 2, 0).await;
+    let placed = env.bound_workers(name, 2, 0).await;
     for (pod, _) in &placed {
         env.set_pod_status(pod, trainer_running()).await;
     }
@@ -319,7 +269,7 @@ async fn a_gang_on_a_lost_node_ends_as_node_lost_says_which_pod_the_node_holds_a
 
     // The node is back: its kubelet removes the old pod, and the gang starts again.
     lost_node.come_back().await;
-    let placed = bound(&env, name, 2, 1).await;
+    let placed = env.bound_workers(name, 2, 1).await;
     for (pod, _) in &placed {
         env.set_pod_status(pod, trainer_running()).await;
     }

@@ -1031,6 +1031,30 @@ pub struct EffectiveSettings {
     /// Whether the trainer writes TensorBoard event files to /checkpoints/tensorboard.
     #[serde(default)]
     pub tensorboard: bool,
+    /// Tokens per optimizer step across all workers; unset: the trainer's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_batch_size: Option<i64>,
+    /// Context length in characters; unset: the trainer's default (2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<i32>,
+    /// Steps between evaluations; unset: the trainer's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<i64>,
+    /// Random seed; unset: the trainer's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// The optimizer recipe; unset: the trainer's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Recipe>,
+    /// The matrix products' number format; unset: the trainer's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+    /// Minutes between checkpoints; unset: the trainer's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_minutes: Option<f64>,
+    /// Rolling checkpoints kept; unset: the trainer's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<i32>,
     /// The generation of the spec these settings come from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,

@@ -2,6 +2,10 @@
 //! fields unset, and the defaults after that. A pure function of the spec, so the stored object
 //! stays exactly as the user wrote it while `status.effective` shows what the workers get.
 //!
+//! The only road from spec to pod: the pods' trainer settings (`resources::env`) and every status
+//! figure computed from them (the budget advice's sequence length) read the attempt's effective
+//! settings, never the live spec, so a spec edited during an attempt shapes only the next one.
+//!
 //! The CRD's CEL rules check the same things at `kubectl apply`; the checks here are the safety
 //! net for objects the API server stored before those rules existed.
 
@@ -72,6 +76,14 @@ pub fn resolve(spec: &CharLMTrainingSpec) -> Result<EffectiveSettings, String> {
         device_batch_size,
         early_stop_patience: spec.early_stop.as_ref().map(|e| e.patience),
         tensorboard: spec.tensorboard.unwrap_or(false),
+        total_batch_size: spec.total_batch_size,
+        seq_len: spec.seq_len,
+        eval_every: spec.eval_every,
+        seed: spec.seed,
+        recipe: spec.recipe,
+        precision: spec.precision,
+        checkpoint_interval_minutes: spec.checkpoint.interval_minutes,
+        keep_checkpoints: spec.checkpoint.keep,
         generation: None,
     })
 }

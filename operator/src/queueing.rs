@@ -1,5 +1,5 @@
 //! The I/O half of the Kueue integration (`kueue` holds the pure half): finds or makes the Workload
-//! of a training that names a LocalQueue, reads Kueue's word on it for `reconcile::decide`, and
+//! of a training that names a LocalQueue, reads Kueue's word on it for `decision::decide`, and
 //! afterwards gives an evicted Workload's quota back or marks it finished.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -14,7 +14,7 @@ use crate::crd::{CharLMTraining, Phase};
 use crate::effective;
 use crate::kueue::{self, Gate, State};
 use crate::ownership::{ownership, Ownership};
-use crate::reconcile::Decision;
+use crate::decision::Decision;
 use crate::resources::worker_pod;
 
 fn workloads(ctx: &Context, training: &CharLMTraining) -> Api<DynamicObject> {

@@ -1,6 +1,7 @@
 //! Pure functions from a `CharLMTraining` to the objects that run it. Nothing here talks to the API
 //! server, so every field of every object is checked by unit tests.
 
+mod env;
 mod network_policy;
 mod pod;
 mod pvc;
@@ -99,8 +100,12 @@ pub fn namespace_of(training: &CharLMTraining) -> String {
 
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::Pod;
     use kube::api::ObjectMeta;
 
+    use super::{worker_pod, PodSettings};
     use crate::crd::{CharLMTraining, CharLMTrainingSpec};
 
     /// A training as the API server would return it: defaults applied, name, namespace and uid set.
@@ -129,6 +134,41 @@ pub(crate) mod testing {
             "depth": 2, "gpus": 0, "maxSteps": 50,
             "dataset": {"synthetic": {"chars": 20000, "seed": 7}}
         })
+    }
+
+    pub fn pod_of(t: &CharLMTraining, index: i32, attempt: i64) -> Pod {
+        let effective = crate::effective::resolve(&t.spec).unwrap();
+        worker_pod(t, &effective, index, attempt, &settings())
+    }
+
+    pub fn settings() -> PodSettings {
+        PodSettings {
+            default_image: "charlm-trainer:test".into(),
+            image_pull_policy: Some("IfNotPresent".into()),
+        }
+    }
+
+    pub fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        c.env
+            .iter()
+            .flatten()
+            .map(|e| {
+                let v = e.value.clone().unwrap_or_else(|| {
+                    format!(
+                        "from:{}",
+                        e.value_from
+                            .as_ref()
+                            .unwrap()
+                            .field_ref
+                            .as_ref()
+                            .unwrap()
+                            .field_path
+                    )
+                });
+                (e.name.clone(), v)
+            })
+            .collect()
     }
 }
 

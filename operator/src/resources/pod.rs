@@ -1,8 +1,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext,
     PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume,
     VolumeMount,
 };
@@ -10,13 +9,13 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
 
+use super::env::trainer_env;
 use super::{
-    common_labels, master_addr, namespace_of, owner_reference, pod_name, pvc_name, service_name,
-    ATTEMPT_LABEL, METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER,
-    WORKER_INDEX_LABEL,
+    common_labels, namespace_of, owner_reference, pod_name, pvc_name, service_name, ATTEMPT_LABEL,
+    METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER, WORKER_INDEX_LABEL,
 };
 use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
-use charlm_contract::{env, METRICS_PATH};
+use charlm_contract::METRICS_PATH;
 
 pub const TRAINER_CONTAINER: &str = "trainer";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -27,10 +26,10 @@ const TRAINER_UID: i64 = 1000;
 /// Time for rank 0 to write a checkpoint after SIGTERM (suspend, restart, delete).
 const TERMINATION_GRACE_SECONDS: i64 = 300;
 
-const WORK_DIR: &str = "/work";
+pub(super) const WORK_DIR: &str = "/work";
 const DATASET_DIR: &str = "/dataset";
-const CHECKPOINT_DIR: &str = "/checkpoints";
-const TERMINATION_LOG: &str = "/dev/termination-log";
+pub(super) const CHECKPOINT_DIR: &str = "/checkpoints";
+pub(super) const TERMINATION_LOG: &str = "/dev/termination-log";
 /// TensorBoard event files, on the checkpoint volume so they outlive the pods.
 pub const TENSORBOARD_DIR: &str = "/checkpoints/tensorboard";
 
@@ -248,84 +247,6 @@ fn scrape_annotations() -> BTreeMap<String, String> {
     ])
 }
 
-/// The contract's environment (docs/contract.md); `spec.env` wins over any variable of the same name.
-fn trainer_env(
-    training: &CharLMTraining,
-    effective: &EffectiveSettings,
-    name: &str,
-    namespace: &str,
-    index: i32,
-) -> Vec<EnvVar> {
-    let spec = &training.spec;
-    let gpus = effective.gpus_per_worker();
-    let mut env = vec![
-        value(env::NNODES, effective.workers),
-        value(env::NODE_RANK, index),
-        value(env::NPROC_PER_NODE, if gpus > 0 { gpus } else { 1 }),
-        value(env::MASTER_ADDR, master_addr(name, namespace)),
-        value(env::MASTER_PORT, RENDEZVOUS_PORT),
-        EnvVar {
-            name: env::POD_IP.to_string(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".to_string(),
-                    api_version: None,
-                }),
-                ..Default::default()
-            }),
-        },
-        value(env::DATA, format!("{WORK_DIR}/data")),
-        value(env::DEPTH, effective.depth),
-        value(env::DEVICE_BATCH_SIZE, effective.device_batch_size),
-        value(env::DEVICE, if gpus > 0 { "cuda" } else { "cpu" }),
-        value(env::CHECKPOINT_DIR, CHECKPOINT_DIR),
-        value(env::METRICS_PORT, PROGRESS_PORT),
-        value(env::TERMINATION_LOG, TERMINATION_LOG),
-    ];
-    let optional = [
-        (env::HOURS, effective.hours.map(|v| v.to_string())),
-        (env::MAX_STEPS, effective.max_steps.map(|v| v.to_string())),
-        (
-            env::TOTAL_BATCH_SIZE,
-            spec.total_batch_size.map(|v| v.to_string()),
-        ),
-        (env::SEQ_LEN, spec.seq_len.map(|v| v.to_string())),
-        (env::EVAL_EVERY, spec.eval_every.map(|v| v.to_string())),
-        (env::SEED, spec.seed.map(|v| v.to_string())),
-        (
-            env::CHECKPOINT_EVERY_MINUTES,
-            spec.checkpoint.interval_minutes.map(|v| v.to_string()),
-        ),
-        (
-            env::KEEP_CHECKPOINTS,
-            spec.checkpoint.keep.map(|v| v.to_string()),
-        ),
-        (
-            env::EARLY_STOP_PATIENCE,
-            effective.early_stop_patience.map(|v| v.to_string()),
-        ),
-        (
-            env::TENSORBOARD_DIR,
-            effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
-        ),
-        (env::RECIPE, spec.recipe.map(|r| r.name().to_string())),
-        (env::PRECISION, spec.precision.map(|p| p.name().to_string())),
-    ];
-    env.extend(
-        optional
-            .into_iter()
-            .filter_map(|(name, v)| v.map(|v| value(name, v))),
-    );
-    for user in spec.env.iter().flatten() {
-        match env.iter_mut().find(|e| e.name == user.name) {
-            Some(existing) => *existing = user.clone(),
-            None => env.push(user.clone()),
-        }
-    }
-    env
-}
-
 /// The user's resources with the GPU count forced from `gpus`; modest CPU defaults on CPU.
 fn trainer_resources(user: Option<ResourceRequirements>, gpus: i32) -> ResourceRequirements {
     let mut resources = user.unwrap_or_default();
@@ -435,14 +356,6 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-fn value(name: &str, v: impl ToString) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value: Some(v.to_string()),
-        value_from: None,
-    }
-}
-
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -450,42 +363,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::testing::{cpu_spec, gpu_spec, training};
-
-    fn pod_of(t: &CharLMTraining, index: i32, attempt: i64) -> Pod {
-        let effective = crate::effective::resolve(&t.spec).unwrap();
-        worker_pod(t, &effective, index, attempt, &settings())
-    }
-
-    fn settings() -> PodSettings {
-        PodSettings {
-            default_image: "charlm-trainer:test".into(),
-            image_pull_policy: Some("IfNotPresent".into()),
-        }
-    }
-
-    fn env_of(pod: &Pod) -> BTreeMap<String, String> {
-        let c = &pod.spec.as_ref().unwrap().containers[0];
-        c.env
-            .iter()
-            .flatten()
-            .map(|e| {
-                let v = e.value.clone().unwrap_or_else(|| {
-                    format!(
-                        "from:{}",
-                        e.value_from
-                            .as_ref()
-                            .unwrap()
-                            .field_ref
-                            .as_ref()
-                            .unwrap()
-                            .field_path
-                    )
-                });
-                (e.name.clone(), v)
-            })
-            .collect()
-    }
+    use crate::resources::testing::{cpu_spec, env_of, gpu_spec, pod_of, training};
 
     #[test]
     fn gpu_worker_follows_the_contract() {
@@ -716,37 +594,6 @@ mod tests {
         assert_eq!(cm.config_map.unwrap().name, "tiny");
     }
 
-    /// Every variable the operator sets is either reserved (the CRD refuses it in spec.env) or
-    /// named as one a user may replace: a new variable cannot be forgotten in the rule.
-    #[test]
-    fn every_operator_variable_is_reserved_or_overridable() {
-        let mut spec = gpu_spec();
-        spec["gpus"] = 4.into();
-        spec["hours"] = 2.0.into();
-        spec["maxSteps"] = 10.into();
-        spec["totalBatchSize"] = 8192.into();
-        spec["seqLen"] = 256.into();
-        spec["evalEvery"] = 5.into();
-        spec["seed"] = 1.into();
-        spec["earlyStop"] = serde_json::json!({"patience": 3});
-        spec["tensorboard"] = true.into();
-        spec["checkpoint"] = serde_json::json!({"intervalMinutes": 5.0, "keep": 2});
-        let pod = pod_of(&training(spec), 1, 0);
-        let names: Vec<String> = pod.spec.unwrap().containers[0]
-            .env
-            .iter()
-            .flatten()
-            .map(|e| e.name.clone())
-            .collect();
-        assert!(names.len() >= 20, "{names:?}");
-        for name in &names {
-            assert!(
-                env::RESERVED.contains(&name.as_str()) || env::OVERRIDABLE.contains(&name.as_str()),
-                "{name} is set by the operator but neither reserved nor overridable"
-            );
-        }
-    }
-
     #[test]
     fn a_preset_shapes_the_pods() {
         let mut spec = gpu_spec();
@@ -784,44 +631,6 @@ mod tests {
         assert_eq!(env["CHARLM_DEPTH"], "12");
         assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "auto");
         assert_eq!(env["CHARLM_HOURS"], "31");
-    }
-
-    #[test]
-    fn early_stop_and_tensorboard_reach_the_trainer() {
-        let mut spec = cpu_spec();
-        spec["earlyStop"] = serde_json::json!({"patience": 4});
-        spec["tensorboard"] = true.into();
-        spec["deviceBatchSize"] = 16.into();
-        let env = env_of(&pod_of(&training(spec), 0, 0));
-        assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "4");
-        assert_eq!(env["CHARLM_TENSORBOARD_DIR"], "/checkpoints/tensorboard");
-        assert_eq!(env["CHARLM_DEVICE_BATCH_SIZE"], "16");
-        assert!(
-            !env.contains_key("CHARLM_RECIPE"),
-            "unset: the trainer's default"
-        );
-        assert!(
-            !env.contains_key("CHARLM_PRECISION"),
-            "unset: the trainer's default"
-        );
-    }
-
-    #[test]
-    fn the_recipe_and_a_disabled_early_stop_reach_the_trainer() {
-        let mut spec = cpu_spec();
-        spec["recipe"] = "nanochat-2025".into();
-        spec["earlyStop"] = serde_json::json!({"patience": 0});
-        let env = env_of(&pod_of(&training(spec), 0, 0));
-        assert_eq!(env["CHARLM_RECIPE"], "nanochat-2025");
-        assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "0");
-    }
-
-    #[test]
-    fn the_precision_reaches_the_trainer() {
-        let mut spec = gpu_spec();
-        spec["precision"] = "fp8".into();
-        let env = env_of(&pod_of(&training(spec), 0, 0));
-        assert_eq!(env["CHARLM_PRECISION"], "fp8");
     }
 
     #[test]
