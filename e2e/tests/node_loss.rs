@@ -91,9 +91,14 @@ impl FakeNode {
     /// `unreachable` taint.
     async fn lose(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        let unreachable = |effect| json!({"key": "node.kubernetes.io/unreachable", "effect": effect});
+        let unreachable =
+            |effect| json!({"key": "node.kubernetes.io/unreachable", "effect": effect});
         self.mark(
-            ready("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status."),
+            ready(
+                "Unknown",
+                "NodeStatusUnknown",
+                "Kubelet stopped posting node status.",
+            ),
             json!([unreachable("NoExecute"), unreachable("NoSchedule")]),
         )
         .await;
@@ -174,7 +179,12 @@ async fn kubelet(client: Client, node: String, namespace: String, alive: Arc<Ato
                     &Patch::Merge(json!({"spec": spec})),
                 )
                 .await;
-            for pod in pods.list(&on_node).await.map(|l| l.items).unwrap_or_default() {
+            for pod in pods
+                .list(&on_node)
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+            {
                 if pod.metadata.deletion_timestamp.is_some() {
                     let _ = pods
                         .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))

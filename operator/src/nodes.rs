@@ -25,7 +25,12 @@ pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 /// Why node `name` is lost, or `None` while nothing says so. `node`: `None` when the API server
 /// has no such node (deleted); `lease`: `None` when there is none to judge (or it could not be
 /// read), which says nothing.
-pub fn lost(name: &str, node: Option<&Node>, lease: Option<&Lease>, now: Timestamp) -> Option<String> {
+pub fn lost(
+    name: &str,
+    node: Option<&Node>,
+    lease: Option<&Lease>,
+    now: Timestamp,
+) -> Option<String> {
     let Some(node) = node else {
         return Some(format!("node {name} is gone (deleted)"));
     };

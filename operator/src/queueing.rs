@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 
 use crate::context::{publish, Context, Error, FIELD_MANAGER};
 use crate::crd::{CharLMTraining, Phase};
+use crate::decision::Decision;
 use crate::effective;
 use crate::kueue::{self, Gate, State};
 use crate::ownership::{ownership, Ownership};
-use crate::decision::Decision;
 use crate::resources::worker_pod;
 
 fn workloads(ctx: &Context, training: &CharLMTraining) -> Api<DynamicObject> {

@@ -1,15 +1,15 @@
 //! What a decision tells: an Event for each condition's change (a Warning for what is wrong),
 //! the failure that ended an attempt, and the metrics of the outcome.
 
+use crate::conditions;
+pub use crate::context::Context;
+use crate::context::{publish, send};
+use crate::crd::{condition as cond, CharLMTraining};
+use crate::decision::Decision;
+use crate::metrics::{PhaseLabel, ReasonLabel};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use crate::conditions;
-use crate::context::{publish, send};
-pub use crate::context::Context;
-use crate::crd::{condition as cond, CharLMTraining};
-use crate::metrics::{PhaseLabel, ReasonLabel};
-use crate::decision::Decision;
 
 /// Publishes an Event for every condition that changed and for pods created or deleted, and counts
 /// the transitions. Events are informative: a failure to publish one is logged, not retried.

@@ -2,24 +2,22 @@
 //! nodes of ended workers, the checkpoint claim and its StorageClass, the dataset's source, rank
 //! 0's progress.
 
-use std::time::Instant;
+use super::PROGRESS_INTERVAL;
+pub use crate::context::{Context, Error};
+use crate::crd::CharLMTraining;
+use crate::decision::DatasetCheck;
+use crate::metrics::ResultLabel;
+use crate::nodes::{self, NODE_LEASE_NAMESPACE};
+use crate::progress::PollError;
+use crate::resources::{pvc_name, PROGRESS_PORT};
+use crate::volume::{class_to_check, Claim, ClaimFacts};
+use crate::workers::{Worker, WorkerState};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
-use super::PROGRESS_INTERVAL;
-pub use crate::context::{Context, Error};
-use crate::crd::CharLMTraining;
-use crate::nodes::{self, NODE_LEASE_NAMESPACE};
-use crate::metrics::ResultLabel;
-use crate::progress::PollError;
-use crate::decision::DatasetCheck;
-use crate::resources::{
-    pvc_name, PROGRESS_PORT,
-};
-use crate::volume::{class_to_check, Claim, ClaimFacts};
-use crate::workers::{Worker, WorkerState};
+use std::time::Instant;
 
 /// Whether the nodes of the workers are lost (`nodes::lost`), read only while a worker has ended
 /// or is being deleted: a gang that trains needs no look at its nodes, and one that failed or waits
@@ -48,7 +46,10 @@ pub(super) async fn judge_nodes(workers: &mut [Worker], ctx: &Context) {
             None
         });
         let lost = nodes::lost(&name, node.as_ref(), lease.as_ref(), now);
-        for w in workers.iter_mut().filter(|w| w.node.as_ref() == Some(&name)) {
+        for w in workers
+            .iter_mut()
+            .filter(|w| w.node.as_ref() == Some(&name))
+        {
             w.node_lost = lost.clone();
         }
     }
@@ -56,7 +57,10 @@ pub(super) async fn judge_nodes(workers: &mut [Worker], ctx: &Context) {
 
 /// What is under the checkpoint claim's name, and whether the StorageClass it waits for (or, with
 /// no claim yet, the spec names) is missing.
-pub(super) async fn observe_claim(training: &CharLMTraining, ctx: &Context) -> Result<(Claim, bool), Error> {
+pub(super) async fn observe_claim(
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<(Claim, bool), Error> {
     let ns = training.namespace().unwrap_or_default();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pvc = pvcs.get_opt(&pvc_name(&training.name_any())).await?;
@@ -85,7 +89,10 @@ pub(super) async fn storage_class_missing(ctx: &Context, class: &str) -> bool {
 }
 
 /// Does the dataset's source object exist? Missing ones block pod creation with a message.
-pub(super) async fn check_dataset(training: &CharLMTraining, ctx: &Context) -> Result<DatasetCheck, Error> {
+pub(super) async fn check_dataset(
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<DatasetCheck, Error> {
     let ns = training.namespace().unwrap_or_default();
     let dataset = &training.spec.dataset;
     if let Some(pvc) = &dataset.pvc {

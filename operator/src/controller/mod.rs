@@ -25,22 +25,22 @@ mod events;
 mod facts;
 mod objects;
 
+use crate::crd::CharLMTraining;
+use crate::decision::{decide, Objects, Observed};
+use crate::kueue;
+use crate::ownership::{ownership, Ownership};
+use crate::queueing::{admitted_placement, queue_gate, settle_workload};
+use crate::resources::{
+    network_policy_name, pod_name as worker_name, pvc_name, service_name, worker_pod,
+    workers_network_policy, workers_selector, workers_service, REPORT_FINALIZER, TRAINING_LABEL,
+};
+use crate::workers::{holds_report, observe, report_read, Worker};
 use events::report;
 use facts::{check_dataset, judge_nodes, observe_claim, poll_key, poll_progress};
 use objects::{
     apply_owned, create_checkpoint_pvc, delete_own, keep_claim_owner, not_ours, rejected,
     write_status,
 };
-use crate::crd::CharLMTraining;
-use crate::kueue;
-use crate::ownership::{ownership, Ownership};
-use crate::queueing::{admitted_placement, queue_gate, settle_workload};
-use crate::decision::{decide, Objects, Observed};
-use crate::resources::{
-    network_policy_name, pod_name as worker_name, pvc_name, service_name, worker_pod, workers_network_policy, workers_selector,
-    workers_service, REPORT_FINALIZER, TRAINING_LABEL,
-};
-use crate::workers::{holds_report, observe, report_read, Worker};
 
 pub const FINALIZER: &str = "charlm.dev/cleanup";
 /// Shortest time between two reads of rank 0's progress.

@@ -2,19 +2,16 @@
 //! NetworkPolicy (never someone else's of the same name), the status; and the API server's
 //! refusals turned into a message naming the spec field to fix.
 
+pub use crate::context::{Context, Error, FIELD_MANAGER};
+use crate::crd::{CharLMTraining, CharLMTrainingStatus};
+use crate::decision::Decision;
+use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
+use crate::resources::{checkpoint_pvc, owner_reference, pvc_name, pvc_owner_update};
+use crate::volume::Claim;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-pub use crate::context::{Context, Error, FIELD_MANAGER};
-use crate::crd::{CharLMTraining, CharLMTrainingStatus};
-use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
-use crate::decision::Decision;
-use crate::resources::{
-    checkpoint_pvc, owner_reference, pvc_name,
-    pvc_owner_update,
-};
-use crate::volume::Claim;
 
 /// An error of the API server that retrying the same spec cannot fix, as the message of an
 /// `InvalidSpec` failure: the object made from the spec is invalid (400, 422) or refused by
@@ -67,7 +64,10 @@ pub(super) fn spec_field(object: &str, message: &str) -> &'static str {
 /// only its owner references follow `retainOnDelete` (`keep_claim_owner`): server-side apply would
 /// fight the fields Kubernetes fills in on creation, such as the default StorageClass, which
 /// cannot change later.
-pub(super) async fn create_checkpoint_pvc(training: &CharLMTraining, ctx: &Context) -> Result<bool, Error> {
+pub(super) async fn create_checkpoint_pvc(
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<bool, Error> {
     let ns = training.namespace().unwrap_or_default();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pp = PostParams {
@@ -197,7 +197,11 @@ where
 }
 
 /// Deletes the training's own object `name`, preconditioned on its uid; anyone else's is left.
-pub(super) async fn delete_own<K>(api: &Api<K>, name: &str, training: &CharLMTraining) -> Result<(), Error>
+pub(super) async fn delete_own<K>(
+    api: &Api<K>,
+    name: &str,
+    training: &CharLMTraining,
+) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {

@@ -319,7 +319,12 @@ mod tests {
         assert!(failure.message.contains(LOST), "{}", failure.message);
         let st = &d.status;
         assert_eq!(
-            (st.failures.node_lost, st.failures.error, st.restarts, st.attempt),
+            (
+                st.failures.node_lost,
+                st.failures.error,
+                st.restarts,
+                st.attempt
+            ),
             (1, 0, 0, 1)
         );
         assert_eq!(condition(&d, c::RESTARTING), ("True", "WorkerLost"));
@@ -331,7 +336,11 @@ mod tests {
         let d = decide(&observed(&t, on_lost_node(&stale), 11));
         assert_eq!(condition(&d, c::PODS_READY), ("False", "Restarting"));
         let ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
-        assert!(ready.message.starts_with("waiting until"), "{}", ready.message);
+        assert!(
+            ready.message.starts_with("waiting until"),
+            "{}",
+            ready.message
+        );
 
         // After it, the old pod the lost node holds is named, with the node and the way out.
         let d = decide(&observed(&t, on_lost_node(&stale), 700));
@@ -344,9 +353,16 @@ mod tests {
             format!("{pod} is still terminating on node h100-1: {LOST}"),
             "kubectl delete node h100-1".to_string(),
         ] {
-            assert!(ready.message.contains(&needle), "{needle:?} in {}", ready.message);
+            assert!(
+                ready.message.contains(&needle),
+                "{needle:?} in {}",
+                ready.message
+            );
         }
-        assert!(warns(ready), "a lost node is something wrong: a Warning Event");
+        assert!(
+            warns(ready),
+            "a lost node is something wrong: a Warning Event"
+        );
 
         // A plain old pod still going: named, as expected.
         let d = decide_at(&t, &stale, 700);

@@ -44,11 +44,11 @@ use crate::conditions::{self, FALSE, TRUE, UNKNOWN};
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus, Phase};
 use crate::failures::FailureRecord;
 use crate::kueue::Gate;
-use charlm_contract::ProgressReport;
 use crate::resources::pvc_name;
 use crate::usage;
 use crate::volume::Claim;
 use crate::workers::{Worker, WorkerState};
+use charlm_contract::ProgressReport;
 use success::worker_report;
 
 /// Longest wait between gang restarts, however many there were.
@@ -310,7 +310,6 @@ impl<'a> Decider<'a> {
         }
         self.observe_gang(&current, &effective);
     }
-
 }
 
 /// PodsReady's reasons while the workers come and go as they should; any other (Unschedulable,
@@ -472,5 +471,4 @@ mod tests {
         let u = d.status.usage.unwrap();
         assert_eq!((u.gpu_hours, u.estimated_cost), (0.0, 0.0));
     }
-
 }

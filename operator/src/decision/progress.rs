@@ -7,8 +7,8 @@ use crate::conditions::{self, FALSE, TRUE};
 use crate::crd::{condition as cond, ProgressStatus};
 use crate::history;
 use crate::progress::human_duration;
-use charlm_contract::ProgressReport;
 use charlm_contract::planner;
+use charlm_contract::ProgressReport;
 use charlm_contract::PAST_BEST_EVALUATIONS;
 
 /// The trainer's `--seq-len` when the settings leave it unset.
@@ -197,7 +197,10 @@ mod tests {
         };
         let (short, default) = (advice(Some(512)), advice(None));
         assert_eq!(short.epochs, planner::depth_plan(24, &budget(512)).epochs);
-        assert_eq!(default.epochs, planner::depth_plan(24, &budget(2048)).epochs);
+        assert_eq!(
+            default.epochs,
+            planner::depth_plan(24, &budget(2048)).epochs
+        );
         assert!(short.epochs > default.epochs, "{short:?} vs {default:?}");
         assert_eq!(
             short.recommended_depth,

@@ -1,8 +1,8 @@
 //! Suspend and Kueue: the workers go (saving a checkpoint on SIGTERM) while `spec.suspend` is
 //! true or Kueue has not admitted the training, and its quota goes back once none runs.
 
-use super::{Decider, STOPPING_REQUEUE, DATASET_REQUEUE};
 use super::success::{final_report, worker_report};
+use super::{Decider, DATASET_REQUEUE, STOPPING_REQUEUE};
 use crate::conditions::{FALSE, TRUE};
 use crate::crd::{condition as cond, Phase};
 use crate::kueue::{Gate, State as QueueState};

@@ -4,8 +4,8 @@
 use super::Decider;
 use crate::conditions::{FALSE, TRUE};
 use crate::crd::{condition as cond, Phase};
-use charlm_contract::ProgressReport;
 use crate::workers::{Worker, WorkerState};
+use charlm_contract::ProgressReport;
 
 impl Decider<'_> {
     /// Worker 0 exited 0 and says the budget is done.

@@ -6,7 +6,6 @@ pub use crate::conditions;
 pub use crate::crd::condition as c;
 pub use crate::crd::{CharLMTraining, FailureAction, FailureReason, Phase};
 pub use crate::kueue::{Gate, State as QueueState};
-pub use charlm_contract::ProgressReport;
 pub use crate::resources::testing::{cpu_spec, gpu_spec, training};
 pub use crate::resources::TRAINER_CONTAINER;
 pub use crate::volume::{self, Claim};
@@ -15,6 +14,7 @@ pub use crate::workers::testing::{
     with_pod_reason,
 };
 pub use crate::workers::{observe, Worker};
+pub use charlm_contract::ProgressReport;
 pub use k8s_openapi::api::core::v1::Pod;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 pub use k8s_openapi::jiff::Timestamp;

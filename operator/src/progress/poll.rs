@@ -144,7 +144,6 @@ impl ProgressClient {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

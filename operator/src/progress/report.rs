@@ -85,7 +85,6 @@ pub fn human_duration(seconds: f64) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

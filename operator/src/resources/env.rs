@@ -69,7 +69,10 @@ pub(super) fn trainer_env(
             effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
         ),
         (env::RECIPE, effective.recipe.map(|r| r.name().to_string())),
-        (env::PRECISION, effective.precision.map(|p| p.name().to_string())),
+        (
+            env::PRECISION,
+            effective.precision.map(|p| p.name().to_string()),
+        ),
     ];
     env.extend(
         optional

@@ -6,8 +6,8 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
-use charlm_contract::ProgressReport;
 use crate::resources::{ATTEMPT_LABEL, REPORT_FINALIZER, TRAINER_CONTAINER, WORKER_INDEX_LABEL};
+use charlm_contract::ProgressReport;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Worker {

@@ -187,9 +187,8 @@ pub fn killed_init(pod: Pod, container: &str, code: i32, reason: &str) -> Pod {
 }
 
 pub fn deleting(mut pod: Pod) -> Pod {
-    pod.metadata.deletion_timestamp =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
-        ));
+    pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+    ));
     pod
 }
