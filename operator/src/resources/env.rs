@@ -3,8 +3,10 @@
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
 
-use super::pod::{CHECKPOINT_DIR, TENSORBOARD_DIR, TERMINATION_LOG, WORK_DIR};
-use super::{master_addr, PROGRESS_PORT, RENDEZVOUS_PORT};
+use super::{
+    master_addr, CHECKPOINT_DIR, PROGRESS_PORT, RENDEZVOUS_PORT, TENSORBOARD_DIR, TERMINATION_LOG,
+    WORK_DIR,
+};
 use crate::crd::{CharLMTraining, EffectiveSettings};
 use charlm_contract::env;
 

@@ -10,9 +10,16 @@ mod service;
 pub use network_policy::{
     network_policy_name, parse_labels, workers_network_policy, NetworkPolicySettings,
 };
-pub use pod::{worker_pod, PodSettings, TENSORBOARD_DIR, TRAINER_CONTAINER};
+pub use pod::{worker_pod, PodSettings, TRAINER_CONTAINER};
 pub use pvc::{checkpoint_pvc, pvc_owner_update};
 pub use service::workers_service;
+
+/// Where the pods keep their files (the trainer's environment names them too).
+const WORK_DIR: &str = "/work";
+const CHECKPOINT_DIR: &str = "/checkpoints";
+const TERMINATION_LOG: &str = "/dev/termination-log";
+/// TensorBoard event files, on the checkpoint volume so they outlive the pods.
+pub const TENSORBOARD_DIR: &str = "/checkpoints/tensorboard";
 
 use std::collections::BTreeMap;
 

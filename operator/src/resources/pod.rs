@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use super::env::trainer_env;
 use super::{
+    CHECKPOINT_DIR, TERMINATION_LOG, WORK_DIR,
     common_labels, namespace_of, owner_reference, pod_name, pvc_name, service_name, ATTEMPT_LABEL,
     METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER, WORKER_INDEX_LABEL,
 };
@@ -25,13 +26,7 @@ pub const H100_PRODUCT: &str = "NVIDIA-H100-80GB-HBM3";
 const TRAINER_UID: i64 = 1000;
 /// Time for rank 0 to write a checkpoint after SIGTERM (suspend, restart, delete).
 const TERMINATION_GRACE_SECONDS: i64 = 300;
-
-pub(super) const WORK_DIR: &str = "/work";
 const DATASET_DIR: &str = "/dataset";
-pub(super) const CHECKPOINT_DIR: &str = "/checkpoints";
-pub(super) const TERMINATION_LOG: &str = "/dev/termination-log";
-/// TensorBoard event files, on the checkpoint volume so they outlive the pods.
-pub const TENSORBOARD_DIR: &str = "/checkpoints/tensorboard";
 
 /// Operator-wide settings that shape every worker pod.
 #[derive(Clone, Debug)]
