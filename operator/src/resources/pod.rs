@@ -11,9 +11,9 @@ use kube::ResourceExt;
 
 use super::env::trainer_env;
 use super::{
-    CHECKPOINT_DIR, TERMINATION_LOG, WORK_DIR,
     common_labels, namespace_of, owner_reference, pod_name, pvc_name, service_name, ATTEMPT_LABEL,
-    METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER, WORKER_INDEX_LABEL,
+    CHECKPOINT_DIR, METRICS_PORT_NAME, PROGRESS_PORT, RENDEZVOUS_PORT, REPORT_FINALIZER,
+    TERMINATION_LOG, WORKER_INDEX_LABEL, WORK_DIR,
 };
 use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
 use charlm_contract::METRICS_PATH;
