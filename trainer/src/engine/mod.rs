@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp};
-use crate::model::{BlockRunner, BlockViews, Gpt, GptConfig};
+use crate::model::{BlockRunner, Gpt, GptConfig};
 use optim::{AdamW, Muon};
 pub use options::{Attention, EngineOptions, Kernels, Precision, Recompute, Resolved, Toggle};
 

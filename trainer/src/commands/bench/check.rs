@@ -1,15 +1,17 @@
 //! `bench --check` and `bench --curve`: the fast path verified at full size on a GPU instead of
 //! timed (the checks themselves are in src/engine/verify/).
 
+use std::time::Instant;
+
 use anyhow::Result;
 use tch::{Device, Kind};
 
 use super::{Args, Geometry};
 use crate::engine::verify::{self, curve, models, ops};
-use crate::engine::{EngineOptions, Kernels, Precision, Recompute};
+use crate::engine::{Attention, EngineOptions, Kernels, Precision, Recompute, Toggle};
 use crate::model::GptConfig;
+use crate::sys::cuda;
 use crate::sys::events::Events;
-use crate::user_bail;
 
 /// Tolerances of `--check` with bf16 compute (fp32 on the CPU is checked far tighter by the tests):
 /// a fused kernel and its eager twin differ only by rounding order before the final bf16 rounding;

@@ -15,9 +15,7 @@ use clap::builder::BoolishValueParser;
 
 use crate::dist::{DistEnv, ProcessGroup};
 use crate::engine::autobatch::{self, MicroBatch};
-use crate::engine::{
-    memory, oom, Attention, Engine, EngineOptions, Kernels, Precision, Recompute, Resolved, Toggle,
-};
+use crate::engine::{memory, oom, Engine, EngineOptions, Resolved};
 use crate::model::GptConfig;
 use crate::sys::cuda;
 use crate::sys::events::Events;

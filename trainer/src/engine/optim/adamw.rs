@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Adam's two moments for one parameter.
 struct AdamSlot {
@@ -109,6 +109,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn adamw_matches_the_closed_form_first_step() {
