@@ -62,6 +62,14 @@ pub struct ProgressReport {
     /// `saved_s` × ranks in hours: the GPU-hours saved on GPUs.
     #[serde(default)]
     pub saved_gpu_hours: Option<f64>,
+    /// In-place restarts of `launch` in this pod's life (its restart round; 0 in the first): the
+    /// workers were started again after a worker failed, without a new pod.
+    #[serde(default)]
+    pub in_place_restarts: u64,
+    /// What ended the round before (a worker that failed, and what rank 0 saved), in the last
+    /// in-place restart.
+    #[serde(default)]
+    pub last_restart_reason: Option<String>,
     /// Why a failing trainer stopped, when it says so in its report (the trainer itself never
     /// writes it today; it is left out of the JSON when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,7 +136,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 21, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
         assert!(json["train_loss"].is_null() && !keys.contains(&"error"));
     }
 

@@ -1,11 +1,14 @@
 //! Data-parallel process groups over libtorch's c10d, reached through csrc/c10d_bridge.cpp.
 //!
-//! Every rank meets the others at a c10d `TCPStore` that rank 0 hosts at MASTER_ADDR:MASTER_PORT.
-//! On GPUs the collectives are `ProcessGroupNCCL`'s; on CPUs they go through the store itself
-//! (store.rs), since the PyPI wheel cannot build gloo. A world of one needs neither: its collectives
-//! are no-ops. docs/distributed.md tells the whole story.
+//! Every rank meets the others at a c10d `TCPStore` at MASTER_ADDR:MASTER_PORT, hosted by node 0's
+//! `launch` (rounds.rs: it outlives the workers, so that they can be restarted in place) or, for
+//! ranks started by something else, by rank 0. On GPUs the collectives are `ProcessGroupNCCL`'s;
+//! on CPUs they go through the store itself (store.rs), since the PyPI wheel cannot build gloo. A
+//! world of one needs neither: its collectives are no-ops. docs/distributed.md tells the whole
+//! story.
 
 mod ffi;
+pub mod rounds;
 mod store;
 
 use std::time::Duration;
@@ -14,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::sys::error::UserError;
+pub use rounds::PeerFailed;
 use store::StoreGroup;
 
 /// Where this process sits in the job, from the variables torchrun (and `charlm-trainer launch`,
@@ -26,6 +30,12 @@ pub struct DistEnv {
     pub local_world_size: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// `launch` hosts the store (TORCHELASTIC_USE_AGENT_STORE): every rank, rank 0 included,
+    /// connects to it as a client, and this round's keys live apart from other rounds'.
+    pub agent_store: bool,
+    /// The restart round `launch` started this process in (TORCHELASTIC_RESTART_COUNT; 0 at
+    /// first).
+    pub restart: u64,
     /// What was wrong with the variables; [`ProcessGroup::init`] reports it.
     problem: Option<String>,
 }
@@ -53,10 +63,19 @@ impl DistEnv {
             local_world_size,
             master_addr: master_addr.to_string(),
             master_port,
+            agent_store: false,
+            restart: 0,
             problem: None,
         };
         env.problem = env.inconsistency();
         env
+    }
+
+    /// The same place, in restart round `restart` of a `launch` that hosts the store.
+    pub fn under_agent(mut self, restart: u64) -> Self {
+        self.agent_store = true;
+        self.restart = restart;
+        self
     }
 
     /// Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without
@@ -117,7 +136,7 @@ impl DistEnv {
                 _ => return Err(format!("MASTER_PORT={p:?} is not a TCP port (1-65535)")),
             },
         };
-        let env = Self::new(
+        let mut env = Self::new(
             rank,
             world_size,
             local_rank,
@@ -125,6 +144,15 @@ impl DistEnv {
             &master_addr,
             master_port,
         );
+        let agent = charlm_contract::env::USE_AGENT_STORE;
+        match var(agent).as_deref().map(str::trim) {
+            None | Some("" | "0" | "False" | "false") => {}
+            Some("1" | "True" | "true") => {
+                let restart = number(charlm_contract::env::RESTART_COUNT)?.unwrap_or(0);
+                env = env.under_agent(restart as u64);
+            }
+            Some(other) => return Err(format!("{agent}={other:?} is not True or False")),
+        }
         match env.problem {
             Some(problem) => Err(problem),
             None => Ok(env),
@@ -272,16 +300,13 @@ impl ProcessGroup {
             if cuda.is_some() && !ffi::have_nccl() {
                 bail!("this charlm-trainer was built against a libtorch without NCCL: it cannot train on several GPUs");
             }
-            let store = StoreGroup::rendezvous(
-                &env.master_addr,
-                env.master_port,
-                rank,
-                world_size,
-                options,
-            )?;
+            let store = StoreGroup::rendezvous(env, options)?;
             match cuda {
                 None => Backend::Store(store),
                 Some(i) => {
+                    if env.agent_store {
+                        rounds::exit_when_abandoned(env, options.collective_timeout)?;
+                    }
                     let nccl =
                         ffi::Nccl::new(store.store(), "nccl", rank, world_size, i, options.collective_timeout)
                             .with_context(|| {

@@ -71,6 +71,10 @@ pub struct Engine {
     resolved: Option<(i64, i64, Resolved)>,
     runner: Option<BlockRunner>,
     cache: Option<WeightCache>,
+    /// An optimizer step began changing weights or optimizer state and has not finished: what
+    /// the engine holds is neither the step before nor the step after (a collective failed
+    /// half-way), so nothing may be saved from it.
+    updating: bool,
 }
 
 impl Engine {
@@ -119,7 +123,13 @@ impl Engine {
             resolved: None,
             runner: None,
             cache: None,
+            updating: false,
         }
+    }
+
+    /// Whether the weights and optimizer state are those of a whole step (see `updating`).
+    pub fn is_whole(&self) -> bool {
+        !self.updating
     }
 
     /// Splits Muon's momentum and Newton–Schulz work over the ranks of `pg` (ZeRO-1 for the
@@ -419,12 +429,14 @@ impl Engine {
                 clip = Some(coef);
             });
         }
+        self.updating = true;
         self.muon
             .step(lr_mult, momentum, if fused { clip.as_ref() } else { None });
         self.adamw.step(lr_mult);
         if sharded {
             self.muon.gather_params(pg)?;
         }
+        self.updating = false;
         self.muon.zero_grads();
         for mut p in self.adamw.params() {
             p.zero_grad();

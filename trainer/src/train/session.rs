@@ -46,7 +46,7 @@ impl Session<'_> {
         self.pg.rank() == 0
     }
 
-    pub fn run(mut self) -> Result<()> {
+    pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
         let mut last_save = Instant::now();
@@ -291,7 +291,7 @@ impl Session<'_> {
     }
 
     /// Ends the session: a last evaluation when complete, a checkpoint, the summary.
-    fn finish(mut self, reason: StopReason) -> Result<()> {
+    fn finish(&mut self, reason: StopReason) -> Result<()> {
         if reason.is_complete() && self.state.val_step != Some(self.state.step) {
             self.evaluate()?;
         }
