@@ -23,7 +23,8 @@ pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
 
 /// In-place restarts `launch` may make (`--max-restarts`): when a worker dies, every node's
 /// `launch` stops its workers and starts them again from the newest checkpoint, this many times,
-/// before it fails the pod. The operator sets it from `spec.restartPolicy.inPlaceRestarts`.
+/// before it fails the pod. Default 0 (off); the operator does not set it yet, so `spec.env`
+/// may.
 pub const MAX_RESTARTS: &str = "CHARLM_MAX_RESTARTS";
 /// What `launch` sets for each worker about its restart round, under torchrun's names: the
 /// round (0 for the first start), the most there may be, and that `launch` hosts the TCPStore
@@ -54,6 +55,8 @@ pub const EARLY_STOP_PATIENCE: &str = "CHARLM_EARLY_STOP_PATIENCE";
 pub const TENSORBOARD_DIR: &str = "CHARLM_TENSORBOARD_DIR";
 /// The training recipe (`--recipe`).
 pub const RECIPE: &str = "CHARLM_RECIPE";
+/// The precision of the blocks' matrix products (`--precision`: `bf16` or `fp8`).
+pub const PRECISION: &str = "CHARLM_PRECISION";
 
 /// Names a training's own `spec.env` may not set (the CRD refuses them at apply): the gang's
 /// (pods and processes, and torchrun's names that scripts read), and what the operator sets from
@@ -92,7 +95,7 @@ pub const RESERVED: [&str; 33] = [
     EARLY_STOP_PATIENCE,
     TENSORBOARD_DIR,
     RECIPE,
-    MAX_RESTARTS,
+    PRECISION,
 ];
 
 /// What the operator sets that `spec.env` may replace: nothing in the status depends on it.

@@ -10,7 +10,7 @@ pub mod exit;
 pub mod planner;
 mod report;
 
-pub use report::{ProgressReport, StopReason, PAST_BEST_EVALUATIONS};
+pub use report::{DamagedCheckpoint, ProgressReport, StopReason, PAST_BEST_EVALUATIONS};
 
 /// The port of rank 0's `/progress` and `/metrics` (the trainer's `--metrics-port` default, the
 /// pod's port named `metrics`).

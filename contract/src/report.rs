@@ -62,6 +62,13 @@ pub struct ProgressReport {
     /// `saved_s` × ranks in hours: the GPU-hours saved on GPUs.
     #[serde(default)]
     pub saved_gpu_hours: Option<f64>,
+    /// The checkpoint directory this run resumed from; null on a fresh start.
+    #[serde(default)]
+    pub resumed_from: Option<String>,
+    /// Checkpoints this run's resume found damaged and set aside (renamed `<dir>.damaged`),
+    /// newest first; `resumed_from` is the older one it used instead. Empty on a clean resume.
+    #[serde(default)]
+    pub damaged_checkpoints: Vec<DamagedCheckpoint>,
     /// In-place restarts of `launch` in this pod's life (its restart round; 0 in the first): the
     /// workers were started again after a worker failed, without a new pod.
     #[serde(default)]
@@ -74,6 +81,18 @@ pub struct ProgressReport {
     /// writes it today; it is left out of the JSON when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A checkpoint that failed its check (a file missing, truncated or not matching its sha256) when
+/// a run looked for the newest good one, and was renamed so that no later save collides with it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DamagedCheckpoint {
+    /// Where it was (`/checkpoints/step-000001200`).
+    pub path: String,
+    /// Where it is now (`/checkpoints/step-000001200.damaged`).
+    pub set_aside_as: String,
+    /// What failed its check.
+    pub error: String,
 }
 
 impl ProgressReport {
@@ -138,6 +157,8 @@ mod tests {
             .collect();
         assert_eq!(keys.len(), 23, "{keys:?}");
         assert!(json["train_loss"].is_null() && !keys.contains(&"error"));
+        assert!(json["resumed_from"].is_null());
+        assert_eq!(json["damaged_checkpoints"], serde_json::json!([]));
     }
 
     #[test]

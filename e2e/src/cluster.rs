@@ -124,44 +124,37 @@ pub fn tool(name: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `helm upgrade --install` of `chart` as the tests' release, with no operator pod (the tests
+/// run their own operator).
+pub fn helm_upgrade(chart: &Path) -> Result<String> {
+    tool(
+        "helm",
+        &[
+            "upgrade",
+            "--install",
+            CHART_RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            CHART_NAMESPACE,
+            "--create-namespace",
+            "--set",
+            "replicaCount=0",
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    )
+}
+
 /// `helm upgrade --install` of the chart with no operator replica (the tests run the binary
-/// themselves), once per test process.
+/// themselves), once per test process. The chart renders the CRD, so the upgrade keeps a
+/// long-lived control plane's CRD current.
 pub fn install_chart() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let chart = repo_root().join("charts/charlm-operator");
-        tool(
-            "helm",
-            &[
-                "upgrade",
-                "--install",
-                CHART_RELEASE,
-                chart.to_str().unwrap(),
-                "--namespace",
-                CHART_NAMESPACE,
-                "--create-namespace",
-                "--set",
-                "replicaCount=0",
-                "--wait",
-                "--timeout",
-                "2m",
-            ],
-        )
-        .expect("helm install of charts/charlm-operator");
-        // Helm installs CRDs only on first install; keep a long-lived control plane current.
-        let crd = repo_root().join("crds/charlmtrainings.charlm.dev.yaml");
-        tool(
-            "kubectl",
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=charlm-e2e",
-                "-f",
-                crd.to_str().unwrap(),
-            ],
-        )
-        .expect("applying the CRD");
+        adopt_crd();
+        helm_upgrade(&repo_root().join("charts/charlm-operator"))
+            .expect("helm install of charts/charlm-operator");
         tool(
             "kubectl",
             &[
@@ -175,10 +168,52 @@ pub fn install_chart() {
     });
 }
 
+/// A plane whose CRD came from elsewhere (the chart's crds/ folder of 0.1.0, a `kubectl apply`)
+/// hands it to the release, as the chart's README tells users upgrading to do: Helm refuses to
+/// take over an object without its ownership label and annotations.
+fn adopt_crd() {
+    let crd = "crd/charlmtrainings.charlm.dev";
+    if tool("kubectl", &["get", crd, "-o", "name"]).is_err() {
+        return;
+    }
+    tool(
+        "kubectl",
+        &[
+            "label",
+            crd,
+            "app.kubernetes.io/managed-by=Helm",
+            "--overwrite",
+        ],
+    )
+    .expect("labelling the CRD for Helm");
+    tool(
+        "kubectl",
+        &[
+            "annotate",
+            crd,
+            "--overwrite",
+            &format!("meta.helm.sh/release-name={CHART_RELEASE}"),
+            &format!("meta.helm.sh/release-namespace={CHART_NAMESPACE}"),
+        ],
+    )
+    .expect("annotating the CRD for Helm");
+}
+
 /// A kubeconfig that authenticates as the chart's ServiceAccount with a fresh bound token, so
 /// whatever the operator does with it is exactly what the chart's RBAC allows.
 pub async fn service_account_kubeconfig(admin: &Client, dir: &Path) -> Result<PathBuf> {
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), CHART_NAMESPACE);
+    token_kubeconfig(admin, CHART_NAMESPACE, CHART_SERVICE_ACCOUNT, dir).await
+}
+
+/// A kubeconfig (`dir/<name>-kubeconfig`) that authenticates as ServiceAccount `namespace/name`
+/// with a fresh bound token: what it may do is what RBAC grants that account.
+pub async fn token_kubeconfig(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
@@ -188,9 +223,9 @@ pub async fn service_account_kubeconfig(admin: &Client, dir: &Path) -> Result<Pa
         ..Default::default()
     };
     let token = sas
-        .create_token_request(CHART_SERVICE_ACCOUNT, &PostParams::default(), &request)
+        .create_token_request(name, &PostParams::default(), &request)
         .await
-        .context("TokenRequest for the chart's ServiceAccount")?
+        .with_context(|| format!("TokenRequest for ServiceAccount {namespace}/{name}"))?
         .status
         .context("TokenRequest without a status")?
         .token;
@@ -230,12 +265,17 @@ pub async fn service_account_kubeconfig(admin: &Client, dir: &Path) -> Result<Pa
             "server": cluster.server,
             "certificate-authority-data": ca_data,
         }}],
-        "users": [{"name": "charlm-operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "charlm-operator"}}],
-        "current-context": "operator",
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "e2e", "user": name}}],
+        "current-context": name,
     });
     std::fs::create_dir_all(dir)?;
-    let path = dir.join("operator-kubeconfig");
+    let file = if name == CHART_SERVICE_ACCOUNT {
+        "operator-kubeconfig".to_string()
+    } else {
+        format!("{name}-kubeconfig")
+    };
+    let path = dir.join(file);
     std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
     Ok(path)
 }

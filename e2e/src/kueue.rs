@@ -219,6 +219,25 @@ featureGates:
         )
     }
 
+    /// Deletes the cluster-scoped Kueue objects of `kinds` that a test labelled with its
+    /// namespace, while Kueue still runs (it takes its finalizers off them once no Workload uses
+    /// them).
+    pub fn delete_test_objects(&self, kinds: &[&str], namespace: &str) {
+        for kind in kinds {
+            tool(
+                "kubectl",
+                &[
+                    "delete",
+                    kind,
+                    "-l",
+                    &format!("{}={namespace}", cluster::TEST_LABEL),
+                    "--timeout=60s",
+                ],
+            )
+            .unwrap_or_else(|e| panic!("deleting the test's {kind}: {e}\n{}", self.log_tail()));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after 20 s.
     pub fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {

@@ -102,3 +102,48 @@ pub async fn assert_refused(
     }
     refused
 }
+
+/// The toleration that hands a training's pods to the test: kwok never starts them and removes
+/// them on deletion only once none of their containers runs (`kwok-stages.yaml`), so the test
+/// writes every state a kubelet would (a container it cannot start, the end of a trainer that
+/// saved a checkpoint on SIGTERM). No node has the taint, so scheduling is unchanged.
+pub const KUBELET_PLAYED_BY_TEST: &str = "charlm.dev/e2e-kubelet";
+
+/// `manifest` with its pods left to the test to play the kubelet of (CPU trainings: the
+/// toleration replaces the GPU one a GPU training would get by default).
+pub fn kubelet_played_by_test(mut manifest: Value) -> Value {
+    manifest["spec"]["tolerations"] =
+        json!([{"key": KUBELET_PLAYED_BY_TEST, "operator": "Exists"}]);
+    manifest
+}
+
+/// A container's status in the kubelet's words: `running`, `waiting` (reason and message) or
+/// `terminated` (exit code, reason, message), as one entry of `containerStatuses`.
+pub fn container_state(container: &str, state: Value) -> Value {
+    let ready = state.get("running").is_some();
+    json!({
+        "name": container, "image": "charlm-trainer:e2e", "imageID": "", "ready": ready,
+        "restartCount": 0, "started": ready, "state": state
+    })
+}
+
+pub fn waiting(reason: &str, message: &str) -> Value {
+    json!({"waiting": {"reason": reason, "message": message}})
+}
+
+pub fn running() -> Value {
+    json!({"running": {"startedAt": now()}})
+}
+
+pub fn ended(code: i32, reason: &str, message: &str) -> Value {
+    json!({"terminated": {"exitCode": code, "reason": reason, "message": message,
+                           "startedAt": now(), "finishedAt": now()}})
+}
+
+/// Now, to the second, as the API's timestamps are.
+fn now() -> String {
+    let now = jiff::Timestamp::now().as_second();
+    jiff::Timestamp::from_second(now)
+        .expect("now is a timestamp")
+        .to_string()
+}

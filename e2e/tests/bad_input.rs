@@ -93,6 +93,36 @@ async fn kubectl_apply_refuses_what_a_pod_or_claim_would_refuse_and_names_the_fi
             Box::new(|v| v["metadata"]["name"] = json!("Bad-Name")),
             "metadata.name: Invalid value: \"Bad-Name\": metadata.name must be at most 40 characters",
         ),
+        // Once stored, a '/' made the operator's GET of the claim a subresource request (403).
+        (
+            "a claim name with a slash",
+            Box::new(|v| v["spec"]["dataset"] = json!({"pvc": {"claimName": "texts/status"}})),
+            "spec.dataset.pvc.claimName: Invalid value: \"texts/status\": dataset.pvc.claimName \
+             must be the name of a PersistentVolumeClaim in the training's namespace",
+        ),
+        (
+            "a ConfigMap name with capitals",
+            Box::new(|v| v["spec"]["dataset"] = json!({"configMap": {"name": "My_Texts"}})),
+            "spec.dataset.configMap.name: Invalid value: \"My_Texts\": dataset.configMap.name \
+             must be the name of a ConfigMap",
+        ),
+        // Accepted, it failed only at the container's start ("argument list too long").
+        (
+            "an env value of 200 KB",
+            Box::new(|v| v["spec"]["env"] = json!([{"name": "BIG", "value": "x".repeat(200_000)}])),
+            "spec.env: Invalid value: each spec.env value must be at most 32000 characters: Linux \
+             refuses to start the trainer with an environment string of 128 KiB or more",
+        ),
+        (
+            "env values of 150 KB in all",
+            Box::new(|v| {
+                let big: Vec<Value> = (0..5)
+                    .map(|i| json!({"name": format!("PART_{i}"), "value": "y".repeat(30_000)}))
+                    .collect();
+                v["spec"]["env"] = json!(big);
+            }),
+            "spec.env: Invalid value: the spec.env values must be at most 128000 characters in all",
+        ),
     ];
     for (what, text) in assert_refused(&env, &base, &cases).await {
         for noise in NOISE {
@@ -313,15 +343,29 @@ async fn the_status_says_what_runs_and_what_went_wrong() {
         }
     })
     .await;
+    // Nothing prepares the dataset of workers that wait to be placed.
+    let t = env
+        .wait_training("stuck", "PodsReady=False/Unschedulable", MINUTE, |t| {
+            condition(t, "PodsReady").1 == "Unschedulable"
+        })
+        .await;
+    assert_eq!(
+        condition(&t, "DatasetReady"),
+        ("Unknown".into(), "WaitingForWorkers".into())
+    );
+    // Deleted by hand: a gang restart, not counted (a disruption, as an eviction is).
     env.pods()
         .delete("stuck-worker-1", &Default::default())
         .await
         .unwrap();
     let t = env
         .wait_training("stuck", "a restart", MINUTE, |t| {
-            t.status.as_ref().is_some_and(|s| s.restarts == 1)
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.attempt == 1 && s.failures.deleted == 1)
         })
         .await;
+    assert_eq!(t.status.as_ref().unwrap().restarts, 0);
     let restarting = t
         .status
         .unwrap()
@@ -356,6 +400,11 @@ error: rank 0 failed: exit status 2 (bad input or settings: see its message abov
     .await;
     let t = env.wait_phase("tooshort", Phase::Failed, MINUTE).await;
     assert_eq!(condition(&t, "Failed").1, "InvalidInput");
+    // The trainer ran, so the dataset was prepared; the status does not leave it "Preparing".
+    assert_eq!(
+        condition(&t, "DatasetReady"),
+        ("True".into(), "Prepared".into())
+    );
     let message = t.status.unwrap().message.unwrap();
     assert!(
         message.contains("rank 0: the validation split of 1518 tokens is shorter than seqLen 2048"),

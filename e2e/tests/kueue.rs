@@ -368,19 +368,9 @@ async fn kueue_admits_one_gang_at_a_time_and_a_preempted_training_resumes_from_i
     }
 
     env.finish().await;
-    // Kueue takes its finalizers off its objects once no Workload uses them: it still runs here.
-    for kind in ["clusterqueue", "resourceflavor", "workloadpriorityclass"] {
-        tool(
-            "kubectl",
-            &[
-                "delete",
-                kind,
-                "-l",
-                &format!("{TEST_LABEL}={ns}"),
-                "--timeout=60s",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("deleting the test's {kind}: {e}\n{}", kueue.log_tail()));
-    }
+    kueue.delete_test_objects(
+        &["clusterqueue", "resourceflavor", "workloadpriorityclass"],
+        &ns,
+    );
     kueue.stop();
 }

@@ -47,14 +47,32 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     get(conditions, type_).is_some_and(|c| c.status == TRUE)
 }
 
-/// Conditions whose status or reason differs between two lists (or that appear as True): the
+/// Reasons of conditions that say something the user must fix or know (someone else's object in
+/// the way, a missing StorageClass, lost checkpoints): their Events are Warnings.
+pub const WARNING_REASONS: [&str; 4] = [
+    "ClaimConflict",
+    "NameConflict",
+    "StorageClassNotFound",
+    "CheckpointsLost",
+];
+
+/// Whether the Event of a condition's transition is a Warning: a failure, a gang restart, a
+/// damaged checkpoint, or one of `WARNING_REASONS`.
+pub fn is_warning(c: &Condition) -> bool {
+    let alarming = ["Failed", "Restarting", "CheckpointDamaged"];
+    (c.status == TRUE && alarming.contains(&c.type_.as_str()))
+        || WARNING_REASONS.contains(&c.reason.as_str())
+}
+
+/// Conditions whose status or reason differs between two lists (or that appear as True, or as a
+/// warning: a conflict or missing StorageClass found on the first look is never a flip): the
 /// transitions the operator reports as events.
 pub fn transitions<'a>(before: &[Condition], after: &'a [Condition]) -> Vec<&'a Condition> {
     after
         .iter()
         .filter(|c| match get(before, &c.type_) {
             Some(old) => old.status != c.status || old.reason != c.reason,
-            None => c.status == TRUE,
+            None => c.status == TRUE || is_warning(c),
         })
         .collect()
 }
@@ -98,7 +116,7 @@ mod tests {
     }
 
     #[test]
-    fn transitions_report_flips_and_new_true_conditions() {
+    fn transitions_report_flips_new_true_conditions_and_new_warnings() {
         let mut before = Vec::new();
         set(&mut before, "A", FALSE, "r", "", None, &t(1));
         set(&mut before, "D", FALSE, "Starting", "", None, &t(1));
@@ -109,10 +127,12 @@ mod tests {
         set(&mut after, "C", TRUE, "r", "", None, &t(2));
         set(&mut after, "D", FALSE, "Unschedulable", "", None, &t(2));
         set(&mut after, "E", FALSE, "Same", "new message", None, &t(2));
+        // A conflict found on the first look is a Warning Event, though it is no flip.
+        set(&mut after, "F", FALSE, "ClaimConflict", "", None, &t(2));
         let types: Vec<&str> = transitions(&before, &after)
             .iter()
             .map(|c| c.type_.as_str())
             .collect();
-        assert_eq!(types, ["A", "D", "C"]);
+        assert_eq!(types, ["A", "D", "C", "F"]);
     }
 }

@@ -24,6 +24,10 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("serialising {0}: {1}")]
     Serde(&'static str, #[source] serde_json::Error),
+    /// A Kueue object the operator reads says what it cannot use (e.g. a ResourceFlavor's
+    /// tolerations that do not parse).
+    #[error("Kueue: {0}")]
+    Kueue(String),
 }
 
 pub struct Context {

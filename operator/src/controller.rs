@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DynamicObject;
@@ -25,14 +26,16 @@ pub use crate::context::{Context, Error, FIELD_MANAGER};
 use crate::crd::{condition as cond, CharLMTraining, CharLMTrainingStatus};
 use crate::kueue;
 use crate::metrics::{PhaseLabel, ReasonLabel, ResultLabel};
+use crate::ownership::{conflict_message, earlier_message, ownership, Ownership};
 use crate::progress::PollError;
-use crate::queueing::{queue_gate, settle_workload};
-use crate::reconcile::{decide, DatasetCheck, Decision, Observed};
+use crate::queueing::{admitted_placement, queue_gate, settle_workload};
+use crate::reconcile::{decide, DatasetCheck, Decision, Objects, Observed};
 use crate::resources::{
-    checkpoint_pvc, network_policy_name, owner_reference, pvc_name, pvc_owner_update, service_name,
-    worker_pod, workers_network_policy, workers_selector, workers_service, PROGRESS_PORT,
-    REPORT_FINALIZER, TRAINING_LABEL,
+    checkpoint_pvc, network_policy_name, owner_reference, pod_name as worker_name, pvc_name,
+    pvc_owner_update, service_name, worker_pod, workers_network_policy, workers_selector,
+    workers_service, PROGRESS_PORT, REPORT_FINALIZER, TRAINING_LABEL,
 };
+use crate::volume::{class_to_check, Claim, ClaimFacts};
 use crate::workers::{holds_report, observe, report_read, Worker, WorkerState};
 
 pub const FINALIZER: &str = "charlm.dev/cleanup";
@@ -157,60 +160,28 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     if training.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    // A spec that already failed stays put until it changes: nothing is created for it, so an
-    // object the API server refused is not sent again every few seconds.
-    let failed_as_is = training.status.as_ref().is_some_and(|s| {
-        s.phase == Some(crate::crd::Phase::Failed)
-            && s.failed_generation.is_some()
-            && s.failed_generation >= training.metadata.generation
-    });
-
-    let mut rejection = None;
-    if !failed_as_is {
-        if let Err(e) = ensure_checkpoint_pvc(&training, ctx).await {
-            rejection = Some(rejected(e, "the checkpoint PersistentVolumeClaim")?);
-        }
-    }
+    // Objects of the training's names that someone else made are reported, never changed.
+    let mut conflicts = Vec::new();
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    services
-        .patch(
-            &service_name(&name),
-            &pp,
-            &Patch::Apply(&workers_service(&training)),
-        )
-        .await?;
+    let service = workers_service(&training);
+    conflicts.extend(apply_owned(&services, &service, &training, "Service").await?);
     if let Some(settings) = &ctx.network_policy {
         let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        policies
-            .patch(
-                &network_policy_name(&name),
-                &pp,
-                &Patch::Apply(&workers_network_policy(&training, settings)),
-            )
-            .await?;
+        let policy = workers_network_policy(&training, settings);
+        conflicts.extend(apply_owned(&policies, &policy, &training, "NetworkPolicy").await?);
     }
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let listed = pods
         .list(&ListParams::default().labels(&workers_selector(&name)))
         .await?;
-    let uid = training.uid();
+    // Only the training's own pods are its workers: a pod of an earlier training of the same
+    // name, or anyone's pod with its label, is neither counted nor deleted.
     let workers: Vec<Worker> = listed
         .items
         .iter()
-        .map(|pod| {
-            let mut w = observe(pod);
-            // A pod of an earlier training of the same name is not ours to keep.
-            let owned = pod
-                .owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref());
-            if !owned {
-                w.attempt = None;
-            }
-            w
-        })
+        .filter(|pod| ownership(&pod.metadata, &training) == Ownership::Ours)
+        .map(observe)
         .collect();
 
     let queue = match kueue::queue_name(&training) {
@@ -219,6 +190,7 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
     };
     let dataset = check_dataset(&training, ctx).await?;
     let progress = poll_progress(&training, &workers, ctx).await;
+    let (claim, class_missing) = observe_claim(&training, ctx).await?;
     let mut observed = Observed {
         training: &training,
         workers,
@@ -226,10 +198,31 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
         progress,
         now: Timestamp::now(),
         price_per_gpu_hour: ctx.price_per_gpu_hour,
-        rejection,
+        rejection: None,
         queue,
+        objects: Objects {
+            claim,
+            class_missing,
+            conflicts,
+        },
     };
     let mut decision = decide(&observed);
+    keep_claim_owner(&training, &observed.objects.claim, &decision, ctx).await?;
+    if decision.create_claim {
+        match create_checkpoint_pvc(&training, ctx).await {
+            Ok(true) => {}
+            // Someone made one meanwhile: decide on what it is.
+            Ok(false) => {
+                (observed.objects.claim, observed.objects.class_missing) =
+                    observe_claim(&training, ctx).await?;
+                decision = decide(&observed);
+            }
+            Err(e) => {
+                observed.rejection = Some(rejected(e, "the checkpoint PersistentVolumeClaim")?);
+                decision = decide(&observed);
+            }
+        }
+    }
 
     for pod_name in &decision.delete {
         match pods.delete(pod_name, &DeleteParams::default()).await {
@@ -240,15 +233,45 @@ async fn apply(cached: &CharLMTraining, ctx: &Context) -> Result<Action, Error> 
             Err(e) => return Err(e.into()),
         }
     }
-    // Workers are created only for a spec that resolved into effective settings.
+    // Someone else's pod under a worker's name stops the gang before any of it starts.
+    let mut in_the_way = Vec::new();
+    for &index in &decision.create {
+        let pod_name = worker_name(&name, index);
+        if let Some(pod) = pods.get_metadata_opt(&pod_name).await? {
+            in_the_way.extend(not_ours(&pod.metadata, &training, "Pod", &pod_name));
+        }
+    }
+    if !in_the_way.is_empty() {
+        observed.objects.conflicts.extend(in_the_way);
+        decision = decide(&observed);
+    }
+    // Workers are created only for a spec that resolved into effective settings; a queued
+    // training's run where Kueue's admission put them.
+    let placement = match &observed.queue {
+        Some(gate) if gate.admitted() && !decision.create.is_empty() => {
+            Some(admitted_placement(&training, ctx).await?)
+        }
+        _ => None,
+    };
     if let Some(effective) = decision.status.effective.clone() {
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
         for &index in &decision.create.clone() {
             let attempt = decision.status.attempt;
-            let pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
-            match pods.patch(&pod.name_any(), &pp, &Patch::Apply(&pod)).await {
+            let mut pod = worker_pod(&training, &effective, index, attempt, &ctx.settings);
+            if let Some(placement) = &placement {
+                kueue::apply_placement(&mut pod, placement);
+            }
+            // Create, never apply: an apply would take over a pod of that name made meanwhile
+            // by someone else.
+            match pods.create(&pp, &pod).await {
                 Ok(_) => {
                     ctx.metrics.pods_created.inc();
                 }
+                // Made by an earlier look (ours) or just now by someone else (the next look says).
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => {
                     // The gang fails as a whole; the workers already made go at the next look.
                     observed.rejection =
@@ -420,35 +443,191 @@ fn spec_field(object: &str, message: &str) -> &'static str {
     .map_or("the spec", |(_, field)| field)
 }
 
-/// Creates the checkpoint claim once; afterwards only its owner references follow
-/// `retainOnDelete`. (Server-side apply would fight the fields Kubernetes fills in on creation,
-/// such as the default StorageClass, which cannot change later.)
-async fn ensure_checkpoint_pvc(training: &CharLMTraining, ctx: &Context) -> Result<(), Error> {
+/// What is under the checkpoint claim's name, and whether the StorageClass it waits for (or, with
+/// no claim yet, the spec names) is missing.
+async fn observe_claim(training: &CharLMTraining, ctx: &Context) -> Result<(Claim, bool), Error> {
     let ns = training.namespace().unwrap_or_default();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let desired = checkpoint_pvc(training);
+    let pvc = pvcs.get_opt(&pvc_name(&training.name_any())).await?;
+    let class_missing = match class_to_check(pvc.as_ref(), training) {
+        Some(class) => storage_class_missing(ctx, &class).await,
+        None => false,
+    };
+    let claim = match &pvc {
+        Some(pvc) => Claim::Present(ClaimFacts::of(pvc, training)),
+        None => Claim::Absent,
+    };
+    Ok((claim, class_missing))
+}
+
+/// Whether StorageClass `class` is known not to exist. An error (RBAC without `get` on
+/// storageclasses, a passing fault) says nothing: the training is not held up for it.
+async fn storage_class_missing(ctx: &Context, class: &str) -> bool {
+    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
+    match classes.get_metadata_opt(class).await {
+        Ok(found) => found.is_none(),
+        Err(e) => {
+            tracing::debug!(class, error = %e, "cannot look up the StorageClass");
+            false
+        }
+    }
+}
+
+/// Creates the checkpoint claim; `false` when one of that name appeared meanwhile. Afterwards
+/// only its owner references follow `retainOnDelete` (`keep_claim_owner`): server-side apply would
+/// fight the fields Kubernetes fills in on creation, such as the default StorageClass, which
+/// cannot change later.
+async fn create_checkpoint_pvc(training: &CharLMTraining, ctx: &Context) -> Result<bool, Error> {
+    let ns = training.namespace().unwrap_or_default();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match pvcs.create(&pp, &checkpoint_pvc(training)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The claim the decision recognised as this training's follows `retainOnDelete`: owned (and
+/// deleted with the training) or not. Nothing is changed on any other claim.
+async fn keep_claim_owner(
+    training: &CharLMTraining,
+    claim: &Claim,
+    decision: &Decision,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Claim::Present(facts) = claim else {
+        return Ok(());
+    };
+    let st = &decision.status;
+    let recognised = st.lost_checkpoints.is_none()
+        && facts.deleting_since.is_none()
+        && matches!(facts.ownership, Ownership::Ours | Ownership::Retained)
+        && st.checkpoint_pvc_uid.as_deref() == Some(facts.uid.as_str());
+    if !recognised {
+        return Ok(());
+    }
+    let ns = training.namespace().unwrap_or_default();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = pvc_name(&training.name_any());
+    let Some(existing) = pvcs.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let owned = !training.spec.checkpoint.retain_on_delete;
+    if let Some(owners) = pvc_owner_update(&existing, &owner_reference(training), owned) {
+        // Preconditioned on the uid and version it was computed from: a claim replaced or
+        // changed meanwhile is looked at again at the next reconcile.
+        let patch = json!({"metadata": {
+            "ownerReferences": owners,
+            "uid": facts.uid,
+            "resourceVersion": existing.resource_version(),
+        }});
+        match pvcs
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Why an object under one of the training's names is not the training's to change, if it is not.
+fn not_ours(
+    meta: &kube::api::ObjectMeta,
+    training: &CharLMTraining,
+    kind: &str,
+    name: &str,
+) -> Option<String> {
+    let training_name = training.name_any();
+    match ownership(meta, training) {
+        Ownership::Ours => None,
+        Ownership::EarlierTraining(uid) => Some(earlier_message(kind, name, &uid)),
+        Ownership::Retained => Some(conflict_message(
+            kind,
+            name,
+            "it carries the operator's labels but no owner reference, as one left behind by an \
+             earlier training of this name",
+            &training_name,
+        )),
+        Ownership::Foreign(whose) => Some(conflict_message(kind, name, &whose, &training_name)),
+    }
+}
+
+/// Keeps `desired` in shape with server-side apply when it is absent or the training's own; an
+/// object of someone else's under its name is left untouched and returned as a conflict.
+async fn apply_owned<K>(
+    api: &Api<K>,
+    desired: &K,
+    training: &CharLMTraining,
+    kind: &str,
+) -> Result<Option<String>, Error>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
     let name = desired.name_any();
-    match pvcs.get_opt(&name).await? {
+    let existing = match api.get_metadata_opt(&name).await? {
+        Some(existing) => existing,
         None => {
             let pp = PostParams {
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..Default::default()
             };
-            match pvcs.create(&pp, &desired).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                Err(e) => Err(e.into()),
+            match api.create(&pp, desired).await {
+                Ok(_) => return Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    match api.get_metadata_opt(&name).await? {
+                        Some(existing) => existing,
+                        None => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        Some(existing) => {
-            let owned = !training.spec.checkpoint.retain_on_delete;
-            if let Some(owners) = pvc_owner_update(&existing, &owner_reference(training), owned) {
-                let patch = json!({"metadata": {"ownerReferences": owners}});
-                pvcs.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await?;
-            }
-            Ok(())
-        }
+    };
+    if let Some(conflict) = not_ours(&existing.metadata, training, kind, &name) {
+        return Ok(Some(conflict));
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await?;
+    Ok(None)
+}
+
+/// Deletes the training's own object `name`, preconditioned on its uid; anyone else's is left.
+async fn delete_own<K>(api: &Api<K>, name: &str, training: &CharLMTraining) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(existing) = api.get_metadata_opt(name).await? else {
+        return Ok(());
+    };
+    if ownership(&existing.metadata, training) != Ownership::Ours {
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: existing.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -573,8 +752,8 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
         .unwrap_or_default();
     let mut events = Vec::new();
     for c in conditions::transitions(&before, &decision.status.conditions) {
-        let warning = c.status == conditions::TRUE
-            && (c.type_ == cond::FAILED || c.type_ == cond::RESTARTING);
+        // The pod-state warnings (reconcile's) and the volume ones (conditions').
+        let warning = crate::reconcile::warns(c) || conditions::is_warning(c);
         let note = if c.message.is_empty() {
             format!("{} is {}", c.type_, c.status)
         } else {
@@ -589,7 +768,7 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
             c.reason.clone(),
             note,
         ));
-        if warning && c.type_ == cond::RESTARTING {
+        if warning && c.type_ == cond::RESTARTING && c.status == conditions::TRUE {
             ctx.metrics
                 .gang_restarts
                 .get_or_create(&ReasonLabel {
@@ -625,6 +804,9 @@ async fn report(training: &CharLMTraining, decision: &Decision, ctx: &Context) {
             "DeletedWorkers".to_string(),
             format!("deleted worker pods {}", decision.delete.join(", ")),
         ));
+    }
+    for (reason, note) in &decision.warnings {
+        events.push((EventType::Warning, reason.clone(), note.clone()));
     }
     for (type_, reason, note) in events {
         publish(ctx, &reference, type_, &reason, note).await;
@@ -696,25 +878,23 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
         }
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    ignore_not_found(
-        services
-            .delete(&service_name(&name), &DeleteParams::default())
-            .await,
-    )?;
+    delete_own(&services, &service_name(&name), training).await?;
     if ctx.network_policy.is_some() {
         let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        ignore_not_found(
-            policies
-                .delete(&network_policy_name(&name), &DeleteParams::default())
-                .await,
-        )?;
+        delete_own(&policies, &network_policy_name(&name), training).await?;
     }
 
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pvc = pvc_name(&name);
     let reference = training.object_ref(&());
     if training.spec.checkpoint.retain_on_delete {
-        if let Some(existing) = pvcs.get_opt(&pvc).await? {
+        let existing = pvcs.get_opt(&pvc).await?.filter(|p| {
+            matches!(
+                ownership(&p.metadata, training),
+                Ownership::Ours | Ownership::Retained
+            )
+        });
+        if let Some(existing) = existing {
             // Drop our owner reference so the garbage collector leaves the volume alone.
             let owners: Vec<_> = existing
                 .owner_references()
@@ -737,14 +917,7 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
             .await;
         }
     } else {
-        let owned = pvcs.get_opt(&pvc).await?.is_some_and(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        });
-        if owned {
-            ignore_not_found(pvcs.delete(&pvc, &DeleteParams::default()).await)?;
-        }
+        delete_own(&pvcs, &pvc, training).await?;
     }
     ctx.last_poll
         .lock()
@@ -752,12 +925,4 @@ async fn cleanup(training: &CharLMTraining, ctx: &Context) -> Result<Action, Err
         .remove(&poll_key(training));
     tracing::info!(training = %name, namespace = %ns, "cleaned up after deletion");
     Ok(Action::await_change())
-}
-
-fn ignore_not_found<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }

@@ -30,67 +30,108 @@ pub const KIND: &str = "CharLMTraining";
     kind = "CharLMTraining",
     plural = "charlmtrainings",
     shortname = "clt",
+    // `kubectl get charlm` lists the trainings, and `kubectl get training` those of every operator
+    // that files its resources under it. Not `all`: `kubectl delete all --all` would delete the
+    // trainings and, with them, their checkpoint volumes.
+    category = "charlm",
+    category = "training",
     namespaced,
     status = "CharLMTrainingStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    doc = "A CharLMTraining trains one character-level GPT (nanochat's model) on GPUs or CPUs: \
+           spec says the model size (depth), the hardware (gpus, gpusPerNode or cpuWorkers), the \
+           budget (hours, maxSteps or a preset) and the dataset; the operator runs one worker pod \
+           per node under a headless Service, keeps checkpoints on a PersistentVolumeClaim, \
+           restarts the whole gang from the last checkpoint after a failure, and reports the \
+           progress, the best validation bits per character and the GPU-hours in status.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Queued, Running, Restarting, Suspended, Succeeded or Failed"
+    ),
     printcolumn(
         name = "Depth",
         type_ = "integer",
-        json_path = ".status.effective.depth"
+        json_path = ".status.effective.depth",
+        description = "Transformer layers the workers run with (a preset's when the spec leaves it unset)"
     ),
-    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.effective.gpus"),
-    printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step"),
+    printcolumn(
+        name = "GPUs",
+        type_ = "integer",
+        json_path = ".status.effective.gpus",
+        description = "GPUs of all worker pods; 0 trains on CPUs"
+    ),
+    printcolumn(
+        name = "Step",
+        type_ = "integer",
+        json_path = ".status.progress.step",
+        description = "The optimizer step rank 0 last reported"
+    ),
     printcolumn(
         name = "Loss",
         type_ = "number",
-        json_path = ".status.progress.trainLoss"
+        json_path = ".status.progress.trainLoss",
+        description = "The training loss (nats per token) rank 0 last reported"
     ),
-    printcolumn(name = "ETA", type_ = "string", json_path = ".status.eta"),
+    printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.eta",
+        description = "Time left of the budget, as rank 0 estimates it"
+    ),
     printcolumn(
         name = "Cost",
         type_ = "number",
-        json_path = ".status.usage.estimatedCost"
+        json_path = ".status.usage.estimatedCost",
+        description = "GPU-hours used times the operator's price per GPU-hour"
     ),
     printcolumn(
         name = "Age",
         type_ = "date",
-        json_path = ".metadata.creationTimestamp"
+        json_path = ".metadata.creationTimestamp",
+        description = "Time since the training was created"
     ),
     printcolumn(
         name = "Restarts",
         type_ = "integer",
         json_path = ".status.restarts",
-        priority = 1
+        priority = 1,
+        description = "Gang restarts counted against restartPolicy.maxRestarts"
     ),
     printcolumn(
         name = "ValBPC",
         type_ = "number",
         json_path = ".status.progress.valBpc",
-        priority = 1
+        priority = 1,
+        description = "The latest validation bits per character"
     ),
     printcolumn(
         name = "BestBPC",
         type_ = "number",
         json_path = ".status.bestValBpc",
-        priority = 1
+        priority = 1,
+        description = "The best validation bits per character so far (its checkpoint is best/)"
     ),
     printcolumn(
         name = "Epoch",
         type_ = "number",
         json_path = ".status.progress.epoch",
-        priority = 1
+        priority = 1,
+        description = "Passes over the training split so far"
     ),
     printcolumn(
         name = "GPUHours",
         type_ = "number",
         json_path = ".status.usage.gpuHours",
-        priority = 1
+        priority = 1,
+        description = "GPUs times the hours all workers trained, over all attempts"
     ),
     printcolumn(
         name = "Preset",
         type_ = "string",
         json_path = ".spec.preset",
-        priority = 1
+        priority = 1,
+        description = "The budget preset the spec names, if any"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -182,6 +223,12 @@ pub struct CharLMTrainingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<Recipe>,
 
+    /// Number format of the blocks' matrix products (`bf16` or `fp8`; fp8 needs GPUs with FP8
+    /// tensor cores, H100 or later, and a CPU training refuses it); unset lets the trainer choose
+    /// (docs/training.md, "Precision").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+
     /// Write TensorBoard event files to the checkpoint volume (`/checkpoints/tensorboard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensorboard: Option<bool>,
@@ -233,7 +280,14 @@ pub struct CharLMTrainingSpec {
     /// Extra environment of the trainer container. The operator's own variables (the gang's
     /// rendezvous and what the spec's fields set) are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = rules::env_names(), validation = rules::env_not_reserved())]
+    #[x_kube(
+        validation = rules::env_names(),
+        validation = rules::env_not_reserved(),
+        validation = rules::env_value_size(),
+        validation = rules::env_total_size()
+    )]
+    // Keyed by name, as a container's env is: server-side apply merges entries by name.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub env: Option<Vec<EnvVar>>,
 
     /// PriorityClass of the worker pods.
@@ -254,8 +308,10 @@ pub struct CharLMTrainingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative (0 deletes the training as soon as it ends)"))]
     pub ttl_seconds_after_finished: Option<i64>,
 
-    /// Seconds the workers of an attempt may wait to be placed on nodes (default 600). A gang not
-    /// all placed by then releases the workers it holds (GPUs that train nothing) and tries again
+    /// Seconds the workers of an attempt may take to be placed on nodes and started (default
+    /// 600): a worker not placed, or placed with containers that have not started (an image that
+    /// cannot be pulled, a missing Secret), counts; one preparing the dataset does not. A gang not
+    /// all started by then releases the workers it holds (GPUs that train nothing) and tries again
     /// after restartPolicy.backoffSeconds, without counting against maxRestarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 604800").message("startupTimeoutSeconds must be between 1 and 604800 (a week)"))]
@@ -375,6 +431,27 @@ impl Recipe {
     }
 }
 
+/// The precision of the trainer's matrix products (`--precision`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Precision {
+    /// bf16 products with fp32 accumulation.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// FP8 products for the blocks' four matrices (e4m3 forward, e5m2 gradients).
+    #[serde(rename = "fp8")]
+    Fp8,
+}
+
+impl Precision {
+    /// The trainer's name for it (`CHARLM_PRECISION`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+        }
+    }
+}
+
 /// The training text: `.txt` files, documents separated by a blank line.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -397,6 +474,7 @@ pub struct DatasetSpec {
 pub struct PvcDataset {
     /// Name of the PersistentVolumeClaim in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.pvc.claimName", "PersistentVolumeClaim", "charlm-texts"))]
     pub claim_name: String,
     /// Directory of the .txt files, relative to the root of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +488,7 @@ pub struct PvcDataset {
 pub struct ConfigMapDataset {
     /// Name of the ConfigMap in the training's namespace.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::object_name("dataset.configMap.name", "ConfigMap", "charlm-texts"))]
     pub name: String,
 }
 
@@ -497,12 +576,15 @@ pub struct RestartPolicySpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("restartPolicy.backoffSeconds must be between 0 and 3600"))]
     pub backoff_seconds: i32,
     /// What a failure of each reason does; a rule overrides the default of the one reason it
-    /// names. Reasons (defaults): Evicted, Preempted, NodeLost (RestartWithoutCounting: from the
-    /// last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower deviceBatchSize);
-    /// BadInput, the trainer's exit code 2 (Fail); Error, any other failure (Restart, counted).
+    /// names. Reasons (defaults): Evicted, Preempted, NodeLost, Deleted (RestartWithoutCounting:
+    /// from the last checkpoint, not counted against maxRestarts); OOMKilled (Fail: lower
+    /// deviceBatchSize, or raise the memory of the container that ran out); BadInput, the
+    /// trainer's exit code 2 (Fail); StorageFull, its exit code 3: a checkpoint did not fit on the
+    /// checkpoint volume (Fail: a restart would hit the same wall at its next save); Error, any
+    /// other failure (Restart, counted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 6))]
-    #[x_kube(validation = rules::failure_reasons_unique())]
+    #[schemars(length(max = 7))]
+    #[x_kube(validation = rules::failure_reasons_unique(&reason_names()))]
     pub rules: Vec<FailureRule>,
 }
 
@@ -510,7 +592,11 @@ pub struct RestartPolicySpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureRule {
+    /// The reason of failures this rule acts on: Evicted, Preempted, NodeLost, OOMKilled,
+    /// BadInput or Error.
     pub reason: FailureReason,
+    /// What such a failure does: Restart (counted against maxRestarts), RestartWithoutCounting
+    /// or Fail.
     pub action: FailureAction,
 }
 
@@ -528,11 +614,19 @@ pub enum FailureReason {
     /// Its node went away or stopped answering and the node lifecycle deleted the pod. Default:
     /// RestartWithoutCounting.
     NodeLost,
+    /// The pod was deleted by someone other than the operator without a disruption condition
+    /// (`kubectl delete pod`; its trainer saves a checkpoint on SIGTERM), or vanished. Default:
+    /// RestartWithoutCounting.
+    Deleted,
     /// A container ran out of memory. Default: Fail (lower deviceBatchSize).
     #[serde(rename = "OOMKilled")]
     OomKilled,
     /// The trainer exited with code 2: the input or settings are wrong. Default: Fail.
     BadInput,
+    /// The trainer exited with code 3: a checkpoint did not fit on the checkpoint volume (its
+    /// message names the bytes needed and free; nothing saved before was damaged). Default: Fail,
+    /// since a restart trains until the next save and hits the same wall.
+    StorageFull,
     /// Any other failure (a crash, a stop before the budget, a pod deleted by hand). Default:
     /// Restart.
     Error,
@@ -547,6 +641,61 @@ pub enum FailureAction {
     RestartWithoutCounting,
     /// Fail the training at once.
     Fail,
+}
+
+/// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
+/// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
+pub const ALL_REASONS: [FailureReason; 8] = [
+    FailureReason::Evicted,
+    FailureReason::Preempted,
+    FailureReason::NodeLost,
+    FailureReason::Deleted,
+    FailureReason::OomKilled,
+    FailureReason::BadInput,
+    FailureReason::StorageFull,
+    FailureReason::Error,
+];
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Evicted => "Evicted",
+            FailureReason::Preempted => "Preempted",
+            FailureReason::NodeLost => "NodeLost",
+            FailureReason::Deleted => "Deleted",
+            FailureReason::OomKilled => "OOMKilled",
+            FailureReason::BadInput => "BadInput",
+            FailureReason::StorageFull => "StorageFull",
+            FailureReason::Error => "Error",
+        }
+    }
+}
+
+/// Every action, in the order the schema lists them.
+pub const ALL_ACTIONS: [FailureAction; 3] = [
+    FailureAction::Restart,
+    FailureAction::RestartWithoutCounting,
+    FailureAction::Fail,
+];
+
+impl FailureAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureAction::Restart => "Restart",
+            FailureAction::RestartWithoutCounting => "RestartWithoutCounting",
+            FailureAction::Fail => "Fail",
+        }
+    }
+}
+
+/// The names of [`ALL_REASONS`], as the schema and the messages list them.
+pub fn reason_names() -> Vec<&'static str> {
+    ALL_REASONS.iter().map(|r| r.as_str()).collect()
+}
+
+/// The names of [`ALL_ACTIONS`].
+pub fn action_names() -> Vec<&'static str> {
+    ALL_ACTIONS.iter().map(|a| a.as_str()).collect()
 }
 
 fn default_max_restarts() -> i32 {
@@ -620,7 +769,14 @@ pub mod condition {
     pub const PAST_BEST: &str = "PastBest";
     /// Kueue admitted the training's Workload (only on a training that names a LocalQueue).
     pub const ADMITTED: &str = "Admitted";
-    pub const ALL: [&str; 10] = [
+    /// The checkpoint claim is the operator's and usable (True), being provisioned (Unknown), or
+    /// cannot be used (False): someone else's claim holds its name, its StorageClass does not
+    /// exist, or it was deleted and its checkpoints are lost.
+    pub const CHECKPOINT_VOLUME_READY: &str = "CheckpointVolumeReady";
+    /// A checkpoint failed its check at a resume and was set aside; the trainer resumed from an
+    /// older one (a warning, set from the trainer's report).
+    pub const CHECKPOINT_DAMAGED: &str = "CheckpointDamaged";
+    pub const ALL: [&str; 12] = [
         DATASET_READY,
         PODS_READY,
         RUNNING,
@@ -631,19 +787,30 @@ pub mod condition {
         DATA_CONSTRAINED,
         PAST_BEST,
         ADMITTED,
+        CHECKPOINT_VOLUME_READY,
+        CHECKPOINT_DAMAGED,
     ];
 }
 
+/// What the operator observed of a training: its phase and conditions, its workers, restarts and
+/// failures, the checkpoint volume, rank 0's progress, the settings it runs with, and its cost.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CharLMTrainingStatus {
+    /// Where the training stands: Pending, Queued, Running, Restarting, Suspended, Succeeded or
+    /// Failed; `message` and the conditions say why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// One line on why the training is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The latest observations of the training, one per type: DatasetReady, PodsReady, Running,
+    /// Succeeded, Failed, Suspended, Restarting, Admitted (queued in Kueue), and the warnings
+    /// DataConstrained and PastBest. Each change of one is also an Event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The generation of the spec this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Worker pods of the current attempt.
@@ -677,8 +844,24 @@ pub struct CharLMTrainingStatus {
     /// Earliest time of the next gang start after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_after: Option<Time>,
+    /// Name of the checkpoint PersistentVolumeClaim (`<name>-checkpoints`), mounted at
+    /// /checkpoints in worker 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_pvc: Option<String>,
+    /// The uid of the checkpoint claim, recorded when the operator first saw it as its own: a
+    /// claim of that name gone, being deleted or replaced by another means the checkpoints on it
+    /// are lost, which the operator then says instead of starting from step 0 on a new claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_pvc_uid: Option<String>,
+    /// Checkpoints lost with their deleted claim: what the status named before. The training
+    /// starts no new workers until the annotation `charlm.dev/restart-from-scratch` is set to
+    /// `restartToken` (then it starts over from step 0 on a new claim), or it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_checkpoints: Option<LostCheckpoints>,
+    /// Checkpoints the trainer found damaged at a resume and set aside as `<dir>.damaged`
+    /// (paths on the checkpoint volume, oldest first, at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged_checkpoints: Vec<String>,
     /// Path of the newest checkpoint inside the checkpoint volume's mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_checkpoint: Option<String>,
@@ -688,12 +871,15 @@ pub struct CharLMTrainingStatus {
     /// The training loss at a few steps over the whole run (at most 32, thinned evenly as the
     /// run grows), for a loss curve without a metrics stack (`kubectl charlm status`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["step"]))]
     pub loss_history: Vec<LossPoint>,
     /// Human-readable time left, from progress.etaS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<String>,
+    /// When the workers of the first attempt were created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the training ended (Succeeded or Failed); `ttlSecondsAfterFinished` counts from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Validation bits per character when the training succeeded.
@@ -719,19 +905,62 @@ pub struct CharLMTrainingStatus {
     pub plan: Option<PlanStatus>,
 }
 
+/// What a deleted checkpoint claim held (`status.lostCheckpoints`), as the status named it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostCheckpoints {
+    /// The claim's name and uid (the uid unless the claim went before the operator recorded it).
+    pub claim_name: String,
+    /// The lost claim's uid, when the operator had recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_uid: Option<String>,
+    /// When the operator saw the claim being deleted or gone.
+    pub detected_time: Time,
+    /// The newest checkpoint, the best validation bpc and its step, and the step the training
+    /// had reached, on the lost claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    /// The best validation bpc on the lost claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_bpc: Option<f64>,
+    /// The step of that best validation bpc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
+    /// The step the training had reached when the claim was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    /// The value of the annotation `charlm.dev/restart-from-scratch` that starts the training over
+    /// from step 0 on a new, empty claim: the lost claim's uid (its name when no uid was
+    /// recorded), so a value left on the training never approves a later loss.
+    pub restart_token: String,
+}
+
 /// Failures by reason (`status.failures`); the keys are the reasons of `restartPolicy.rules`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct FailureCounts {
+    /// Attempts ended by an eviction (node pressure, a drain, the Eviction API).
     #[serde(rename = "Evicted", default)]
     pub evicted: i32,
+    /// Attempts ended by a preemption (the scheduler's, a critical pod's, Kueue's).
     #[serde(rename = "Preempted", default)]
     pub preempted: i32,
+    /// Attempts ended because a worker's node went away or stopped answering.
     #[serde(rename = "NodeLost", default)]
     pub node_lost: i32,
+    /// Attempts ended because a worker pod was deleted without an eviction or a preemption
+    /// (`kubectl delete pod`, another controller): restarted without counting.
+    #[serde(rename = "Deleted", default)]
+    pub deleted: i32,
+    /// Attempts ended because a container ran out of memory.
     #[serde(rename = "OOMKilled", default)]
     pub oom_killed: i32,
+    /// Attempts ended by the trainer's exit code 2: wrong input or settings.
     #[serde(rename = "BadInput", default)]
     pub bad_input: i32,
+    /// Attempts ended by the trainer's exit code 3: a checkpoint did not fit on its volume.
+    #[serde(rename = "StorageFull", default)]
+    pub storage_full: i32,
+    /// Attempts ended by any other failure.
     #[serde(rename = "Error", default)]
     pub error: i32,
 }
@@ -742,8 +971,10 @@ impl FailureCounts {
             FailureReason::Evicted => &mut self.evicted,
             FailureReason::Preempted => &mut self.preempted,
             FailureReason::NodeLost => &mut self.node_lost,
+            FailureReason::Deleted => &mut self.deleted,
             FailureReason::OomKilled => &mut self.oom_killed,
             FailureReason::BadInput => &mut self.bad_input,
+            FailureReason::StorageFull => &mut self.storage_full,
             FailureReason::Error => &mut self.error,
         }
     }
@@ -761,8 +992,9 @@ pub struct PlanStatus {
     pub recommended_hours: f64,
     /// Hours after which the effective depth's best model is expected.
     pub hours_to_best: f64,
-    /// Dollars of the whole budget, and of the recommended hours, at the operator's price.
+    /// Cost of the whole budget at the operator's price per GPU-hour.
     pub budget_cost: f64,
+    /// Cost of the recommended hours at the recommended depth, at the same price.
     pub recommended_cost: f64,
     /// Unique training tokens the plan is for.
     pub unique_tokens: i64,
@@ -773,20 +1005,30 @@ pub struct PlanStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveSettings {
+    /// The preset that filled the fields the spec leaves unset, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
+    /// Transformer layers.
     pub depth: i32,
+    /// GPUs of all worker pods; 0 trains on CPUs.
     pub gpus: i32,
+    /// GPUs of one node (and of one worker pod, when gpus fills several nodes).
     pub gpus_per_node: i32,
     /// Worker pods: one per node with GPUs, `cpuWorkers` on CPU.
     pub workers: i32,
+    /// The budget in hours, if the training has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hours: Option<f64>,
+    /// The budget in optimizer steps, if the training has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<i64>,
+    /// Sequences per GPU per micro-step, or `auto` (the trainer picks the largest that fits).
     pub device_batch_size: DeviceBatchSize,
+    /// Evaluations without a better validation bpc before an early stop; unset: the trainer's
+    /// default; 0: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop_patience: Option<i32>,
+    /// Whether the trainer writes TensorBoard event files to /checkpoints/tensorboard.
     #[serde(default)]
     pub tensorboard: bool,
     /// The generation of the spec these settings come from.
@@ -836,7 +1078,9 @@ pub struct UsageStatus {
 /// One point of `status.lossHistory`: the training loss (nats per token) rank 0 reported at a step.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
 pub struct LossPoint {
+    /// The optimizer step of the report.
     pub step: i64,
+    /// The training loss at that step, in nats per token.
     pub loss: f64,
 }
 
@@ -844,37 +1088,56 @@ pub struct LossPoint {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProgressStatus {
+    /// Optimizer steps done.
     pub step: i64,
+    /// Steps the whole budget is expected to take, at the current speed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_steps_estimate: Option<i64>,
+    /// Training tokens seen so far, over all workers.
     #[serde(default)]
     pub tokens: i64,
+    /// Passes over the training split so far (fractional).
     #[serde(default)]
     pub epoch: f64,
+    /// The latest training loss, in nats per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
+    /// The latest validation bits per character.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_bpc: Option<f64>,
+    /// The best validation bits per character of the run (its checkpoint is `best/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_val_bpc: Option<f64>,
+    /// The step of `bestValBpc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_step: Option<i64>,
+    /// Training tokens per second over all workers, recently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// Model FLOPs utilisation: the share of the GPUs' peak bf16 FLOPs the model's arithmetic
+    /// uses (0 to 1); unset on CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Seconds of training so far, over all attempts (the budget's clock).
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Seconds of the budget left, as the trainer estimates them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<f64>,
+    /// Path of the newest checkpoint the trainer wrote (under /checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Trainer processes of the gang (GPUs, or CPU workers).
     #[serde(default)]
     pub world_size: i64,
+    /// Peak GPU memory of rank 0, in GiB; unset on CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_gib: Option<f64>,
+    /// Training tokens in one pass over the training split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_epoch: Option<i64>,
+    /// True once the trainer has ended its budget (or stopped early) and written its last
+    /// checkpoint.
     #[serde(default)]
     pub complete: bool,
     /// Why the trainer exited: `budget`, `early_stop` or `signal`.
@@ -886,6 +1149,9 @@ pub struct ProgressStatus {
     /// GPU-hours of the budget an early stop left unspent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_gpu_hours: Option<f64>,
+    /// The checkpoint the running attempt resumed from (unset on a fresh start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<String>,
     /// When the operator read this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_time: Option<Time>,
@@ -896,7 +1162,11 @@ pub fn crd(
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     let mut crd = serde_json::to_value(CharLMTraining::crd()).expect("the CRD serialises");
     for version in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
-        rules::complete_schema(&mut version["schema"]["openAPIV3Schema"]);
+        rules::complete_schema(
+            &mut version["schema"]["openAPIV3Schema"],
+            &reason_names(),
+            &action_names(),
+        );
     }
     serde_json::from_value(crd).expect("the completed CRD is still a CRD")
 }

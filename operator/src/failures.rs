@@ -4,50 +4,21 @@
 //! applies the action.
 
 use crate::crd::{FailureAction, FailureReason, FailureRule};
+use crate::resources::TRAINER_CONTAINER;
 use crate::workers::{Worker, WorkerState};
 
-/// Every reason, in the order of precedence: when several workers of a gang ended, the earliest
-/// reason is the gang's (a peer that lost its node makes the others fail with a plain error).
-pub const ALL_REASONS: [FailureReason; 6] = [
-    FailureReason::Evicted,
-    FailureReason::Preempted,
-    FailureReason::NodeLost,
-    FailureReason::OomKilled,
-    FailureReason::BadInput,
-    FailureReason::Error,
-];
-
-impl FailureReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureReason::Evicted => "Evicted",
-            FailureReason::Preempted => "Preempted",
-            FailureReason::NodeLost => "NodeLost",
-            FailureReason::OomKilled => "OOMKilled",
-            FailureReason::BadInput => "BadInput",
-            FailureReason::Error => "Error",
-        }
-    }
-}
-
-impl FailureAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureAction::Restart => "Restart",
-            FailureAction::RestartWithoutCounting => "RestartWithoutCounting",
-            FailureAction::Fail => "Fail",
-        }
-    }
-}
-
 /// The action without a rule: the cluster's disruptions are not the training's fault, so they
-/// restart without using up restarts; bad input and running out of memory repeat on every retry.
+/// restart without using up restarts; bad input, running out of memory and a full checkpoint
+/// volume repeat on every retry.
 pub fn default_action(reason: FailureReason) -> FailureAction {
     match reason {
-        FailureReason::Evicted | FailureReason::Preempted | FailureReason::NodeLost => {
-            FailureAction::RestartWithoutCounting
+        FailureReason::Evicted
+        | FailureReason::Preempted
+        | FailureReason::NodeLost
+        | FailureReason::Deleted => FailureAction::RestartWithoutCounting,
+        FailureReason::OomKilled | FailureReason::BadInput | FailureReason::StorageFull => {
+            FailureAction::Fail
         }
-        FailureReason::OomKilled | FailureReason::BadInput => FailureAction::Fail,
         FailureReason::Error => FailureAction::Restart,
     }
 }
@@ -69,8 +40,14 @@ pub fn classify(worker: &Worker) -> FailureReason {
     if let Some(reason) = disruption(worker.disruption.as_deref(), worker.pod_reason.as_deref()) {
         return reason;
     }
+    // Deleted without a word of who or why (`kubectl delete pod`): the user's or another
+    // controller's decision, as an eviction is, not a fault of the training.
+    if worker.deleted {
+        return FailureReason::Deleted;
+    }
     match &worker.state {
         WorkerState::Failed(f) if f.is_bad_input() => FailureReason::BadInput,
+        WorkerState::Failed(f) if f.is_storage_full() => FailureReason::StorageFull,
         WorkerState::Failed(f) if f.reason.as_deref() == Some("OOMKilled") => {
             FailureReason::OomKilled
         }
@@ -137,20 +114,45 @@ pub fn failed_condition_reason(reason: FailureReason) -> &'static str {
     }
 }
 
-/// The message of a training that a failure ends, with the fix.
-pub fn fail_message(reason: FailureReason, detail: &str, by_rule: bool) -> String {
+/// The message of a training that a failure of `container` (when one failed) ends, with the fix.
+pub fn fail_message(
+    reason: FailureReason,
+    detail: &str,
+    by_rule: bool,
+    container: Option<&str>,
+) -> String {
     if by_rule {
         return format!(
             "{detail}; restartPolicy.rules says Fail for {} (change the rule to restart instead)",
             reason.as_str()
         );
     }
+    let preparation = container.filter(|c| *c != TRAINER_CONTAINER);
     match reason {
+        // The data preparation holds no model: the micro-batch is not what filled its memory.
+        FailureReason::OomKilled if preparation.is_some() => format!(
+            "{detail}; the init container {} ran out of memory (OOMKilled) while it {}: raise the \
+             memory limit in spec.resources.limits.memory (the init containers get the trainer's \
+             resources, without GPUs); deviceBatchSize plays no part there",
+            preparation.unwrap_or_default(),
+            match preparation {
+                Some("generate") => "generated the synthetic dataset",
+                _ => "prepared the dataset",
+            }
+        ),
         // The trainer's own error line (in `detail`) names the micro-batch that fits, if it said.
         FailureReason::OomKilled => format!(
             "{detail}; the worker ran out of memory (OOMKilled): lower spec.deviceBatchSize (the \
              micro-batch; gradient accumulation keeps totalBatchSize) or raise the memory limit in \
              spec.resources"
+        ),
+        // The trainer's line names the folder, the bytes a checkpoint needs and what is free.
+        FailureReason::StorageFull => format!(
+            "{detail}; the checkpoint volume is full (StorageFull; the checkpoints saved before \
+             are intact): make room on the checkpoint claim (expand it if its StorageClass allows \
+             volume expansion, or delete what else it holds) or keep fewer checkpoints \
+             (spec.checkpoint.keep) in a new training; a restartPolicy.rules entry {{reason: \
+             StorageFull, action: Restart}} restarts instead of failing"
         ),
         _ => detail.to_string(),
     }
@@ -165,6 +167,7 @@ pub fn checkpoint_step(path: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ALL_REASONS;
     use crate::resources::testing::{cpu_spec, training};
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
@@ -203,6 +206,15 @@ mod tests {
                 terminated(pod(&t, 0, 0), "prepare", 2, "error: no .txt files"),
                 FailureReason::BadInput,
             ),
+            (
+                terminated(
+                    pod(&t, 0, 0),
+                    TRAINER_CONTAINER,
+                    3,
+                    "error: the checkpoint volume is full",
+                ),
+                FailureReason::StorageFull,
+            ),
             (crash(), FailureReason::Error),
         ];
         for (p, want) in cases {
@@ -231,6 +243,8 @@ mod tests {
                 RestartWithoutCounting,
                 RestartWithoutCounting,
                 RestartWithoutCounting,
+                RestartWithoutCounting,
+                Fail,
                 Fail,
                 Fail,
                 Restart
@@ -269,12 +283,48 @@ mod tests {
             FailureReason::OomKilled,
             "t-worker-0: container trainer exited with code 137 (OOMKilled): rank 0: out of memory at micro-batch 16; micro-batch 8 fits",
             false,
+            Some("trainer"),
         );
         assert!(m.contains("micro-batch 8 fits"), "{m}");
         assert!(m.contains("lower spec.deviceBatchSize"), "{m}");
-        let m = fail_message(FailureReason::Error, "boom", true);
+        let m = fail_message(FailureReason::Error, "boom", true, None);
         assert!(m.contains("restartPolicy.rules says Fail for Error"), "{m}");
-        assert_eq!(fail_message(FailureReason::BadInput, "bad", false), "bad");
+        assert_eq!(
+            fail_message(FailureReason::BadInput, "bad", false, None),
+            "bad"
+        );
+        // An init container's OOM: its name and its memory, not the micro-batch.
+        let m = fail_message(
+            FailureReason::OomKilled,
+            "t-worker-0: container generate exited with code 137 (OOMKilled): Killed",
+            false,
+            Some("generate"),
+        );
+        assert!(
+            m.contains("the init container generate ran out of memory")
+                && m.contains("raise the memory limit in spec.resources.limits.memory")
+                && !m.contains("lower spec.deviceBatchSize"),
+            "{m}"
+        );
+        let m = fail_message(
+            FailureReason::StorageFull,
+            "t-worker-0: container trainer exited with code 3: the checkpoint volume is full: writing /checkpoints/step-000000040 needs about 1.2 GiB, and /checkpoints has 12.0 MiB free",
+            false,
+            None,
+        );
+        assert!(
+            m.contains("needs about 1.2 GiB") && m.contains("12.0 MiB free"),
+            "{m}"
+        );
+        assert!(
+            m.contains("spec.checkpoint.keep")
+                && m.contains("reason: StorageFull, action: Restart"),
+            "{m}"
+        );
+        assert_eq!(
+            failed_condition_reason(FailureReason::StorageFull),
+            "StorageFull"
+        );
     }
 
     #[test]

@@ -4,13 +4,16 @@
 //! `workers`, of all its worker pods, so Kueue admits the gang whole or not at all), creates no pod
 //! until Kueue admitted it, stops the workers when Kueue evicts it (preemption: the trainers save a
 //! checkpoint on SIGTERM, as for `spec.suspend`), then gives the quota back so Kueue queues it again,
-//! and marks the Workload finished when the training ends. docs/operator.md, "Queueing with Kueue".
+//! and marks the Workload finished when the training ends. Admitted, its workers run where the
+//! admission's ResourceFlavors say (their node labels and tolerations, as Kueue's `PodSetInfo`
+//! gives a Job's pods); a worker made after another admission gets that one's.
+//! docs/operator.md, "Queueing with Kueue".
 //!
 //! Plain data and pure functions; `controller` reads and writes the objects.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::ApiResource;
 use kube::ResourceExt;
@@ -36,6 +39,10 @@ pub fn workload_resource() -> ApiResource {
 
 pub fn priority_class_resource() -> ApiResource {
     resource("WorkloadPriorityClass", "workloadpriorityclasses")
+}
+
+pub fn resource_flavor_resource() -> ApiResource {
+    resource("ResourceFlavor", "resourceflavors")
 }
 
 fn resource(kind: &str, plural: &str) -> ApiResource {
@@ -184,6 +191,79 @@ pub fn workload(
     })
 }
 
+/// The ResourceFlavors Kueue assigned to the pod set `workers` in a Workload's `status`
+/// (`admission.podSetAssignments[].flavors`, one per resource), each named once, sorted; none when
+/// it is not admitted.
+pub fn assigned_flavors(status: &Value) -> Vec<String> {
+    let mut names: Vec<String> = status["admission"]["podSetAssignments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["name"] == PODSET)
+        .filter_map(|a| a["flavors"].as_object())
+        .flat_map(|flavors| flavors.values())
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Where an admitted gang runs: what its flavours add to the workers' pods.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    /// The flavours' `nodeLabels`, added to each worker's node selector.
+    pub node_selector: BTreeMap<String, String>,
+    /// The flavours' `tolerations`, added to each worker's.
+    pub tolerations: Vec<Toleration>,
+}
+
+/// The placement of the ResourceFlavors' `spec`s (JSON), in the order given.
+pub fn placement(flavor_specs: &[Value]) -> Result<Placement, String> {
+    let mut p = Placement::default();
+    for spec in flavor_specs {
+        let labels: BTreeMap<String, String> =
+            serde_json::from_value(spec["nodeLabels"].clone()).unwrap_or_default();
+        p.node_selector.extend(labels);
+        let tolerations: Vec<Toleration> = match &spec["tolerations"] {
+            Value::Null => Vec::new(),
+            t => serde_json::from_value(t.clone())
+                .map_err(|e| format!("a ResourceFlavor's tolerations do not parse: {e}"))?,
+        };
+        for t in tolerations {
+            if !p.tolerations.contains(&t) {
+                p.tolerations.push(t);
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Adds a placement to a worker pod, as Kueue's `podset.Merge` does for a Job's pod template: the
+/// flavours' labels join the pod's node selector and their tolerations the pod's. Kueue assigns
+/// a pod set only flavours whose labels its node selector does not contradict (the template it
+/// judged is the same pod), so a label already there with another value cannot come from
+/// Kueue's choice; the flavour's value is taken then, since the quota is the flavour's.
+pub fn apply_placement(pod: &mut Pod, placement: &Placement) {
+    if placement == &Placement::default() {
+        return;
+    }
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    if !placement.node_selector.is_empty() {
+        spec.node_selector
+            .get_or_insert_with(Default::default)
+            .extend(placement.node_selector.clone());
+    }
+    if !placement.tolerations.is_empty() {
+        let tolerations = spec.tolerations.get_or_insert_with(Vec::new);
+        for t in &placement.tolerations {
+            if !tolerations.contains(t) {
+                tolerations.push(t.clone());
+            }
+        }
+    }
+}
+
 /// Does a Workload still describe the gang the training would start (count and pod requests)?
 /// Pod sets cannot change, so a training whose shape changed gets a new one while it is not
 /// admitted.
@@ -270,7 +350,7 @@ pub fn finished_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::testing::{gpu_spec, training};
+    use crate::resources::testing::{cpu_spec, gpu_spec, training};
     use k8s_openapi::jiff::Timestamp;
 
     fn now() -> Time {
@@ -370,6 +450,63 @@ mod tests {
             conditions::get(&conds, "Finished").unwrap().reason,
             "Succeeded"
         );
+    }
+
+    #[test]
+    fn the_admitted_flavours_place_the_workers() {
+        let status = json!({"admission": {"clusterQueue": "cq", "podSetAssignments": [
+            {"name": "workers", "count": 2, "flavors": {"cpu": "spot", "memory": "spot", "nvidia.com/gpu": "h100"}},
+            {"name": "other", "flavors": {"cpu": "elsewhere"}}
+        ]}});
+        assert_eq!(assigned_flavors(&status), ["h100", "spot"]);
+        assert!(assigned_flavors(&json!({"admission": null})).is_empty());
+        assert!(assigned_flavors(&Value::Null).is_empty());
+
+        let toleration = json!({"key": "spot", "operator": "Exists", "effect": "NoSchedule"});
+        let p = placement(&[
+            json!({"nodeLabels": {"pool": "h100", "zone": "a"}}),
+            json!({"nodeLabels": {"pool": "spot"}, "tolerations": [toleration.clone(), toleration]}),
+        ])
+        .unwrap();
+        assert_eq!(
+            p.node_selector,
+            BTreeMap::from([
+                ("pool".to_string(), "spot".to_string()),
+                ("zone".to_string(), "a".to_string())
+            ])
+        );
+        assert_eq!(p.tolerations.len(), 1, "each toleration once");
+        assert!(placement(&[json!({"tolerations": "no"})]).is_err());
+
+        // Added to what the pod selects and tolerates already; an empty placement changes nothing.
+        let mut t = training(gpu_spec());
+        t.spec.node_selector = Some(BTreeMap::from([("pool".into(), "h100".into())]));
+        let effective = crate::effective::resolve(&t.spec).unwrap();
+        let settings = crate::resources::PodSettings {
+            default_image: "charlm-trainer:test".into(),
+            image_pull_policy: None,
+        };
+        let pod = crate::resources::worker_pod(&t, &effective, 0, 0, &settings);
+        let mut same = pod.clone();
+        apply_placement(&mut same, &Placement::default());
+        assert_eq!(same, pod);
+        let mut placed = pod.clone();
+        apply_placement(&mut placed, &p);
+        let spec = placed.spec.unwrap();
+        assert_eq!(spec.node_selector, Some(p.node_selector.clone()));
+        let before = pod.spec.unwrap().tolerations.unwrap_or_default();
+        let after = spec.tolerations.unwrap();
+        assert_eq!(after.len(), before.len() + 1);
+        assert_eq!(after.last(), p.tolerations.first());
+        // A CPU pod without a selector or tolerations gets the flavour's.
+        let cpu = training(cpu_spec());
+        let effective = crate::effective::resolve(&cpu.spec).unwrap();
+        let mut pod = crate::resources::worker_pod(&cpu, &effective, 1, 0, &settings);
+        assert!(pod.spec.as_ref().unwrap().node_selector.is_none());
+        apply_placement(&mut pod, &p);
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.node_selector.unwrap()["zone"], "a");
+        assert_eq!(spec.tolerations.unwrap(), p.tolerations);
     }
 
     #[test]

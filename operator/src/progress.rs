@@ -35,8 +35,14 @@ impl From<&TrainerReport> for ProgressStatus {
             evals_since_best,
             saved_s: _,
             saved_gpu_hours,
+            resumed_from,
+            // Read by the reconciler (status.damagedCheckpoints, CheckpointDamaged).
+            damaged_checkpoints: _,
             // Read by the reconciler for failure messages; not part of the status.
             error: _,
+            // `launch`'s in-place restarts: not in the status yet (issue 35's operator part).
+            in_place_restarts: _,
+            last_restart_reason: _,
         } = report;
         let finite = |v: &Option<f64>| v.filter(|v| v.is_finite());
         ProgressStatus {
@@ -60,6 +66,7 @@ impl From<&TrainerReport> for ProgressStatus {
             stop_reason: stop_reason.clone(),
             evals_since_best: i64::from(*evals_since_best),
             saved_gpu_hours: finite(saved_gpu_hours),
+            resumed_from: resumed_from.clone(),
             observed_time: None,
         }
     }

@@ -13,6 +13,7 @@ use crate::context::{publish, Context, Error, FIELD_MANAGER};
 use crate::crd::{CharLMTraining, Phase};
 use crate::effective;
 use crate::kueue::{self, Gate, State};
+use crate::ownership::{ownership, Ownership};
 use crate::reconcile::Decision;
 use crate::resources::worker_pod;
 
@@ -63,6 +64,14 @@ pub async fn queue_gate(
         }
     };
     if let Some(w) = existing {
+        // Someone else's Workload under this training's Workload name is neither changed nor
+        // deleted; the training waits and says so.
+        if ownership(&w.metadata, training) != Ownership::Ours {
+            return Ok(gate(State::NoWorkload(format!(
+                "Workload {name} exists but is not this training's (it has no owner reference \
+                 to it): the operator leaves it untouched; delete it if it is not needed"
+            ))));
+        }
         let state = kueue::state(&w.data["status"]);
         let holds_quota = matches!(
             state,
@@ -103,6 +112,27 @@ pub async fn queue_gate(
     Ok(gate(State::Pending(format!(
         "created Workload {name}; Kueue has not looked at it yet"
     ))))
+}
+
+/// Where the workers of an admitted training run: the node labels and tolerations of the
+/// ResourceFlavors its Workload's admission assigns (read now, so a worker made after a new
+/// admission gets that one's). A flavour that cannot be read fails the reconcile, which is
+/// retried: a worker placed without it could run outside the quota Kueue admitted it into.
+pub async fn admitted_placement(
+    training: &CharLMTraining,
+    ctx: &Context,
+) -> Result<kueue::Placement, Error> {
+    let api = workloads(ctx, training);
+    let Some(w) = api.get_opt(&kueue::workload_name(training)).await? else {
+        return Ok(kueue::Placement::default());
+    };
+    let flavors: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &kueue::resource_flavor_resource());
+    let mut specs = Vec::new();
+    for name in kueue::assigned_flavors(&w.data["status"]) {
+        specs.push(flavors.get(&name).await?.data["spec"].clone());
+    }
+    kueue::placement(&specs).map_err(Error::Kueue)
 }
 
 /// The Workload the training should have, or why none can be made yet.
@@ -169,6 +199,9 @@ pub async fn settle_workload(
     let Some(w) = api.get_opt(&name).await? else {
         return Ok(());
     };
+    if ownership(&w.metadata, training) != Ownership::Ours {
+        return Ok(());
+    }
     let status = &w.data["status"];
     let now = Time(Timestamp::now());
     let generation = w.metadata.generation;

@@ -31,7 +31,8 @@ use crate::kueue::{Gate, State as QueueState};
 use crate::progress::{human_duration, TrainerReport};
 use crate::resources::{pod_name, pvc_name};
 use crate::usage;
-use crate::workers::{Worker, WorkerState};
+use crate::volume::{self, Claim};
+use crate::workers::{Waiting, Worker, WorkerState};
 use charlm_contract::planner;
 use charlm_contract::PAST_BEST_EVALUATIONS;
 
@@ -42,6 +43,9 @@ pub const RUNNING_REQUEUE: Duration = Duration::from_secs(30);
 const STARTING_REQUEUE: Duration = Duration::from_secs(15);
 const STOPPING_REQUEUE: Duration = Duration::from_secs(2);
 const DATASET_REQUEUE: Duration = Duration::from_secs(30);
+const RECHECK_MIN: Duration = Duration::from_secs(10);
+/// Damaged checkpoints the status names at most.
+const MAX_DAMAGED: usize = 16;
 
 /// Whether the training's dataset source exists (a synthetic one always does).
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +70,22 @@ pub struct Observed<'a> {
     pub rejection: Option<String>,
     /// Kueue's word, for a training that names a LocalQueue (`kueue`); `None`: not queued.
     pub queue: Option<Gate>,
+    /// The checkpoint claim, and the objects of the training's names that are someone else's.
+    pub objects: Objects,
+}
+
+/// What the API server holds under the names of the training's objects besides its pods' states.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Objects {
+    /// What is under the checkpoint claim's name (`volume`).
+    pub claim: Claim,
+    /// The StorageClass the claim waits for (or the spec names, before there is a claim) does
+    /// not exist (`volume::class_to_check`).
+    pub class_missing: bool,
+    /// Objects of the training's names (its Service, NetworkPolicy, a worker pod's) that are not
+    /// its own (`ownership`), each as a message naming it and the fix: no workers start while
+    /// any is there, and the operator changes nothing on them.
+    pub conflicts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,6 +104,10 @@ pub struct Decision {
     /// Kueue evicted the Workload and no worker runs any more: give its quota back (as Kueue's
     /// jobframework does once an evicted job stopped), so Kueue queues it again.
     pub release_quota: bool,
+    /// Make the checkpoint claim (before any worker).
+    pub create_claim: bool,
+    /// Warning Events that no condition's transition carries: (reason, note).
+    pub warnings: Vec<(String, String)>,
 }
 
 /// How a worker ended the attempt: the condition reason (`WorkerFailed`, `WorkerStopped`,
@@ -92,12 +116,15 @@ struct Ending {
     kind: &'static str,
     reason: FailureReason,
     pod: String,
+    /// The container that failed, when one did (`generate`, `prepare`, `trainer`).
+    container: Option<String>,
     message: String,
 }
 
 pub fn decide(o: &Observed) -> Decision {
     let mut d = Decider::new(o);
     d.run();
+    d.forget_lost();
     d.clocks();
     let usage = d.decision.status.usage.get_or_insert_with(Default::default);
     usage::refresh(usage, o.now, o.price_per_gpu_hour);
@@ -109,6 +136,8 @@ struct Decider<'a> {
     now: Time,
     generation: Option<i64>,
     decision: Decision,
+    /// Why no new workers may start: (the condition that says so, its reason, the message).
+    blocked: Option<(&'static str, &'static str, String)>,
 }
 
 impl<'a> Decider<'a> {
@@ -125,6 +154,7 @@ impl<'a> Decider<'a> {
                 status,
                 ..Default::default()
             },
+            blocked: None,
         }
     }
 
@@ -185,6 +215,7 @@ impl<'a> Decider<'a> {
             (cond::FAILED, FALSE, "Pending"),
             (cond::SUSPENDED, FALSE, "Pending"),
             (cond::RESTARTING, FALSE, "Pending"),
+            (cond::CHECKPOINT_VOLUME_READY, UNKNOWN, "Pending"),
         ];
         for (type_, status, reason) in initial {
             if conditions::get(&self.decision.status.conditions, type_).is_none() {
@@ -250,6 +281,7 @@ impl<'a> Decider<'a> {
         };
         self.st().workers = effective.workers;
         self.st().effective = Some(effective.clone());
+        self.checkpoint_volume();
 
         let attempt = self.decision.status.attempt;
         let wanted = effective.workers;
@@ -421,7 +453,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Why the current attempt has ended without success. When several workers ended, the most
-    /// specific reason wins (`failures::ALL_REASONS`): the peers of a worker whose node was lost
+    /// specific reason wins (`crd::ALL_REASONS`): the peers of a worker whose node was lost
     /// fail too, with a plain error.
     fn failure(&self, current: &[&Worker], wanted: i32) -> Option<Ending> {
         let mut endings = Vec::new();
@@ -429,6 +461,10 @@ impl<'a> Decider<'a> {
             kind,
             reason: failures::classify(w),
             pod: w.name.clone(),
+            container: match &w.state {
+                WorkerState::Failed(f) => f.container.clone(),
+                _ => None,
+            },
             message: format!("{message}{}", disrupted_by(w)),
         };
         for w in current {
@@ -462,16 +498,17 @@ impl<'a> Decider<'a> {
                 ));
             }
         }
-        // A worker missing after the whole gang was created has been deleted by someone else;
-        // nothing is left to say why.
+        // A worker missing after the whole gang was created has been deleted by someone else,
+        // who also removed its finalizer; nothing is left to say why.
         if self.decision.status.launched_attempt == Some(self.decision.status.attempt) {
             let present: BTreeSet<i32> = current.iter().filter_map(|w| w.index).collect();
             if let Some(i) = (0..wanted).find(|i| !present.contains(i)) {
                 let pod = pod_name(&self.o.training.name_any(), i);
                 endings.push(Ending {
                     kind: "WorkerLost",
-                    reason: FailureReason::Error,
-                    message: format!("{pod}: disappeared {when}"),
+                    reason: FailureReason::Deleted,
+                    message: format!("{pod}: disappeared {when} (deleted)"),
+                    container: None,
                     pod,
                 });
             }
@@ -487,9 +524,22 @@ impl<'a> Decider<'a> {
         let action = by_rule.unwrap_or_else(|| failures::default_action(e.reason));
         let max = policy.max_restarts;
         *self.st().failures.of(e.reason) += 1;
+        if e.container.as_deref().is_some_and(is_preparation) {
+            self.set(
+                cond::DATASET_READY,
+                FALSE,
+                "PreparationFailed",
+                e.message.clone(),
+            );
+        }
         let outcome = match action {
             FailureAction::Fail => {
-                let message = failures::fail_message(e.reason, &e.message, by_rule.is_some());
+                let message = failures::fail_message(
+                    e.reason,
+                    &e.message,
+                    by_rule.is_some(),
+                    e.container.as_deref(),
+                );
                 self.fail(
                     current,
                     failures::failed_condition_reason(e.reason),
@@ -557,6 +607,21 @@ impl<'a> Decider<'a> {
     fn fail(&mut self, current: &[&Worker], reason: &str, message: String) {
         self.stop_usage(current);
         self.delete(current, true);
+        // Nothing prepares the dataset any more: say whether it was.
+        if self.dataset_unsettled() {
+            if !current.is_empty() && current.iter().all(|w| w.dataset_prepared()) {
+                self.say_dataset_prepared();
+            } else {
+                self.set(
+                    cond::DATASET_READY,
+                    FALSE,
+                    "NotPrepared",
+                    format!(
+                        "the training failed ({reason}) before every worker prepared the dataset"
+                    ),
+                );
+            }
+        }
         let (now, generation) = (self.now.clone(), self.generation);
         let st = self.st();
         st.failed_generation = generation;
@@ -606,6 +671,7 @@ impl<'a> Decider<'a> {
             )
         };
         let msg = format!("{}; {outcome}", e.message);
+        self.dataset_waits("the workers of the next attempt prepare it once they start");
         self.set(cond::RESTARTING, TRUE, e.kind, msg.clone());
         self.set(cond::RUNNING, FALSE, "Restarting", "");
         self.set(cond::PODS_READY, FALSE, "Restarting", "");
@@ -701,6 +767,13 @@ impl<'a> Decider<'a> {
         } else {
             Phase::Pending
         };
+        // Nothing that cannot work (no volume, someone else's object in the way) holds GPUs.
+        if let Some((type_, reason, msg)) = self.blocked.clone() {
+            self.set(cond::PODS_READY, FALSE, reason, msg.clone());
+            self.phase(waiting_phase, msg);
+            self.decision.requeue = Some(self.recheck(type_));
+            return;
+        }
         if let Some(after) = self.decision.status.restart_after.clone() {
             if after.0 > self.o.now {
                 let wait = after.0.duration_since(self.o.now).unsigned_abs();
@@ -751,8 +824,8 @@ impl<'a> Decider<'a> {
             self.set(
                 cond::DATASET_READY,
                 UNKNOWN,
-                "Preparing",
-                "the workers prepare the dataset",
+                WAITING_FOR_WORKERS,
+                "not prepared yet: the workers prepare it once they start",
             );
         }
         self.set(cond::PODS_READY, FALSE, "Creating", msg.clone());
@@ -782,12 +855,7 @@ impl<'a> Decider<'a> {
         });
         if settled {
             let msg = format!("{running}/{n} workers running");
-            self.set(
-                cond::DATASET_READY,
-                TRUE,
-                "Prepared",
-                "every worker prepared the dataset",
-            );
+            self.say_dataset_prepared();
             self.set(cond::PODS_READY, TRUE, "AllWorkersRunning", msg.clone());
             self.set(cond::RUNNING, TRUE, "Training", msg.clone());
             if self.is(cond::RESTARTING) {
@@ -819,6 +887,15 @@ impl<'a> Decider<'a> {
             return;
         }
 
+        if let Some((w, waiting)) = current.iter().find_map(|w| match &w.state {
+            WorkerState::Pending {
+                waiting: Some(x), ..
+            } if x.is_terminal() => Some((w, x)),
+            _ => None,
+        }) {
+            self.cannot_start(current, &w.name, waiting);
+            return;
+        }
         if self.startup_timed_out(current) {
             return;
         }
@@ -827,6 +904,12 @@ impl<'a> Decider<'a> {
                 unschedulable: Some(why),
                 ..
             } => Some(format!("{}: {why}", w.name)),
+            _ => None,
+        });
+        let waiting = current.iter().find_map(|w| match &w.state {
+            WorkerState::Pending {
+                waiting: Some(x), ..
+            } => Some((x.reason.clone(), x.describe(&w.name))),
             _ => None,
         });
         let preparing = current
@@ -842,15 +925,28 @@ impl<'a> Decider<'a> {
             })
             .count();
         let (reason, msg) = if let Some(why) = unschedulable {
-            ("Unschedulable", why)
+            ("Unschedulable".to_string(), why)
+        } else if let Some((reason, why)) = waiting {
+            let timeout = self.startup_timeout();
+            (
+                condition_reason(&reason),
+                format!(
+                    "{why}; the kubelet retries it, and the workers are released if they have not \
+                     all started {timeout}s after they were created (startupTimeoutSeconds)"
+                ),
+            )
         } else if preparing > 0 {
             (
-                "Initializing",
+                "Initializing".to_string(),
                 format!("{preparing}/{n} workers prepare the dataset"),
             )
         } else {
-            ("Starting", format!("{running}/{n} workers running"))
+            (
+                "Starting".to_string(),
+                format!("{running}/{n} workers running"),
+            )
         };
+        let prepared = current.iter().filter(|w| w.dataset_prepared()).count();
         if preparing > 0 {
             self.set(
                 cond::DATASET_READY,
@@ -858,9 +954,15 @@ impl<'a> Decider<'a> {
                 "Preparing",
                 format!("{preparing}/{n} workers prepare the dataset"),
             );
+        } else if prepared == n {
+            self.say_dataset_prepared();
+        } else {
+            self.dataset_waits(&format!(
+                "{prepared}/{n} workers prepared it and none is preparing it ({msg})"
+            ));
         }
-        self.set(cond::PODS_READY, FALSE, reason, msg.clone());
-        self.set(cond::RUNNING, FALSE, reason, msg.clone());
+        self.set(cond::PODS_READY, FALSE, &reason, msg.clone());
+        self.set(cond::RUNNING, FALSE, &reason, msg.clone());
         let phase = if self.is(cond::RESTARTING) {
             Phase::Restarting
         } else {
@@ -870,43 +972,105 @@ impl<'a> Decider<'a> {
         self.decision.requeue = Some(STARTING_REQUEUE);
     }
 
+    /// A worker's container can never start (its image's name cannot be parsed): no retry can
+    /// help, so the training fails once, naming the field to fix, as for a spec the API server
+    /// refused; a changed spec starts again.
+    fn cannot_start(&mut self, current: &[&Worker], pod: &str, waiting: &Waiting) {
+        let field = if self.o.training.spec.image.is_some() {
+            "spec.image"
+        } else {
+            "the operator's default trainer image (chart value trainerImage), or set spec.image,"
+        };
+        let message = format!(
+            "{}; no retry can help: fix {field} and apply the training again",
+            waiting.describe(pod)
+        );
+        let reason = condition_reason(&waiting.reason);
+        self.fail(current, &reason, message);
+    }
+
+    fn startup_timeout(&self) -> i32 {
+        self.o
+            .training
+            .spec
+            .startup_timeout_seconds
+            .unwrap_or(crate::crd::DEFAULT_STARTUP_TIMEOUT_SECONDS)
+    }
+
+    /// DatasetReady still says what is not known yet (Unknown): it is not settled by a success or
+    /// a failure of the preparation, nor found missing.
+    fn dataset_unsettled(&self) -> bool {
+        conditions::get(&self.decision.status.conditions, cond::DATASET_READY)
+            .is_none_or(|c| c.status == UNKNOWN)
+    }
+
+    /// No worker prepares the dataset now: DatasetReady says so (and why), unless it is settled.
+    fn say_dataset_prepared(&mut self) {
+        self.set(
+            cond::DATASET_READY,
+            TRUE,
+            "Prepared",
+            "every worker prepared the dataset",
+        );
+    }
+
+    fn dataset_waits(&mut self, why: &str) {
+        if self.dataset_unsettled() {
+            self.set(
+                cond::DATASET_READY,
+                UNKNOWN,
+                WAITING_FOR_WORKERS,
+                format!("not prepared yet: {why}"),
+            );
+        }
+    }
+
     /// A gang that is not all placed `startupTimeoutSeconds` after its pods were created holds
     /// GPUs that train nothing: its workers go, and after the backoff a new attempt tries again.
     /// Not a failure of the training, so `restarts` stays; `startupTimeouts` counts it.
     fn startup_timed_out(&mut self, current: &[&Worker]) -> bool {
         let spec = &self.o.training.spec;
-        let timeout = spec
-            .startup_timeout_seconds
-            .unwrap_or(crate::crd::DEFAULT_STARTUP_TIMEOUT_SECONDS);
+        let timeout = self.startup_timeout();
         let Some(started) = self.decision.status.attempt_start_time.clone() else {
             return false;
         };
         if self.o.now.duration_since(started.0) < SignedDuration::from_secs(i64::from(timeout)) {
             return false;
         }
-        let unplaced: Vec<String> = current
+        // Not placed, or placed but with containers that never started (an image that cannot
+        // be pulled, a Secret that does not exist). A worker that prepares the dataset works.
+        let mut unplaced = 0;
+        let stuck: Vec<String> = current
             .iter()
-            .filter_map(|w| match &w.state {
-                WorkerState::Pending {
-                    unschedulable: Some(why),
-                    ..
-                } => Some(format!("{} ({why})", w.name)),
-                WorkerState::Pending {
-                    unschedulable: None,
-                    scheduled: false,
-                    ..
-                } => Some(format!("{} (not scheduled yet)", w.name)),
-                _ => None,
+            .filter_map(|w| {
+                let why = match &w.state {
+                    WorkerState::Pending {
+                        unschedulable: Some(why),
+                        ..
+                    } => why.clone(),
+                    WorkerState::Pending {
+                        scheduled: false, ..
+                    } => "not scheduled yet".to_string(),
+                    WorkerState::Pending {
+                        waiting: Some(x), ..
+                    } => return Some(x.describe(&w.name)),
+                    WorkerState::Pending {
+                        preparing: false, ..
+                    } => return Some(format!("{}: its containers have not started", w.name)),
+                    _ => return None,
+                };
+                unplaced += 1;
+                Some(format!("{} ({why})", w.name))
             })
             .collect();
-        if unplaced.is_empty() {
+        if stuck.is_empty() {
             return false;
         }
         self.stop_usage(current);
         self.delete(current, false);
         let base = spec.restart_policy.backoff_seconds;
         let backoff = Duration::from_secs(u64::try_from(base).unwrap_or(0));
-        let (now, placed) = (self.o.now, current.len() - unplaced.len());
+        let (now, placed) = (self.o.now, current.len() - unplaced);
         let st = self.st();
         st.attempt += 1;
         st.startup_timeouts += 1;
@@ -916,12 +1080,18 @@ impl<'a> Decider<'a> {
         st.restart_after = Some(Time(
             now + SignedDuration::try_from(backoff).unwrap_or(SignedDuration::ZERO),
         ));
+        let what = if unplaced == stuck.len() {
+            "was placed"
+        } else {
+            "was placed and started"
+        };
         let msg = format!(
-            "not every worker was placed within {timeout}s (startupTimeoutSeconds): {}; \
+            "not every worker {what} within {timeout}s (startupTimeoutSeconds): {}; \
              released the {placed} placed worker(s) and trying again in {}s (not counted as a restart)",
-            unplaced.join("; "),
+            stuck.join("; "),
             backoff.as_secs()
         );
+        self.dataset_waits("no attempt has started every worker yet (see PodsReady)");
         self.set(cond::PODS_READY, FALSE, "StartupTimeout", msg.clone());
         self.set(cond::RUNNING, FALSE, "StartupTimeout", msg.clone());
         self.phase(Phase::Pending, msg);
@@ -949,6 +1119,123 @@ impl<'a> Decider<'a> {
         st.progress = Some(progress);
         self.past_best(epb);
         self.plan(tokens_per_epoch);
+        self.damaged(report);
+    }
+
+    /// `CheckpointDamaged` and a Warning Event for each checkpoint a resume set aside that the
+    /// status does not name yet (a report is read many times).
+    fn damaged(&mut self, report: &TrainerReport) {
+        let attempt = self.decision.status.attempt;
+        let instead = report.resumed_from.as_deref().map_or_else(
+            || "nothing: it started from step 0".to_string(),
+            |d| format!("{d} instead"),
+        );
+        for d in &report.damaged_checkpoints {
+            if self.decision.status.damaged_checkpoints.contains(&d.path) {
+                continue;
+            }
+            let list = &mut self.decision.status.damaged_checkpoints;
+            list.push(d.path.clone());
+            let excess = list.len().saturating_sub(MAX_DAMAGED);
+            list.drain(..excess);
+            let msg = format!(
+                "checkpoint {} failed its check when attempt {attempt} resumed ({}) and was set \
+                 aside as {}; the trainer resumed from {instead}",
+                d.path, d.error, d.set_aside_as
+            );
+            if self.is(cond::CHECKPOINT_DAMAGED) {
+                // The condition's transition already told of an earlier one.
+                self.decision
+                    .warnings
+                    .push(("CheckpointDamaged".to_string(), msg.clone()));
+            }
+            self.set(cond::CHECKPOINT_DAMAGED, TRUE, "CheckpointDamaged", msg);
+        }
+    }
+
+    /// The checkpoint claim: whether to make it, whether it is lost, and whether new workers may
+    /// start on it (`volume::assess`).
+    fn checkpoint_volume(&mut self) {
+        let v = volume::assess(
+            self.o.training,
+            &self.decision.status,
+            &self.o.objects.claim,
+            self.o.objects.class_missing,
+            &self.now,
+        );
+        if v.start_over {
+            self.start_over();
+        }
+        if let Some(lost) = v.new_loss {
+            self.st().lost_checkpoints = Some(lost);
+        }
+        if let Some(uid) = v.record_uid {
+            self.st().checkpoint_pvc_uid = Some(uid);
+        }
+        let (status, reason, message) = v.condition;
+        self.set(cond::CHECKPOINT_VOLUME_READY, status, reason, message);
+        self.decision.create_claim = v.create_claim;
+        self.blocked = v
+            .block
+            .map(|msg| (cond::CHECKPOINT_VOLUME_READY, reason, msg));
+        if self.blocked.is_none() && !self.o.objects.conflicts.is_empty() {
+            let msg = self.o.objects.conflicts.join("; ");
+            self.blocked = Some((cond::PODS_READY, "NameConflict", msg));
+        }
+    }
+
+    /// The user's word after a loss: forget the lost checkpoints and what came from them; the
+    /// next workers start from step 0 on a new claim.
+    fn start_over(&mut self) {
+        let st = self.st();
+        st.lost_checkpoints = None;
+        st.checkpoint_pvc_uid = None;
+        st.latest_checkpoint = None;
+        st.best_val_bpc = None;
+        st.best_step = None;
+        st.progress = None;
+        st.eta = None;
+        st.loss_history.clear();
+        st.damaged_checkpoints.clear();
+        for type_ in [cond::PAST_BEST, cond::CHECKPOINT_DAMAGED] {
+            if conditions::get(&self.decision.status.conditions, type_).is_some() {
+                self.set(type_, FALSE, "StartedOver", "started over from step 0");
+            }
+        }
+    }
+
+    /// After a loss, reports still name checkpoints on the lost claim (worker 0 running on a
+    /// claim being deleted, or its final report): they go into `lostCheckpoints`, not the status.
+    fn forget_lost(&mut self) {
+        let st = &mut self.decision.status;
+        let Some(lost) = st.lost_checkpoints.as_mut() else {
+            return;
+        };
+        if let Some(latest) = st.latest_checkpoint.take() {
+            lost.latest_checkpoint = Some(latest);
+        }
+        if let Some(best) = st.best_val_bpc.take() {
+            lost.best_val_bpc = Some(best);
+            lost.best_step = st.best_step;
+        }
+        st.best_step = None;
+        if let Some(p) = st.progress.as_mut() {
+            lost.step = Some(p.step).max(lost.step);
+            p.checkpoint = None;
+            p.best_val_bpc = None;
+            p.best_step = None;
+        }
+    }
+
+    /// When to look again at a training waiting on something the operator does not watch (a
+    /// StorageClass, someone else's object): as long again as it has waited, from 10 s to 10 min.
+    fn recheck(&self, type_: &str) -> Duration {
+        let since = conditions::get(&self.decision.status.conditions, type_)
+            .map(|c| c.last_transition_time.0);
+        let waited = since.map_or(0, |t| self.o.now.duration_since(t).as_secs().max(0));
+        Duration::from_secs(
+            waited.clamp(RECHECK_MIN.as_secs() as i64, MAX_BACKOFF.as_secs() as i64) as u64,
+        )
     }
 
     /// `PastBest`: True while the trainer reports more evaluations since its best than
@@ -1035,6 +1322,53 @@ fn disrupted_by(w: &Worker) -> String {
     }
 }
 
+/// PodsReady's reasons while the workers come and go as they should; any other (Unschedulable,
+/// StartupTimeout, a kubelet's reason such as ImagePullBackOff) says something is wrong.
+const PODS_READY_AS_EXPECTED: [&str; 10] = [
+    "Pending",
+    "Creating",
+    "Initializing",
+    "Starting",
+    "AllWorkersRunning",
+    "Restarting",
+    "Suspended",
+    "Queued",
+    "Completed",
+    "Failed",
+];
+
+/// Is this condition's change a Warning Event (`kubectl describe` lists those as what is wrong)?
+pub fn warns(c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> bool {
+    match c.type_.as_str() {
+        cond::FAILED | cond::RESTARTING => c.status == TRUE,
+        cond::PODS_READY => {
+            c.status == FALSE && !PODS_READY_AS_EXPECTED.contains(&c.reason.as_str())
+        }
+        _ => false,
+    }
+}
+
+/// DatasetReady's reason while no worker prepares the dataset yet.
+const WAITING_FOR_WORKERS: &str = "WaitingForWorkers";
+
+/// The init containers that generate and prepare the dataset.
+fn is_preparation(container: &str) -> bool {
+    container != crate::resources::TRAINER_CONTAINER
+}
+
+/// A kubelet's reason as a condition reason (CamelCase letters and digits; the API's pattern
+/// for `metav1.Condition`), so an odd runtime's reason cannot make the status invalid.
+fn condition_reason(reason: &str) -> String {
+    let clean: String = reason
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    match clean.chars().next() {
+        Some(c) if c.is_ascii_alphabetic() => clean,
+        _ => "ContainerNotStarted".to_string(),
+    }
+}
+
 fn worker_report(w: &Worker) -> Option<TrainerReport> {
     match &w.state {
         WorkerState::Succeeded { report } => report.clone(),
@@ -1059,7 +1393,8 @@ mod tests {
     use crate::resources::TRAINER_CONTAINER;
     use crate::workers::observe;
     use crate::workers::testing::{
-        deleting, disrupted, killed, pod, running, terminated, unschedulable, with_pod_reason,
+        deleting, disrupted, killed, killed_init, pod, running, terminated, unschedulable, waiting,
+        with_pod_reason,
     };
     use k8s_openapi::api::core::v1::Pod;
 
@@ -1087,7 +1422,24 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: rejection.map(str::to_string),
             queue: None,
+            objects: claim_bound(),
         })
+    }
+
+    /// The training's own checkpoint claim, bound: what most tests run with.
+    fn claim_bound() -> Objects {
+        Objects {
+            claim: Claim::Present(volume::ClaimFacts {
+                uid: "claim-1".into(),
+                ownership: crate::ownership::Ownership::Ours,
+                deleting_since: None,
+                phase: Some("Bound".into()),
+                volume: Some("pv-1".into()),
+                storage_class: Some("standard".into()),
+            }),
+            class_missing: false,
+            conflicts: vec![],
+        }
     }
 
     /// The training after its status was written.
@@ -1125,7 +1477,13 @@ mod tests {
         assert_eq!(d.status.launched_attempt, Some(0));
         assert_eq!(d.status.checkpoint_pvc.as_deref(), Some("demo-checkpoints"));
         assert_eq!(d.status.observed_generation, Some(1));
-        assert_eq!(d.status.conditions.len(), 7);
+        assert_eq!(d.status.conditions.len(), 8);
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("True", "Bound"),
+            "its claim is there and bound"
+        );
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-1"));
         assert_eq!(condition(&d, c::PODS_READY), ("False", "Creating"));
     }
 
@@ -1143,6 +1501,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert!(d.create.is_empty() && d.delete.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -1417,6 +1776,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert!(d.create.is_empty());
         assert_eq!(d.status.phase, Some(Phase::Pending));
@@ -1448,6 +1808,207 @@ mod tests {
             .unwrap()
             .contains("Insufficient nvidia.com/gpu"));
         assert!(d.create.is_empty() && d.delete.is_empty());
+    }
+
+    /// A GPU training of two workers created at 0 (startupTimeoutSeconds 600).
+    fn starting_gpu_training() -> CharLMTraining {
+        let t = training(gpu_spec());
+        with(t.clone(), &decide_at(&t, &[], 0))
+    }
+
+    #[test]
+    fn a_container_that_cannot_start_is_said_at_once_and_ends_at_the_startup_timeout() {
+        let t = starting_gpu_training();
+        let pull = "Back-off pulling image \"registry.invalid/charlm:1\": not found";
+        let pods = vec![
+            waiting(pod(&t, 0, 0), "prepare", "ImagePullBackOff", pull),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(d.status.phase, Some(Phase::Pending));
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "ImagePullBackOff"));
+        assert_eq!(condition(&d, c::RUNNING), ("False", "ImagePullBackOff"));
+        let msg = message(&d);
+        assert!(
+            msg.starts_with("demo-worker-0: container prepare cannot start: ImagePullBackOff: ")
+                && msg.contains(pull)
+                && msg.contains("600s after they were created (startupTimeoutSeconds)"),
+            "{msg}"
+        );
+        let pods_ready = conditions::get(&d.status.conditions, c::PODS_READY).unwrap();
+        assert!(warns(pods_ready), "a Warning event for kubectl describe");
+        // Nobody prepares the dataset: it does not say so.
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("Unknown", "WaitingForWorkers")
+        );
+        assert!(d.create.is_empty() && d.delete.is_empty());
+        let t = with(t, &d);
+
+        // The startup timeout counts it, as it counts unplaced workers: both go, not counted.
+        let d = decide_at(&t, &pods, 600);
+        assert_eq!((d.status.startup_timeouts, d.status.restarts), (1, 0));
+        assert_eq!(d.status.attempt, 1);
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "StartupTimeout"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("not every worker was placed and started within 600s")
+                && msg.contains("demo-worker-0: container prepare cannot start: ImagePullBackOff")
+                && msg.contains("released the 2 placed worker(s)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_holds_the_trainer_back_after_the_dataset_was_prepared() {
+        let t = starting_gpu_training();
+        let pods = vec![
+            waiting(
+                pod(&t, 0, 0),
+                TRAINER_CONTAINER,
+                "CreateContainerConfigError",
+                "secret \"wandb\" not found",
+            ),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(
+            condition(&d, c::PODS_READY),
+            ("False", "CreateContainerConfigError")
+        );
+        assert!(message(&d).contains("container trainer cannot start: CreateContainerConfigError: secret \"wandb\" not found"));
+        assert_eq!(condition(&d, c::DATASET_READY), ("True", "Prepared"));
+        // Still waiting a moment before the timeout; then released like the rest.
+        let t = with(t, &d);
+        assert_eq!(decide_at(&t, &pods, 599).status.startup_timeouts, 0);
+        assert_eq!(decide_at(&t, &pods, 601).status.startup_timeouts, 1);
+    }
+
+    #[test]
+    fn an_image_name_that_cannot_be_parsed_fails_at_once_naming_the_field() {
+        let t = starting_gpu_training();
+        let t = with_spec(t, |s| s["image"] = "Charlm/Trainer:1".into());
+        let pods = vec![
+            waiting(
+                pod(&t, 0, 0),
+                "prepare",
+                "InvalidImageName",
+                "Failed to apply default image tag \"Charlm/Trainer:1\": couldn't parse image name",
+            ),
+            running(pod(&t, 1, 0), "10.0.0.2"),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(condition(&d, c::FAILED), ("True", "InvalidImageName"));
+        let msg = message(&d);
+        assert!(
+            msg.contains("couldn't parse image name") && msg.contains("fix spec.image"),
+            "{msg}"
+        );
+        assert_eq!((d.status.restarts, d.status.startup_timeouts), (0, 0));
+        assert_eq!(d.status.failed_generation, Some(1));
+        // Neither will ever train: both are freed (the waiting one has no log to keep).
+        assert_eq!(d.delete, ["demo-worker-0", "demo-worker-1"]);
+        assert_eq!(condition(&d, c::DATASET_READY), ("False", "NotPrepared"));
+    }
+
+    #[test]
+    fn dataset_ready_says_preparing_only_while_a_worker_prepares() {
+        let t = starting_gpu_training();
+        let pods = vec![
+            unschedulable(pod(&t, 0, 0), "0/6 nodes are available"),
+            pod(&t, 1, 0),
+        ];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("Unknown", "WaitingForWorkers")
+        );
+        let dataset = conditions::get(&d.status.conditions, c::DATASET_READY).unwrap();
+        assert!(
+            dataset.message.contains("0/2 workers prepared it")
+                && dataset.message.contains("0/6 nodes are available"),
+            "{}",
+            dataset.message
+        );
+        // A spec the API server refuses fails the training: nothing was prepared.
+        let d = decide_with(&with(t, &d), &pods, 6, Some("no PriorityClass"));
+        assert_eq!(condition(&d, c::DATASET_READY), ("False", "NotPrepared"));
+        assert!(conditions::get(&d.status.conditions, c::DATASET_READY)
+            .unwrap()
+            .message
+            .contains("failed (InvalidSpec)"));
+    }
+
+    #[test]
+    fn a_failed_preparation_is_what_dataset_ready_says() {
+        // A synthetic dataset: `generate` writes it before `prepare` reads it.
+        let t = training(cpu_spec());
+        let t = with(t.clone(), &decide_at(&t, &[], 0));
+        let pods = vec![killed_init(pod(&t, 0, 0), "generate", 137, "OOMKilled")];
+        let d = decide_at(&t, &pods, 5);
+        assert_eq!(condition(&d, c::FAILED), ("True", "OOMKilled"));
+        assert_eq!(
+            condition(&d, c::DATASET_READY),
+            ("False", "PreparationFailed")
+        );
+        let msg = message(&d);
+        assert!(
+            msg.contains("the init container generate ran out of memory")
+                && msg.contains("spec.resources.limits.memory")
+                && !msg.contains("deviceBatchSize (the micro-batch"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_worker_deleted_by_hand_restarts_the_gang_without_counting() {
+        let (t, pods) = running_gpu_training();
+        // `kubectl delete pod demo-worker-0`: the pod is terminating, its trainer saves a
+        // checkpoint on SIGTERM.
+        let mut gone = pods.clone();
+        gone[0] = deleting(pods[0].clone());
+        let d = decide_at(&t, &gone, 100);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        assert_eq!(d.status.failures.error, 0);
+        let f = d.failure.clone().unwrap();
+        assert_eq!(
+            (f.reason, f.action),
+            (
+                FailureReason::Deleted,
+                FailureAction::RestartWithoutCounting
+            )
+        );
+        assert!(
+            f.note().contains("not counted against maxRestarts"),
+            "{}",
+            f.note()
+        );
+        // Seen only after the trainer ended with its SIGTERM report: the same.
+        gone[0] = terminated(
+            deleting(pods[0].clone()),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 168, "checkpoint": "/checkpoints/step-000000168", "complete": false, "stop_reason": "signal"}"#,
+        );
+        let d = decide_at(&t, &gone, 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        assert_eq!(
+            d.status.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000168")
+        );
+        // A pod that vanished (deleted, its finalizer removed) too.
+        let d = decide_at(&t, &pods[1..], 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (0, 1));
+        // A rule can count it.
+        let strict = with_spec(t, |s| {
+            s["restartPolicy"]["rules"] =
+                serde_json::json!([{"reason": "Deleted", "action": "Restart"}])
+        });
+        let d = decide_at(&strict, &gone, 100);
+        assert_eq!((d.status.restarts, d.status.failures.deleted), (1, 1));
     }
 
     #[test]
@@ -1538,6 +2099,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         })
     }
 
@@ -1610,6 +2172,7 @@ mod tests {
             price_per_gpu_hour: 3.0,
             rejection: None,
             queue: None,
+            objects: claim_bound(),
         });
         assert_eq!(
             (d.status.best_val_bpc, d.status.best_step),
@@ -1797,6 +2360,7 @@ mod tests {
                 local_queue: "team-a".into(),
                 state,
             }),
+            objects: claim_bound(),
         })
     }
 
@@ -2229,5 +2793,255 @@ mod tests {
         kept.spec.ttl_seconds_after_finished = None;
         let d = decide_at(&kept, &pods[..1], 10_000);
         assert!(!d.delete_training && d.requeue.is_none());
+    }
+
+    /// `decide` with the given claim, conflicts and report.
+    fn decide_on(
+        t: &CharLMTraining,
+        pods: &[Pod],
+        now: i64,
+        objects: Objects,
+        report: Option<&str>,
+    ) -> Decision {
+        decide(&Observed {
+            training: t,
+            workers: pods.iter().map(observe).collect(),
+            dataset: DatasetCheck::Available,
+            progress: report.and_then(TrainerReport::parse),
+            now: at(now),
+            price_per_gpu_hour: 3.0,
+            rejection: None,
+            queue: None,
+            objects,
+        })
+    }
+
+    fn claim(edit: impl FnOnce(&mut volume::ClaimFacts)) -> Objects {
+        let mut o = claim_bound();
+        if let Claim::Present(f) = &mut o.claim {
+            edit(f);
+        }
+        o
+    }
+
+    fn no_claim() -> Objects {
+        Objects {
+            claim: Claim::Absent,
+            class_missing: false,
+            conflicts: vec![],
+        }
+    }
+
+    #[test]
+    fn a_new_training_has_its_claim_made_before_its_workers() {
+        let t = training(gpu_spec());
+        let d = decide_on(&t, &[], 0, no_claim(), None);
+        assert!(d.create_claim);
+        assert_eq!(d.create, [0, 1]);
+        assert_eq!(d.status.checkpoint_pvc_uid, None, "remembered once seen");
+    }
+
+    #[test]
+    fn a_checkpoint_claim_deleted_mid_run_never_restarts_from_step_zero_by_itself() {
+        let (t, pods) = running_gpu_training();
+        let report = r#"{"step": 420, "checkpoint": "/checkpoints/step-000000400", "best_val_bpc": 1.25, "best_step": 300, "complete": false}"#;
+        let d = decide_on(&t, &pods, 40, claim_bound(), Some(report));
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-1"));
+        let t = with(t, &d);
+
+        // `kubectl delete pvc`: the claim waits for worker 0 (pvc-protection), and the gang
+        // trains on; the status no longer names what is on it as if it would stay.
+        let going = claim(|f| f.deleting_since = Some(Time(at(50))));
+        let d = decide_on(&t, &pods, 60, going.clone(), Some(report));
+        assert!(d.delete.is_empty() && d.create.is_empty() && !d.create_claim);
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("False", "CheckpointsLost")
+        );
+        let lost = d.status.lost_checkpoints.clone().unwrap();
+        assert_eq!(
+            lost.latest_checkpoint.as_deref(),
+            Some("/checkpoints/step-000000400")
+        );
+        assert_eq!((lost.best_val_bpc, lost.best_step), (Some(1.25), Some(300)));
+        assert_eq!(lost.restart_token, "claim-1");
+        let st = &d.status;
+        assert_eq!(
+            (st.latest_checkpoint.as_ref(), st.best_val_bpc, st.best_step),
+            (None, None, None)
+        );
+        assert_eq!(st.progress.as_ref().unwrap().checkpoint, None);
+        let t = with(t, &d);
+
+        // A worker fails: the gang restarts...
+        let mut failed = pods.clone();
+        failed[1] = terminated(pod(&t, 1, 0), TRAINER_CONTAINER, 1, "crash");
+        let d = decide_on(&t, &failed, 70, going, None);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        let t = with(t, &d);
+        // ... but once the claim is gone, no empty claim and no workers from step 0.
+        for now in [200, 5_000] {
+            let d = decide_on(&t, &[], now, no_claim(), None);
+            assert!(!d.create_claim && d.create.is_empty(), "at {now}");
+            assert_eq!(condition(&d, c::PODS_READY), ("False", "CheckpointsLost"));
+            let msg = d.status.message.clone().unwrap();
+            assert!(msg.contains("its checkpoints are lost"), "{msg}");
+            assert!(
+                msg.contains("charlm.dev/restart-from-scratch=claim-1"),
+                "{msg}"
+            );
+            assert!(d.requeue.is_some_and(|r| r <= MAX_BACKOFF));
+        }
+
+        // The user's word for this loss: a new claim and workers, from step 0.
+        let mut t = t;
+        t.metadata.annotations = Some(
+            [(
+                volume::RESTART_FROM_SCRATCH.to_string(),
+                "claim-1".to_string(),
+            )]
+            .into(),
+        );
+        let d = decide_on(&t, &[], 300, no_claim(), None);
+        assert!(d.create_claim);
+        assert_eq!(d.create, [0, 1]);
+        let st = &d.status;
+        assert!(st.lost_checkpoints.is_none() && st.checkpoint_pvc_uid.is_none());
+        assert!(st.progress.is_none() && st.loss_history.is_empty());
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("Unknown", "StartingOver")
+        );
+        // The new claim is remembered; the word left on the training approves nothing more.
+        let t = with(t, &d);
+        let new = claim(|f| f.uid = "claim-2".into());
+        let d = decide_on(&t, &[], 301, new, None);
+        assert_eq!(d.status.checkpoint_pvc_uid.as_deref(), Some("claim-2"));
+        let t = with(t, &d);
+        let d = decide_on(&t, &[], 400, no_claim(), None);
+        assert!(!d.create_claim && d.create.is_empty());
+        assert_eq!(d.status.lost_checkpoints.unwrap().restart_token, "claim-2");
+    }
+
+    #[test]
+    fn someone_elses_objects_block_the_workers_and_are_named() {
+        let t = training(gpu_spec());
+        let foreign = claim(|f| {
+            f.ownership = crate::ownership::Ownership::Foreign("no owner reference".into())
+        });
+        let d = decide_on(&t, &[], 0, foreign, None);
+        assert!(d.create.is_empty() && !d.create_claim);
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "ClaimConflict"));
+        assert!(d.status.checkpoint_pvc_uid.is_none());
+
+        let mut objects = claim_bound();
+        objects
+            .conflicts
+            .push("Service demo-workers already exists and is not this training's".into());
+        let d = decide_on(&t, &[], 0, objects.clone(), None);
+        assert!(d.create.is_empty());
+        assert_eq!(condition(&d, c::PODS_READY), ("False", "NameConflict"));
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("Service demo-workers"));
+        assert_eq!(d.requeue, Some(RECHECK_MIN));
+        // Looked at again as long as it has waited, at most every 10 minutes.
+        let t = with(t, &d);
+        assert_eq!(
+            decide_on(&t, &[], 100, objects.clone(), None).requeue,
+            Some(Duration::from_secs(100))
+        );
+        assert_eq!(
+            decide_on(&t, &[], 5_000, objects, None).requeue,
+            Some(MAX_BACKOFF)
+        );
+        // Gone: the workers start.
+        let d = decide_on(&t, &[], 5_001, claim_bound(), None);
+        assert_eq!(d.create, [0, 1]);
+    }
+
+    #[test]
+    fn a_missing_storage_class_holds_no_gpus_and_backs_off() {
+        let t = training(gpu_spec());
+        let mut missing = claim(|f| {
+            f.phase = Some("Pending".into());
+            f.storage_class = Some("fast-ssd".into());
+        });
+        missing.class_missing = true;
+        let d = decide_on(&t, &[], 0, missing.clone(), None);
+        assert!(d.create.is_empty());
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_VOLUME_READY),
+            ("False", "StorageClassNotFound")
+        );
+        assert!(d
+            .status
+            .message
+            .clone()
+            .unwrap()
+            .contains("StorageClass fast-ssd"));
+        let t = with(t, &d);
+        assert_eq!(
+            decide_on(&t, &[], 45, missing, None).requeue,
+            Some(Duration::from_secs(45))
+        );
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_at_resume_is_a_condition_and_an_event() {
+        let (t, pods) = running_gpu_training();
+        let report = |paths: &[&str]| {
+            let damaged: Vec<serde_json::Value> = paths
+                .iter()
+                .map(|p| serde_json::json!({"path": p, "set_aside_as": format!("{p}.damaged"), "error": "model.safetensors: sha256 mismatch"}))
+                .collect();
+            serde_json::json!({"step": 200, "resumed_from": "/checkpoints/step-000000100", "damaged_checkpoints": damaged}).to_string()
+        };
+        let first = report(&["/checkpoints/step-000000200"]);
+        let d = decide_on(&t, &pods, 40, claim_bound(), Some(&first));
+        assert_eq!(
+            condition(&d, c::CHECKPOINT_DAMAGED),
+            ("True", "CheckpointDamaged")
+        );
+        let msg = &conditions::get(&d.status.conditions, c::CHECKPOINT_DAMAGED)
+            .unwrap()
+            .message;
+        for needle in [
+            "checkpoint /checkpoints/step-000000200 failed its check",
+            "sha256 mismatch",
+            "set aside as /checkpoints/step-000000200.damaged",
+            "resumed from /checkpoints/step-000000100 instead",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} in {msg}");
+        }
+        assert_eq!(
+            d.status.damaged_checkpoints,
+            ["/checkpoints/step-000000200"]
+        );
+        assert!(
+            d.warnings.is_empty(),
+            "the condition's transition is the Event"
+        );
+        assert!(conditions::is_warning(
+            conditions::get(&d.status.conditions, c::CHECKPOINT_DAMAGED).unwrap()
+        ));
+        assert_eq!(
+            d.status.progress.as_ref().unwrap().resumed_from.as_deref(),
+            Some("/checkpoints/step-000000100")
+        );
+        // Read again: nothing new. A later one: its own Event.
+        let t = with(t, &d);
+        let d = decide_on(&t, &pods, 80, claim_bound(), Some(&first));
+        assert!(d.warnings.is_empty());
+        let t = with(t, &d);
+        let later = report(&["/checkpoints/step-000000300"]);
+        let d = decide_on(&t, &pods, 120, claim_bound(), Some(&later));
+        assert_eq!(d.warnings.len(), 1);
+        assert!(d.warnings[0].1.contains("step-000000300"));
+        assert_eq!(d.status.damaged_checkpoints.len(), 2);
     }
 }

@@ -89,14 +89,75 @@ pub fn checkpoint_size() -> Rule {
 }
 
 /// Two rules for one reason would leave the action to their order.
-pub fn failure_reasons_unique() -> Rule {
-    Rule::new("self.all(r, self.exists_one(s, s.reason == r.reason))").message(
-        "restartPolicy.rules must name each reason at most once (Evicted, Preempted, NodeLost, \
-             OOMKilled, BadInput, Error): merge the rules of the repeated reason into one",
-    )
+/// `reasons`: every reason's name (`crd::reason_names`), for the message.
+pub fn failure_reasons_unique(reasons: &[&str]) -> Rule {
+    Rule::new("self.all(r, self.exists_one(s, s.reason == r.reason))").message(Message::Message(
+        format!(
+            "restartPolicy.rules must name each reason at most once ({}): merge the rules of the \
+             repeated reason into one",
+            reasons.join(", ")
+        ),
+    ))
     // Not `FieldValueDuplicate`: the API server prints that as a bare "Duplicate value", without
     // the message.
 }
+
+/// `self in [...]` over `names`, as a CEL rule with its message. A schema `enum` says the same,
+/// but the API server counts an unsupported value as an error that stops every CEL rule and adds
+/// `<nil>: Invalid value: "null": some validation rules were not checked ...` to the message.
+fn one_of(field: &str, names: &[&str]) -> serde_json::Value {
+    let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    serde_json::json!({
+        "rule": format!("self in [{}]", list.join(", ")),
+        "message": format!("{field} must be one of {}", names.join(", ")),
+    })
+}
+
+/// Linux refuses to start a process with an environment string (`NAME=value`) of 128 KiB or
+/// more (`E2BIG`, "argument list too long"), or with an environment of about 2 MiB in all (a
+/// quarter of the usual 8 MiB stack, shared with the operator's own variables and arguments).
+/// The rules count characters, which CEL counts cheaply: a character is at most 4 bytes in UTF-8,
+/// so these bounds keep every value under the first limit and all of them far under the second.
+/// (Counting bytes costs more than the API server's budget for a list of 256 entries; and a rule
+/// on the value itself would print the whole value back in its error.)
+pub const ENV_VALUE_MAX_CHARS: usize = 32_000;
+pub const ENV_TOTAL_MAX_CHARS: usize = 128_000;
+
+pub fn env_value_size() -> Rule {
+    Rule::new(format!(
+        "self.all(e, !has(e.value) || size(e.value) <= {ENV_VALUE_MAX_CHARS})"
+    ))
+    .message(Message::Message(format!(
+        "each spec.env value must be at most {ENV_VALUE_MAX_CHARS} characters: Linux refuses to \
+         start the trainer with an environment string of 128 KiB or more (\"argument list too \
+         long\"); pass larger content as a file of the dataset instead"
+    )))
+}
+
+pub fn env_total_size() -> Rule {
+    Rule::new(format!(
+        "self.map(e, has(e.value) ? size(e.value) : 0).sum() <= {ENV_TOTAL_MAX_CHARS}"
+    ))
+    .message(Message::Message(format!(
+        "the spec.env values must be at most {ENV_TOTAL_MAX_CHARS} characters in all: Linux \
+         refuses to start the trainer with an environment of about 2 MiB (\"argument list too \
+         long\"), shared with the operator's own variables; pass larger content as files of the \
+         dataset instead"
+    )))
+}
+
+/// A name the API server accepts for a ConfigMap or PersistentVolumeClaim (a DNS-1123
+/// subdomain). Anything else would be read as another path: a `/` makes the operator's GET a
+/// subresource request, refused with 403 on every reconcile.
+pub fn object_name(field: &str, kind: &str, example: &str) -> Rule {
+    Rule::new(format!("self.matches('{DNS_SUBDOMAIN}')")).message(Message::Message(format!(
+        "{field} must be the name of a {kind} in the training's namespace: lower-case \
+             letters, digits, '-' and '.', starting and ending with a letter or digit, at most \
+             253 characters (such as {example})"
+    )))
+}
+
+const DNS_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 pub fn dataset_given() -> Rule {
     Rule::new("has(self.dataset)")
@@ -111,14 +172,42 @@ pub fn dataset_given() -> Rule {
 pub const NAME_RULE: &str = "size(self) <= 40 && self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
 pub const NAME_MESSAGE: &str = "metadata.name must be at most 40 characters of lower-case letters, digits and '-', starting with a letter: it names the pods (<name>-worker-<i>) and the Service (<name>-workers), which must be DNS labels";
 
+/// A dataset claim named like the training's checkpoint claim (`<name>-checkpoints`) would be
+/// the volume the operator writes checkpoints to, and went with the training: refused at apply.
+/// A rule of the whole object, since only there is `metadata.name` in reach; `fieldPath` and the
+/// `Forbidden` reason make the error name the field, without a value.
+pub fn dataset_not_checkpoint_claim() -> serde_json::Value {
+    let claim = "self.spec.dataset.pvc.claimName";
+    serde_json::json!({
+        "rule": format!(
+            "!has(self.metadata.name) || !has(self.spec) || !has(self.spec.dataset) || \
+             !has(self.spec.dataset.pvc) || {claim} != self.metadata.name + '-checkpoints'"
+        ),
+        "messageExpression": format!(
+            "'dataset.pvc.claimName ' + {claim} + ' is the name of the checkpoint claim the \
+             operator makes for training ' + self.metadata.name + ' (<name>-checkpoints): its \
+             checkpoints would go onto the dataset, and the claim with the training; give the \
+             dataset claim or the training another name'"
+        ),
+        "message": "dataset.pvc.claimName must not be <metadata.name>-checkpoints, the name of \
+                    the training's own checkpoint claim; give the dataset claim or the training \
+                    another name",
+        "reason": "FieldValueForbidden",
+        "fieldPath": ".spec.dataset.pvc.claimName",
+    })
+}
+
 /// What the derived schema cannot say, added to the CRD: the name rule on `metadata.name`, and
 /// the bounds that keep the quantity rules' estimated cost within the API server's budget (it
 /// refuses a rule over an unbounded map or string).
-pub fn complete_schema(schema: &mut serde_json::Value) {
+pub fn complete_schema(schema: &mut serde_json::Value, reasons: &[&str], actions: &[&str]) {
+    schema["x-kubernetes-validations"] = serde_json::json!([dataset_not_checkpoint_claim()]);
     schema["properties"]["metadata"] = serde_json::json!({
+        // The API server refuses anything on metadata itself but its type (a description too).
         "type": "object",
         "properties": {"name": {
             "type": "string",
+            "description": "Names the worker pods (<name>-worker-<i>), the Service (<name>-workers) and the checkpoint claim (<name>-checkpoints): at most 40 lower-case letters, digits and '-', starting with a letter.",
             "maxLength": 253,
             "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}]
         }}
@@ -133,6 +222,16 @@ pub fn complete_schema(schema: &mut serde_json::Value) {
     let env = &mut spec["properties"]["env"];
     env["maxItems"] = 256.into();
     env["items"]["properties"]["name"]["maxLength"] = 256.into();
+    let rule = &mut spec["properties"]["restartPolicy"]["properties"]["rules"]["items"];
+    for (field, names) in [("reason", reasons), ("action", actions)] {
+        let property = &mut rule["properties"][field];
+        if let Some(p) = property.as_object_mut() {
+            p.remove("enum");
+        }
+        property["maxLength"] = 64.into();
+        property["x-kubernetes-validations"] =
+            serde_json::json!([one_of(&format!("restartPolicy.rules[].{field}"), names)]);
+    }
     let tolerations = &mut spec["properties"]["tolerations"];
     tolerations["maxItems"] = 64.into();
     for field in ["operator", "effect"] {

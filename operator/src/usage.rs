@@ -98,6 +98,7 @@ mod tests {
             trainer_finished: finished.map(at),
             disruption: None,
             pod_reason: None,
+            deleted: false,
             state: WorkerState::Running,
         }
     }

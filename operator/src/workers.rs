@@ -3,7 +3,7 @@
 
 use charlm_contract::events::{Event, Line};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::progress::TrainerReport;
@@ -28,6 +28,11 @@ pub struct Worker {
     pub disruption: Option<String>,
     /// The pod's `status.reason` (`Evicted`, `NodeLost`, `Preempting`, ...).
     pub pod_reason: Option<String>,
+    /// Taken away by a plain DELETE (`kubectl delete pod`, another controller): being deleted,
+    /// and no container had failed before the deletion was asked for. Whatever its containers do
+    /// after it (a trainer saving a checkpoint on SIGTERM and exiting) is the deletion's
+    /// consequence. Who deleted it, when Kubernetes says, is in `disruption`.
+    pub deleted: bool,
     pub state: WorkerState,
 }
 
@@ -41,6 +46,11 @@ pub enum WorkerState {
         preparing: bool,
         /// Bound to a node (placed), even if not started yet (e.g. pulling its image).
         scheduled: bool,
+        /// A container the kubelet cannot start, and why (an image it cannot pull, a Secret that
+        /// does not exist); `None` while the containers start as they should.
+        waiting: Option<Waiting>,
+        /// Every init container has ended well: the dataset is prepared in this pod.
+        prepared: bool,
     },
     Running,
     /// The trainer exited 0.
@@ -49,6 +59,58 @@ pub enum WorkerState {
     },
     /// A container failed, or the pod was evicted or lost.
     Failed(Failure),
+}
+
+/// A container the kubelet keeps waiting, in the kubelet's words.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub container: String,
+    /// `ErrImagePull`, `ImagePullBackOff`, `InvalidImageName`, `CreateContainerConfigError`, ...
+    pub reason: String,
+    pub message: Option<String>,
+}
+
+/// Waiting reasons of containers that start as they should: being created (pulling the image
+/// included), or after the init containers.
+const STARTING: [&str; 2] = ["ContainerCreating", "PodInitializing"];
+
+/// Waiting reasons no retry can end: the image's name cannot be parsed, whatever the registry
+/// holds. The others (an image that cannot be pulled yet, a Secret or ConfigMap that does not
+/// exist yet) can end when someone fixes the cluster, so the kubelet retries them.
+const TERMINAL: [&str; 1] = ["InvalidImageName"];
+
+impl Waiting {
+    /// No retry can help: the spec (or the operator's default image) must change.
+    pub fn is_terminal(&self) -> bool {
+        TERMINAL.contains(&self.reason.as_str())
+    }
+
+    /// One line: the pod, the container, the kubelet's reason and message.
+    pub fn describe(&self, pod: &str) -> String {
+        let mut out = format!(
+            "{pod}: container {} cannot start: {}",
+            self.container, self.reason
+        );
+        if let Some(m) = self.message.as_deref().filter(|m| !m.trim().is_empty()) {
+            out.push_str(": ");
+            out.push_str(&truncate(m.trim(), 400));
+        }
+        out
+    }
+}
+
+/// The first container (init containers first, in their order) that the kubelet holds back for a
+/// reason other than starting as it should.
+fn waiting_container(init: &[ContainerStatus], main: &[ContainerStatus]) -> Option<Waiting> {
+    init.iter().chain(main).find_map(|s| {
+        let w = s.state.as_ref()?.waiting.as_ref()?;
+        let reason = w.reason.as_deref().filter(|r| !r.is_empty())?;
+        (!STARTING.contains(&reason)).then(|| Waiting {
+            container: s.name.clone(),
+            reason: reason.to_string(),
+            message: w.message.clone(),
+        })
+    })
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,6 +131,11 @@ pub const EXIT_BAD_INPUT: i32 = charlm_contract::exit::BAD_INPUT;
 impl Failure {
     pub fn is_bad_input(&self) -> bool {
         self.exit_code == Some(EXIT_BAD_INPUT)
+    }
+
+    /// The trainer's exit code 3: a checkpoint did not fit on the checkpoint volume.
+    pub fn is_storage_full(&self) -> bool {
+        self.exit_code == Some(charlm_contract::exit::STORAGE_FULL)
     }
 
     /// One line for a condition message: which container, how it ended, and why.
@@ -104,6 +171,15 @@ impl Worker {
         )
     }
 
+    /// Its init containers have prepared the dataset: the trainer runs or ran, or is about to.
+    pub fn dataset_prepared(&self) -> bool {
+        match &self.state {
+            WorkerState::Pending { prepared, .. } => *prepared,
+            WorkerState::Running | WorkerState::Succeeded { .. } => true,
+            WorkerState::Failed(f) => f.container.as_deref() == Some(TRAINER_CONTAINER),
+        }
+    }
+
     /// Has begun its work (past scheduling): a later absence of a peer means it was lost.
     pub fn has_started(&self) -> bool {
         match &self.state {
@@ -111,6 +187,26 @@ impl Worker {
             _ => true,
         }
     }
+}
+
+/// When the deletion of `pod` was asked for: its deletion timestamp less its grace period.
+fn deletion_requested(pod: &Pod) -> Option<Timestamp> {
+    let at = pod.metadata.deletion_timestamp.as_ref()?.0;
+    let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    Some(at - SignedDuration::from_secs(grace))
+}
+
+/// Did a container fail before `requested`? Then the pod failed on its own, and the deletion
+/// came after (someone cleaning up).
+fn failed_before(statuses: &[ContainerStatus], requested: Timestamp) -> bool {
+    statuses.iter().any(|s| {
+        s.state
+            .as_ref()
+            .and_then(|st| st.terminated.as_ref())
+            .is_some_and(|t| {
+                t.exit_code != 0 && t.finished_at.as_ref().is_some_and(|f| f.0 < requested)
+            })
+    })
 }
 
 pub fn observe(pod: &Pod) -> Worker {
@@ -155,11 +251,23 @@ pub fn observe(pod: &Pod) -> Worker {
                             && c.reason.as_deref() == Some("Unschedulable")
                     })
                     .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
-                let preparing = init_statuses.iter().any(|s| {
-                    s.state
-                        .as_ref()
-                        .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
-                });
+                let waiting = waiting_container(&init_statuses, &statuses);
+                // Preparing: an init container runs, or one has ended and the next is on its
+                // way; not once they all ended (the trainer starts) or while one cannot start.
+                let state_of = |s: &ContainerStatus| s.state.clone().unwrap_or_default();
+                let init_running = init_statuses.iter().any(|s| state_of(s).running.is_some());
+                let init_ended = init_statuses
+                    .iter()
+                    .filter(|s| state_of(s).terminated.is_some())
+                    .count();
+                let init_total = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.init_containers.as_ref())
+                    .map_or(init_statuses.len(), Vec::len);
+                let preparing = init_running
+                    || (waiting.is_none() && init_ended > 0 && init_ended < init_total);
+                let prepared = init_ended == init_total;
                 let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
                     || status
                         .conditions
@@ -170,10 +278,15 @@ pub fn observe(pod: &Pod) -> Worker {
                     unschedulable,
                     preparing,
                     scheduled,
+                    waiting,
+                    prepared,
                 }
             }
         }
     };
+    let deleted = deletion_requested(pod).is_some_and(|requested| {
+        !failed_before(&init_statuses, requested) && !failed_before(&statuses, requested)
+    });
 
     Worker {
         name: pod.name_any(),
@@ -185,6 +298,7 @@ pub fn observe(pod: &Pod) -> Worker {
         trainer_finished: trainer.and_then(finished_at),
         disruption: disruption_target(&status),
         pod_reason: status.reason.clone(),
+        deleted,
         state,
     }
 }
@@ -349,8 +463,8 @@ fn truncate(s: &str, max: usize) -> String {
 pub(crate) mod testing {
     //! Pods in the states kubelets put them in, for the reconciler's tests.
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
-        PodCondition, PodStatus,
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+        ContainerStatus, Pod, PodCondition, PodStatus,
     };
 
     use super::*;
@@ -459,6 +573,81 @@ pub(crate) mod testing {
         pod
     }
 
+    /// Placed on a node, with `container` held back by the kubelet for `reason`: an init
+    /// container waits before any has run; the trainer waits after the init containers ended.
+    pub fn waiting(mut pod: Pod, container: &str, reason: &str, message: &str) -> Pod {
+        let state = |waiting: bool| ContainerState {
+            waiting: waiting.then(|| ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+            }),
+            terminated: (!waiting).then(|| ContainerStateTerminated {
+                exit_code: 0,
+                reason: Some("Completed".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = pod.spec.clone().unwrap_or_default();
+        let init = spec.init_containers.unwrap_or_default();
+        let init_waits = container != TRAINER_CONTAINER;
+        assert!(
+            !init_waits || init.iter().any(|c| c.name == container),
+            "the pod has no init container {container}"
+        );
+        let init_statuses = init
+            .iter()
+            .map(|c| ContainerStatus {
+                name: c.name.clone(),
+                state: Some(if init_waits {
+                    if c.name == container {
+                        state(true)
+                    } else {
+                        ContainerState::default()
+                    }
+                } else {
+                    state(false)
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let trainer_state = if init_waits {
+            ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("PodInitializing".into()),
+                    message: None,
+                }),
+                ..Default::default()
+            }
+        } else {
+            state(true)
+        };
+        pod.spec.as_mut().unwrap().node_name = Some("node-1".into());
+        pod.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            init_container_statuses: Some(init_statuses),
+            container_statuses: Some(vec![ContainerStatus {
+                name: TRAINER_CONTAINER.into(),
+                state: Some(trainer_state),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        pod
+    }
+
+    /// Init container `container` ended with `code` and `reason` (e.g. 137, `OOMKilled`).
+    pub fn killed_init(pod: Pod, container: &str, code: i32, reason: &str) -> Pod {
+        let mut pod = terminated(pod, container, code, "Killed");
+        let status = pod.status.as_mut().expect("terminated sets a status");
+        for c in status.init_container_statuses.iter_mut().flatten() {
+            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                t.reason = Some(reason.into());
+            }
+        }
+        pod
+    }
+
     pub fn deleting(mut pod: Pod) -> Pod {
         pod.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -493,7 +682,9 @@ mod tests {
             WorkerState::Pending {
                 unschedulable: None,
                 preparing: false,
-                scheduled: false
+                scheduled: false,
+                waiting: None,
+                prepared: false,
             }
         );
         assert!(!w.has_started());
@@ -536,6 +727,103 @@ mod tests {
             f.describe("demo-worker-0"),
             "demo-worker-0: container trainer exited with code 137: last report at step 40"
         );
+    }
+
+    #[test]
+    fn a_container_the_kubelet_holds_back_is_named_with_its_reason() {
+        let t = training(cpu_spec());
+        let pull = waiting(
+            pod(&t, 0, 0),
+            "generate",
+            "ImagePullBackOff",
+            "Back-off pulling image \"registry.invalid/charlm:1\"",
+        );
+        let WorkerState::Pending {
+            waiting: Some(w),
+            preparing,
+            prepared,
+            scheduled,
+            ..
+        } = observe(&pull).state
+        else {
+            panic!("expected a waiting container")
+        };
+        assert!((scheduled, preparing, prepared) == (true, false, false));
+        assert!(!w.is_terminal());
+        assert_eq!(
+            w.describe("demo-worker-0"),
+            "demo-worker-0: container generate cannot start: ImagePullBackOff: Back-off pulling \
+             image \"registry.invalid/charlm:1\""
+        );
+        // A missing Secret holds the trainer back after the dataset was prepared.
+        let secret = waiting(
+            pod(&t, 0, 0),
+            TRAINER_CONTAINER,
+            "CreateContainerConfigError",
+            "secret \"wandb\" not found",
+        );
+        let w = observe(&secret);
+        assert!(w.dataset_prepared());
+        assert!(matches!(
+            w.state,
+            WorkerState::Pending { waiting: Some(ref x), preparing: false, .. }
+                if x.container == TRAINER_CONTAINER && x.reason == "CreateContainerConfigError"
+        ));
+        let bad = waiting(pod(&t, 0, 0), "generate", "InvalidImageName", "x");
+        assert!(matches!(
+            observe(&bad).state,
+            WorkerState::Pending { waiting: Some(ref x), .. } if x.is_terminal()
+        ));
+        // Being created (pulling) is no problem.
+        let creating = waiting(pod(&t, 0, 0), "generate", "PodInitializing", "");
+        assert!(matches!(
+            observe(&creating).state,
+            WorkerState::Pending { waiting: None, .. }
+        ));
+    }
+
+    #[test]
+    fn a_pod_deleted_while_it_works_is_taken_away_one_failed_before_is_not() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t = training(cpu_spec());
+        let at = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let mut p = running(pod(&t, 0, 0), "10.0.0.1");
+        assert!(!observe(&p).deleted);
+        // `kubectl delete pod` at 100 with the pod's 300 s grace period.
+        p.metadata.deletion_timestamp = Some(Time(at(400)));
+        p.metadata.deletion_grace_period_seconds = Some(300);
+        assert!(observe(&p).deleted);
+        // The trainer saved a checkpoint on SIGTERM and exited 0 at 130: the deletion's doing.
+        let mut ended = terminated(
+            p.clone(),
+            TRAINER_CONTAINER,
+            0,
+            r#"{"step": 7, "complete": false, "stop_reason": "signal"}"#,
+        );
+        let finished = |pod: &mut Pod, s: i64| {
+            for c in pod
+                .status
+                .as_mut()
+                .unwrap()
+                .container_statuses
+                .iter_mut()
+                .flatten()
+            {
+                c.state
+                    .as_mut()
+                    .unwrap()
+                    .terminated
+                    .as_mut()
+                    .unwrap()
+                    .finished_at = Some(Time(at(s)));
+            }
+        };
+        finished(&mut ended, 130);
+        assert!(observe(&ended).deleted);
+        // A trainer that crashed at 50, before anyone deleted its pod, failed on its own.
+        let mut crashed = terminated(p, TRAINER_CONTAINER, 1, "panic");
+        finished(&mut crashed, 50);
+        assert!(!observe(&crashed).deleted);
     }
 
     #[test]

@@ -50,6 +50,17 @@ int64_t charlm_cuda_total_memory(int device) {
   }
 }
 
+// The compute capability as major·10 + minor (90 on Hopper), or -1.
+int charlm_cuda_capability(int device) {
+  try {
+    if (device < 0 || device >= static_cast<int>(c10::cuda::device_count())) return -1;
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    return prop->major * 10 + prop->minor;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // Returns cached blocks to the driver, so that after an out-of-memory probe the next, smaller
 // attempt starts from a clean slate.
 int charlm_cuda_empty_cache() {

@@ -26,7 +26,9 @@ const char* const kKernelNames[kNumKernels] = {
     "charlm_rmsnorm_fwd",   "charlm_rmsnorm_bwd",   "charlm_rmsnorm_fwd_row",
     "charlm_rmsnorm_bwd_row", "charlm_rope_norm_fwd", "charlm_rope_norm_bwd",
     "charlm_relu2_fwd",     "charlm_relu2_bwd",     "charlm_relu2_bwd_dh",
-    "charlm_muon_momentum", "charlm_mix_fwd",       "charlm_mix_bwd"};
+    "charlm_muon_momentum", "charlm_mix_fwd",       "charlm_mix_bwd",
+    "charlm_cast_f8",       "charlm_weight_f8",     "charlm_mix_rmsnorm_fwd_row",
+    "charlm_rmsnorm_mix_bwd_row"};
 
 #ifdef CHARLM_WITH_CUDA
 namespace {

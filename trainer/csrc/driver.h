@@ -23,6 +23,10 @@ enum KernelId {
   kMuonMomentum,
   kMixFwd,
   kMixBwd,
+  kCastF8,
+  kWeightF8,
+  kMixRmsFwdReg,
+  kRmsMixBwdReg,
   kNumKernels
 };
 extern const char* const kKernelNames[kNumKernels];

@@ -157,7 +157,7 @@ fn bad_values_exit_2_naming_the_flag_on_every_subcommand() {
 
 #[test]
 fn a_bad_value_from_the_environment_names_the_variable() {
-    let cases: &[(&[&str], (&str, &str), &str)] = &[
+    let cases: &[VariableCase] = &[
         (
             &["train", "--data", "x", "--max-steps", "1"],
             ("CHARLM_DEPTH", "0"),
@@ -195,10 +195,7 @@ fn a_bad_value_from_the_environment_names_the_variable() {
             "--nproc-per-node",
         ),
     ];
-    for (args, (name, value), flag) in cases {
-        let want = format!("{name}=\"{value}\" (the environment variable of {flag})");
-        refused(&trainer(args, &[(name, value)]), &[&want]);
-    }
+    refused_naming_the_variable(cases);
     // A flag on the command line wins over its variable, and is what the message names.
     let out = trainer(
         &["train", "--data", "x", "--max-steps", "1", "--depth", "999"],
@@ -216,10 +213,21 @@ fn a_bad_value_from_the_environment_names_the_variable() {
     );
 }
 
+/// (arguments, a variable and its bad value, the flag it stands for)
+type VariableCase<'a> = (&'a [&'a str], (&'a str, &'a str), &'a str);
+
+/// Each bad value is refused with a message naming the variable, its value and its flag.
+fn refused_naming_the_variable(cases: &[VariableCase]) {
+    for (args, (name, value), flag) in cases {
+        let want = format!("{name}=\"{value}\" (the environment variable of {flag})");
+        refused(&trainer(args, &[(name, value)]), &[&want]);
+    }
+}
+
 #[test]
 fn one_naming_rule_with_the_seeds_and_torchruns_names_as_aliases() {
     // CHARLM_<FLAG> for flags that had another variable, or none.
-    let cases: &[(&[&str], (&str, &str), &str)] = &[
+    let cases: &[VariableCase] = &[
         (
             &["plan", "--data", "x"],
             ("CHARLM_PRICE_PER_GPU_HOUR", "-1"),
@@ -243,10 +251,7 @@ fn one_naming_rule_with_the_seeds_and_torchruns_names_as_aliases() {
         (&["run"], ("TRAINING_HOURS", "-1"), "--hours"),
         (&["launch", "--", "train"], ("NNODES", "0"), "--nnodes"),
     ];
-    for (args, (name, value), flag) in cases {
-        let want = format!("{name}=\"{value}\" (the environment variable of {flag})");
-        refused(&trainer(args, &[(name, value)]), &[&want]);
-    }
+    refused_naming_the_variable(cases);
     // Both names set and different: neither wins silently.
     for (args, a, b) in [
         (&["run"][..], ("DEPTH", "3"), ("CHARLM_DEPTH", "4")),
@@ -318,6 +323,44 @@ fn impossible_sizes_and_devices_are_refused_before_anything_is_allocated() {
         let out = trainer(&["bench", "--device", "cuda"], &[]);
         refused(&out, &["no CUDA GPU is visible"]);
     }
+}
+
+#[test]
+fn fp8_is_refused_on_a_cpu_with_the_fix() {
+    let out = trainer(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp8",
+            "--steps",
+            "1",
+        ],
+        &[],
+    );
+    refused(
+        &out,
+        &["--precision fp8", "FP8 tensor cores", "--precision bf16"],
+    );
+    // From the environment (what the operator sets from spec.precision), under train.
+    let out = trainer(
+        &[
+            "train",
+            "--data",
+            "x",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--metrics-port",
+            "0",
+        ],
+        &[("CHARLM_PRECISION", "fp8")],
+    );
+    refused(&out, &["CHARLM_PRECISION", "--precision bf16"]);
+    let out = trainer(&["bench", "--device", "cpu", "--precision", "fp16"], &[]);
+    refused(&out, &["--precision fp16", "bf16", "fp8"]);
 }
 
 #[test]

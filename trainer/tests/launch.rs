@@ -245,7 +245,9 @@ fn a_failing_worker_stops_the_others_and_names_its_rank() {
         Duration::from_secs(60),
     );
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The worker gives up with exit code 3, the trainer's "checkpoint volume full": launch
+    // passes that code on (as it does 2, bad input), so the operator can name the reason.
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("error: rank 1 failed: exit status 3"),
         "{stderr}"
@@ -264,7 +266,7 @@ fn a_failing_worker_stops_the_others_and_names_its_rank() {
     let error = all.last().unwrap();
     assert_eq!(
         (&error["event"], &error["exit_code"]),
-        (&"error".into(), &1.into()),
+        (&"error".into(), &3.into()),
         "launch's last line is its error: {all:?}"
     );
     assert!(

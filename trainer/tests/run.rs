@@ -44,17 +44,7 @@ fn run_cmd(base: &Path, port: u16) -> Command {
         .env("CHARLM_BASE_DIR", base)
         .env("MASTER_PORT", port.to_string())
         .stdin(Stdio::null());
-    for name in [
-        "WORLD_SIZE",
-        "RANK",
-        "DEPTH",
-        "TRAINING_HOURS",
-        "NPROC_PER_NODE",
-        "DEVICE_BATCH_SIZE",
-        "WANDB_RUN",
-    ] {
-        cmd.env_remove(name);
-    }
+    common::without_seed_and_torchrun_variables(&mut cmd);
     cmd
 }
 
@@ -149,8 +139,10 @@ fn run_reads_the_seeds_layout_and_keeps_its_prepared_copy_apart() {
     std::fs::create_dir_all(&other).unwrap();
     let docs: String = (0..400).map(|i| format!("{i}-{i}\n0\n\n")).collect();
     std::fs::write(other.join("c.txt"), docs).unwrap();
+    // (their own --model-tag: the depth-1 folder holds the first texts' training, below)
     let third = run_cmd(&base, 29743)
-        .args(["--data", s(&other), "--samples", "0", "--depth", "1", "--"])
+        .args(["--data", s(&other), "--samples", "0", "--depth", "1"])
+        .args(["--model-tag", "d1-other", "--"])
         .args(TINY)
         .args(["--max-steps", "1", "--eval-every", "0"])
         .output()
@@ -160,12 +152,156 @@ fn run_reads_the_seeds_layout_and_keeps_its_prepared_copy_apart() {
     assert_eq!(listing(&base.join("data")), before, "the texts changed");
 }
 
+/// The manifest of checkpoint `dir`.
+fn checkpoint_manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Issue 29, item 6 through `run`: `run --data raw` then `run --data raw2` at the same depth is
+/// refused (exit 2, before the training starts, nothing in the folder touched), naming the folder,
+/// both datasets and run's ways on: `--model-tag` (a folder of its own) or `-- --init-from` (a
+/// new training from those weights). Both work.
+#[test]
+fn other_texts_at_the_same_depth_are_refused_naming_the_folder_and_model_tag() {
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    let raw = root.path().join("raw");
+    texts(&raw);
+    let raw2 = root.path().join("raw2");
+    std::fs::create_dir_all(&raw2).unwrap();
+    let docs: String = (0..400).map(|i| format!("{i}-{i}\n0\n\n")).collect();
+    std::fs::write(raw2.join("c.txt"), docs).unwrap();
+    let steps = ["--max-steps", "2", "--eval-every", "2"];
+
+    let first = run_cmd(&base, 29751)
+        .args(["--data", s(&raw), "--depth", "1", "--samples", "0", "--"])
+        .args(TINY)
+        .args(steps)
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    let d1 = base.join("checkpoints/d1");
+    let before = listing(&d1);
+    assert!(d1.join("step-000000002").is_dir());
+
+    // Other texts, same depth, a budget that would train on: refused before the training starts.
+    let out = run_cmd(&base, 29752)
+        .args(["--data", s(&raw2), "--depth", "1", "--samples", "0", "--"])
+        .args(TINY)
+        .args(["--max-steps", "4", "--eval-every", "2"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let prepared = |texts: &Path| -> PathBuf {
+        // run's copy of `texts`, the dataset the checkpoints record
+        let dirs = subdirs(&base.join("prepared"));
+        dirs.into_iter()
+            .find(|d| {
+                let m = checkpoint_manifest(d);
+                m["sources"][0]["path"]
+                    == if texts == raw.as_path() {
+                        "a.txt"
+                    } else {
+                        "c.txt"
+                    }
+            })
+            .unwrap()
+            .canonicalize()
+            .unwrap()
+    };
+    assert!(
+        err.contains(&d1.display().to_string())
+            && err.contains("trained on another dataset")
+            && err.contains(&prepared(&raw).display().to_string())
+            && err.contains(&prepared(&raw2).display().to_string())
+            && err.contains("Give this training another --model-tag")
+            && err.contains(&format!("-- --init-from {}", d1.display()))
+            && err.contains(&format!("run prepared the texts in {}", raw2.display()))
+            && err.contains("e.g. --model-tag d1-raw2"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("--checkpoint-dir"),
+        "a flag run refuses: {err}"
+    );
+    assert!(!err.contains("run: training depth"), "{err}");
+    assert!(!err.contains("run the same command again"), "{err}");
+    assert_eq!(listing(&d1), before, "the first training's folder changed");
+    assert_eq!(
+        subdirs(&base.join("checkpoints")),
+        std::slice::from_ref(&d1),
+        "a silent new folder"
+    );
+
+    // The fix it names: a tag of its own (here by its variable) trains apart.
+    let out = run_cmd(&base, 29753)
+        .args(["--data", s(&raw2), "--depth", "1", "--samples", "0", "--"])
+        .args(TINY)
+        .args(steps)
+        .env("CHARLM_MODEL_TAG", "d1-raw2")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("checkpoints/d1-raw2"), "{err}");
+    let own = checkpoint_manifest(&base.join("checkpoints/d1-raw2/step-000000002"));
+    let theirs = checkpoint_manifest(&d1.join("step-000000002"));
+    assert_ne!(own["dataset"]["digest"], theirs["dataset"]["digest"]);
+    assert_eq!(listing(&d1), before, "the first training's folder changed");
+
+    // The other fix: a new training from the first one's weights, in a folder of its own.
+    let out = run_cmd(&base, 29754)
+        .args(["--data", s(&raw2), "--depth", "1", "--samples", "0"])
+        .args(["--model-tag", "d1-raw2-from-raw", "--"])
+        .args(TINY)
+        .args(steps)
+        .args(["--init-from", s(&d1)])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let new = checkpoint_manifest(&base.join("checkpoints/d1-raw2-from-raw/step-000000002"));
+    assert_eq!(new["init_from"]["dataset"], theirs["dataset"], "{new}");
+    assert_eq!(new["dataset"], own["dataset"], "{new}");
+
+    // --init-from inside the folder it would train into: refused naming --model-tag.
+    let out = run_cmd(&base, 29755)
+        .args(["--data", s(&raw), "--depth", "1", "--samples", "0", "--"])
+        .args(TINY)
+        .args(steps)
+        .args(["--init-from", s(&d1)])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is inside the checkpoint folder") && err.contains("--model-tag"),
+        "{err}"
+    );
+
+    // A tag is one folder name, checked before anything is prepared.
+    let fresh = root.path().join("fresh");
+    for bad in ["../d1", "a/b", ".hidden", ""] {
+        let out = run_cmd(&fresh, 29756)
+            .args(["--data", s(&raw), "--model-tag", bad])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(err.contains("--model-tag"), "{bad:?}: {err}");
+        assert!(!fresh.exists(), "{bad:?}: {err}");
+    }
+}
+
 #[test]
 fn every_setting_is_checked_before_anything_is_prepared() {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");
     texts(&base.join("data"));
-    let cases: &[(&[(&str, &str)], &[&str], &[&str])] = &[
+    // (environment, arguments, what the message must name)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case] = &[
         // The seed's names: the message names what the user set.
         (
             &[("DEPTH", "0")],
@@ -302,6 +438,7 @@ fn training(base: &Path, port: u16) -> Child {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("no step within 120 s:\n{}", seen.join("\n"));
 }
 

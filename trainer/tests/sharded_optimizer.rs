@@ -119,18 +119,7 @@ fn diffs(ranks: &[Rank]) -> Vec<(f64, f64)> {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            assert!(
-                r.status.success(),
-                "rank {i} failed: {}\n{}\n{}",
-                r.status,
-                r.stdout,
-                r.stderr
-            );
-            let line = r
-                .stdout
-                .lines()
-                .find(|l| l.contains("weights max |diff|"))
-                .unwrap_or_else(|| panic!("rank {i} did not report:\n{}", r.stdout));
+            let line = r.reported(i, |l| l.contains("weights max |diff|"));
             let numbers: Vec<f64> = line
                 .split_whitespace()
                 .filter_map(|w| w.trim_end_matches(',').parse().ok())

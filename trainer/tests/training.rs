@@ -198,12 +198,38 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let out = run(&tiny_train(s(&data), s(&ckpt), &["--max-steps", "6"]));
+    let term = root.path().join("termination.json");
+    let out = run(&tiny_train(
+        s(&data),
+        s(&ckpt),
+        &["--max-steps", "6", "--termination-log", s(&term)],
+    ));
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
         err.contains("step-000000005 is damaged") && err.contains("truncated"),
         "{err}"
+    );
+    // The report (termination log and /progress) says it too, for the operator.
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&term).unwrap()).unwrap();
+    assert_eq!(
+        report["resumed_from"],
+        ckpt.join("step-000000003").display().to_string(),
+        "{report}"
+    );
+    let damaged = report["damaged_checkpoints"].as_array().expect("a list");
+    assert_eq!(damaged.len(), 1, "{report}");
+    assert_eq!(
+        damaged[0]["path"],
+        ckpt.join("step-000000005").display().to_string()
+    );
+    assert_eq!(
+        damaged[0]["set_aside_as"],
+        ckpt.join("step-000000005.damaged").display().to_string()
+    );
+    assert!(
+        damaged[0]["error"].as_str().unwrap().contains("truncated"),
+        "{report}"
     );
     assert!(
         err.contains("resumed from") && err.contains("step-000000003"),

@@ -310,6 +310,7 @@ fn trainer_env(
             effective.tensorboard.then(|| TENSORBOARD_DIR.to_string()),
         ),
         (env::RECIPE, spec.recipe.map(|r| r.name().to_string())),
+        (env::PRECISION, spec.precision.map(|p| p.name().to_string())),
     ];
     env.extend(
         optional
@@ -799,6 +800,10 @@ mod tests {
             !env.contains_key("CHARLM_RECIPE"),
             "unset: the trainer's default"
         );
+        assert!(
+            !env.contains_key("CHARLM_PRECISION"),
+            "unset: the trainer's default"
+        );
     }
 
     #[test]
@@ -809,6 +814,14 @@ mod tests {
         let env = env_of(&pod_of(&training(spec), 0, 0));
         assert_eq!(env["CHARLM_RECIPE"], "nanochat-2025");
         assert_eq!(env["CHARLM_EARLY_STOP_PATIENCE"], "0");
+    }
+
+    #[test]
+    fn the_precision_reaches_the_trainer() {
+        let mut spec = gpu_spec();
+        spec["precision"] = "fp8".into();
+        let env = env_of(&pod_of(&training(spec), 0, 0));
+        assert_eq!(env["CHARLM_PRECISION"], "fp8");
     }
 
     #[test]

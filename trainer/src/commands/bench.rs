@@ -14,7 +14,7 @@ use clap::builder::BoolishValueParser;
 use crate::dist::{DistEnv, ProcessGroup};
 use crate::engine::autobatch::{self, MicroBatch};
 use crate::engine::{
-    memory, oom, Attention, Engine, EngineOptions, Kernels, Recompute, Resolved, Toggle,
+    memory, oom, Attention, Engine, EngineOptions, Kernels, Precision, Recompute, Resolved, Toggle,
 };
 use crate::model::GptConfig;
 use crate::sys::cuda;
@@ -109,6 +109,7 @@ pub struct Report {
 pub fn run(args: Args) -> Result<()> {
     let events = Events::new(args.log_format, Some(0));
     let device = args.device.resolve(0)?;
+    crate::engine::check_precision(&args.engine, device)?;
     let g = geometry(&args, device)?;
     memory::check_fits(&GptConfig::new(args.depth, args.seq_len), g.b, device)?;
     if args.check {
@@ -278,6 +279,14 @@ pub fn measure(args: &Args, g: Geometry, device: Device) -> Result<Report> {
 /// the block path and the reference model differ by where intermediates are rounded to bf16.
 const KERNEL_TOLERANCE: f64 = 1e-2;
 const MODEL_TOLERANCE: f64 = 5e-2;
+/// FP8 products against the bf16 reference: e4m3 rounds each value by up to 2⁻⁴ (RMS 3.6%),
+/// e5m2 by up to 2⁻³ (RMS 7.2%), so a product's output moves by about 5% (forward) to 8% (input
+/// gradients) and the gradients as a whole by that much; the loss, an average, far less (the CPU
+/// test measures 2.3e-4, 4.4% and 13% for these three at depth 2). A wrong scale, operand or
+/// layout gives 100% or NaN.
+const FP8_LOSS_TOLERANCE: f64 = 1e-2;
+const FP8_GRADS_TOLERANCE: f64 = 0.15;
+const FP8_WORST_TOLERANCE: f64 = 0.4;
 
 fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()> {
     let config = GptConfig::new(args.depth, args.seq_len);
@@ -362,9 +371,102 @@ fn check(args: &Args, g: Geometry, device: Device, events: &Events) -> Result<()
     for d in crate::engine::verify::models_vs_reference(config, g.b, device, &candidates) {
         show(&d, MODEL_TOLERANCE);
     }
+    // FP8 products, on the default recipe's model: against the reference, and (on a GPU) the
+    // fused kernels against their eager twins, which make the same casts.
+    let config26 = config.with_rope_base(100_000).with_scalars(true);
+    let f8 = |o: EngineOptions| EngineOptions {
+        precision: Precision::Fp8,
+        ..o
+    };
+    let eager = crate::engine::verify::fast(Kernels::Eager, Recompute::Blocks(0));
+    let fused = crate::engine::verify::fast(Kernels::Fused, Recompute::Blocks(0));
+    let mut fp8_candidates = vec![
+        ("fp8 eager, dynamic scales", f8(eager), false),
+        ("fp8 eager, delayed scales", f8(eager), true),
+    ];
+    if device.is_cuda() {
+        eprintln!("fused kernels' FP8 copies vs eager twins:");
+        for d in crate::engine::verify::fused_vs_eager_f8(shape, device)? {
+            show(&d, KERNEL_TOLERANCE);
+        }
+        // Widths that are not a multiple of 256 take the warp-per-row norms.
+        let narrow = crate::engine::verify::OpShape {
+            c: 384,
+            heads: 3,
+            ..shape
+        };
+        for d in crate::engine::verify::fused_vs_eager_f8(narrow, device)? {
+            show(&d, KERNEL_TOLERANCE);
+        }
+        for d in crate::engine::verify::fp8_weights_fused_vs_eager(config26, device)? {
+            show(&d, KERNEL_TOLERANCE);
+        }
+        fp8_candidates.extend([
+            ("fp8 fused, dynamic scales", f8(fused), false),
+            ("fp8 fused, delayed scales", f8(fused), true),
+            (
+                "fp8 fused, delayed, recomputed",
+                f8(crate::engine::verify::fast(
+                    Kernels::Fused,
+                    Recompute::Blocks(i64::MAX),
+                )),
+                true,
+            ),
+            (
+                "fp8 fused, delayed, activations recomputed",
+                EngineOptions {
+                    keep_activations: Toggle::Off,
+                    ..f8(fused)
+                },
+                true,
+            ),
+            (
+                "fp8 fused, delayed, fp8 weight gradients",
+                EngineOptions {
+                    fp8_weight_grads: Precision::Fp8,
+                    ..f8(fused)
+                },
+                true,
+            ),
+        ]);
+    }
+    eprintln!(
+        "FP8 products vs the reference model (nanochat-2026 model; tolerances: loss {FP8_LOSS_TOLERANCE}, all gradients {FP8_GRADS_TOLERANCE}, worst matrix {FP8_WORST_TOLERANCE}):"
+    );
+    let reference = EngineOptions {
+        kernels: Kernels::Reference,
+        ..EngineOptions::default()
+    };
+    let tolerances = [FP8_LOSS_TOLERANCE, FP8_GRADS_TOLERANCE, FP8_WORST_TOLERANCE];
+    let fp8_diffs =
+        crate::engine::verify::models_vs(config26, g.b, device, reference, &fp8_candidates);
+    for (i, d) in fp8_diffs.iter().enumerate() {
+        show(d, tolerances[i % 3]);
+    }
+    if device.is_cuda() {
+        // The fused kernels round bf16 like the eager twins but not bit for bit, and a 1-ulp
+        // difference before a cast can move an element across an e5m2 step (12.5-25%): the
+        // worst single matrix measured 5.07% on an H100 (2026-12-07), inside the FP8-vs-reference
+        // spread; it gets FP8_GRADS_TOLERANCE, the loss and all gradients MODEL_TOLERANCE.
+        eprintln!(
+            "FP8 fused vs FP8 eager (the same casts; dynamic scales; tolerances: loss and all gradients {MODEL_TOLERANCE}, worst matrix {FP8_GRADS_TOLERANCE}):"
+        );
+        let same = [("fp8 fused", f8(fused), false)];
+        let diffs = crate::engine::verify::models_vs(config26, g.b, device, f8(eager), &same);
+        for (i, d) in diffs.iter().enumerate() {
+            let worst = i % 3 == 2;
+            show(
+                d,
+                if worst {
+                    FP8_GRADS_TOLERANCE
+                } else {
+                    MODEL_TOLERANCE
+                },
+            );
+        }
+    }
     // The 2026 recipe: its rotary base through both paths, and its optimizer step.
     eprintln!("nanochat-2026 recipe: block path vs reference (rotary base 100 000, per-layer scalars), Muon step:");
-    let config26 = config.with_rope_base(100_000).with_scalars(true);
     for d in crate::engine::verify::models_vs_reference(config26, g.b, device, &candidates) {
         show(&d, MODEL_TOLERANCE);
     }

@@ -9,7 +9,8 @@
 //! When a worker fails, the others are stopped everywhere; with `--max-restarts N` every node's
 //! launch then starts all its workers again, in place, from the newest checkpoint, up to N times.
 //! After that (or with N = 0) the failing rank is named and launch fails: its exit code 2 ("bad
-//! input, do not retry") is passed on as 2, any other failure becomes 1.
+//! input, do not retry") is passed on as 2, 3 (a full checkpoint volume) as 3, any other failure
+//! becomes 1; neither 2 nor 3 is retried in place.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -28,7 +29,7 @@ use charlm_contract::events::{self, Event, Line};
 
 use crate::dist::rounds::{Abort, Rendezvous};
 use crate::sys::children::{self, signal_name};
-use crate::sys::error::UserError;
+use crate::sys::error::{StorageFull, UserError};
 use crate::sys::events::Events;
 use crate::sys::flags::{self, LogFormat};
 use crate::user_bail;
@@ -336,8 +337,9 @@ enum RoundEnd {
 /// Why launch fails, as its error says it.
 struct Failure {
     message: String,
-    /// A worker's exit code 2: bad input, passed on as 2.
-    bad_input: bool,
+    /// The pod's exit code: a worker's 2 (bad input) or 3 (a full checkpoint volume) passed
+    /// on, 1 for anything else.
+    code: i32,
 }
 
 impl Failure {
@@ -351,21 +353,31 @@ impl Failure {
         } else {
             format!("rank {rank} failed: {}", describe(Some(status)))
         };
-        Self {
-            message,
-            bad_input: status.code() == Some(exit::BAD_INPUT),
-        }
+        let code = match status.code() {
+            Some(c @ (exit::BAD_INPUT | exit::STORAGE_FULL)) => c,
+            _ => exit::FAILURE,
+        };
+        Self { message, code }
+    }
+
+    /// Bad input and a full volume fail the same way in every round: no restart mends them.
+    fn retryable(&self) -> bool {
+        self.code == exit::FAILURE
     }
 
     fn into_error(self) -> anyhow::Error {
-        if self.bad_input {
-            UserError(format!(
+        match self.code {
+            exit::BAD_INPUT => UserError(format!(
                 "{} (bad input or settings: see its message above)",
                 self.message
             ))
-            .into()
-        } else {
-            anyhow!(self.message)
+            .into(),
+            exit::STORAGE_FULL => StorageFull(format!(
+                "{} (its checkpoint volume is full: see its message above)",
+                self.message
+            ))
+            .into(),
+            _ => anyhow!(self.message),
         }
     }
 }
@@ -431,12 +443,8 @@ fn supervise(
                     node.node_rank,
                     describe(Some(status))
                 ),
-                retry: !stopping && !local.bad_input && !last_round,
-                exit_code: if local.bad_input {
-                    exit::BAD_INPUT
-                } else {
-                    exit::FAILURE
-                },
+                retry: !stopping && local.retryable() && !last_round,
+                exit_code: local.code,
             };
             let standing = match rdzv.abandon(round, &mine) {
                 Ok(first) => first,
@@ -512,9 +520,9 @@ fn supervise(
     }
     let mut failure = failure.unwrap_or_else(|| Failure {
         message: format!("round {round} ended on another node: {}", abort.reason),
-        bad_input: abort.exit_code == exit::BAD_INPUT,
+        code: abort.exit_code,
     });
-    if node.max_restarts > 0 && last_round && !failure.bad_input && !stopping {
+    if node.max_restarts > 0 && last_round && failure.retryable() && !stopping {
         failure.message += &format!(
             " (all {} in-place restart(s) used: --max-restarts, CHARLM_MAX_RESTARTS)",
             node.max_restarts

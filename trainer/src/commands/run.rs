@@ -6,9 +6,12 @@
 //! it resumes from the newest checkpoint (or, when the training is over, only samples).
 //!
 //! The base folder (`--base-dir`) is laid out as the seed's: `data/` holds the user's `.txt`
-//! files (read, never written), `checkpoints/d{depth}/` the checkpoints; run's prepared copy goes
-//! to `prepared/<digest>/`, named by the texts' paths, sizes and SHA-256, so it can never collide
-//! with the texts and other texts get a copy of their own.
+//! files (read, never written), `checkpoints/<model tag>/` the checkpoints (`d{depth}` unless
+//! `--model-tag` names another, as nanochat's); run's prepared copy goes to `prepared/<digest>/`,
+//! named by the texts' paths, sizes and SHA-256, so it can never collide with the texts and other
+//! texts get a copy of their own. A checkpoint folder belongs to one training of one dataset and
+//! one model: run refuses one that holds another's (other texts at the same depth), naming the
+//! folder and `--model-tag`, before it starts the training — never a silent reuse or new folder.
 //!
 //! SIGTERM or Ctrl-C is passed on to `launch`, which passes it to the workers: they save a
 //! checkpoint and exit, and so does `run`. `launch` dies with `run` even when `run` is SIGKILLed
@@ -31,10 +34,11 @@ use crate::data::prepare::{prepare, read_manifest, sources, MANIFEST_FILE};
 use crate::engine::autobatch::MicroBatch;
 use crate::model::GptConfig;
 use crate::sys::children::{self, signal_name};
-use crate::sys::error::UserError;
+use crate::sys::error::{StorageFull, UserError};
 use crate::sys::events::Events;
 use crate::sys::flags::{self, Count, DeviceChoice, LogFormat};
 use crate::train;
+use crate::train::resume::{self, Remedy};
 use crate::user_bail;
 
 #[derive(clap::Args, Debug)]
@@ -44,9 +48,14 @@ pub struct Args {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Where run keeps its prepared copy of the texts (`prepared/<digest>/`), the checkpoints
-    /// (`checkpoints/d<depth>/`) and, with WANDB_RUN set, TensorBoard files (`tensorboard/`).
+    /// (`checkpoints/<model tag>/`) and, with WANDB_RUN set, TensorBoard files (`tensorboard/`).
     #[arg(long, default_value_os_t = default_base())]
     pub base_dir: PathBuf,
+    /// The training's name: its checkpoints go to `<base-dir>/checkpoints/<tag>/`. Unset:
+    /// `d<depth>`, as nanochat's --model-tag. A folder holds one training of one dataset and
+    /// one model: other texts (or another model) at the same depth need a tag of their own.
+    #[arg(long, value_parser = model_tag)]
+    pub model_tag: Option<String>,
     /// Transformer layers, 1 to 128; the width is 64 × depth. Unset: the planner's
     /// recommendation.
     #[arg(long, value_parser = flags::depth)]
@@ -108,6 +117,27 @@ const SPLIT_SEED: u64 = 0;
 /// W&B's "off" value in nanochat's scripts.
 const WANDB_OFF: &str = "dummy";
 
+/// A refusal of the checkpoint folder names run's ways on, not `train`'s `--checkpoint-dir`.
+const RUN_REMEDY: Remedy = Remedy {
+    other_folder: "another --model-tag",
+    init_from: "-- --init-from",
+};
+
+/// `--model-tag`: one folder name under `<base-dir>/checkpoints`.
+fn model_tag(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s != "."
+        && s != ".."
+        && !s.starts_with('.')
+        && !s.contains(['/', '\\', '\0']);
+    match ok {
+        true => Ok(s.to_string()),
+        false => Err(
+            "use a folder name (no `/`, not starting with `.`), e.g. d8-shakespeare".to_string(),
+        ),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let events = Events::new(args.log_format, None);
     let texts = args
@@ -161,8 +191,13 @@ pub fn run(args: Args) -> Result<()> {
         let device = train_args.device.resolve(0)?;
         crate::engine::memory::check_fits(&GptConfig::new(depth, train_args.seq_len), b, device)?;
     }
-    let checkpoints = args.base_dir.join("checkpoints").join(format!("d{depth}"));
+    let tag = args
+        .model_tag
+        .clone()
+        .unwrap_or_else(|| format!("d{depth}"));
+    let checkpoints = args.base_dir.join("checkpoints").join(&tag);
     let mut argv = train_argv(&args, &data, depth, &checkpoints)?;
+    check_folder(&argv, nproc, &data, depth, &checkpoints, &texts, &args)?;
     if let Some(dir) = &tensorboard {
         argv.push("--tensorboard-dir".into());
         argv.push(dir.into());
@@ -205,6 +240,18 @@ pub fn run(args: Args) -> Result<()> {
         ))
         .into());
     }
+    if ended.status.code() == Some(charlm_contract::exit::STORAGE_FULL) {
+        // Running again as it is would train until the next save and hit the same wall.
+        return Err(StorageFull(format!(
+            "the checkpoint volume of {} is full ({}): its message above says how much a \
+             checkpoint needs; make room there (or --base-dir elsewhere, or `-- \
+             --keep-checkpoints` fewer), then run the same command again to resume from the \
+             newest checkpoint, which is intact",
+            checkpoints.display(),
+            ended.status
+        ))
+        .into());
+    }
     if !ended.status.success() {
         anyhow::bail!(
             "the training failed ({}); run the same command again to resume from the newest \
@@ -236,8 +283,8 @@ fn train_argv(args: &Args, data: &Path, depth: i64, checkpoints: &Path) -> Resul
                 "--{name} after `--` is a flag run sets itself: give it to run, before `--` \
                  (`charlm-trainer run --{name} …`){}",
                 if name == "checkpoint-dir" || name == "data" {
-                    "; run keeps checkpoints in <base-dir>/checkpoints/d<depth> and reads the \
-                     texts from --data"
+                    "; run keeps checkpoints in <base-dir>/checkpoints/<--model-tag, default \
+                     d<depth>> and reads the texts from --data"
                 } else {
                     ""
                 }
@@ -262,6 +309,56 @@ fn train_argv(args: &Args, data: &Path, depth: i64, checkpoints: &Path) -> Resul
     argv.push(checkpoints.into());
     argv.extend(args.train_args.iter().map(OsString::from));
     Ok(argv)
+}
+
+/// The checks `train`'s rank 0 makes of its checkpoint folder at start (the dataset, the model,
+/// `--init-from` outside it), made before the training starts so that a refusal names run's
+/// flags: other texts at the same depth would otherwise resume the first texts' training, and
+/// `best/` compare val bpc of two validation splits (issue 29, item 6).
+fn check_folder(
+    argv: &[OsString],
+    nproc: u32,
+    data: &Path,
+    depth: i64,
+    checkpoints: &Path,
+    texts: &Path,
+    args: &Args,
+) -> Result<()> {
+    let train_args = check_train_flags(argv, nproc)?;
+    let schedule = train::Plan::new(&train_args, nproc as usize, 1)?.schedule;
+    let model = GptConfig::new(depth, train_args.seq_len)
+        .with_rope_base(schedule.rope_base)
+        .with_scalars(schedule.scalars);
+    let dataset = resume::dataset_id(data, &read_manifest(data)?);
+    resume::check_folder(
+        checkpoints,
+        train_args.init_from.as_deref(),
+        &model,
+        train_args.recipe,
+        &dataset,
+        RUN_REMEDY,
+    )
+    .map_err(|e| {
+        let Some(UserError(message)) = e.downcast_ref::<UserError>() else {
+            return e;
+        };
+        let name = texts
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let example = match (&args.model_tag, name.is_empty()) {
+            (None, false) => format!(", e.g. --model-tag d{depth}-{name}"),
+            _ => String::new(),
+        };
+        UserError(format!(
+            "{message}. (run prepared the texts in {} into {}, and keeps a training in \
+             {}/<tag>: --model-tag TAG or CHARLM_MODEL_TAG, d<depth> when unset{example})",
+            texts.display(),
+            data.display(),
+            args.base_dir.join("checkpoints").display()
+        ))
+        .into()
+    })
 }
 
 /// Parses `argv` as `train` would, with the environment, and runs the checks `train` runs before

@@ -8,6 +8,7 @@
 //! on the first micro-batch, when the micro-batch size is known.
 
 pub mod autobatch;
+pub mod fp8;
 pub mod memory;
 pub mod oom;
 pub mod optim;
@@ -24,7 +25,47 @@ use crate::dist::{ProcessGroup, ReduceOp};
 use crate::model::{BlockRunner, BlockViews, Gpt, GptConfig};
 use memory::{plan_keep_activations, plan_memory};
 use optim::{AdamW, Muon};
-pub use options::{Attention, EngineOptions, Kernels, Recompute, Resolved, Toggle};
+pub use options::{Attention, EngineOptions, Kernels, Precision, Recompute, Resolved, Toggle};
+
+/// Ok when `device` can run FP8 products: a GPU of compute capability 8.9 or later (Ada, Hopper
+/// and newer have FP8 tensor cores), or the CPU (ATen's reference FP8 product: for checks, not
+/// speed; `train` and `bench` refuse it there first).
+pub fn require_fp8(device: Device) -> Result<()> {
+    if let Device::Cuda(_) = device {
+        match crate::sys::cuda::capability(device) {
+            Some(c) if c >= (8, 9) => {}
+            Some((major, minor)) => crate::user_bail!(
+                "--precision fp8 needs FP8 tensor cores (compute capability 8.9 or later, such as \
+                 an H100); {} has {major}.{minor}: use --precision bf16",
+                crate::sys::cuda::device_name(device)
+            ),
+            None => bail!("cannot read the compute capability of {device:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// What `train` and `bench` check before any work: FP8 products need a GPU that has them and the
+/// block path. The CPU refuses them rather than emulating: ATen's FP8 product there is a
+/// reference implementation, slower than the fp32 the CPU trains in, and would measure nothing.
+pub fn check_precision(options: &EngineOptions, device: Device) -> Result<()> {
+    if options.precision != Precision::Fp8 {
+        return Ok(());
+    }
+    if !device.is_cuda() {
+        crate::user_bail!(
+            "--precision fp8 (CHARLM_PRECISION) needs a GPU with FP8 tensor cores (H100 or later); \
+             on a CPU use --precision bf16 (a CPU computes in fp32 either way)"
+        );
+    }
+    if options.kernels == Kernels::Reference {
+        crate::user_bail!(
+            "--precision fp8 runs on the block path, which --kernels reference does not use: use \
+             --kernels auto, fused or eager"
+        );
+    }
+    require_fp8(device)
+}
 
 /// cuDNN and flash attention may differ by bf16 rounding, not more.
 const ATTENTION_PROBE_TOLERANCE: f64 = 2e-2;
@@ -75,6 +116,8 @@ pub struct Engine {
     /// the engine holds is neither the step before nor the step after (a collective failed
     /// half-way), so nothing may be saved from it.
     updating: bool,
+    /// The FP8 weights and scales, when the blocks' products run in FP8.
+    fp8: Option<fp8::Fp8State>,
 }
 
 impl Engine {
@@ -124,6 +167,7 @@ impl Engine {
             runner: None,
             cache: None,
             updating: false,
+            fp8: None,
         }
     }
 
@@ -186,11 +230,33 @@ impl Engine {
             },
             k => k,
         };
+        let fp8 = match self.options.precision {
+            Precision::Bf16 => false,
+            Precision::Fp8 => {
+                if kernels == Kernels::Reference {
+                    bail!(
+                        "--precision fp8 runs on the block path, which --kernels reference does not \
+                         use: use --kernels auto, fused or eager"
+                    );
+                }
+                require_fp8(device)?;
+                fp8::eligible(&config)
+            }
+        };
+        // FP8 products always keep their e4m3 weights: as many bytes as the bf16 cache.
+        let plan_options = EngineOptions {
+            weight_cache: if fp8 {
+                Toggle::On
+            } else {
+                self.options.weight_cache
+            },
+            ..self.options
+        };
         let (weight_cache, recompute_blocks) = match (kernels, device) {
             (Kernels::Reference, _) => (false, 0),
             (_, Device::Cuda(_)) => {
                 let total = crate::sys::cuda::total_memory(device).unwrap_or(0) as f64;
-                plan_memory(&config, b, t, total, &self.options, self.muon.shard().count)
+                plan_memory(&config, b, t, total, &plan_options, self.muon.shard().count)
             }
             // The CPU computes in fp32: the parameters are already the compute kind.
             _ => match self.options.recompute {
@@ -234,6 +300,7 @@ impl Engine {
         } else {
             2 << 30
         };
+        let fp8_products = if fp8 { 4 * config.depth } else { 0 };
         let resolved = Resolved {
             kernels,
             recompute_blocks,
@@ -241,11 +308,17 @@ impl Engine {
             muon_chunk_bytes,
             attention,
             keep_activations,
+            precision: self.options.precision,
+            products: 4 * config.depth + 1,
+            fp8_products,
+            fp8_weight_grads: fp8 && self.options.fp8_weight_grads == Precision::Fp8,
         };
         self.muon.fused = kernels != Kernels::Reference;
         self.muon.cuda_kernels = kernels == Kernels::Fused;
         self.muon.chunk_bytes = muon_chunk_bytes;
-        self.cache = weight_cache.then(|| WeightCache {
+        self.fp8 = fp8.then(|| fp8::Fp8State::new(&config, device));
+        // The bf16 copy only where bf16 products read it.
+        self.cache = (weight_cache && !fp8).then(|| WeightCache {
             stacks: self
                 .muon
                 .grads()
@@ -302,12 +375,15 @@ impl Engine {
                 gfc: grad("mlp.c_fc")?,
                 gp: grad("mlp.c_proj")?,
                 recompute: (i as i64) < r.recompute_blocks,
+                fp8: self.fp8.as_ref().map(|f| f.views[i].shallow_clone()),
             });
         }
         Ok(BlockRunner {
             fused: r.kernels == Kernels::Fused,
             cudnn: r.attention == Attention::Cudnn,
             keep_act: r.keep_activations,
+            f8_dynamic: false,
+            f8_wgrad: r.fp8_weight_grads,
             blocks,
         })
     }
@@ -333,6 +409,9 @@ impl Engine {
         if let Some(cache) = &self.cache {
             cache.dirty.set(true);
         }
+        if let Some(fp8) = &self.fp8 {
+            fp8.weights_changed();
+        }
     }
 
     /// Forward and backward of one micro-batch; gradients accumulate scaled by `scale`
@@ -341,8 +420,16 @@ impl Engine {
     /// Panics on libtorch errors, as tch does (out-of-memory probing relies on that).
     pub fn micro_step(&mut self, x: &Tensor, y: &Tensor, scale: f64) -> Tensor {
         let (b, t) = x.size2().expect("x must be [B, T]");
-        self.prepare(b, t).unwrap_or_else(|e| panic!("{e:#}"));
+        let resolved = self.prepare(b, t).unwrap_or_else(|e| panic!("{e:#}"));
         self.refresh_cache();
+        if let Some(fp8) = &mut self.fp8 {
+            fp8.refresh_weights(&self.model, resolved.kernels == Kernels::Fused)
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let dynamic = fp8.begin_micro_batch();
+            if let Some(runner) = &mut self.runner {
+                runner.f8_dynamic = dynamic;
+            }
+        }
         let loss = match &self.runner {
             None => self.model.loss(x, y),
             Some(runner) => self
@@ -352,6 +439,22 @@ impl Engine {
         };
         (&loss * scale).backward();
         loss.detach()
+    }
+
+    /// With FP8 products: from the next micro-batch on, scale from the amax recorded so far (the
+    /// steady state) even within the first steps. For checks.
+    pub fn fp8_delay_from_now(&mut self) {
+        if let Some(fp8) = &mut self.fp8 {
+            fp8.delay_from_now();
+        }
+    }
+
+    /// Clears every gradient (the next micro-batch starts a new accumulation).
+    pub fn zero_grads(&mut self) {
+        self.muon.zero_grads();
+        for mut p in self.adamw.params() {
+            p.zero_grad();
+        }
     }
 
     /// Every gradient buffer: Muon's stacked ones, then the embedding's and lm_head's.
@@ -437,11 +540,11 @@ impl Engine {
             self.muon.gather_params(pg)?;
         }
         self.updating = false;
-        self.muon.zero_grads();
-        for mut p in self.adamw.params() {
-            p.zero_grad();
-        }
+        self.zero_grads();
         self.mark_weights_changed();
+        if let Some(fp8) = &mut self.fp8 {
+            fp8.optimizer_stepped();
+        }
         Ok(())
     }
 
@@ -495,6 +598,12 @@ impl Engine {
         self.model.load_weights(model)?;
         self.muon.load_state(optimizer)?;
         self.adamw.load_state(optimizer, adamw_step)
+    }
+
+    /// Takes a checkpoint's weights alone (`--init-from`): the optimizer starts fresh.
+    pub fn load_weights(&mut self, model: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.mark_weights_changed();
+        self.model.load_weights(model)
     }
 
     /// Makes every rank hold rank 0's weights and optimizer state (sharded: its own share of

@@ -67,6 +67,27 @@ pub enum Attention {
     Cudnn,
 }
 
+/// The number format of the blocks' matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 products with fp32 accumulation (fp32 on a CPU, which has no faster format).
+    Bf16,
+    /// FP8 products for the blocks' four matrices (q|k|v, attention output, MLP up and down):
+    /// e4m3 inputs and weights forward, e5m2 gradients backward, one scale per tensor; needs a
+    /// GPU with FP8 tensor cores (compute capability 8.9 or later: H100, H200, L4, …).
+    Fp8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
 /// On, off, or decided by memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +124,23 @@ pub struct EngineOptions {
     /// collectives only copy (it runs the sharded path on a single GPU, to check it).
     #[arg(long, value_enum, default_value = "auto")]
     pub shard_optimizer: Toggle,
+    /// bf16 | fp8: the precision of the blocks' matrix products (bf16 means fp32 on a CPU).
+    /// fp8 runs q|k|v, the attention output and the MLP's two products in FP8 (e4m3 forward,
+    /// e5m2 input gradients, tensorwise scales); the embedding, lm_head, attention, optimizer and
+    /// fp32 master weights stay as in bf16, and so does evaluation. fp8 needs a GPU with FP8
+    /// tensor cores (H100 or later); a CPU refuses it.
+    #[arg(long, env = charlm_contract::env::PRECISION, value_enum, default_value = "bf16")]
+    pub precision: Precision,
+    /// bf16 | fp8: with --precision fp8, the precision of the weight gradients' products. bf16
+    /// (the default) measured faster: FP8 ones need transposed copies of every operand
+    /// (docs/performance.md).
+    #[arg(
+        long,
+        env = "CHARLM_FP8_WEIGHT_GRADS",
+        value_enum,
+        default_value = "bf16"
+    )]
+    pub fp8_weight_grads: Precision,
 }
 
 impl EngineOptions {
@@ -125,6 +163,8 @@ impl Default for EngineOptions {
             attention: Attention::Auto,
             keep_activations: Toggle::Auto,
             shard_optimizer: Toggle::Auto,
+            precision: Precision::Bf16,
+            fp8_weight_grads: Precision::Bf16,
         }
     }
 }
@@ -141,18 +181,47 @@ pub struct Resolved {
     pub attention: Attention,
     /// Blocks keep relu(h)² for their backward.
     pub keep_activations: bool,
+    /// The precision asked for.
+    pub precision: Precision,
+    /// The model's matrix products (four per block and lm_head) and how many of them run in
+    /// FP8: all the blocks' with --precision fp8 at widths of 128 or more, else none.
+    pub products: i64,
+    pub fp8_products: i64,
+    /// With FP8 products: whether their weight gradients are FP8 too.
+    pub fp8_weight_grads: bool,
+}
+
+impl Resolved {
+    /// Which products ran in FP8, in words: "fp8 96 of 97 products (…)" or "bf16".
+    pub fn describe_precision(&self) -> String {
+        match (self.precision, self.fp8_products) {
+            (Precision::Bf16, _) => "bf16".into(),
+            (Precision::Fp8, 0) => format!(
+                "fp8 asked, 0 of {} products in FP8 (width below {}: bf16)",
+                self.products,
+                super::fp8::MIN_WIDTH
+            ),
+            (Precision::Fp8, n) => format!(
+                "fp8 {n} of {} products (the blocks' q|k|v, attention output, MLP up and down; \
+                 lm_head bf16; weight gradients {})",
+                self.products,
+                if self.fp8_weight_grads { "fp8" } else { "bf16" }
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for Resolved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:?} kernels, {:?} attention, recompute {}, weight cache {}, keep act {}",
+            "{:?} kernels, {:?} attention, recompute {}, weight cache {}, keep act {}, {}",
             self.kernels,
             self.attention,
             self.recompute_blocks,
             self.weight_cache,
-            self.keep_activations
+            self.keep_activations,
+            self.describe_precision()
         )
     }
 }

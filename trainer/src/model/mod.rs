@@ -154,6 +154,11 @@ pub struct BlockRunner {
     pub cudnn: bool,
     /// Blocks keep relu(h)² for their backward instead of recomputing it.
     pub keep_act: bool,
+    /// FP8 blocks (those with [`BlockViews::fp8`]) scale by each tensor's own amax in this
+    /// micro-batch, instead of the amax recorded in earlier ones (src/engine/fp8.rs).
+    pub f8_dynamic: bool,
+    /// FP8 blocks compute their weight gradients in FP8 too.
+    pub f8_wgrad: bool,
     pub blocks: Vec<BlockViews>,
 }
 
@@ -172,6 +177,8 @@ pub struct BlockViews {
     pub gfc: Tensor,
     pub gp: Tensor,
     pub recompute: bool,
+    /// The FP8 weights and scales when the block's products run in FP8.
+    pub fp8: Option<block::Fp8Views>,
 }
 
 pub(crate) fn norm(x: &Tensor) -> Tensor {
@@ -402,16 +409,30 @@ impl Gpt {
         let mut x = self.embed(idx, kind).view([b * t, c]);
         let x0 = x.shallow_clone();
         for (layer, (blk, v)) in self.blocks.iter().zip(&runner.blocks).enumerate() {
-            if let Some((resid, lx0)) = &self.scalars {
-                x = block::mix(&x, &x0, resid, lx0, layer, runner.fused)?;
-            }
+            let scalars = self.scalars.as_ref().map(|(r, x0s)| block::Scalars {
+                x0: &x0,
+                r,
+                x0s,
+                layer,
+            });
             let mode = block::BlockMode {
                 fused: runner.fused,
                 recompute: v.recompute,
                 cudnn: runner.cudnn,
                 keep_act: runner.keep_act,
+                f8_dynamic: runner.f8_dynamic,
+                f8_wgrad: runner.f8_wgrad,
             };
-            x = block::block(&x, v, blk, (&cos, &sin), b, self.config.heads(), mode)?;
+            x = block::block(
+                &x,
+                v,
+                blk,
+                (&cos, &sin),
+                scalars,
+                b,
+                self.config.heads(),
+                mode,
+            )?;
         }
         let logits = norm(&x)
             .matmul(&self.lm_head.to_kind(kind).tr())

@@ -8,6 +8,7 @@ extern "C" {
     fn charlm_cuda_peak_allocated(device: i32) -> i64;
     fn charlm_cuda_reset_peak(device: i32) -> i32;
     fn charlm_cuda_total_memory(device: i32) -> i64;
+    fn charlm_cuda_capability(device: i32) -> i32;
     fn charlm_cuda_empty_cache() -> i32;
     fn charlm_pin_memory(tensor: *const std::ffi::c_void) -> *mut std::ffi::c_void;
 }
@@ -57,6 +58,18 @@ pub fn total_memory(device: Device) -> Option<u64> {
             // SAFETY: a plain query; returns -1 on any failure.
             let bytes = unsafe { charlm_cuda_total_memory(i as i32) };
             (bytes > 0).then_some(bytes as u64)
+        }
+        _ => None,
+    }
+}
+
+/// The GPU's compute capability as (major, minor); None on CPU or when the query fails.
+pub fn capability(device: Device) -> Option<(i32, i32)> {
+    match device {
+        Device::Cuda(i) => {
+            // SAFETY: a plain query; returns -1 on any failure.
+            let c = unsafe { charlm_cuda_capability(i as i32) };
+            (c >= 0).then_some((c / 10, c % 10))
         }
         _ => None,
     }

@@ -64,6 +64,13 @@ pub struct Args {
     /// newest good one found here. Unset: no checkpoints, and no resume.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Start a new training from the weights of this checkpoint (a `step-…` or `best`
+    /// directory, or a checkpoint folder: its best/, else its newest): step 0, a fresh optimizer,
+    /// schedule and best/, on any dataset and sequence length, into a --checkpoint-dir of its own.
+    /// Used only while --checkpoint-dir holds no checkpoint; after that the run resumes its own.
+    /// Unset: a new training starts from random weights.
+    #[arg(long, env = "CHARLM_INIT_FROM")]
+    pub init_from: Option<PathBuf>,
     /// Minutes between rolling checkpoints, 0 or more (0: after every step); one is also saved
     /// at the end and on SIGTERM/Ctrl-C.
     #[arg(long, default_value_t = 30.0,

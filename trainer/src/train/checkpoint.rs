@@ -1,7 +1,9 @@
 //! Checkpoints: one directory per save, `step-<9 digits>/{model,optimizer}.safetensors + manifest.json`,
 //! written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint
 //! that looks whole. The manifest records each file's size and sha256; a checkpoint that fails the
-//! check is reported, renamed aside (never deleted) and the previous one is used.
+//! check is reported, renamed aside (never deleted) and the previous one is used. A save that
+//! finds its volume full removes what it wrote and fails with [`StorageFull`] (exit 3), which
+//! names the folder, the bytes a checkpoint needs and what is free.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -9,10 +11,14 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use charlm_contract::DamagedCheckpoint;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
+use crate::sys::disk::{self, fmt_bytes, fmt_size};
+use crate::sys::error::{is_out_of_space, StorageFull};
+use crate::sys::figures::grouped;
 use crate::sys::staging::{fsync, StagingDir};
 use crate::user_bail;
 
@@ -38,9 +44,60 @@ pub struct Manifest {
     pub seed: u64,
     pub elapsed_s: f64,
     pub val_bpc: Option<f64>,
+    /// Evaluations since the best and, of them, the memorising ones: early stop's counts, kept
+    /// across a resume (absent in older checkpoints: 0).
+    #[serde(default)]
+    pub evals_since_best: u32,
+    #[serde(default)]
+    pub overfit_evals: u32,
     pub world_size: usize,
     pub adamw_step: i64,
     pub files: BTreeMap<String, FileCheck>,
+    /// The prepared dataset this training reads (absent in checkpoints from before it was
+    /// recorded): a checkpoint folder belongs to one dataset, since `best/` compares val bpc
+    /// measured on its validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetId>,
+    /// The characters of token ids 0.. (absent before it was recorded: the one vocabulary there
+    /// was then, which is today's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<String>,
+    /// The checkpoint whose weights started this training (`--init-from`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// Which prepared dataset a training reads: the digest of its manifest (which records every
+/// source's sha256, the split and the counts, so equal digests mean byte-identical data), and
+/// where it was, for messages.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatasetId {
+    pub digest: String,
+    pub path: String,
+    pub train_characters: u64,
+    pub val_characters: u64,
+}
+
+impl DatasetId {
+    /// "data (manifest sha256 1a2b3c4d5e6f, 50,000 + 500 characters)".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (manifest sha256 {}, {} training + {} validation characters)",
+            self.path,
+            &self.digest[..self.digest.len().min(12)],
+            self.train_characters,
+            self.val_characters
+        )
+    }
+}
+
+/// Where a training's first weights came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InitFrom {
+    pub path: String,
+    pub step: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -55,6 +112,9 @@ pub struct Loaded {
     pub manifest: Manifest,
     pub model: BTreeMap<String, Tensor>,
     pub optimizer: BTreeMap<String, Tensor>,
+    /// Newer checkpoints that failed their check and were set aside before this one was found
+    /// (`load_latest`), for the progress report: a damaged checkpoint is not only a log line.
+    pub set_aside: Vec<DamagedCheckpoint>,
 }
 
 pub fn step_dir_name(step: i64) -> String {
@@ -93,13 +153,34 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 
 /// Writes a checkpoint into `root/<name>` atomically and returns its path. An older directory of
 /// the same name (a re-save of the same step, or `best/`) is replaced only once the new one is whole.
+/// A full volume is a [`StorageFull`] error, raised after the partial write was removed.
 pub fn save(
+    root: &Path,
+    name: &str,
+    manifest: Manifest,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+) -> Result<PathBuf> {
+    write_checkpoint(root, name, manifest, model, optimizer).map_err(|e| {
+        if !is_out_of_space(&e) {
+            return e;
+        }
+        let needs = Needs::Checkpoint {
+            model: tensor_bytes(model),
+            optimizer: tensor_bytes(optimizer),
+        };
+        anyhow::Error::new(storage_full(root, &root.join(name), needs, &e))
+    })
+}
+
+fn write_checkpoint(
     root: &Path,
     name: &str,
     mut manifest: Manifest,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
 ) -> Result<PathBuf> {
+    // Dropped unwritten on an error: the partial directory is removed before the caller looks.
     let staging = StagingDir::new(&root.join(name))?;
     write_tensors(&staging.path().join(MODEL_FILE), model)?;
     write_tensors(&staging.path().join(OPTIMIZER_FILE), optimizer)?;
@@ -117,6 +198,55 @@ pub fn save(
     staging.commit()
 }
 
+/// The bytes of tensors' data as safetensors stores them (its small header aside).
+fn tensor_bytes(tensors: &[(String, Tensor)]) -> u64 {
+    tensors
+        .iter()
+        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum()
+}
+
+/// What a full volume means for this training: the folder, what the write needs, what is free
+/// (measured after the partial write was removed) and what the folder already holds.
+fn storage_full(root: &Path, dest: &Path, needs: Needs, e: &anyhow::Error) -> StorageFull {
+    let space = disk::space(root);
+    let free = space.map_or("an unknown amount".into(), |s| fmt_bytes(s.free));
+    let total = space.map_or(String::new(), |s| format!(" of {}", fmt_size(s.total)));
+    let held = list(root).map_or(0, |l| l.len());
+    let best = if root.join(BEST_DIR).join(MANIFEST_FILE).exists() {
+        " and best/"
+    } else {
+        ""
+    };
+    let why = crate::sys::error::io_kind(e).map_or_else(String::new, |k| format!(" ({k})"));
+    let needs = match needs {
+        Needs::Checkpoint { model, optimizer } => format!(
+            "{} ({} bytes: {} of weights, {} of optimizer state)",
+            fmt_size(model + optimizer),
+            grouped(model + optimizer),
+            fmt_size(model),
+            fmt_size(optimizer)
+        ),
+        Needs::File(bytes) => fmt_bytes(bytes),
+    };
+    StorageFull(format!(
+        "the checkpoint volume is full{why}: writing {} needs about {needs}, and {} has {free} \
+         free{total}; it holds {held} rolling checkpoint(s){best}. The partial write was removed \
+         and the checkpoints saved before are intact. Make room for the rolling checkpoints kept \
+         (--keep-checkpoints), best/ and one being written: free space on the volume, give it \
+         more (the operator's spec.checkpoint.size), keep fewer checkpoints, or give another \
+         --checkpoint-dir",
+        dest.display(),
+        root.display(),
+    ))
+}
+
+/// What a write that found no room needed.
+enum Needs {
+    Checkpoint { model: u64, optimizer: u64 },
+    File(u64),
+}
+
 /// Makes sure checkpoints can be written to `root` (created if missing), before any training
 /// that a failed first save would throw away. A failure is the user's to fix: exit 2.
 pub fn check_writable(root: &Path) -> Result<()> {
@@ -125,6 +255,19 @@ pub fn check_writable(root: &Path) -> Result<()> {
         .and_then(|()| fs::write(&probe, b"charlm"))
         .and_then(|()| fs::remove_file(&probe));
     if let Err(e) = outcome {
+        let _ = fs::remove_file(&probe);
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) {
+            let free = disk::space(root).map_or("no".into(), |s| fmt_bytes(s.free));
+            return Err(anyhow::Error::new(StorageFull(format!(
+                "--checkpoint-dir {} (CHARLM_CHECKPOINT_DIR) is full ({e}; {free} free): free \
+                 space on its volume, give it more (the operator's spec.checkpoint.size), or give \
+                 another --checkpoint-dir",
+                root.display()
+            ))));
+        }
         // SAFETY: getuid and getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         // The ids are the fix: a volume that arrives owned by another user (one whose driver does
@@ -218,6 +361,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded> {
         manifest,
         model,
         optimizer,
+        set_aside: Vec::new(),
     })
 }
 
@@ -237,6 +381,7 @@ pub fn load_model(dir: &Path) -> Result<Loaded> {
         manifest,
         model,
         optimizer: BTreeMap::new(),
+        set_aside: Vec::new(),
     })
 }
 
@@ -267,18 +412,32 @@ pub fn load_latest(root: &Path) -> Result<Option<Loaded>> {
         return Ok(None);
     }
     let mut failures = Vec::new();
-    for (_, dir) in &candidates {
+    let mut set_aside = Vec::new();
+    for (i, (_, dir)) in candidates.iter().enumerate() {
         match load_dir(dir) {
-            Ok(loaded) => return Ok(Some(loaded)),
+            Ok(mut loaded) => {
+                loaded.set_aside = set_aside;
+                return Ok(Some(loaded));
+            }
             Err(err) => {
+                // Say what happens next as it is: an earlier one is tried, or none is left.
+                let next = match candidates.get(i + 1) {
+                    Some((_, earlier)) => format!("trying the earlier {}", earlier.display()),
+                    None => "there is no earlier checkpoint to fall back on".to_string(),
+                };
                 eprintln!(
-                    "warning: checkpoint {} is damaged ({err:#}); using the previous one",
+                    "warning: checkpoint {} is damaged ({err:#}); {next}",
                     dir.display()
                 );
                 let aside = dir.with_extension("damaged");
                 if let Err(e) = fs::rename(dir, &aside) {
                     eprintln!("warning: could not move {} aside: {e}", dir.display());
                 }
+                set_aside.push(DamagedCheckpoint {
+                    path: dir.display().to_string(),
+                    set_aside_as: aside.display().to_string(),
+                    error: format!("{err:#}"),
+                });
                 failures.push(format!("{}: {err:#}", dir.display()));
             }
         }
@@ -305,11 +464,27 @@ pub fn read_complete(root: &Path) -> Result<Option<serde_json::Value>> {
 
 pub fn write_complete(root: &Path, summary: &serde_json::Value) -> Result<()> {
     let tmp = root.join(format!(".{COMPLETE_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(summary)?.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, root.join(COMPLETE_FILE))?;
+    let text = serde_json::to_string_pretty(summary)?;
+    let written = fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, root.join(COMPLETE_FILE)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        let e =
+            anyhow::Error::new(e).context(format!("write {}", root.join(COMPLETE_FILE).display()));
+        if is_out_of_space(&e) {
+            let needs = Needs::File(text.len() as u64);
+            let full = storage_full(root, &root.join(COMPLETE_FILE), needs, &e);
+            return Err(anyhow::Error::new(full));
+        }
+        return Err(e);
+    }
     fsync(root)
+}
+
+/// The vocabulary checkpoints record: the characters of token ids 0...
+pub fn vocabulary() -> String {
+    String::from_utf8_lossy(crate::data::vocab::CHARS).into_owned()
 }
 
 #[cfg(test)]
@@ -327,9 +502,14 @@ mod tests {
             seed: 0,
             elapsed_s: 0.0,
             val_bpc: None,
+            evals_since_best: 0,
+            overfit_evals: 0,
             world_size: 1,
             adamw_step: step,
             files: BTreeMap::new(),
+            dataset: None,
+            vocabulary: None,
+            init_from: None,
         }
     }
 
@@ -369,6 +549,12 @@ mod tests {
         assert_eq!(loaded.manifest.step, 10);
         assert_eq!(loaded.model["w"].double_value(&[0]), 1.0);
         assert!(root.path().join("step-000000020.damaged").exists());
+        // ... and it is said where the operator reads it, with the one used instead.
+        assert_eq!(loaded.set_aside.len(), 1);
+        let d = &loaded.set_aside[0];
+        assert_eq!(d.path, newest.display().to_string());
+        assert!(d.set_aside_as.ends_with("step-000000020.damaged"), "{d:?}");
+        assert!(d.error.contains(MODEL_FILE), "{d:?}");
     }
 
     #[test]

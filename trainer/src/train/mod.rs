@@ -2,17 +2,20 @@
 //!
 //! A run sets up ranks and the model, resumes from the newest good checkpoint, then a [`Session`]
 //! repeats {micro-batches → optimizer step → report → evaluate → checkpoint} until the time budget
-//! or step limit is spent, validation stops improving, or a SIGTERM arrives. Rank 0 decides when
-//! to stop, evaluate and save and tells the others, so every rank takes the same branch.
+//! or step limit is spent, validation stops improving, or a SIGTERM arrives. Every decision that
+//! guards a collective is rank 0's, broadcast (`consensus`): rank 0 decides when to stop, evaluate
+//! and save and tells the others, and its run state is every rank's, so every rank takes the same
+//! branch.
 
 mod args;
 pub mod checkpoint;
-mod consensus;
+pub mod consensus;
 mod endpoint;
+mod lock;
 mod plan;
 pub mod progress;
 pub mod recipe;
-mod resume;
+pub(crate) mod resume;
 mod salvage;
 mod session;
 mod state;
@@ -25,6 +28,7 @@ use std::time::Duration;
 use anyhow::Result;
 use charlm_contract::events::{self, Event};
 use charlm_contract::ProgressReport;
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
 pub use args::Args;
@@ -39,6 +43,7 @@ use crate::engine::memory::MemoryEstimate;
 use crate::engine::Engine;
 use crate::model::GptConfig;
 use crate::sys::events::Events;
+use crate::sys::figures::fmt_duration;
 use crate::sys::tensorboard::EventWriter;
 use progress::SharedProgress;
 use session::Session;
@@ -51,32 +56,41 @@ pub fn run(args: Args) -> Result<()> {
     let env = DistEnv::from_env();
     let events = Events::new(args.log_format, Some(env.rank as u64));
     let device = args.device.resolve(env.local_rank)?;
-    // Rank 0 alone writes checkpoints: an unwritable directory is found now, not at the first
-    // save after the training ran.
-    if let (Some(dir), 0) = (&args.checkpoint_dir, env.rank) {
-        checkpoint::check_writable(dir)?;
-    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per_rank = (cores / env.local_world_size.max(1)).max(1) as i32;
         tch::set_num_threads(args.threads.unwrap_or(per_rank));
     }
+    crate::engine::check_precision(&args.engine, device)?;
     // Check the settings before anything slow starts (an `auto` micro-batch is settled later).
     let early_micro = match args.device_batch_size {
         MicroBatch::Fixed(n) => n,
         MicroBatch::Auto => 1,
     };
-    let early = Plan::new(&args, env.world_size, early_micro)?;
+    let mut early = Plan::new(&args, env.world_size, early_micro)?;
     if let MicroBatch::Fixed(n) = args.device_batch_size {
         crate::engine::memory::check_fits(&GptConfig::new(args.depth, args.seq_len), n, device)?;
     }
     let data = Dataset::open(&args.data, args.seq_len, args.seed)?;
+    early.dataset = Some(resume::dataset_id(&args.data, &data.manifest));
     let mut options = GroupOptions::new(Duration::from_secs(args.dist_timeout_s));
     // Under `launch` even a world of one goes through the real backend (NCCL on a GPU), so a
     // single-GPU run exercises the same code path as a multi-GPU one.
     options.connect_single = std::env::var_os("WORLD_SIZE").is_some();
     let pg = ProcessGroup::init_with(&env, device, &options)?;
     let is_main = pg.rank() == 0;
+    same_settings_everywhere(&early, &args, &pg, device)?;
+    // Rank 0 alone writes checkpoints, and claims the folder now, before any training a failed
+    // save would throw away: writable, locked for this training's life, holding no other
+    // training. Every rank learns the outcome, so none waits for a rank that left.
+    let flags_model = GptConfig::new(args.depth, args.seq_len)
+        .with_rope_base(early.schedule.rope_base)
+        .with_scalars(early.schedule.scalars);
+    let claimed = match is_main {
+        true => resume::claim(&early, &flags_model),
+        false => Ok(None),
+    };
+    let _folder_lock = consensus::rank0_outcome(&pg, device, claimed)?;
 
     let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
         world_size: pg.world_size() as u64,
@@ -93,7 +107,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let config = GptConfig::new(args.depth, args.seq_len);
     let micro = plan::resolve_micro_batch(&args, &config, &pg, device)?;
-    let plan = Plan::new(&args, env.world_size, micro)?;
+    let mut plan = Plan::new(&args, env.world_size, micro)?;
+    plan.dataset = early.dataset.clone();
     let config = config
         .with_rope_base(plan.schedule.rope_base)
         .with_scalars(plan.schedule.scalars);
@@ -119,9 +134,23 @@ pub fn run(args: Args) -> Result<()> {
             sharded.then(|| engine.muon.shard().count),
         );
     }
-    let (state, resumed) = start_state(&plan, &data, &pg, device, &mut engine)?;
+    let start = start_state(&plan, &data, &pg, device, &mut engine)?;
     if is_main {
-        announce(&plan, &config, &data, &pg, device, &state, resumed, &events);
+        // The report says where it resumed and what it set aside: the operator's only view of it.
+        let mut p = shared.lock().expect("progress lock");
+        p.resumed_from = start.resumed.as_ref().map(|d| d.display().to_string());
+        p.damaged_checkpoints = start.set_aside.clone();
+        drop(p);
+        announce(
+            &plan,
+            &config,
+            &data,
+            &pg,
+            device,
+            &start.state,
+            start.resumed.clone(),
+            &events,
+        );
     }
     let tensorboard = match (&args.tensorboard_dir, is_main) {
         (Some(dir), true) => match EventWriter::create(dir) {
@@ -144,7 +173,9 @@ pub fn run(args: Args) -> Result<()> {
         pg: &pg,
         device,
         engine,
-        state,
+        state: start.state,
+        checkpoints: start.checkpoints,
+        last_checkpoint: start.resumed,
         shared,
         stop,
         tensorboard,
@@ -174,6 +205,38 @@ fn serve_progress(port: u16, shared: &SharedProgress) {
         shared.clone(),
         endpoint::Limits::default(),
     );
+}
+
+/// Ranks started with other settings would run other collectives (another batch geometry, the
+/// optimizer sharded or not, another evaluation cadence) and wait for each other until the
+/// collective timeout: every rank must be started with rank 0's. Only where rank 0 alone writes
+/// (the checkpoint volume is mounted in pod 0 only) may differ.
+fn same_settings_everywhere(
+    plan: &Plan,
+    args: &Args,
+    pg: &ProcessGroup,
+    device: Device,
+) -> Result<()> {
+    let mut alike = plan.clone();
+    alike.checkpoint_dir = None;
+    alike.termination_log = None;
+    let text = format!("{alike:?} {:?}", args.engine);
+    let digests = consensus::digests(pg, device, &text)?;
+    if digests.iter().all(|&d| d == digests[0]) {
+        return Ok(());
+    }
+    let each: Vec<String> = digests
+        .iter()
+        .enumerate()
+        .map(|(rank, d)| format!("rank {rank}: {d:016x}"))
+        .collect();
+    crate::user_bail!(
+        "rank {} of {}: the ranks were started with different training settings (digests {}): \
+         start every rank with the same flags and CHARLM_* variables. This rank's: {text}",
+        pg.rank(),
+        pg.world_size(),
+        each.join(", ")
+    )
 }
 
 /// Whether the newest checkpoint already ended this training (rank 0 looks, every rank agrees);
@@ -258,39 +321,53 @@ fn describe(
     }
 }
 
+/// Where a session starts, as rank 0 has it: every rank gets all of it.
+#[derive(Serialize, Deserialize)]
+struct Start {
+    /// The whole run state (best, early-stop counts, clock, ...), not a chosen few fields: one
+    /// rank without the best once entered the `best/` gather alone and hung the gang (issue 28).
+    state: RunState,
+    adamw_step: i64,
+    /// Whether rank 0 writes checkpoints.
+    checkpoints: bool,
+    /// The checkpoint resumed from.
+    resumed: Option<PathBuf>,
+    /// Damaged checkpoints the resume set aside (for rank 0's report; no rank decides on it).
+    set_aside: Vec<charlm_contract::DamagedCheckpoint>,
+}
+
 /// Where the session starts: rank 0 restores the newest good checkpoint, then every rank takes
-/// rank 0's position, clock and weights.
+/// rank 0's run state and weights.
 fn start_state(
     plan: &Plan,
     data: &Dataset,
     pg: &ProcessGroup,
     device: Device,
     engine: &mut Engine,
-) -> Result<(RunState, Option<PathBuf>)> {
-    let mut state = RunState::new(data.train_windows());
-    let resumed = if pg.rank() == 0 {
-        resume::restore(plan, engine, &mut state)?
-    } else {
-        None
+) -> Result<Start> {
+    let mut start = Start {
+        state: RunState::new(data.train_windows()),
+        adamw_step: engine.adamw.step,
+        checkpoints: plan.checkpoint_dir.is_some(),
+        resumed: None,
+        set_aside: Vec::new(),
     };
-    let header = consensus::agree(
-        pg,
-        device,
-        &[state.step as f64, state.elapsed_s, engine.adamw.step as f64],
-    )?;
-    state.step = header[0] as i64;
-    state.elapsed_s = header[1];
-    engine.adamw.step = header[2] as i64;
+    if pg.rank() == 0 {
+        start.resumed = resume::restore(plan, engine, &mut start.state, &mut start.set_aside)?;
+        start.adamw_step = engine.adamw.step;
+    }
+    let start: Start = consensus::from_rank0(pg, device, &start)?;
+    engine.adamw.step = start.adamw_step;
     engine.broadcast_from_rank0(pg)?;
-    if let Some(dir) = &resumed {
+    if let (Some(dir), 0) = (&start.resumed, pg.rank()) {
         eprintln!(
             "resumed from {} at step {} ({} trained)",
             dir.display(),
-            state.step,
-            session::fmt_duration(state.elapsed_s)
+            start.state.step,
+            fmt_duration(start.state.elapsed_s)
         );
     }
-    Ok((state, resumed))
+    Ok(start)
 }
 
 /// Rank 0's `start` event and line: where training starts and what its budget and first
@@ -314,10 +391,10 @@ fn announce(
     let budget = match (plan.budget.max_steps, plan.budget.seconds) {
         (Some(m), Some(s)) => format!(
             "{m} steps or {} of training, whichever ends first",
-            session::fmt_duration(s)
+            fmt_duration(s)
         ),
         (Some(m), None) => format!("{m} steps"),
-        (None, Some(s)) => format!("{} of training", session::fmt_duration(s)),
+        (None, Some(s)) => format!("{} of training", fmt_duration(s)),
         (None, None) => "none".into(),
     };
     eprintln!(

@@ -60,6 +60,62 @@ impl Budget {
     }
 }
 
+/// Where a budget ends, as far as it is known: a step budget's last step exactly; a time budget's
+/// only as an estimate from the pace (none before a pace is measured), its time left exactly.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Projection {
+    pub total_steps: Option<i64>,
+    /// Whether `total_steps` is the budget itself rather than a projection.
+    pub exact: bool,
+    pub eta_s: Option<f64>,
+}
+
+impl Projection {
+    /// The total as the step line shows it: `/40`, `/~207` (an estimate), or nothing yet.
+    pub fn shown(&self) -> String {
+        match (self.total_steps, self.exact) {
+            (Some(t), true) => format!("/{t}"),
+            (Some(t), false) => format!("/~{t}"),
+            (None, _) => String::new(),
+        }
+    }
+}
+
+impl Budget {
+    /// The budget's end seen at `step` after `elapsed_s`, with `pace_s` seconds per step when
+    /// measured.
+    pub fn project(&self, step: i64, elapsed_s: f64, pace_s: Option<f64>) -> Projection {
+        let pace_s = pace_s.filter(|p| *p > 0.0);
+        let Some(seconds) = self.seconds else {
+            return Projection {
+                total_steps: self.max_steps,
+                exact: self.max_steps.is_some(),
+                eta_s: self
+                    .max_steps
+                    .zip(pace_s)
+                    .map(|(m, p)| (m - step).max(0) as f64 * p),
+            };
+        };
+        let left = (seconds - elapsed_s).max(0.0);
+        let Some(pace) = pace_s else {
+            return Projection {
+                total_steps: None,
+                exact: false,
+                eta_s: Some(left),
+            };
+        };
+        let by_time = step + (left / pace).round() as i64;
+        Projection {
+            total_steps: Some(self.max_steps.map_or(by_time, |m| by_time.min(m))),
+            exact: false,
+            eta_s: Some(
+                self.max_steps
+                    .map_or(left, |m| left.min((m - step).max(0) as f64 * pace)),
+            ),
+        }
+    }
+}
+
 /// Everything a run does, resolved from the flags once and checked: the session reads this, never
 /// the flags.
 #[derive(Clone, Debug)]
@@ -81,6 +137,10 @@ pub struct Plan {
     pub price_per_gpu_hour: f64,
     pub checkpoint_dir: Option<PathBuf>,
     pub termination_log: Option<String>,
+    /// The prepared dataset (set once it is open); checkpoints record it.
+    pub dataset: Option<super::checkpoint::DatasetId>,
+    /// Weights that start a new training in a folder without checkpoints (`--init-from`).
+    pub init_from: Option<PathBuf>,
 }
 
 impl Plan {
@@ -155,6 +215,8 @@ impl Plan {
             price_per_gpu_hour: args.price_per_gpu_hour,
             checkpoint_dir: args.checkpoint_dir.clone(),
             termination_log: args.termination_log.clone(),
+            dataset: None,
+            init_from: args.init_from.clone(),
         })
     }
 }
@@ -318,6 +380,33 @@ pub fn resolve_micro_batch(
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_projection_shows_what_is_known_and_marks_estimates() {
+        let steps = Budget {
+            seconds: None,
+            max_steps: Some(40),
+        };
+        let p = steps.project(10, 5.0, None);
+        assert_eq!((p.shown(), p.eta_s), ("/40".to_string(), None));
+        assert_eq!(steps.project(10, 5.0, Some(0.5)).eta_s, Some(15.0));
+        let hours = Budget {
+            seconds: Some(100.0),
+            max_steps: None,
+        };
+        // No pace yet: the time left is known, the last step is not.
+        let p = hours.project(1, 2.0, None);
+        assert_eq!((p.shown(), p.eta_s), (String::new(), Some(98.0)));
+        let p = hours.project(20, 40.0, Some(2.0));
+        assert_eq!((p.shown(), p.eta_s), ("/~50".to_string(), Some(60.0)));
+        // Both: the steps cap the estimate, whichever ends first sets the time left.
+        let both = Budget {
+            seconds: Some(100.0),
+            max_steps: Some(30),
+        };
+        let p = both.project(20, 40.0, Some(2.0));
+        assert_eq!((p.shown(), p.eta_s), ("/~30".to_string(), Some(20.0)));
+    }
 
     #[derive(Parser)]
     struct Cli {

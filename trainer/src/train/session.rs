@@ -3,6 +3,7 @@
 //! validation stops improving, or a signal asks to stop.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,8 +12,8 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
-use super::consensus::{agree, agree_flag};
-use super::plan::Plan;
+use super::consensus::{self, from_rank0};
+use super::plan::{Plan, Projection};
 use super::progress::{self, SharedProgress};
 use super::state::{manifest_for, RunState};
 use super::PEAK_FLOPS;
@@ -21,6 +22,7 @@ use crate::dist::{ProcessGroup, ReduceOp};
 use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
 use crate::sys::events::Events;
+use crate::sys::figures::{fmt_duration, grouped};
 use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
 use charlm_contract::events::{self, Event};
@@ -32,7 +34,13 @@ pub struct Session<'a> {
     pub pg: &'a ProcessGroup,
     pub device: Device,
     pub engine: Engine,
+    /// Rank 0's, on every rank (see `consensus`).
     pub state: RunState,
+    /// Whether rank 0 writes checkpoints (it has a checkpoint directory): rank 0's, on every rank,
+    /// because every rank takes part in gathering a sharded optimizer's state for a save.
+    pub checkpoints: bool,
+    /// The newest checkpoint, for rank 0's progress report.
+    pub last_checkpoint: Option<PathBuf>,
     pub shared: SharedProgress,
     pub stop: Arc<AtomicBool>,
     /// TensorBoard writer, on rank 0 when asked for.
@@ -46,19 +54,42 @@ impl Session<'_> {
         self.pg.rank() == 0
     }
 
+    /// Rank 0's values for a decision that guards a collective; every rank's run state is
+    /// compared on the way (`consensus::decide`).
+    fn decide(&self, decision: &str, values: &[(&str, f64)]) -> Result<Vec<f64>> {
+        consensus::decide(
+            self.pg,
+            self.device,
+            decision,
+            self.state.step,
+            &self.state.shared_json(),
+            values,
+        )
+    }
+
+    fn decide_flag(&self, decision: &str, flag: bool) -> Result<bool> {
+        Ok(self.decide(decision, &[(decision, yes(flag))])?[0] > 0.0)
+    }
+
     pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
-        let mut last_save = Instant::now();
+        let mut last_save = (Instant::now(), self.state.step);
         let mut step_times = VecDeque::with_capacity(20);
         loop {
+            let next = self.next(last_save)?;
+            if let Some(reason) = next.stop {
+                return self.finish(reason);
+            }
+            if next.save {
+                self.save()?;
+                last_save = (Instant::now(), self.state.step);
+            }
+            // From rank 0's clock, which every rank holds now: the same schedule on every rank.
             let progress = self
                 .plan
                 .budget
                 .fraction(self.state.step, self.state.elapsed_s);
-            if let Some(reason) = self.stop_reason(progress)? {
-                return self.finish(reason);
-            }
             let schedule = &self.plan.schedule;
             let lr_mult = schedule.lr_multiplier(self.state.step, progress);
             let momentum = schedule.muon_momentum(self.state.step, progress);
@@ -72,46 +103,68 @@ impl Session<'_> {
                 }
             }
             self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            // The pace is measured from the end of the session's first step (its warm-up aside).
+            if self.state.pace_anchor.is_none() {
+                self.state.pace_anchor = Some((self.state.step, self.state.elapsed_s));
+            }
             if step_times.len() == 20 {
                 step_times.pop_front();
             }
             step_times.push_back(t0.elapsed().as_secs_f64());
             let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
             self.report_step(loss, lr_mult, step_s);
-
-            if self.plan.eval_every > 0 && self.state.step % self.plan.eval_every == 0 {
+            if next.evaluate {
                 self.evaluate()?;
-            }
-            let save_due = last_save.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
-            if agree_flag(self.pg, self.device, save_due)? {
-                self.save()?;
-                last_save = Instant::now();
             }
         }
     }
 
-    /// Rank 0's verdict on stopping now (and its clock, which every rank adopts).
-    fn stop_reason(&mut self, progress: f64) -> Result<Option<StopReason>> {
+    /// Rank 0's verdict, once a step, on what comes next: stop now, save the step just taken (its
+    /// timer; `last_save` is when and at which step it last saved), evaluate after the coming
+    /// step. Each branch holds collectives (the optimizer-state gather, the evaluation sums).
+    /// Every rank also adopts rank 0's clock.
+    fn next(&mut self, last_save: (Instant, i64)) -> Result<Next> {
+        let progress = self
+            .plan
+            .budget
+            .fraction(self.state.step, self.state.elapsed_s);
         let patience = self.plan.early_stop_patience;
-        let flags = [
-            progress >= 1.0,
-            patience > 0 && self.state.overfit_evals >= patience,
-            self.stop.load(Ordering::Relaxed),
+        let save_due = self.checkpoints
+            && last_save.1 != self.state.step
+            && last_save.0.elapsed().as_secs_f64() >= self.plan.checkpoint_every_s;
+        let every = self.plan.eval_every;
+        let values = [
+            ("budget spent", yes(progress >= 1.0)),
+            (
+                "early stop",
+                yes(patience > 0 && self.state.overfit_evals >= patience),
+            ),
+            ("signal", yes(self.stop.load(Ordering::Relaxed))),
+            ("save", yes(save_due)),
+            (
+                "evaluate",
+                yes(every > 0 && (self.state.step + 1) % every == 0),
+            ),
+            ("clock", self.state.elapsed_s),
         ];
-        let mut values: Vec<f64> = flags.iter().map(|&f| f64::from(u8::from(f))).collect();
-        values.push(self.state.elapsed_s);
-        let agreed = agree(self.pg, self.device, &values)?;
-        self.state.elapsed_s = agreed[3];
+        let agreed = self.decide("stop, save or evaluate", &values)?;
+        self.state.elapsed_s = agreed[5];
         let reasons = [
             StopReason::Budget,
             StopReason::EarlyStop,
             StopReason::Signal,
         ];
-        Ok(reasons
+        let stop = reasons
             .into_iter()
-            .zip(agreed)
-            .find(|(_, v)| *v > 0.0)
-            .map(|(r, _)| r))
+            .zip(&agreed)
+            .find(|(_, v)| **v > 0.0)
+            .map(|(r, _)| r);
+        Ok(Next {
+            stop,
+            // A stop saves anyway.
+            save: stop.is_none() && agreed[3] > 0.0,
+            evaluate: agreed[4] > 0.0,
+        })
     }
 
     /// One optimizer step over the whole global batch; returns its mean loss over all ranks.
@@ -153,7 +206,7 @@ impl Session<'_> {
             p.tokens_per_s = Some(tokens_per_s);
             p.mfu = mfu;
             p.peak_memory_gib = crate::sys::cuda::peak_memory_gib(self.device);
-            self.fill_progress(&mut p, Some(step_s));
+            self.fill_progress(&mut p);
             p.clone()
         };
         let every = self.plan.log_every;
@@ -162,7 +215,8 @@ impl Session<'_> {
                 .plan
                 .budget
                 .fraction(self.state.step, self.state.elapsed_s);
-            log_step(&snapshot, lr_mult, progress, &self.events);
+            let total = self.projection().shown();
+            log_step(&snapshot, &total, lr_mult, progress, &self.events);
             let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
             scalars.push(("perf/tokens_per_second", tokens_per_s));
             scalars.extend(mfu.map(|m| ("perf/mfu", m)));
@@ -179,46 +233,40 @@ impl Session<'_> {
         // the noisy high-learning-rate phase val bpc rises and falls again while train ≈ val).
         let train_bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Train)?;
         let step = self.state.step;
-        self.state.val_bpc = Some(bpc);
-        self.state.val_step = Some(step);
-        let improved = self.state.best.is_none_or(|(best, _)| bpc < best);
-        if improved {
-            self.state.best = Some((bpc, step));
-            self.state.evals_since_best = 0;
-            self.state.overfit_evals = 0;
-        } else {
-            self.state.evals_since_best += 1;
-            if train_bpc < bpc * (1.0 - super::args::MEMORISING_MARGIN) {
-                self.state.overfit_evals += 1;
-            }
+        // Rank 0 records the evaluation (best, early-stop counts) and every rank takes its state.
+        // The sums above are all-reduced, so the others would count the same; but a rank that
+        // counts on its own is one restore, one rounding or one new field away from entering the
+        // gather below alone (issue 28).
+        let mut improved = false;
+        if self.is_main() {
+            improved = self.state.record_eval(bpc, train_bpc);
         }
+        (self.state, improved) = from_rank0(self.pg, self.device, &(self.state.clone(), improved))?;
         // A sharded optimizer's state is gathered by every rank; rank 0 writes it.
-        let optimizer = match (improved, &self.plan.checkpoint_dir) {
-            (true, Some(_)) => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
-            _ => None,
+        let optimizer = match self.decide_flag("save best/", improved && self.checkpoints)? {
+            true => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
+            false => None,
         };
         if !self.is_main() {
             return Ok(());
         }
         if let Some(optimizer) = optimizer {
-            if let Some(root) = &self.plan.checkpoint_dir {
-                let t0 = Instant::now();
-                let manifest = manifest_for(self.plan, &self.engine, &self.state);
-                let model = self.engine.model_state();
-                let dir =
-                    checkpoint::save(root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
-                        .context("save the best checkpoint")?;
-                self.events.emit(Event::Checkpoint(events::Checkpoint {
-                    step,
-                    path: dir.display().to_string(),
-                    kind: "best".into(),
-                    seconds: t0.elapsed().as_secs_f64(),
-                }));
-            }
+            let root = self.checkpoint_root()?;
+            let t0 = Instant::now();
+            let manifest = manifest_for(self.plan, &self.engine, &self.state);
+            let model = self.engine.model_state();
+            let dir = checkpoint::save(&root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
+                .context("save the best checkpoint")?;
+            self.events.emit(Event::Checkpoint(events::Checkpoint {
+                step,
+                path: dir.display().to_string(),
+                kind: "best".into(),
+                seconds: t0.elapsed().as_secs_f64(),
+            }));
         }
         {
             let mut p = self.shared.lock().expect("progress lock");
-            self.fill_progress(&mut p, None);
+            self.fill_progress(&mut p);
         }
         let past = charlm_contract::PAST_BEST_EVALUATIONS;
         if self.state.evals_since_best > past {
@@ -257,16 +305,23 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// A rolling checkpoint (rank 0), then pruning to `--keep-checkpoints`.
+    /// Rank 0's checkpoint directory (it saves only with one).
+    fn checkpoint_root(&self) -> Result<PathBuf> {
+        self.plan
+            .checkpoint_dir
+            .clone()
+            .context("rank 0 decided to save a checkpoint without a --checkpoint-dir")
+    }
+
+    /// A rolling checkpoint (every rank gathers, rank 0 writes), then pruning to
+    /// `--keep-checkpoints`. Called where rank 0 decided to save.
     fn save(&mut self) -> Result<()> {
-        let Some(root) = self.plan.checkpoint_dir.clone() else {
-            return Ok(());
-        };
         let t0 = Instant::now();
         let optimizer = self.engine.optimizer_state(self.pg, self.is_main())?;
         if !self.is_main() {
             return Ok(());
         }
+        let root = self.checkpoint_root()?;
         let manifest = manifest_for(self.plan, &self.engine, &self.state);
         let name = checkpoint::step_dir_name(self.state.step);
         let model = self.engine.model_state();
@@ -281,26 +336,39 @@ impl Session<'_> {
             kind: "rolling".into(),
             seconds,
         }));
-        self.state.last_checkpoint = Some(dir);
-        self.shared.lock().expect("progress lock").checkpoint = self
-            .state
-            .last_checkpoint
-            .as_ref()
-            .map(|d| d.display().to_string());
+        self.shared.lock().expect("progress lock").checkpoint = Some(dir.display().to_string());
+        self.last_checkpoint = Some(dir);
         Ok(())
     }
 
     /// Ends the session: a last evaluation when complete, a checkpoint, the summary.
     fn finish(&mut self, reason: StopReason) -> Result<()> {
-        if reason.is_complete() && self.state.val_step != Some(self.state.step) {
+        let unmeasured = self.state.val_step != Some(self.state.step);
+        if self.decide_flag("evaluate at the end", reason.is_complete() && unmeasured)? {
             self.evaluate()?;
         }
-        self.save()?;
+        if self.decide_flag("save a last checkpoint", self.checkpoints)? {
+            self.save()?;
+        }
+        if self.pg.world_size() > 1 {
+            // What this rank ended with: the same line on every rank, or a bug.
+            let best = self.state.best.map_or("no evaluation".into(), |(b, s)| {
+                format!("best val bpc {b:.4} at step {s}")
+            });
+            eprintln!(
+                "rank {} of {}: stopped at step {} ({}); {best}; run state {:016x}",
+                self.pg.rank(),
+                self.pg.world_size(),
+                self.state.step,
+                reason.as_str(),
+                consensus::digest(self.state.shared_json().as_bytes())
+            );
+        }
         if !self.is_main() {
             return Ok(());
         }
         let mut p = self.shared.lock().expect("progress lock").clone();
-        self.fill_progress(&mut p, None);
+        self.fill_progress(&mut p);
         p.complete = reason.is_complete();
         p.stop_reason = Some(reason.as_str().to_string());
         if reason == StopReason::EarlyStop {
@@ -353,7 +421,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn fill_progress(&self, p: &mut ProgressReport, step_s: Option<f64>) {
+    /// Where the budget ends, in steps and seconds, from this session's pace so far.
+    fn projection(&self) -> Projection {
+        self.plan
+            .budget
+            .project(self.state.step, self.state.elapsed_s, self.state.pace())
+    }
+
+    fn fill_progress(&self, p: &mut ProgressReport) {
         let (state, plan) = (&self.state, self.plan);
         p.step = state.step;
         p.tokens = state.step as u64 * plan.batch.total_batch_size as u64;
@@ -365,29 +440,13 @@ impl Session<'_> {
         p.best_val_bpc = state.best.map(|b| b.0);
         p.best_step = state.best.map(|b| b.1);
         p.evals_since_best = state.evals_since_best;
-        p.checkpoint = state
+        p.checkpoint = self
             .last_checkpoint
             .as_ref()
             .map(|d| d.display().to_string());
-        let by_time = self
-            .plan
-            .budget
-            .seconds
-            .map(|b| (b - state.elapsed_s).max(0.0));
-        let by_steps = match (self.plan.budget.max_steps, step_s) {
-            (Some(m), Some(dt)) => Some((m - state.step).max(0) as f64 * dt),
-            _ => None,
-        };
-        if step_s.is_some() {
-            p.eta_s = match (by_time, by_steps) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            p.total_steps_estimate = match (p.eta_s, step_s) {
-                (Some(eta), Some(dt)) if dt > 0.0 => Some(state.step + (eta / dt).round() as i64),
-                _ => self.plan.budget.max_steps,
-            };
-        }
+        let projection = self.projection();
+        p.eta_s = projection.eta_s;
+        p.total_steps_estimate = projection.total_steps;
     }
 
     fn tensorboard_scalars(&mut self, step: i64, values: &[(&str, f64)]) {
@@ -398,6 +457,18 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// What rank 0 decided comes next.
+struct Next {
+    stop: Option<StopReason>,
+    save: bool,
+    evaluate: bool,
+}
+
+/// A yes or no as a decision's value.
+fn yes(flag: bool) -> f64 {
+    f64::from(u8::from(flag))
 }
 
 /// Training seconds the budget still held when a run stopped at `step` after `elapsed_s`: the time
@@ -522,22 +593,20 @@ pub fn evaluate(
     Ok(v[0] / v[1] / std::f64::consts::LN_2)
 }
 
-/// The step's human line (units, share of the budget, time left) and its `step` event.
-fn log_step(p: &ProgressReport, lr_mult: f64, progress: f64, events: &Events) {
-    let total = p
-        .total_steps_estimate
-        .map_or("?".to_string(), |t| t.to_string());
+/// The step's human line (units, share of the budget, time left) and its `step` event; `total`
+/// is what is known of the last step (`/40`, `/~207` for an estimate, or nothing yet).
+fn log_step(p: &ProgressReport, total: &str, lr_mult: f64, progress: f64, events: &Events) {
     let mfu = p
         .mfu
         .map_or(String::new(), |m| format!(" | mfu {:.1}%", m * 100.0));
     let loss = p.train_loss.unwrap_or(f64::NAN);
     let tokens_per_s = p.tokens_per_s.unwrap_or(0.0);
     eprintln!(
-        "step {:>6}/{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
+        "step {:>6}{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
          epoch {:.2} | {} elapsed, {} left",
         p.step,
         (progress * 100.0).min(100.0),
-        thousands(tokens_per_s),
+        grouped(tokens_per_s.max(0.0).round_ties_even() as u64),
         p.epoch,
         fmt_duration(p.elapsed_s),
         p.eta_s.map_or("?".to_string(), fmt_duration),
@@ -557,40 +626,4 @@ fn log_step(p: &ProgressReport, lr_mult: f64, progress: f64, events: &Events) {
         tokens_per_epoch: p.tokens_per_epoch,
         peak_memory_gib: p.peak_memory_gib,
     }));
-}
-
-/// 1234567.8 → "1,234,568".
-fn thousands(v: f64) -> String {
-    let digits = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-pub(super) fn fmt_duration(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_figures_read_easily() {
-        assert_eq!(thousands(1234567.8), "1,234,568");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(fmt_duration(59.0), "59s");
-        assert_eq!(fmt_duration(61.0), "1m01s");
-        assert_eq!(fmt_duration(7300.0), "2h01m");
-    }
 }

@@ -6,6 +6,23 @@ pub mod ranks;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Clears the variables a user's shell may hold that `run` and `launch` read besides their
+/// CHARLM_ names (the seed's and torchrun's), so a test sees only what it sets.
+pub fn without_seed_and_torchrun_variables(cmd: &mut Command) -> &mut Command {
+    for name in [
+        "WORLD_SIZE",
+        "RANK",
+        "DEPTH",
+        "TRAINING_HOURS",
+        "NPROC_PER_NODE",
+        "DEVICE_BATCH_SIZE",
+        "WANDB_RUN",
+    ] {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_charlm-trainer")
 }

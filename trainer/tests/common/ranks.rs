@@ -15,6 +15,24 @@ pub struct Rank {
     pub stderr: String,
 }
 
+impl Rank {
+    /// The first line of rank `i`'s output that `wanted` picks, once it is checked to have
+    /// succeeded.
+    pub fn reported(&self, i: usize, wanted: impl Fn(&str) -> bool) -> &str {
+        assert!(
+            self.status.success(),
+            "rank {i} failed: {}\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self.stdout
+            .lines()
+            .find(|l| wanted(l))
+            .unwrap_or_else(|| panic!("rank {i} did not report:\n{}", self.stdout))
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
