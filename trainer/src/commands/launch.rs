@@ -16,7 +16,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,9 @@ use crate::user_bail;
 /// The workers' `--log-format`: what the launcher's resolved to.
 const LOG_FORMAT_ENV: &str = "CHARLM_LOG_FORMAT";
 
+/// How long the other workers get to exit after one of them failed, before SIGKILL, when they
+/// cannot save anything (no `--max-restarts`, so no store of launch's to tell them).
+const AFTER_FAILURE_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 /// How often the agent looks for another node's end of the round.
 const ROUND_POLL: Duration = Duration::from_millis(50);
@@ -186,30 +188,39 @@ pub fn run(args: Args) -> Result<()> {
         master_port: args.master_port,
     }));
 
+    // Without restarts nothing needs a store that outlives the workers: rank 0 hosts it, as
+    // torchrun's static rendezvous does, and nodes do not wait for each other.
     let join_timeout = Duration::from_secs(args.join_timeout_s);
-    let rdzv = Rendezvous::connect(
-        &args.master_addr,
-        args.master_port,
-        args.node_rank,
-        args.nnodes,
-        join_timeout,
-    )?;
-    rdzv.agree(
-        &format!(
-            "--nnodes {} --nproc-per-node {nproc} --max-restarts {}",
-            args.nnodes, node.max_restarts
-        ),
-        join_timeout,
-    )?;
+    let rdzv = if node.max_restarts > 0 {
+        let rdzv = Rendezvous::connect(
+            &args.master_addr,
+            args.master_port,
+            args.node_rank,
+            args.nnodes,
+            join_timeout,
+        )?;
+        rdzv.agree(
+            &format!(
+                "--nnodes {} --nproc-per-node {nproc} --max-restarts {}",
+                args.nnodes, node.max_restarts
+            ),
+            join_timeout,
+        )?;
+        Some(rdzv)
+    } else {
+        None
+    };
 
     let mut reason: Option<String> = None;
     for round in 0..=node.max_restarts {
-        let mut stopped = false;
-        rdzv.join(round, join_timeout, || {
-            stopped |= signals.pending().next().is_some();
-            stopped
-        })?;
-        if round > 0 && node.node_rank == 0 {
+        if let Some(rdzv) = &rdzv {
+            let mut stopped = false;
+            rdzv.join(round, join_timeout, || {
+                stopped |= signals.pending().next().is_some();
+                stopped
+            })?;
+        }
+        if let (Some(rdzv), true) = (&rdzv, round > 0 && node.node_rank == 0) {
             // Every node joined, so every worker of the round before is gone.
             match rdzv.forget(round - 1) {
                 Ok(n) if n > 0 => note(&format!(
@@ -220,9 +231,8 @@ pub fn run(args: Args) -> Result<()> {
                 Err(e) => note(&format!("could not clean round {}: {e:#}", round - 1)),
             }
         }
-        let salvage = Arc::new(Mutex::new(None));
-        let mut workers = start_workers(&node, round, reason.as_deref(), &salvage)?;
-        let end = supervise(&mut workers, &mut signals, &node, &rdzv, round)?;
+        let mut workers = start_workers(&node, rdzv.is_some(), round, reason.as_deref())?;
+        let end = supervise(&mut workers, &mut signals, &node, rdzv.as_ref(), round)?;
         for w in &mut workers {
             w.join_output();
             let status = w.status;
@@ -245,11 +255,19 @@ pub fn run(args: Args) -> Result<()> {
             RoundEnd::Failed(failure) => return Err(failure.into_error()),
             RoundEnd::Restart(abort) => abort,
         };
-        // What rank 0 (on node 0) said about saving the last complete step goes into the reason
-        // the next round's rank 0 reports.
-        let saved = salvage.lock().expect("salvage lock").take();
+        // What rank 0 said about saving the last complete step goes into the reason the next
+        // round's rank 0 reports. Node 0's launch outlived its rank 0, so the note is there now
+        // if rank 0 wrote one; elsewhere rank 0 may still be saving.
+        let rdzv = rdzv.as_ref().expect("a restart needs the rendezvous");
+        let saved = rdzv
+            .salvaged(round)
+            .unwrap_or_else(|e| Some(format!("({e:#})")));
         let why = match saved {
             Some(s) => format!("{}; {s}", abort.reason),
+            None if node.node_rank == 0 => format!(
+                "{}; no rank saved the last complete step (only rank 0 saves, and it failed, or                  was an NCCL rank, which cannot): the restart resumes from the newest checkpoint",
+                abort.reason
+            ),
             None => abort.reason.clone(),
         };
         note(&format!(
@@ -270,9 +288,9 @@ pub fn run(args: Args) -> Result<()> {
 /// Starts this node's workers of `round`.
 fn start_workers(
     node: &Node,
+    agent_store: bool,
     round: u64,
     reason: Option<&str>,
-    salvage: &Arc<Mutex<Option<String>>>,
 ) -> Result<Vec<Worker>> {
     let mut workers: Vec<Worker> = Vec::with_capacity(node.nproc);
     for local in 0..node.nproc {
@@ -287,15 +305,22 @@ fn start_workers(
             (env::NPROC_PER_NODE, node.nproc.to_string()),
             (env::MASTER_ADDR, node.master_addr.clone()),
             (env::MASTER_PORT, node.master_port.to_string()),
-            (env::USE_AGENT_STORE, "True".to_string()),
-            (env::RESTART_COUNT, round.to_string()),
-            (env::TORCHELASTIC_MAX_RESTARTS, node.max_restarts.to_string()),
             (LOG_FORMAT_ENV, node.format.to_string()),
         ];
+        if agent_store {
+            vars.extend([
+                (env::USE_AGENT_STORE, "True".to_string()),
+                (env::RESTART_COUNT, round.to_string()),
+                (
+                    env::TORCHELASTIC_MAX_RESTARTS,
+                    node.max_restarts.to_string(),
+                ),
+            ]);
+        }
         if let Some(reason) = reason {
             vars.push((env::RESTART_REASON, reason.to_string()));
         }
-        match Worker::start(node, rank, &vars, salvage) {
+        match Worker::start(node, rank, &vars) {
             Ok(w) => workers.push(w),
             Err(err) => {
                 stop_all(&mut workers, SIGKILL);
@@ -388,7 +413,7 @@ fn supervise(
     workers: &mut [Worker],
     signals: &mut Signals,
     node: &Node,
-    rdzv: &Rendezvous,
+    rdzv: Option<&Rendezvous>,
     round: u64,
 ) -> Result<RoundEnd> {
     // The first local failure, and the record that ended the round (ours or another node's).
@@ -446,9 +471,10 @@ fn supervise(
                 retry: !stopping && local.retryable() && !last_round,
                 exit_code: local.code,
             };
-            let standing = match rdzv.abandon(round, &mine) {
-                Ok(first) => first,
-                Err(e) => {
+            let standing = match rdzv.map(|r| r.abandon(round, &mine)) {
+                None => mine.clone(),
+                Some(Ok(first)) => first,
+                Some(Err(e)) => {
                     store_lost.get_or_insert(format!("{e:#}"));
                     mine.clone()
                 }
@@ -463,7 +489,8 @@ fn supervise(
         if workers.iter().all(|w| w.status.is_some()) {
             break;
         }
-        if abort.is_none() && store_lost.is_none() && Instant::now() >= next_poll {
+        let poll = rdzv.filter(|_| abort.is_none() && store_lost.is_none());
+        if let Some(rdzv) = poll.filter(|_| Instant::now() >= next_poll) {
             next_poll = Instant::now() + ROUND_POLL;
             match rdzv.abandoned(round) {
                 Ok(Some(theirs)) => {
@@ -479,7 +506,8 @@ fn supervise(
                     // Node 0's launch ended (the job is finishing) or its pod is gone: only a
                     // worker that fails now makes this a failure.
                     note(&format!(
-                        "lost the rendezvous store at {} ({e:#}); no restart is possible now",
+                        "the rendezvous store at {} is gone ({e:#}): node 0's launch ended or \
+                         its pod is lost, so no in-place restart is possible from now on",
                         rdzv.endpoint()
                     ));
                     store_lost = Some(format!("{e:#}"));
@@ -488,7 +516,14 @@ fn supervise(
         }
         if newly_ended && !killed {
             stop_all(workers, SIGTERM);
-            let end = Instant::now() + node.grace;
+            // Under launch's store the survivors see the round end and rank 0 saves the last
+            // complete step; without it they are stuck in a collective, and waiting helps none.
+            let grace = if rdzv.is_some() {
+                node.grace
+            } else {
+                AFTER_FAILURE_GRACE
+            };
+            let end = Instant::now() + grace;
             deadline = Some(deadline.map_or(end, |d| d.min(end)));
         }
         if deadline.is_some_and(|d| Instant::now() >= d) && !killed {
@@ -564,12 +599,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(
-        node: &Node,
-        rank: usize,
-        env: &[(&str, String)],
-        salvage: &Arc<Mutex<Option<String>>>,
-    ) -> Result<Self> {
+    fn start(node: &Node, rank: usize, env: &[(&str, String)]) -> Result<Self> {
         let mut cmd = Command::new(&node.program);
         cmd.args(&node.worker_args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -584,7 +614,7 @@ impl Worker {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let stdout_as = if node.json {
-            Stream::Events(salvage.clone())
+            Stream::Events
         } else {
             Stream::Stdout
         };
@@ -608,14 +638,13 @@ impl Worker {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Stream {
     /// Human lines, prefixed `[rank N] `.
     Stdout,
     Stderr,
-    /// The worker's event stream, passed on as events of the launcher's (see [`as_event`]); a
-    /// `salvage` event's message is kept for the next round's restart reason.
-    Events(Arc<Mutex<Option<String>>>),
+    /// The worker's event stream, passed on as events of the launcher's (see [`as_event`]).
+    Events,
 }
 
 /// Copies `from` line by line to the launcher's stdout or stderr: human lines prefixed with
@@ -633,20 +662,15 @@ fn forward(from: impl Read + Send + 'static, rank: usize, to: Stream) -> JoinHan
                     if line.last() == Some(&b'\n') {
                         line.pop();
                     }
-                    let mut record = match &to {
-                        Stream::Events(salvage) => {
-                            if let Some(message) = salvage_message(&line) {
-                                *salvage.lock().expect("salvage lock") = Some(message);
-                            }
-                            as_event(&line, rank)
-                        }
+                    let mut record = match to {
+                        Stream::Events => as_event(&line, rank),
                         _ => [prefix.as_bytes(), &line].concat(),
                     };
                     record.push(b'\n');
                     // One locked write per line keeps lines whole; a closed terminal must not stop
                     // the draining, or the worker would block on a full pipe.
                     let _ = match to {
-                        Stream::Stdout | Stream::Events(_) => {
+                        Stream::Stdout | Stream::Events => {
                             let mut out = std::io::stdout().lock();
                             out.write_all(&record).and_then(|()| out.flush())
                         }
@@ -656,14 +680,6 @@ fn forward(from: impl Read + Send + 'static, rank: usize, to: Stream) -> JoinHan
             }
         }
     })
-}
-
-/// The message of a worker's `salvage` event line.
-fn salvage_message(line: &[u8]) -> Option<String> {
-    match Line::parse(std::str::from_utf8(line).ok()?)?.event {
-        Event::Salvage(s) => Some(s.message),
-        _ => None,
-    }
 }
 
 /// A worker's stdout line as a line of the launcher's stream: an event line as it is (with the

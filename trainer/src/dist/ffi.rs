@@ -54,8 +54,11 @@ extern "C" {
         timeout_ms: i64,
         ready: *mut c_int,
     ) -> *mut c_char;
-    fn charlm_store_check(store: *mut c_void, key: *const c_char, exists: *mut c_int)
-        -> *mut c_char;
+    fn charlm_store_check(
+        store: *mut c_void,
+        key: *const c_char,
+        exists: *mut c_int,
+    ) -> *mut c_char;
     fn charlm_store_set_if_absent(
         store: *mut c_void,
         key: *const c_char,

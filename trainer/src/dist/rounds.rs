@@ -28,6 +28,9 @@ use super::DistEnv;
 
 /// The key, under a round's worker prefix, that ends the round.
 pub const ABORT_KEY: &str = "charlm/abort";
+/// The key, under a round's worker prefix, where rank 0 says what it saved when the round ended
+/// under it (`train::salvage`); launch passes it on to the next round.
+pub const SALVAGE_KEY: &str = "charlm/salvage";
 
 /// The prefix of round `n`'s worker keys.
 pub fn worker_prefix(round: u64) -> String {
@@ -163,7 +166,12 @@ impl Rendezvous {
 
     /// Joins round `round` and waits until every node has, at most `timeout`; calls `stop`
     /// between polls and gives up when it returns true.
-    pub fn join(&self, round: u64, timeout: Duration, mut stop: impl FnMut() -> bool) -> Result<()> {
+    pub fn join(
+        &self,
+        round: u64,
+        timeout: Duration,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<()> {
         let key = format!("launch/round/{round}/joined");
         let deadline = Instant::now() + timeout;
         let mut joined = self.store.add(&key, 1)?;
@@ -206,6 +214,17 @@ impl Rendezvous {
             retry: false,
             exit_code: charlm_contract::exit::FAILURE,
         })))
+    }
+
+    /// What rank 0 said it saved when `round` ended, if it said anything.
+    pub fn salvaged(&self, round: u64) -> Result<Option<String>> {
+        let key = format!("{}/{SALVAGE_KEY}", worker_prefix(round));
+        if !self.store.check(&key)? {
+            return Ok(None);
+        }
+        Ok(Some(
+            String::from_utf8_lossy(&self.store.get(&key)?).into_owned(),
+        ))
     }
 
     /// Deletes what `round`'s workers left in the store (an abandoned round leaves the keys of
@@ -269,4 +288,19 @@ pub fn exit_when_abandoned(env: &DistEnv, timeout: Duration) -> Result<()> {
         })
         .context("starting the abort watch thread")?;
     Ok(())
+}
+
+impl super::ProcessGroup {
+    /// Leaves `message` for `launch` under this round's [`SALVAGE_KEY`] (rank 0, when a peer's
+    /// failure ended the round). Without `launch`'s store there is no one to tell: nothing.
+    pub fn tell_launch(&self, message: &str) -> Result<()> {
+        match &self.backend {
+            super::Backend::Store(group) | super::Backend::Nccl { store: group, .. }
+                if group.under_agent() =>
+            {
+                group.store().set(SALVAGE_KEY, message.as_bytes())
+            }
+            _ => Ok(()),
+        }
+    }
 }

@@ -193,6 +193,11 @@ impl StoreGroup {
         self.store.get(key)
     }
 
+    /// Whether the store is `launch`'s, whose rounds may end under this group.
+    pub fn under_agent(&self) -> bool {
+        self.round.is_some()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

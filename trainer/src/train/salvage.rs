@@ -27,6 +27,10 @@ impl Session<'_> {
     /// it did. Other ranks do nothing.
     pub fn salvage(&mut self, why: &PeerFailed) {
         if self.pg.rank() != 0 {
+            eprintln!(
+                "rank {}: {why}; stopping (rank 0 saves what can be saved)",
+                self.pg.rank()
+            );
             return;
         }
         let step = self.state.step;
@@ -65,6 +69,9 @@ impl Session<'_> {
             ),
         };
         eprintln!("rank 0: {why}; {message}");
+        if let Err(err) = self.pg.tell_launch(&message) {
+            eprintln!("rank 0: could not tell launch what it saved: {err:#}");
+        }
         self.events.emit(Event::Salvage(events::Salvage {
             step,
             saved,
