@@ -21,6 +21,10 @@ use common::ranks::free_port;
 use common::s;
 use serde_json::Value;
 
+/// Steps between the periodic checkpoint and the kill: what a restart from that checkpoint loses
+/// (an average fault comes half a checkpoint interval after the last save).
+const AFTER_SAVE: i64 = 10;
+
 /// The longest any one wait of this test may take: a hang fails it, it does not stall the suite.
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -33,7 +37,7 @@ struct Launch {
 
 impl Launch {
     /// `launch --nproc-per-node 2 [--max-restarts n] -- train` of a tiny CPU model: a periodic
-    /// checkpoint every 3 s, up to 100 000 steps (the test stops it long before).
+    /// checkpoint every 6 s, up to 100 000 steps (the test stops it long before).
     fn start(data: &Path, ckpt: &Path, max_restarts: u32) -> Self {
         let port = free_port().to_string();
         let restarts = max_restarts.to_string();
@@ -58,7 +62,7 @@ impl Launch {
                 "--max-steps",
                 "100000",
                 "--checkpoint-every-minutes",
-                "0.05",
+                "0.1",
                 "--shard-optimizer",
                 "off",
                 "--dist-timeout-s",
@@ -195,21 +199,21 @@ impl Fault {
     }
 }
 
-/// Waits for a step at or past `at_least` (and past the first periodic checkpoint), kills rank
-/// `rank` with SIGKILL, and returns when and the last step logged before.
+/// Waits for a periodic checkpoint at or past step `at_least`, then for [`AFTER_SAVE`] more steps,
+/// kills rank `rank` with SIGKILL, and returns when and the last step logged before.
 fn kill_after(launch: &mut Launch, at_least: i64, rank: usize) -> (Instant, i64) {
-    let mut saved = false;
+    let mut saved: Option<i64> = None;
     let mut last = 0;
     launch.until(
         "a step to kill at",
         |v| {
-            if is(v, "checkpoint") {
-                saved = true;
-            }
             if is(v, "step") {
                 last = v["step"].as_i64().unwrap();
             }
-            saved && last >= at_least
+            if is(v, "checkpoint") && v["step"].as_i64().unwrap() >= at_least {
+                saved = Some(v["step"].as_i64().unwrap());
+            }
+            saved.is_some_and(|at| last >= at + AFTER_SAVE)
         },
         |_| {},
     );
@@ -255,12 +259,14 @@ fn in_place_restart_beats_a_relaunch_and_loses_at_most_one_step() {
     // In place: rank 1 killed, then (round 1) rank 0 killed, whose store launch holds.
     let ckpt = tmp.path().join("in-place");
     let mut launch = Launch::start(&data, &ckpt, 2);
-    let (killed, last) = kill_after(&mut launch, 5, 1);
+    let (killed, last) = kill_after(&mut launch, 1, 1);
     let mut restart = None;
     let mut salvage = None;
+    let mut restarted = None;
     let in_place = next_step(&mut launch, killed, last, |v| {
         if v["event"] == "restart" {
             restart = Some(v.clone());
+            restarted = Some(killed.elapsed().as_secs_f64());
         }
         if is(v, "salvage") {
             salvage = Some(v.clone());
@@ -283,7 +289,7 @@ fn in_place_restart_beats_a_relaunch_and_loses_at_most_one_step() {
     );
 
     // Rank 0 killed: the store is launch's, so the survivor and the next round still meet.
-    let (killed0, last0) = kill_after(&mut launch, in_place.resumed + 3, 0);
+    let (killed0, last0) = kill_after(&mut launch, in_place.resumed + 1, 0);
     let mut reason0 = None;
     let rank0 = next_step(&mut launch, killed0, last0, |v| {
         if v["event"] == "restart" {
@@ -301,7 +307,7 @@ fn in_place_restart_beats_a_relaunch_and_loses_at_most_one_step() {
     // A full relaunch: launch without restarts ends with the kill; a new one starts at once.
     let ckpt = tmp.path().join("relaunch");
     let mut first = Launch::start(&data, &ckpt, 0);
-    let (killed, last) = kill_after(&mut first, 5, 1);
+    let (killed, last) = kill_after(&mut first, 1, 1);
     let status = first.wait();
     assert_eq!(status.code(), Some(1), "{}", first.stderr());
     let mut last = last;
@@ -316,10 +322,12 @@ fn in_place_restart_beats_a_relaunch_and_loses_at_most_one_step() {
     assert!(status.success(), "{status}\n{stderr}");
 
     eprintln!(
-        "kill -9 of rank 1 → next step: in place {:.2} s, {} step(s) lost \
+        "kill -9 of rank 1 → next step: in place {:.2} s (the new round began after {:.2} s), \
+         {} step(s) lost \
          (step {} → resumed at {}); relaunch {:.2} s, {} step(s) lost (step {} → resumed at {}); \
          kill -9 of rank 0 in place {:.2} s, {} step(s) lost",
         in_place.seconds,
+        restarted.unwrap_or(f64::NAN),
         in_place.lost(),
         in_place.last,
         in_place.resumed,
@@ -334,4 +342,7 @@ fn in_place_restart_beats_a_relaunch_and_loses_at_most_one_step() {
         in_place.seconds < relaunch.seconds,
         "in place {in_place:?} was not faster than a relaunch {relaunch:?}"
     );
+    // Without the salvage both lose what came after the periodic checkpoint.
+    assert!(relaunch.lost() >= AFTER_SAVE, "{relaunch:?}");
+    assert!(rank0.lost() >= AFTER_SAVE, "{rank0:?}");
 }

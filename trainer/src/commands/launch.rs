@@ -265,7 +265,8 @@ pub fn run(args: Args) -> Result<()> {
         let why = match saved {
             Some(s) => format!("{}; {s}", abort.reason),
             None if node.node_rank == 0 => format!(
-                "{}; no rank saved the last complete step (only rank 0 saves, and it failed, or                  was an NCCL rank, which cannot): the restart resumes from the newest checkpoint",
+                "{}; no rank saved the last complete step (only rank 0 saves, and it failed, or \
+                 was an NCCL rank, which cannot): the restart resumes from the newest checkpoint",
                 abort.reason
             ),
             None => abort.reason.clone(),
