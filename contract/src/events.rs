@@ -43,6 +43,9 @@ impl Line {
 }
 
 /// What happened, by its `event` name.
+// One value per line of output, made and dropped at once: its size costs nothing, and boxing
+// `End` would only make every producer and reader spell it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
