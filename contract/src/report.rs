@@ -155,10 +155,12 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 23, "{keys:?}");
+        assert_eq!(keys.len(), 25, "{keys:?}");
         assert!(json["train_loss"].is_null() && !keys.contains(&"error"));
         assert!(json["resumed_from"].is_null());
         assert_eq!(json["damaged_checkpoints"], serde_json::json!([]));
+        assert_eq!(json["in_place_restarts"], 0);
+        assert!(json["last_restart_reason"].is_null());
     }
 
     #[test]
