@@ -1295,3 +1295,8 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
     );
     case.finish().await;
 }
+
+// Issue 33: Kueue's preemption of a running training, and `kubectl charlm` logs -f, sample and
+// export against one (a file of its own beside this one; cargo does not take it for a target).
+#[path = "in_cluster/queue_and_plugin.rs"]
+mod queue_and_plugin;
