@@ -107,6 +107,10 @@ pub struct Engine {
     resolved: Option<(i64, i64, Resolved)>,
     runner: Option<BlockRunner>,
     cache: Option<WeightCache>,
+    /// An optimizer step began changing weights or optimizer state and has not finished: what
+    /// the engine holds is neither the step before nor the step after (a collective failed
+    /// half-way), so nothing may be saved from it.
+    updating: bool,
     /// The FP8 weights and scales, when the blocks' products run in FP8.
     fp8: Option<fp8::Fp8State>,
 }
@@ -157,8 +161,14 @@ impl Engine {
             resolved: None,
             runner: None,
             cache: None,
+            updating: false,
             fp8: None,
         }
+    }
+
+    /// Whether the weights and optimizer state are those of a whole step (see `updating`).
+    pub fn is_whole(&self) -> bool {
+        !self.updating
     }
 
     /// Splits Muon's momentum and Newton–Schulz work over the ranks of `pg` (ZeRO-1 for the
@@ -335,12 +345,14 @@ impl Engine {
                 clip = Some(coef);
             });
         }
+        self.updating = true;
         self.muon
             .step(lr_mult, momentum, if fused { clip.as_ref() } else { None });
         self.adamw.step(lr_mult);
         if sharded {
             self.muon.gather_params(pg)?;
         }
+        self.updating = false;
         self.zero_grads();
         self.mark_weights_changed();
         if let Some(fp8) = &mut self.fp8 {
