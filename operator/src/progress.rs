@@ -4,88 +4,11 @@
 
 use std::time::Duration;
 
-use crate::crd::ProgressStatus;
 
 /// One report of rank 0, exactly as the trainer writes it: the contract crate's type.
 pub use charlm_contract::ProgressReport as TrainerReport;
 
-/// The API's camelCase copy of a report. Destructured field by field, so that a field added to
-/// the contract does not compile until the status says what becomes of it.
-impl From<&TrainerReport> for ProgressStatus {
-    fn from(report: &TrainerReport) -> Self {
-        let TrainerReport {
-            step,
-            total_steps_estimate,
-            tokens,
-            epoch,
-            train_loss,
-            val_bpc,
-            best_val_bpc,
-            best_step,
-            tokens_per_s,
-            mfu,
-            elapsed_s,
-            eta_s,
-            checkpoint,
-            world_size,
-            peak_memory_gib,
-            tokens_per_epoch,
-            complete,
-            stop_reason,
-            evals_since_best,
-            saved_s: _,
-            saved_gpu_hours,
-            resumed_from,
-            // Read by the reconciler (status.damagedCheckpoints, CheckpointDamaged).
-            damaged_checkpoints: _,
-            // Read by the reconciler for failure messages; not part of the status.
-            error: _,
-        } = report;
-        let finite = |v: &Option<f64>| v.filter(|v| v.is_finite());
-        ProgressStatus {
-            step: *step,
-            total_steps_estimate: *total_steps_estimate,
-            tokens: i64::try_from(*tokens).unwrap_or(i64::MAX),
-            epoch: *epoch,
-            train_loss: finite(train_loss),
-            val_bpc: finite(val_bpc),
-            best_val_bpc: finite(best_val_bpc),
-            best_step: *best_step,
-            tokens_per_s: finite(tokens_per_s),
-            mfu: finite(mfu),
-            elapsed_s: *elapsed_s,
-            eta_s: finite(eta_s),
-            checkpoint: checkpoint.clone(),
-            world_size: i64::try_from(*world_size).unwrap_or(i64::MAX),
-            peak_memory_gib: finite(peak_memory_gib),
-            tokens_per_epoch: tokens_per_epoch.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
-            complete: *complete,
-            stop_reason: stop_reason.clone(),
-            evals_since_best: i64::from(*evals_since_best),
-            saved_gpu_hours: finite(saved_gpu_hours),
-            resumed_from: resumed_from.clone(),
-            observed_time: None,
-        }
-    }
-}
-
-/// `3h05m`, `12m`, `40s`: the ETA column of `kubectl get clt`.
-pub fn human_duration(seconds: f64) -> String {
-    if !seconds.is_finite() || seconds < 0.0 {
-        return "-".to_string();
-    }
-    let s = seconds.round() as u64;
-    let (h, m) = (s / 3600, (s % 3600) / 60);
-    if h >= 48 {
-        format!("{}d{}h", h / 24, h % 24)
-    } else if h > 0 {
-        format!("{h}h{m:02}m")
-    } else if m > 0 {
-        format!("{m}m")
-    } else {
-        format!("{s}s")
-    }
-}
+pub use charlm_api::human_duration;
 
 /// The networks the operator may dial for progress; empty means any. A training's pod IP comes
 /// from whatever runs its node, and a fake node (kwok) hands out addresses that lead nowhere or to
@@ -229,6 +152,7 @@ impl ProgressClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ProgressStatus;
 
     #[test]
     fn parses_the_contract_example() {
@@ -255,15 +179,6 @@ mod tests {
         assert!(r.complete && r.train_loss.is_none());
         assert!(TrainerReport::parse("Traceback: something broke\n").is_none());
         assert!(TrainerReport::parse("{not json").is_none());
-    }
-
-    #[test]
-    fn durations_read_well() {
-        assert_eq!(human_duration(51600.0), "14h20m");
-        assert_eq!(human_duration(600.0), "10m");
-        assert_eq!(human_duration(42.0), "42s");
-        assert_eq!(human_duration(3.0 * 86400.0 + 7200.0), "3d2h");
-        assert_eq!(human_duration(f64::NAN), "-");
     }
 
     #[tokio::test]

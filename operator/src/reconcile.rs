@@ -33,7 +33,7 @@ use crate::resources::{pod_name, pvc_name};
 use crate::usage;
 use crate::volume::{self, Claim};
 use crate::workers::{Waiting, Worker, WorkerState};
-use charlm_contract::planner;
+use charlm_budget as planner;
 use charlm_contract::PAST_BEST_EVALUATIONS;
 
 /// Longest wait between gang restarts, however many there were.
@@ -1280,7 +1280,7 @@ impl<'a> Decider<'a> {
         };
         let plan = planner::plan(&budget);
         let own = planner::depth_plan(i64::from(effective.depth), &budget);
-        self.st().plan = Some(crate::crd::PlanStatus {
+        self.st().plan = Some(crate::crd::BudgetAdvice {
             epochs: own.epochs,
             recommended_depth: plan.recommended_depth,
             recommended_hours: plan.recommended_hours,
