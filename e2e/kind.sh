@@ -7,7 +7,8 @@
 #   delete the cluster.
 # Any failing step stops the script with a message, prints what the cluster knows (nodes, pods,
 # status, events, logs, the nodes' kubelet and containerd journals) and deletes the cluster.
-# KEEP_CLUSTER=1 keeps it for a look; CHARLM_KIND_TIMEOUT (seconds, default 1800) bounds the wait
+# KEEP_CLUSTER=1 keeps it for a look; CHARLM_KIND_FILTER=NAME runs only the in-cluster cases whose
+# names contain NAME; CHARLM_KIND_TIMEOUT (seconds, default 1800) bounds the wait
 # for the training.
 #
 # `e2e/kind.sh --offline` is the same flow for a machine that reaches no container registry (the
@@ -304,8 +305,12 @@ export CHARLM_KUBECONFIG="$KUBECONFIG"
 # it passes; CHARLM_KIND_NODE_LOSS=1 runs it.
 skip=(--skip a_lost_node_stops_the_gang)
 [ "${CHARLM_KIND_NODE_LOSS:-0}" != 1 ] || skip=()
+# CHARLM_KIND_FILTER=NAME runs only the in-cluster cases whose names contain NAME.
+filter=()
+[ -z "${CHARLM_KIND_FILTER:-}" ] || filter=("$CHARLM_KIND_FILTER")
 CHARLM_E2E_TRAINER_IMAGE="charlm-trainer:$tag" \
-  cargo test --release -q --workspace --test in_cluster -- --ignored --test-threads=1 "${skip[@]}" ||
+  cargo test --release -q --workspace --test in_cluster -- --ignored --test-threads=1 \
+  "${skip[@]}" "${filter[@]}" ||
   fail "the in-cluster suite"
 
 if [ "$mode" != real-node ] && [ "${KEEP_CLUSTER:-0}" != 1 ]; then

@@ -47,6 +47,10 @@ mod datasets;
 mod example;
 #[path = "in_cluster/lifecycle.rs"]
 mod lifecycle;
+// Issue 33: Kueue's preemption of a running training, and `kubectl charlm` logs -f, sample and
+// export against one.
+#[path = "in_cluster/queue_and_plugin.rs"]
+mod queue_and_plugin;
 #[path = "in_cluster/two_nodes.rs"]
 mod two_nodes;
 
