@@ -4,12 +4,13 @@
 //! its own lives here as a CEL rule with a message that names the fix, so a bad spec is rejected at
 //! `kubectl apply` instead of turning into a failed pod an hour later.
 //!
-//! Rooms: `spec` (what a user writes), `storage` (dataset and checkpoint volume), `failure`
+//! Rooms: `spec` (what a user writes), `batch` (`deviceBatchSize`'s value), `storage` (dataset and checkpoint volume), `failure`
 //! (restart policy, failure reasons and their counts), `status` (what the operator writes),
 //! `condition` (condition types), `preset` (budget presets and their CEL rules), `rules` (the other
 //! CEL rules), `schema` (the CRD and its YAML), `names` (objects and labels the operator makes),
 //! `kueue` (the Kueue labels and objects a training is queued through).
 
+pub mod batch;
 pub mod condition;
 pub mod failure;
 pub mod kueue;
@@ -21,6 +22,7 @@ pub mod spec;
 pub mod status;
 pub mod storage;
 
+pub use batch::DeviceBatchSize;
 pub use failure::{
     action_names, reason_names, FailureAction, FailureCounts, FailureReason, FailureRule,
     RestartPolicySpec, ALL_ACTIONS, ALL_REASONS,
@@ -28,7 +30,7 @@ pub use failure::{
 pub use preset::Preset;
 pub use schema::{crd, crd_yaml};
 pub use spec::{
-    CharLMTraining, CharLMTrainingSpec, DeviceBatchSize, EarlyStopSpec, Precision, Recipe,
+    CharLMTraining, CharLMTrainingSpec, EarlyStopSpec, Precision, Recipe,
     DEFAULT_STARTUP_TIMEOUT_SECONDS,
 };
 pub use status::{

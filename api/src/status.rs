@@ -6,9 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::batch::DeviceBatchSize;
 use crate::failure::FailureCounts;
 use crate::preset::Preset;
-use crate::spec::{is_zero, DeviceBatchSize};
 
 /// Where a training stands; conditions carry the detail.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -428,6 +428,10 @@ impl From<&ProgressReport> for ProgressStatus {
             observed_time: None,
         }
     }
+}
+
+pub(crate) fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// `3h05m`, `12m`, `40s`: the ETA column of `kubectl get clt` (`status.eta`).

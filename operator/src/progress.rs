@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-
 /// One report of rank 0, exactly as the trainer writes it: the contract crate's type.
 pub use charlm_contract::ProgressReport as TrainerReport;
 
