@@ -87,10 +87,11 @@ pub fn resource_quantities() -> Rule {
 /// exactly what the trainer will.
 pub fn seq_len() -> Rule {
     use charlm_contract::{MAX_SEQ_LEN, MIN_SEQ_LEN};
-    Rule::new(format!("self >= {MIN_SEQ_LEN} && self <= {MAX_SEQ_LEN}"))
-        .message(Message::Message(format!(
+    Rule::new(format!("self >= {MIN_SEQ_LEN} && self <= {MAX_SEQ_LEN}")).message(Message::Message(
+        format!(
         "seqLen must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN} tokens (the trainer's --seq-len)"
-    )))
+    ),
+    ))
 }
 
 pub fn checkpoint_size() -> Rule {

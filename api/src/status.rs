@@ -401,6 +401,9 @@ impl From<&ProgressReport> for ProgressStatus {
             damaged_checkpoints: _,
             // Read by the reconciler for failure messages; not part of the status.
             error: _,
+            // `launch`'s in-place restarts: not in the status yet (issue 35's operator part).
+            in_place_restarts: _,
+            last_restart_reason: _,
         } = report;
         let finite = |v: &Option<f64>| v.filter(|v| v.is_finite());
         ProgressStatus {

@@ -21,6 +21,21 @@ pub const WORLD_SIZE: &str = "WORLD_SIZE";
 pub const LOCAL_RANK: &str = "LOCAL_RANK";
 pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
 
+/// In-place restarts `launch` may make (`--max-restarts`): when a worker dies, every node's
+/// `launch` stops its workers and starts them again from the newest checkpoint, this many times,
+/// before it fails the pod. Default 0 (off); the operator does not set it yet, so `spec.env`
+/// may.
+pub const MAX_RESTARTS: &str = "CHARLM_MAX_RESTARTS";
+/// What `launch` sets for each worker about its restart round, under torchrun's names: the
+/// round (0 for the first start), the most there may be, and that `launch` hosts the TCPStore
+/// (workers connect to it as clients, rank 0 included).
+pub const RESTART_COUNT: &str = "TORCHELASTIC_RESTART_COUNT";
+pub const TORCHELASTIC_MAX_RESTARTS: &str = "TORCHELASTIC_MAX_RESTARTS";
+pub const USE_AGENT_STORE: &str = "TORCHELASTIC_USE_AGENT_STORE";
+/// Why the previous round ended (absent in round 0): rank 0 reports it as
+/// `last_restart_reason`.
+pub const RESTART_REASON: &str = "CHARLM_RESTART_REASON";
+
 pub const DATA: &str = "CHARLM_DATA";
 pub const DEPTH: &str = "CHARLM_DEPTH";
 pub const DEVICE_BATCH_SIZE: &str = "CHARLM_DEVICE_BATCH_SIZE";

@@ -43,6 +43,9 @@ impl Line {
 }
 
 /// What happened, by its `event` name.
+// One value per line of output, made and dropped at once: its size costs nothing, and boxing
+// `End` would only make every producer and reader spell it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
@@ -64,6 +67,10 @@ pub enum Event {
     Exit(WorkerExit),
     /// A line a worker wrote on stdout that was not an event, wrapped by `launch`.
     Output(Output),
+    /// `launch` starts every worker again in place after a failure (a new round).
+    Restart(Restart),
+    /// Rank 0 stops because a peer failed: whether it saved the last complete step, and why not.
+    Salvage(Salvage),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -173,6 +180,31 @@ pub struct WorkerExit {
     pub signal: Option<String>,
     /// `launch` killed it after its grace period.
     pub killed: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Restart {
+    /// The round that starts now: 1 for the first in-place restart.
+    pub round: u64,
+    /// `--max-restarts`: the last round there may be.
+    pub max_restarts: u64,
+    /// What ended the round before (`rank 1 on node 0: killed by SIGKILL`), and what rank 0
+    /// saved before it stopped.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Salvage {
+    /// The last step every rank completed: what a checkpoint saved now holds.
+    pub step: i64,
+    /// A checkpoint of `step` exists now (saved now, or it was saved already).
+    pub saved: bool,
+    /// Its directory, when `saved`.
+    pub path: Option<String>,
+    /// The newest checkpoint's step otherwise: where the restart resumes.
+    pub resumes_from: Option<i64>,
+    /// What happened, for people: `saved step 12 before stopping` or why that was not possible.
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -69,6 +69,14 @@ pub struct ProgressReport {
     /// newest first; `resumed_from` is the older one it used instead. Empty on a clean resume.
     #[serde(default)]
     pub damaged_checkpoints: Vec<DamagedCheckpoint>,
+    /// In-place restarts of `launch` in this pod's life (its restart round; 0 in the first): the
+    /// workers were started again after a worker failed, without a new pod.
+    #[serde(default)]
+    pub in_place_restarts: u64,
+    /// What ended the round before (a worker that failed, and what rank 0 saved), in the last
+    /// in-place restart.
+    #[serde(default)]
+    pub last_restart_reason: Option<String>,
     /// Why a failing trainer stopped, when it says so in its report (the trainer itself never
     /// writes it today; it is left out of the JSON when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,10 +155,12 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 23, "{keys:?}");
+        assert_eq!(keys.len(), 25, "{keys:?}");
         assert!(json["train_loss"].is_null() && !keys.contains(&"error"));
         assert!(json["resumed_from"].is_null());
         assert_eq!(json["damaged_checkpoints"], serde_json::json!([]));
+        assert_eq!(json["in_place_restarts"], 0);
+        assert!(json["last_restart_reason"].is_null());
     }
 
     #[test]

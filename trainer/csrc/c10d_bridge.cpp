@@ -69,8 +69,10 @@ int charlm_have_nccl() {
 
 // ---- TCPStore ----
 
+// A non-empty `prefix` puts every key of this handle under `prefix/` (a c10d PrefixStore): the
+// workers of one restart round of `launch` never see another round's keys.
 char* charlm_store_connect(const char* host, uint16_t port, int is_server, int64_t timeout_ms,
-                           void** out) {
+                           const char* prefix, void** out) {
   return guarded([&] {
     c10d::TCPStoreOptions opts;
     opts.port = port;
@@ -79,7 +81,11 @@ char* charlm_store_connect(const char* host, uint16_t port, int is_server, int64
     opts.numWorkers = std::nullopt;
     opts.waitWorkers = false;
     opts.timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    if (prefix != nullptr && prefix[0] != '\0') {
+      store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store);
+    }
     *out = new Store{store};
   });
 }
@@ -122,6 +128,64 @@ char* charlm_store_wait(void* store, const char* const* keys, size_t n, int64_t 
   return guarded([&] {
     std::vector<std::string> names(keys, keys + n);
     static_cast<Store*>(store)->inner->wait(names, std::chrono::milliseconds(timeout_ms));
+  });
+}
+
+// Like charlm_store_wait, but a timeout is an answer (`*ready` = 0), not an error: for waits cut
+// into short slices, between which the caller looks for a reason to stop waiting. The client
+// cancels its wait on the server before it returns, so the connection stays usable.
+char* charlm_store_wait_ready(void* store, const char* const* keys, size_t n, int64_t timeout_ms,
+                              int* ready) {
+  return guarded([&] {
+    std::vector<std::string> names(keys, keys + n);
+    try {
+      static_cast<Store*>(store)->inner->wait(names, std::chrono::milliseconds(timeout_ms));
+      *ready = 1;
+    } catch (const c10::DistStoreError&) {
+      *ready = 0;
+    }
+  });
+}
+
+char* charlm_store_check(void* store, const char* key, int* exists) {
+  return guarded([&] { *exists = static_cast<Store*>(store)->inner->check({std::string(key)}); });
+}
+
+// Sets `key` to `desired` only if it does not exist yet, and returns (malloc'd) what it holds
+// afterwards: `desired` for the first caller, the first caller's value for everyone else.
+char* charlm_store_set_if_absent(void* store, const char* key, const uint8_t* data, size_t len,
+                                 uint8_t** out, size_t* out_len) {
+  return guarded([&] {
+    std::vector<uint8_t> desired(data, data + len);
+    std::vector<uint8_t> now =
+        static_cast<Store*>(store)->inner->compareSet(std::string(key), {}, desired);
+    *out_len = now.size();
+    *out = static_cast<uint8_t*>(std::malloc(now.empty() ? 1 : now.size()));
+    if (*out == nullptr) {
+      throw std::bad_alloc();
+    }
+    if (!now.empty()) {
+      std::memcpy(*out, now.data(), now.size());
+    }
+  });
+}
+
+// Every key in the store, NUL-separated in one malloc'd buffer.
+char* charlm_store_list_keys(void* store, uint8_t** out, size_t* out_len) {
+  return guarded([&] {
+    std::string all;
+    for (const auto& key : static_cast<Store*>(store)->inner->listKeys()) {
+      all += key;
+      all.push_back('\0');
+    }
+    *out_len = all.size();
+    *out = static_cast<uint8_t*>(std::malloc(all.empty() ? 1 : all.size()));
+    if (*out == nullptr) {
+      throw std::bad_alloc();
+    }
+    if (!all.empty()) {
+      std::memcpy(*out, all.data(), all.size());
+    }
   });
 }
 

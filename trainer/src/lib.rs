@@ -6,8 +6,9 @@
 //! `commands` (one module per subcommand but `train`) → `train` (plan, session, checkpoints,
 //! resume, progress) → `engine` (options, the memory model, optimizers, the step, the micro-batch
 //! probe, verification) → `model` (the reference GPT and the C++ block bridge) → `dist`
-//! (process groups) → `data` (vocabulary, `prepare`'s format, the dataset reader) → `sys` (CUDA
-//! queries, staging directories, random streams, errors, the FFI error helper, TensorBoard).
+//! (process groups) → `data` (vocabulary, the prepared format and its writer `prepare`, the
+//! dataset reader and its order) → `sys` (CUDA queries, staging directories, random streams,
+//! errors, the FFI error helper, TensorBoard).
 
 pub mod commands;
 pub mod data;

@@ -509,7 +509,7 @@ fn check_stream(out: &Output, under_launch: bool) -> Vec<serde_json::Value> {
             );
             // launch's and run's own lines are about no rank.
             let own_launch_line =
-                under_launch && ["launch", "error", "plan", "sample"].contains(&event);
+                under_launch && ["launch", "restart", "error", "plan", "sample"].contains(&event);
             if !own_launch_line {
                 assert!(v["rank"].is_u64(), "no rank: {l}");
             }

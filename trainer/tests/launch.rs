@@ -60,6 +60,22 @@ fn worker() {
             }
             std::process::exit(9);
         }
+        // Restart rounds: rank 1 fails in round 0 only, or in every round; the others wait to be
+        // stopped (SIGTERM's default action ends them).
+        "fail-rank-1-once" | "fail-rank-1-always" => {
+            let round = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_default();
+            let agent = std::env::var("TORCHELASTIC_USE_AGENT_STORE").unwrap_or_default();
+            println!("round {round} agent store {agent}");
+            let first = round == "0";
+            if rank == 1 && (first || scenario == "fail-rank-1-always") {
+                eprintln!("rank 1 crashes in round {round}");
+                std::process::exit(1);
+            }
+            if first || scenario == "fail-rank-1-always" {
+                std::thread::sleep(Duration::from_secs(60));
+                std::process::exit(9);
+            }
+        }
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -412,4 +428,161 @@ fn workers_that_ignore_sigterm_are_killed_after_the_grace_period() {
         took < Duration::from_secs(15),
         "took {took:?} with a 1 s grace period"
     );
+}
+
+/// What a restart-round worker of `rank` said about its round (the test harness's lines aside).
+fn rounds_of(events: &[serde_json::Value], rank: u64) -> Vec<String> {
+    output_of(events, rank)
+        .into_iter()
+        .filter(|l| l.starts_with("round "))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_failed_worker_restarts_every_nodes_workers_in_place() {
+    // Two nodes of one worker each, on loopback: rank 1 (node 1) fails in round 0; node 0's
+    // launch, which hosts the store, must stop rank 0 and both must start round 1 together.
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        let mut cmd = launch(
+            "fail-rank-1-once",
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--master-port",
+                &port,
+                "--max-restarts",
+                "1",
+                "--join-timeout-s",
+                "30",
+            ],
+        );
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    };
+    let node1 = std::thread::spawn({
+        let cmd = node("1");
+        move || run_with_limit(cmd, Duration::from_secs(60))
+    });
+    let (out0, took) = run_with_limit(node("0"), Duration::from_secs(60));
+    let (out1, _) = node1.join().unwrap();
+    let (stdout0, stderr0) = (text(&out0.stdout), text(&out0.stderr));
+    let stderr1 = text(&out1.stderr);
+    assert!(
+        out0.status.success(),
+        "node 0: {stderr0}\nnode 1: {stderr1}"
+    );
+    assert!(
+        out1.status.success(),
+        "node 1: {stderr1}\nnode 0: {stderr0}"
+    );
+    let all = events(&stdout0);
+    // Rank 0 may be stopped in round 0 before it says anything: rank 1 fails at once.
+    assert_eq!(
+        rounds_of(&all, 0).last().map(String::as_str),
+        Some("round 1 agent store True"),
+        "{stdout0}"
+    );
+    let restart = all
+        .iter()
+        .find(|v| v["event"] == "restart")
+        .expect(&stdout0);
+    assert_eq!(
+        (&restart["round"], &restart["max_restarts"]),
+        (&1.into(), &1.into())
+    );
+    let reason = restart["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("rank 1 on node 1: exit status 1"),
+        "{reason}"
+    );
+    // No trainer here: no rank 0 to save anything, and node 0's launch says so.
+    assert!(
+        reason.contains("no rank saved the last complete step"),
+        "{reason}"
+    );
+    assert!(
+        stderr0.contains("round 0 ended elsewhere (rank 1 on node 1: exit status 1)"),
+        "{stderr0}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "took {took:?}: rank 0 sleeps 60 s unless stopped"
+    );
+}
+
+#[test]
+fn in_place_restarts_run_out_into_a_failure() {
+    let port = free_port().to_string();
+    let (out, took) = run_with_limit(
+        launch(
+            "fail-rank-1-always",
+            &[
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--max-restarts",
+                "2",
+            ],
+        ),
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: rank 1 failed: exit status 1 (all 2 in-place restart(s) used: \
+             --max-restarts, CHARLM_MAX_RESTARTS)"
+        ),
+        "{stderr}"
+    );
+    let all = events(&text(&out.stdout));
+    let rounds: Vec<_> = all
+        .iter()
+        .filter(|v| v["event"] == "restart")
+        .map(|v| v["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rounds, [1, 2], "{all:?}");
+    assert_eq!(
+        rounds_of(&all, 1),
+        [
+            "round 0 agent store True",
+            "round 1 agent store True",
+            "round 2 agent store True"
+        ]
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+#[test]
+fn bad_input_is_not_restarted_in_place() {
+    // clap exits 2 on each rank: the same input fails the same way in every round.
+    let port = free_port().to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_charlm-trainer"));
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--max-restarts",
+        "3",
+        "--",
+        "no-such-command",
+    ]);
+    let (out, _) = run_with_limit(cmd, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("restarting every worker"), "{stderr}");
 }

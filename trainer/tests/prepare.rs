@@ -5,7 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use charlm_trainer::data::prepare::{self, Manifest};
+use charlm_trainer::data::format::{self, Manifest};
+use charlm_trainer::data::prepare;
 use charlm_trainer::data::synthetic as generate;
 use charlm_trainer::data::vocab;
 use charlm_trainer::sys::error::exit_code;
@@ -251,7 +252,7 @@ fn documents_split_on_blank_lines_and_go_whole_to_one_split() {
     assert_eq!(m.val.tokens, val.len() as u64);
     assert_eq!(
         (m.val_fraction, m.seed, m.format),
-        (f, seed, prepare::FORMAT)
+        (f, seed, format::FORMAT)
     );
     assert_eq!((m.bos_id, m.vocab_size), (17, 32));
     assert_eq!(m.vocabulary, "0123456789+-HBL.\n");
@@ -266,7 +267,7 @@ fn documents_split_on_blank_lines_and_go_whole_to_one_split() {
     let on_disk: Manifest =
         serde_json::from_str(&fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(on_disk, m);
-    assert_eq!(prepare::read_manifest(&out).unwrap(), m);
+    assert_eq!(format::read_manifest(&out).unwrap(), m);
     assert_eq!(names(&out), ["manifest.json", "train.bin", "val.bin"]);
 }
 
@@ -289,7 +290,7 @@ fn same_input_same_bytes_and_the_seed_alone_picks_the_split() {
     let other = run("c", 8);
     assert_ne!(other, first, "another seed, another split");
 
-    let m = prepare::read_manifest(&root.path().join("a")).unwrap();
+    let m = format::read_manifest(&root.path().join("a")).unwrap();
     let all = m.train.documents + m.val.documents;
     assert!(all > 4000, "{all}");
     assert!(
@@ -469,7 +470,7 @@ fn the_binary_exits_2_with_the_message_on_bad_input_and_0_on_good() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("prepared 1 files"), "{stderr}");
-    let m = prepare::read_manifest(&out).unwrap();
+    let m = format::read_manifest(&out).unwrap();
     assert_eq!((m.val_fraction, m.seed), (0.1, 5));
 
     let res = run(&[
@@ -483,7 +484,7 @@ fn the_binary_exits_2_with_the_message_on_bad_input_and_0_on_good() {
     ]);
     assert_eq!(res.status.code(), Some(2));
     assert_eq!(
-        prepare::read_manifest(&out).unwrap(),
+        format::read_manifest(&out).unwrap(),
         m,
         "the good output survives"
     );

@@ -11,7 +11,7 @@ use anyhow::Result;
 use charlm_budget::{self as planner, Budget, Plan};
 use serde::Serialize;
 
-use crate::data::prepare::read_manifest;
+use crate::data::format::read_manifest;
 use crate::engine::autobatch::{self, CPU_FLOPS_PER_THREAD};
 use crate::engine::memory::{expected_auto, AutoChoice};
 use crate::model::GptConfig;

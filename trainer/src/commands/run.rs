@@ -30,7 +30,8 @@ use signal_hook::iterator::Signals;
 
 use super::plan::Hardware;
 use super::sample;
-use crate::data::prepare::{prepare, read_manifest, sources, MANIFEST_FILE};
+use crate::data::format::{read_manifest, SourceFile, MANIFEST_FILE};
+use crate::data::prepare::{prepare, sources};
 use crate::engine::autobatch::MicroBatch;
 use crate::model::GptConfig;
 use crate::sys::children::{self, signal_name};
@@ -447,7 +448,7 @@ fn prepared(texts: &Path, base: &Path) -> Result<PathBuf> {
     };
     #[derive(Serialize)]
     struct Identity<'a> {
-        sources: &'a [crate::data::prepare::SourceFile],
+        sources: &'a [SourceFile],
         val_fraction: f64,
         seed: u64,
     }

@@ -6,7 +6,8 @@
 //! every window once in a permutation drawn from `(seed, e)`. Sequence number `i`, a counter over
 //! the whole run, is window `perm_e[i % windows]` of epoch `e = i / windows`. The data is thus a
 //! pure function of (seed, sequence number): a resumed run sees exactly what an uninterrupted one
-//! would, and ranks split a step's sequences without talking to each other ([`rank_sequences`]).
+//! would, and ranks split a step's sequences without talking to each other ([`rank_sequences`],
+//! in [`super::order`]).
 //!
 //! Validation reads `val.bin` in order, in the same windows, without shuffling; the tokens after the
 //! last whole window (fewer than `seq_len`) are not evaluated, and a validation split shorter than
@@ -19,10 +20,13 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use memmap2::Mmap;
 
-use crate::data::prepare::{self, Manifest};
+use crate::data::format::{self, Manifest};
+use crate::data::order::permutation;
 use crate::data::vocab::BOS;
-use crate::sys::rng::{Rng, STREAM_EPOCH};
 use crate::user_bail;
+
+// Where the training loop has always found it.
+pub use crate::data::order::rank_sequences;
 
 pub struct Dataset {
     pub manifest: Manifest,
@@ -123,7 +127,7 @@ fn not_a_dataset(dir: &Path) -> anyhow::Error {
             "--data {shown} (CHARLM_DATA) is not a prepared dataset (it has no {}): make one \
              with `charlm-trainer prepare --input <dir of .txt files> --output <new dir>` and \
              give that directory as --data",
-            prepare::MANIFEST_FILE
+            format::MANIFEST_FILE
         )
     };
     anyhow::Error::new(crate::sys::error::UserError(message))
@@ -164,12 +168,12 @@ impl Dataset {
         if seq_len < 1 {
             user_bail!("--seq-len must be at least 1 (got {seq_len})");
         }
-        if !dir.join(prepare::MANIFEST_FILE).is_file() {
+        if !dir.join(format::MANIFEST_FILE).is_file() {
             return Err(not_a_dataset(dir));
         }
-        let manifest = prepare::read_manifest(dir)?;
-        let train = map_split(dir, prepare::TRAIN_FILE, manifest.train.tokens)?;
-        let val = map_split(dir, prepare::VAL_FILE, manifest.val.tokens)?;
+        let manifest = format::read_manifest(dir)?;
+        let train = map_split(dir, format::TRAIN_FILE, manifest.train.tokens)?;
+        let val = map_split(dir, format::VAL_FILE, manifest.val.tokens)?;
         let seq_len = seq_len as usize;
         for (name, map, fix) in [
             ("training", &train, "add data"),
@@ -320,30 +324,6 @@ pub enum Split {
     Val,
 }
 
-/// Epoch `epoch`'s order of `windows` training windows.
-pub fn permutation(seed: u64, epoch: u64, windows: u64) -> Vec<u32> {
-    let mut p: Vec<u32> = (0..windows as u32).collect();
-    Rng::stream(seed, &[STREAM_EPOCH, epoch]).shuffle(&mut p);
-    p
-}
-
-/// The sequence numbers rank `rank` of `world` reads in micro-step `micro` of optimizer step `step`:
-/// step `s` owns sequences `[s·G, (s+1)·G)` (`G = per_step`) and each (micro-step, rank) takes the
-/// next `batch` of them, at `(micro·world + rank)·batch`. With `G = accum·world·batch` the union
-/// over ranks and micro-steps is the step's sequences whatever the world size, so a checkpoint
-/// resumes on any number of GPUs.
-pub fn rank_sequences(
-    step: u64,
-    per_step: u64,
-    micro: u64,
-    world: u64,
-    rank: u64,
-    batch: u64,
-) -> Vec<u64> {
-    let first = step * per_step + (micro * world + rank) * batch;
-    (first..first + batch).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,7 +332,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("raw")).unwrap();
         std::fs::write(root.path().join("raw/a.txt"), text).unwrap();
-        prepare::prepare(&root.path().join("raw"), &root.path().join("data"), 0.3, 0).unwrap();
+        crate::data::prepare::prepare(&root.path().join("raw"), &root.path().join("data"), 0.3, 0)
+            .unwrap();
         let d = Dataset::open(&root.path().join("data"), seq_len, seed).unwrap();
         (root, d)
     }
@@ -409,28 +390,6 @@ mod tests {
             targets.extend_from_slice(&d.train[start + 1..start + 9]);
         }
         assert_eq!(targets, d.train[1..1 + 8 * w as usize]);
-    }
-
-    #[test]
-    fn shards_cover_the_global_batch_for_any_world_size() {
-        let (per_step, batch) = (24u64, 2u64);
-        for step in [0u64, 5] {
-            for world in [1u64, 2, 3, 4, 6, 12] {
-                let accum = per_step / (world * batch);
-                let mut all: Vec<u64> = (0..accum)
-                    .flat_map(|m| {
-                        (0..world)
-                            .flat_map(move |r| rank_sequences(step, per_step, m, world, r, batch))
-                    })
-                    .collect();
-                let n = all.len();
-                all.sort();
-                all.dedup();
-                assert_eq!(all.len(), n, "no sequence twice (world {world})");
-                let want: Vec<u64> = (step * per_step..(step + 1) * per_step).collect();
-                assert_eq!(all, want, "step {step} world {world}");
-            }
-        }
     }
 
     #[test]

@@ -20,58 +20,23 @@ use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::vocab::{self, BOS, INVALID, NEWLINE, TABLE, VOCAB_SIZE};
+use super::format::{
+    written_by_prepare, Manifest, SourceFile, FORMAT, MANIFEST_FILE, TRAIN_FILE, VAL_FILE,
+};
+use super::scanner::{Scanner, Split};
+use crate::data::vocab::{self, BOS, INVALID, TABLE, VOCAB_SIZE};
 use crate::sys::error::UserError;
 use crate::sys::rng::{Units, STREAM_VAL_SPLIT};
 use crate::sys::staging::{write_error, StagingDir};
 use crate::user_bail;
 
-/// Bumped whenever the meaning of the files changes; `Dataset::open` refuses other formats.
-pub const FORMAT: u32 = 1;
-pub const TRAIN_FILE: &str = "train.bin";
-pub const VAL_FILE: &str = "val.bin";
-pub const MANIFEST_FILE: &str = "manifest.json";
 /// Every file `prepare` writes; an existing `--output` holding anything else is not replaced.
 const OUTPUT_FILES: [&str; 3] = [TRAIN_FILE, VAL_FILE, MANIFEST_FILE];
 /// Input is read in chunks this size: small enough that hashing and translating a chunk find it
 /// still in L2 cache, large enough that system calls cost nothing.
 const CHUNK: usize = 256 << 10;
-/// Each split's output buffer; written out when the next chunk might not fit.
-const OUT_BUFFER: usize = 4 << 20;
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SplitCounts {
-    /// Vocabulary characters, newlines included.
-    pub characters: u64,
-    pub documents: u64,
-    /// The file's length: characters plus one BOS per document.
-    pub tokens: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SourceFile {
-    /// Relative to --input, `/`-separated.
-    pub path: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
-    pub format: u32,
-    /// The characters of ids 0.., as a string.
-    pub vocabulary: String,
-    pub bos_id: u8,
-    pub vocab_size: usize,
-    pub train: SplitCounts,
-    pub val: SplitCounts,
-    pub val_fraction: f64,
-    pub seed: u64,
-    pub sources: Vec<SourceFile>,
-}
 
 pub fn prepare(input: &Path, output: &Path, val_fraction: f64, seed: u64) -> Result<Manifest> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
@@ -282,26 +247,6 @@ fn check_output(output: &Path, input: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `dir`'s manifest is one `prepare` writes (of any format version) and its splits have
-/// the sizes it records; otherwise why not.
-fn written_by_prepare(dir: &Path) -> std::result::Result<(), String> {
-    let text = fs::read_to_string(dir.join(MANIFEST_FILE))
-        .map_err(|_| format!("no readable {MANIFEST_FILE}"))?;
-    let m: serde_json::Value =
-        serde_json::from_str(&text).map_err(|_| format!("its {MANIFEST_FILE} is not JSON"))?;
-    if m.get("format").is_none() || m.get("vocabulary").is_none() {
-        return Err(format!("its {MANIFEST_FILE} is not a prepare manifest"));
-    }
-    for (file, split) in [(TRAIN_FILE, "train"), (VAL_FILE, "val")] {
-        let want = m[split]["tokens"].as_u64();
-        let have = fs::metadata(dir.join(file)).ok().map(|md| md.len());
-        if have.is_some() && have != want {
-            return Err(format!("{file} is not the size its manifest records"));
-        }
-    }
-    Ok(())
-}
-
 /// A filesystem error while reading an input file: the input is at fault when it cannot be read.
 fn input_error(path: &Path, e: std::io::Error) -> anyhow::Error {
     match e.kind() {
@@ -343,179 +288,6 @@ fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     }
     Ok(n)
 }
-
-/// One split's output file, its buffer and counts.
-struct Split {
-    file: fs::File,
-    path: PathBuf,
-    buf: Vec<u8>,
-    len: usize,
-    tokens: u64,
-    documents: u64,
-}
-
-impl Split {
-    fn create(path: &Path) -> Result<Self> {
-        let file = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-        Ok(Self {
-            file,
-            path: path.to_path_buf(),
-            buf: vec![0; OUT_BUFFER],
-            len: 0,
-            tokens: 0,
-            documents: 0,
-        })
-    }
-
-    /// Makes sure `n` more tokens fit in the buffer.
-    fn reserve(&mut self, n: usize) -> Result<()> {
-        debug_assert!(n <= self.buf.len());
-        if self.len + n > self.buf.len() {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn push(&mut self, id: u8) {
-        self.buf[self.len] = id;
-        self.len += 1;
-        self.tokens += 1;
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        self.file
-            .write_all(&self.buf[..self.len])
-            .with_context(|| format!("write {}", self.path.display()))?;
-        self.len = 0;
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<SplitCounts> {
-        self.flush()?;
-        self.file
-            .sync_all()
-            .with_context(|| format!("sync {}", self.path.display()))?;
-        Ok(SplitCounts {
-            characters: self.tokens - self.documents,
-            documents: self.documents,
-            tokens: self.tokens,
-        })
-    }
-}
-
-/// The document structure across chunks and files.
-struct Scanner {
-    /// Train (0) and validation (1).
-    splits: [Split; 2],
-    /// The split of the open document.
-    current: usize,
-    /// Between documents: at the start of a file or after a blank line, before the next text.
-    gap: bool,
-    /// The last byte was a newline (or the file just started), so a newline now is a blank line.
-    prev_newline: bool,
-    /// Documents started so far, over all files: the next one's index.
-    documents: u64,
-    /// Document `i` goes to validation when `split_units.at(i) < val_fraction`.
-    split_units: Units,
-    val_fraction: f64,
-}
-
-impl Scanner {
-    /// Translates a chunk into the splits. Returns the OR of all ids seen: its high bit is set
-    /// when the chunk holds a byte outside the vocabulary (the caller then finds it), so the hot
-    /// loop carries no error branch.
-    fn scan(&mut self, chunk: &[u8]) -> Result<u8> {
-        // A chunk yields at most one token per byte plus a BOS per document, and each document
-        // but the first needs at least three bytes (text, newline, blank line).
-        let worst = chunk.len() + chunk.len() / 3 + 2;
-        for split in &mut self.splits {
-            split.reserve(worst)?;
-        }
-        let mut seen = 0u8;
-        let mut i = 0;
-        while i < chunk.len() {
-            if self.gap {
-                match chunk[i..].iter().position(|&b| b != b'\n') {
-                    Some(k) => i += k,
-                    None => break,
-                }
-                self.start_document();
-            }
-            let split = &mut self.splits[self.current];
-            let (used, ended) = copy_document(
-                &chunk[i..],
-                &mut split.buf[split.len..],
-                &mut self.prev_newline,
-                &mut seen,
-            );
-            let written = if ended { used - 1 } else { used };
-            split.len += written;
-            split.tokens += written as u64;
-            i += used;
-            if ended {
-                self.gap = true;
-            }
-        }
-        Ok(seen)
-    }
-
-    fn start_document(&mut self) {
-        let to_val = self.split_units.at(self.documents) < self.val_fraction;
-        self.current = to_val as usize;
-        self.documents += 1;
-        let split = &mut self.splits[self.current];
-        split.push(BOS);
-        split.documents += 1;
-        self.gap = false;
-        self.prev_newline = false;
-    }
-
-    /// A file's end ends its document, whose last line gets a newline if it lacks one.
-    fn end_file(&mut self) -> Result<()> {
-        if !self.gap {
-            if !self.prev_newline {
-                let split = &mut self.splits[self.current];
-                split.reserve(1)?;
-                split.push(NEWLINE);
-            }
-            self.gap = true;
-        }
-        self.prev_newline = true;
-        Ok(())
-    }
-}
-
-/// Copies a document's ids from `src` to `dst` until a blank line ends it or `src` ends. Returns
-/// the bytes consumed and whether the document ended (then the last byte consumed is the blank
-/// line's newline, which is not copied). Inside a document ids map one to one onto bytes, so the
-/// loop is a table lookup, an OR and a store per byte with one rarely taken branch.
-#[inline]
-fn copy_document(
-    src: &[u8],
-    dst: &mut [u8],
-    prev_newline: &mut bool,
-    seen: &mut u8,
-) -> (usize, bool) {
-    assert!(dst.len() >= src.len(), "output buffer too small");
-    let mut prev = *prev_newline;
-    let mut acc = *seen;
-    for (k, (&byte, out)) in src.iter().zip(dst.iter_mut()).enumerate() {
-        let id = TABLE[byte as usize];
-        acc |= id;
-        let newline = id == NEWLINE;
-        if newline & prev {
-            *prev_newline = true;
-            *seen = acc;
-            return (k + 1, true);
-        }
-        *out = id;
-        prev = newline;
-    }
-    *prev_newline = prev;
-    *seen = acc;
-    (src.len(), false)
-}
-
 /// The error for the invalid byte at `offset` of `path`, located as `line:column` (columns count
 /// characters: every byte before the first invalid one is one ASCII character).
 fn invalid_byte(path: &Path, offset: u64) -> anyhow::Error {
@@ -594,40 +366,6 @@ pub fn sources(input: &Path) -> Result<Vec<SourceFile>> {
     Ok(out)
 }
 
-/// Reads a prepared dataset's manifest; a missing or foreign one names the fix.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join(MANIFEST_FILE);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => user_bail!(
-            "{}: {e}; run `charlm-trainer prepare --input <dir of .txt files> --output {}` first",
-            path.display(),
-            dir.display()
-        ),
-    };
-    let manifest: Manifest = match serde_json::from_str(&text) {
-        Ok(m) => m,
-        Err(e) => user_bail!(
-            "{} is not a prepare manifest ({e}); run `charlm-trainer prepare` again",
-            path.display()
-        ),
-    };
-    if manifest.format != FORMAT
-        || manifest.vocab_size != VOCAB_SIZE
-        || manifest.bos_id != BOS
-        || manifest.vocabulary.as_bytes() != vocab::CHARS
-    {
-        user_bail!(
-            "{} was prepared by another version (format {}, vocabulary {:?}, this trainer reads \
-             format {FORMAT}); run `charlm-trainer prepare` again",
-            dir.display(),
-            manifest.format,
-            manifest.vocabulary
-        );
-    }
-    Ok(manifest)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,74 +392,5 @@ mod tests {
         assert!(other
             .to_string()
             .starts_with("cannot read /dataset/corpus/b.txt: I/O error"));
-    }
-
-    /// Runs the scanner over `text` cut into pieces of `piece` bytes, as files or chunks would.
-    fn scan_pieces(texts: &[&str], piece: usize) -> (Vec<u8>, Vec<u8>, u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Scanner {
-            splits: [
-                Split::create(&dir.path().join("t")).unwrap(),
-                Split::create(&dir.path().join("v")).unwrap(),
-            ],
-            current: 0,
-            gap: true,
-            prev_newline: true,
-            documents: 0,
-            split_units: Units::new(0, &[STREAM_VAL_SPLIT]),
-            val_fraction: 0.0,
-        };
-        for text in texts {
-            for chunk in text.as_bytes().chunks(piece) {
-                assert_eq!(s.scan(chunk).unwrap() & 0x80, 0);
-            }
-            s.end_file().unwrap();
-        }
-        let docs = s.documents;
-        let [t, v] = s.splits;
-        t.finish().unwrap();
-        v.finish().unwrap();
-        (
-            fs::read(dir.path().join("t")).unwrap(),
-            fs::read(dir.path().join("v")).unwrap(),
-            docs,
-        )
-    }
-
-    fn ids(text: &str) -> Vec<u8> {
-        text.bytes()
-            .map(|b| if b == b'^' { BOS } else { TABLE[b as usize] })
-            .collect()
-    }
-
-    #[test]
-    fn documents_are_split_on_blank_lines_whatever_the_chunking() {
-        let cases: &[(&[&str], &str, u64)] = &[
-            (&["1+1\n2\n\n3\n"], "^1+1\n2\n^3\n", 2),
-            (&["\n\n1\n\n\n\n2\n\n\n"], "^1\n^2\n", 2),
-            (&["1\n2", "3\n\n"], "^1\n2\n^3\n", 2),
-            (&["", "\n\n", "5"], "^5\n", 1),
-            (&["1\n", "2\n"], "^1\n^2\n", 2),
-        ];
-        for &(texts, want, docs) in cases {
-            for piece in [1, 2, 3, 7, 1000] {
-                let (train, val, n) = scan_pieces(texts, piece);
-                assert_eq!(train, ids(want), "{texts:?} in pieces of {piece}");
-                assert!(val.is_empty());
-                assert_eq!(n, docs);
-            }
-        }
-    }
-
-    #[test]
-    fn invalid_bytes_set_the_high_bit() {
-        let mut seen = 0;
-        let mut dst = [0u8; 8];
-        let mut prev = false;
-        copy_document(b"12\r\n", &mut dst, &mut prev, &mut seen);
-        assert_ne!(seen & 0x80, 0);
-        let mut seen = 0;
-        copy_document(b"12+B\n", &mut dst, &mut prev, &mut seen);
-        assert_eq!(seen & 0x80, 0);
     }
 }

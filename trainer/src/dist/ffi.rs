@@ -18,6 +18,7 @@ extern "C" {
         port: u16,
         is_server: c_int,
         timeout_ms: i64,
+        prefix: *const c_char,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn charlm_store_free(store: *mut c_void);
@@ -45,6 +46,31 @@ extern "C" {
         keys: *const *const c_char,
         n: usize,
         timeout_ms: i64,
+    ) -> *mut c_char;
+    fn charlm_store_wait_ready(
+        store: *mut c_void,
+        keys: *const *const c_char,
+        n: usize,
+        timeout_ms: i64,
+        ready: *mut c_int,
+    ) -> *mut c_char;
+    fn charlm_store_check(
+        store: *mut c_void,
+        key: *const c_char,
+        exists: *mut c_int,
+    ) -> *mut c_char;
+    fn charlm_store_set_if_absent(
+        store: *mut c_void,
+        key: *const c_char,
+        data: *const u8,
+        len: usize,
+        out: *mut *mut u8,
+        out_len: *mut usize,
+    ) -> *mut c_char;
+    fn charlm_store_list_keys(
+        store: *mut c_void,
+        out: *mut *mut u8,
+        out_len: *mut usize,
     ) -> *mut c_char;
     fn charlm_store_delete(
         store: *mut c_void,
@@ -98,6 +124,16 @@ fn c_string(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("{s:?} contains a NUL byte"))
 }
 
+/// Copies and frees a buffer the bridge malloc'd: `len` initialised bytes (a 1-byte allocation
+/// when `len` is 0).
+fn take_buffer(data: *mut u8, len: usize) -> Vec<u8> {
+    // SAFETY: the bridge's contract above.
+    let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+    // SAFETY: freed once, by the allocator that made it.
+    unsafe { ffi::free(data.cast()) };
+    value
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
@@ -108,7 +144,8 @@ pub fn have_nccl() -> bool {
     unsafe { charlm_have_nccl() != 0 }
 }
 
-/// A c10d TCPStore: rank 0 hosts the server in a background thread, every rank is a client.
+/// A c10d TCPStore: its host (rank 0, or `launch` on node 0) runs the server in a background
+/// thread; every rank is a client.
 pub struct Store(*mut c_void);
 
 // SAFETY: the C++ TCPStore has no thread affinity; `&self` methods are only used by one thread at a
@@ -116,17 +153,25 @@ pub struct Store(*mut c_void);
 unsafe impl Send for Store {}
 
 impl Store {
-    /// Connects (retrying until `timeout`) to host:port; with `serve` also listens there.
-    pub fn connect(host: &str, port: u16, serve: bool, timeout: Duration) -> Result<Self> {
-        let host = c_string(host)?;
+    /// Connects (retrying until `timeout`) to host:port; with `serve` also listens there. Every
+    /// key of the handle lives under `prefix/` when `prefix` is not empty.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        serve: bool,
+        timeout: Duration,
+        prefix: &str,
+    ) -> Result<Self> {
+        let (host, prefix) = (c_string(host)?, c_string(prefix)?);
         let mut out = std::ptr::null_mut();
-        // SAFETY: `host` outlives the call; `out` is written only on success.
+        // SAFETY: `host` and `prefix` outlive the call; `out` is written only on success.
         check(unsafe {
             charlm_store_connect(
                 host.as_ptr(),
                 port,
                 c_int::from(serve),
                 millis(timeout),
+                prefix.as_ptr(),
                 &mut out,
             )
         })?;
@@ -152,11 +197,7 @@ impl Store {
         let mut len = 0usize;
         // SAFETY: on success the bridge hands over a malloc'd buffer of `len` bytes.
         check(unsafe { charlm_store_get(self.0, key.as_ptr(), &mut data, &mut len) })?;
-        // SAFETY: `data` points to `len` initialised bytes (or is a 1-byte allocation when len is 0).
-        let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
-        // SAFETY: freed once, by the allocator that made it.
-        unsafe { ffi::free(data.cast()) };
-        Ok(value)
+        Ok(take_buffer(data, len))
     }
 
     /// Adds `delta` to the integer at `key` (created at 0) and returns the new value.
@@ -177,6 +218,72 @@ impl Store {
         let ptrs: Vec<*const c_char> = owned.iter().map(|k| k.as_ptr()).collect();
         // SAFETY: the strings and the pointer array outlive the call.
         check(unsafe { charlm_store_wait(self.0, ptrs.as_ptr(), ptrs.len(), millis(timeout)) })
+    }
+
+    /// Waits until every key exists, for at most `timeout`; `false` when the time ran out (the
+    /// connection stays usable).
+    pub fn wait_ready(&self, keys: &[String], timeout: Duration) -> Result<bool> {
+        let owned = keys
+            .iter()
+            .map(|k| c_string(k))
+            .collect::<Result<Vec<_>>>()?;
+        let ptrs: Vec<*const c_char> = owned.iter().map(|k| k.as_ptr()).collect();
+        let mut ready: c_int = 0;
+        // SAFETY: the strings and the pointer array outlive the call.
+        check(unsafe {
+            charlm_store_wait_ready(
+                self.0,
+                ptrs.as_ptr(),
+                ptrs.len(),
+                millis(timeout),
+                &mut ready,
+            )
+        })?;
+        Ok(ready != 0)
+    }
+
+    /// Whether `key` exists, without waiting.
+    pub fn check(&self, key: &str) -> Result<bool> {
+        let key = c_string(key)?;
+        let mut exists: c_int = 0;
+        // SAFETY: key outlives the call.
+        check(unsafe { charlm_store_check(self.0, key.as_ptr(), &mut exists) })?;
+        Ok(exists != 0)
+    }
+
+    /// Sets `key` to `value` unless it exists; returns what it holds afterwards (the first
+    /// writer's value).
+    pub fn set_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        let key = c_string(key)?;
+        let mut data = std::ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: key and value outlive the call; on success the bridge hands over a malloc'd
+        // buffer of `len` bytes.
+        check(unsafe {
+            charlm_store_set_if_absent(
+                self.0,
+                key.as_ptr(),
+                value.as_ptr(),
+                value.len(),
+                &mut data,
+                &mut len,
+            )
+        })?;
+        Ok(take_buffer(data, len))
+    }
+
+    /// Every key the server holds (whatever this handle's prefix).
+    pub fn list_keys(&self) -> Result<Vec<String>> {
+        let mut data = std::ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: on success the bridge hands over a malloc'd buffer of `len` bytes.
+        check(unsafe { charlm_store_list_keys(self.0, &mut data, &mut len) })?;
+        let all = take_buffer(data, len);
+        Ok(all
+            .split(|&b| b == 0)
+            .filter(|k| !k.is_empty())
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect())
     }
 
     /// Deletes `key`; returns whether it existed.

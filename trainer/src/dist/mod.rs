@@ -1,11 +1,15 @@
 //! Data-parallel process groups over libtorch's c10d, reached through csrc/c10d_bridge.cpp.
 //!
-//! Every rank meets the others at a c10d `TCPStore` that rank 0 hosts at MASTER_ADDR:MASTER_PORT.
-//! On GPUs the collectives are `ProcessGroupNCCL`'s; on CPUs they go through the store itself
-//! (store.rs), since the PyPI wheel cannot build gloo. A world of one needs neither: its collectives
-//! are no-ops. docs/distributed.md tells the whole story.
+//! Every rank meets the others at a c10d `TCPStore` at MASTER_ADDR:MASTER_PORT, hosted by node 0's
+//! `launch` (rounds.rs: it outlives the workers, so that they can be restarted in place) or, for
+//! ranks started by something else, by rank 0. On GPUs the collectives are `ProcessGroupNCCL`'s;
+//! on CPUs they go through the store itself (store.rs), since the PyPI wheel cannot build gloo. A
+//! world of one needs neither: its collectives are no-ops. docs/distributed.md tells the whole
+//! story.
 
+mod env;
 mod ffi;
+pub mod rounds;
 mod store;
 
 use std::time::Duration;
@@ -13,155 +17,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::sys::error::UserError;
+pub use env::DistEnv;
+pub use rounds::PeerFailed;
 use store::StoreGroup;
-
-/// Where this process sits in the job, from the variables torchrun (and `charlm-trainer launch`,
-/// and Kubeflow's PyTorchJob) set.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DistEnv {
-    pub rank: usize,
-    pub world_size: usize,
-    pub local_rank: usize,
-    pub local_world_size: usize,
-    pub master_addr: String,
-    pub master_port: u16,
-    /// What was wrong with the variables; [`ProcessGroup::init`] reports it.
-    problem: Option<String>,
-}
-
-pub const DEFAULT_MASTER_PORT: u16 = charlm_contract::RENDEZVOUS_PORT;
-
-impl DistEnv {
-    /// A single process: rank 0 of 1.
-    pub fn single() -> Self {
-        Self::new(0, 1, 0, 1, "127.0.0.1", DEFAULT_MASTER_PORT)
-    }
-
-    pub fn new(
-        rank: usize,
-        world_size: usize,
-        local_rank: usize,
-        local_world_size: usize,
-        master_addr: &str,
-        master_port: u16,
-    ) -> Self {
-        let mut env = Self {
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
-            master_addr: master_addr.to_string(),
-            master_port,
-            problem: None,
-        };
-        env.problem = env.inconsistency();
-        env
-    }
-
-    /// Reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without
-    /// WORLD_SIZE this is a single process. Malformed values do not fail here (the caller may not
-    /// be distributed at all) but in [`ProcessGroup::init`] and [`DistEnv::check`].
-    pub fn from_env() -> Self {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
-
-    /// [`DistEnv::from_env`] over any source of variables.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
-        match Self::parse(&var) {
-            Ok(env) => env,
-            Err(problem) => Self {
-                problem: Some(problem),
-                ..Self::single()
-            },
-        }
-    }
-
-    fn parse(var: &impl Fn(&str) -> Option<String>) -> std::result::Result<Self, String> {
-        let number = |name: &str| -> std::result::Result<Option<usize>, String> {
-            match var(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse::<usize>()
-                    .map(Some)
-                    .map_err(|_| format!("{name}={v:?} is not a non-negative integer")),
-            }
-        };
-        let Some(world_size) = number("WORLD_SIZE")? else {
-            if var("RANK").is_some() {
-                return Err(
-                    "RANK is set but WORLD_SIZE is not: set both (or neither, for one process)"
-                        .into(),
-                );
-            }
-            return Ok(Self::single());
-        };
-        let rank =
-            number("RANK")?.ok_or("WORLD_SIZE is set but RANK is not: set both (or neither)")?;
-        let local_rank = number("LOCAL_RANK")?.unwrap_or(0);
-        let local_world_size = number("LOCAL_WORLD_SIZE")?.unwrap_or(1);
-        let master_addr = match var("MASTER_ADDR") {
-            Some(a) if !a.trim().is_empty() => a.trim().to_string(),
-            _ if world_size > 1 => {
-                return Err(format!(
-                    "WORLD_SIZE={world_size} but MASTER_ADDR is not set: set it to rank 0's host"
-                ))
-            }
-            _ => "127.0.0.1".to_string(),
-        };
-        let master_port = match var("MASTER_PORT") {
-            None => DEFAULT_MASTER_PORT,
-            Some(p) => match p.trim().parse::<u16>() {
-                Ok(port) if port > 0 => port,
-                _ => return Err(format!("MASTER_PORT={p:?} is not a TCP port (1-65535)")),
-            },
-        };
-        let env = Self::new(
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
-            &master_addr,
-            master_port,
-        );
-        match env.problem {
-            Some(problem) => Err(problem),
-            None => Ok(env),
-        }
-    }
-
-    fn inconsistency(&self) -> Option<String> {
-        if self.world_size == 0 {
-            Some("WORLD_SIZE must be at least 1".into())
-        } else if self.rank >= self.world_size {
-            Some(format!(
-                "RANK={} is not below WORLD_SIZE={}",
-                self.rank, self.world_size
-            ))
-        } else if self.local_world_size == 0 || self.local_rank >= self.local_world_size {
-            Some(format!(
-                "LOCAL_RANK={} is not below LOCAL_WORLD_SIZE={}",
-                self.local_rank, self.local_world_size
-            ))
-        } else if self.local_world_size > self.world_size {
-            Some(format!(
-                "LOCAL_WORLD_SIZE={} exceeds WORLD_SIZE={}",
-                self.local_world_size, self.world_size
-            ))
-        } else {
-            None
-        }
-    }
-
-    /// Fails (as a user error) when the variables were malformed or inconsistent.
-    pub fn check(&self) -> Result<()> {
-        match &self.problem {
-            Some(problem) => Err(UserError(format!("distributed environment: {problem}")).into()),
-            None => Ok(()),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -272,16 +130,13 @@ impl ProcessGroup {
             if cuda.is_some() && !ffi::have_nccl() {
                 bail!("this charlm-trainer was built against a libtorch without NCCL: it cannot train on several GPUs");
             }
-            let store = StoreGroup::rendezvous(
-                &env.master_addr,
-                env.master_port,
-                rank,
-                world_size,
-                options,
-            )?;
+            let store = StoreGroup::rendezvous(env, options)?;
             match cuda {
                 None => Backend::Store(store),
                 Some(i) => {
+                    if env.agent_store {
+                        rounds::exit_when_abandoned(env, options.collective_timeout)?;
+                    }
                     let nccl =
                         ffi::Nccl::new(store.store(), "nccl", rank, world_size, i, options.collective_timeout)
                             .with_context(|| {

@@ -2,8 +2,8 @@
 //! headers, so ProcessGroupGloo cannot be built from it).
 //!
 //! All-reduce is a reduce-scatter followed by an all-gather (each also a collective of its own, for
-//! the sharded optimizer), with the store (a server thread in
-//! rank 0) as the switchboard: the flattened buffer is cut into `world` chunks; rank `r` posts chunk
+//! the sharded optimizer), with the store (a server thread in `launch` on node 0, or in rank 0)
+//! as the switchboard: the flattened buffer is cut into `world` chunks; rank `r` posts chunk
 //! `c` for its owner `c`, sums the chunks it owns in rank order (so the result does not depend on
 //! who arrived first), posts the sum, and reads everyone else's. Every key names its collective's
 //! sequence number, so a fast rank cannot read a slow rank's previous values.
@@ -12,6 +12,10 @@
 //! other rank has said, with a final fire-and-forget `set`, that it is done. So rank 0 is always the
 //! last to touch the store in a collective, and may exit as soon as its last collective returns
 //! without pulling the server from under a peer that is still reading.
+//!
+//! Under `launch`'s store a wait is cut into short slices, and between them the rank looks for
+//! the round's abort key (rounds.rs): a peer that died is then noticed in a fraction of a second,
+//! not after the collective timeout.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -20,8 +24,13 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::ffi::Store;
-use super::{GroupOptions, ReduceOp};
+use super::rounds::{self, PeerFailed};
+use super::{DistEnv, GroupOptions, ReduceOp};
 use crate::sys::error::UserError;
+
+/// How long one slice of a wait lasts under `launch`'s store: the most a rank waits on for a
+/// peer that is already gone.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// A group of ranks whose collectives go through one TCPStore.
 pub struct StoreGroup {
@@ -34,32 +43,38 @@ pub struct StoreGroup {
     /// Values larger than this are split over several keys, to keep each store message modest.
     part_bytes: usize,
     seq: Cell<u64>,
+    /// Under `launch`'s store: the restart round, whose abort key ends every wait.
+    round: Option<u64>,
 }
 
 impl StoreGroup {
-    /// Connects to (rank 0: hosts) the store and waits until every rank has arrived, all within
-    /// the rendezvous timeout; later waits give up after the collective timeout.
-    pub fn rendezvous(
-        addr: &str,
-        port: u16,
-        rank: usize,
-        world: usize,
-        options: &GroupOptions,
-    ) -> Result<Self> {
+    /// Connects to (rank 0 without `launch`'s store: hosts) the store and waits until every rank
+    /// has arrived, all within the rendezvous timeout; later waits give up after the collective
+    /// timeout.
+    pub fn rendezvous(env: &DistEnv, options: &GroupOptions) -> Result<Self> {
+        let (addr, port, rank, world) = (
+            env.master_addr.as_str(),
+            env.master_port,
+            env.rank,
+            env.world_size,
+        );
         let (rendezvous, collective) = (options.rendezvous_timeout, options.collective_timeout);
-        let endpoint = if addr.contains(':') {
-            format!("[{addr}]:{port}")
-        } else {
-            format!("{addr}:{port}")
-        };
+        let endpoint = rounds::endpoint(addr, port);
         let deadline = Instant::now() + rendezvous;
-        let store = Store::connect(addr, port, rank == 0, rendezvous).with_context(|| {
-            if rank == 0 {
+        let serve = rank == 0 && !env.agent_store;
+        let prefix = if env.agent_store {
+            rounds::worker_prefix(env.restart)
+        } else {
+            String::new()
+        };
+        let store = Store::connect(addr, port, serve, rendezvous, &prefix).with_context(|| {
+            if serve {
                 format!("rank 0 could not host the TCPStore on port {port} (MASTER_PORT): is another job using it?")
             } else {
+                let host = if env.agent_store { "launch on node 0" } else { "rank 0" };
                 format!(
                     "rank {rank} could not reach the TCPStore at {endpoint} (MASTER_ADDR:MASTER_PORT) within \
-                     the rendezvous timeout of {}: is rank 0 running and is the address right?",
+                     the rendezvous timeout of {}: is {host} running and is the address right?",
                     secs(rendezvous)
                 )
             }
@@ -72,6 +87,7 @@ impl StoreGroup {
             timeout: collective,
             part_bytes: options.store_message_bytes.max(1),
             seq: Cell::new(0),
+            round: env.agent_store.then_some(env.restart),
         };
         group.arrive(rendezvous, deadline)?;
         group.store.set_timeout(collective)?;
@@ -91,8 +107,7 @@ impl StoreGroup {
             self.store
                 .set("charlm/world_size", world.to_string().as_bytes())?;
         } else {
-            self.store
-                .set_timeout(deadline.saturating_duration_since(Instant::now()))?;
+            self.wait_until(&["charlm/world_size".to_string()], deadline, rendezvous)?;
             let theirs =
                 String::from_utf8_lossy(&self.store.get("charlm/world_size")?).into_owned();
             if theirs != world.to_string() {
@@ -118,6 +133,7 @@ impl StoreGroup {
             if Instant::now() >= deadline {
                 bail!(missing(arrived));
             }
+            self.abandoned()?;
             std::thread::sleep(Duration::from_millis(20));
             arrived = self
                 .store
@@ -130,6 +146,56 @@ impl StoreGroup {
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Fails with [`PeerFailed`] once `launch` has abandoned this round (a worker died).
+    fn abandoned(&self) -> Result<()> {
+        if self.round.is_none() || !self.store.check(rounds::ABORT_KEY)? {
+            return Ok(());
+        }
+        let record = self.store.get(rounds::ABORT_KEY)?;
+        Err(PeerFailed::from_record(self.round.unwrap_or(0), &record).into())
+    }
+
+    /// Waits until every key exists, at most the collective timeout.
+    fn wait_for(&self, keys: &[String]) -> Result<()> {
+        self.wait_until(keys, Instant::now() + self.timeout, self.timeout)
+    }
+
+    /// Waits until every key exists or `deadline` (`limit` from the start, for the message).
+    /// Under `launch`'s store the wait is cut into slices, between which an abandoned round
+    /// ends it at once.
+    fn wait_until(&self, keys: &[String], deadline: Instant, limit: Duration) -> Result<()> {
+        if self.round.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            return self.store.wait(keys, left.max(Duration::from_millis(1)));
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.store.wait_ready(keys, left.min(WAIT_SLICE))? {
+                return Ok(());
+            }
+            self.abandoned()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "waited {} for {} key(s) ({}...)",
+                    secs(limit),
+                    keys.len(),
+                    keys.first().map_or("", String::as_str)
+                );
+            }
+        }
+    }
+
+    /// Waits for `key` (see [`Self::wait_for`]) and returns its value.
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.wait_for(&[key.to_string()])?;
+        self.store.get(key)
+    }
+
+    /// Whether the store is `launch`'s, whose rounds may end under this group.
+    pub fn under_agent(&self) -> bool {
+        self.round.is_some()
     }
 
     pub fn store(&self) -> &Store {
@@ -334,14 +400,14 @@ impl StoreGroup {
             let go = format!("{prefix}/go");
             if self.rank == 0 {
                 let others: Vec<String> = (1..self.world).map(arrived).collect();
-                self.store.wait(&others, self.timeout)?;
+                self.wait_for(&others)?;
                 self.store.set(&go, b"")?;
                 for key in others {
                     self.store.delete(&key)?;
                 }
             } else {
                 self.store.set(&arrived(self.rank), b"")?;
-                self.store.get(&go)?;
+                self.get(&go)?;
             }
             self.finish(&prefix, |g| g.store.delete(&go).map(drop))
         })();
@@ -357,7 +423,7 @@ impl StoreGroup {
             return self.store.set(&done(self.rank), b"");
         }
         let others: Vec<String> = (1..self.world).map(done).collect();
-        self.store.wait(&others, self.timeout)?;
+        self.wait_for(&others)?;
         for key in &others {
             self.store.delete(key)?;
         }
@@ -381,11 +447,11 @@ impl StoreGroup {
     /// Reads a value of `len` bytes written by `put`.
     fn read(&self, key: &str, len: usize) -> Result<Vec<u8>> {
         let data = if len <= self.part_bytes {
-            self.store.get(key)?
+            self.get(key)?
         } else {
             let mut data = Vec::with_capacity(len);
             for i in 0..self.parts(len) {
-                data.extend_from_slice(&self.store.get(&format!("{key}#{i}"))?);
+                data.extend_from_slice(&self.get(&format!("{key}#{i}"))?);
             }
             data
         };

@@ -174,7 +174,7 @@ mod tests {
         }
         assert_eq!(h, 0x143a24442de4dfd9, "draws");
 
-        // Epoch orders, as `dataset::permutation` shuffles them.
+        // Epoch orders, as `order::permutation` shuffles them.
         for (seed, epoch, n, first, hash) in [
             (
                 0u64,

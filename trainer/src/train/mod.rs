@@ -16,6 +16,7 @@ mod plan;
 pub mod progress;
 pub mod recipe;
 pub(crate) mod resume;
+mod salvage;
 mod session;
 mod state;
 
@@ -93,6 +94,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let shared: SharedProgress = Arc::new(Mutex::new(ProgressReport {
         world_size: pg.world_size() as u64,
+        in_place_restarts: env.restart,
+        last_restart_reason: std::env::var(charlm_contract::env::RESTART_REASON).ok(),
         ..Default::default()
     }));
     if is_main && args.metrics_port != 0 {
@@ -164,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
 
-    let session = Session {
+    let mut session = Session {
         plan: &plan,
         data: &data,
         pg: &pg,
@@ -180,7 +183,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     let result = session.run();
     if let Err(err) = &result {
-        eprintln!("rank {}: training failed: {err:#}", pg.rank());
+        match crate::dist::rounds::peer_failed(err) {
+            // Not this rank's fault: rank 0 saves what it can; the error names the failed peer.
+            Some(why) => session.salvage(why),
+            None => eprintln!("rank {}: training failed: {err:#}", pg.rank()),
+        }
     }
     result
 }

@@ -17,7 +17,7 @@ use super::lock::{self, FolderLock};
 use super::plan::{schedule_change, Batch, Plan, ScheduleInputs};
 use super::recipe::Recipe;
 use super::state::RunState;
-use crate::data::prepare::Manifest as DataManifest;
+use crate::data::format::Manifest as DataManifest;
 use crate::engine::Engine;
 use crate::model::GptConfig;
 use crate::user_bail;

@@ -12,21 +12,24 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint;
-use super::consensus::{self, from_rank0};
+use super::consensus;
 use super::plan::{Plan, Projection};
 use super::progress::{self, SharedProgress};
 use super::state::{manifest_for, RunState};
-use super::PEAK_FLOPS;
-use crate::data::dataset::{Dataset, Split};
+use crate::data::dataset::Dataset;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::engine::{autobatch, memory, oom, Engine};
 use crate::model::GptConfig;
 use crate::sys::events::Events;
-use crate::sys::figures::{fmt_duration, grouped};
 use crate::sys::tensorboard::EventWriter;
 use crate::user_bail;
 use charlm_contract::events::{self, Event};
 use charlm_contract::{ProgressReport, StopReason};
+
+mod evaluation;
+mod report;
+
+pub use evaluation::evaluate;
 
 pub struct Session<'a> {
     pub plan: &'a Plan,
@@ -71,7 +74,7 @@ impl Session<'_> {
         Ok(self.decide(decision, &[(decision, yes(flag))])?[0] > 0.0)
     }
 
-    pub fn run(mut self) -> Result<()> {
+    pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
         let elapsed_before = self.state.elapsed_s;
         let mut last_save = (Instant::now(), self.state.step);
@@ -191,120 +194,6 @@ impl Session<'_> {
         Ok(loss)
     }
 
-    fn report_step(&mut self, loss: f64, lr_mult: f64, step_s: f64) {
-        if !self.is_main() {
-            return;
-        }
-        let tokens_per_s = self.plan.batch.total_batch_size as f64 / step_s;
-        let config = self.engine.model.config;
-        let mfu = self.device.is_cuda().then(|| {
-            config.flops_per_token() * tokens_per_s / (PEAK_FLOPS * self.pg.world_size() as f64)
-        });
-        let snapshot = {
-            let mut p = self.shared.lock().expect("progress lock");
-            p.train_loss = Some(loss);
-            p.tokens_per_s = Some(tokens_per_s);
-            p.mfu = mfu;
-            p.peak_memory_gib = crate::sys::cuda::peak_memory_gib(self.device);
-            self.fill_progress(&mut p);
-            p.clone()
-        };
-        let every = self.plan.log_every;
-        if every > 0 && (snapshot.step % every == 0 || snapshot.step == 1) {
-            let progress = self
-                .plan
-                .budget
-                .fraction(self.state.step, self.state.elapsed_s);
-            let total = self.projection().shown();
-            log_step(&snapshot, &total, lr_mult, progress, &self.events);
-            let mut scalars = vec![("train/loss", loss), ("train/lr_multiplier", lr_mult)];
-            scalars.push(("perf/tokens_per_second", tokens_per_s));
-            scalars.extend(mfu.map(|m| ("perf/mfu", m)));
-            scalars.push(("train/epoch", snapshot.epoch));
-            self.tensorboard_scalars(snapshot.step, &scalars);
-        }
-    }
-
-    /// Validation bits per character, the best so far (saved to `best/`), and early-stop counting.
-    fn evaluate(&mut self) -> Result<()> {
-        let bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Val)?;
-        // The same measurement on training windows: a model that fits them clearly better than
-        // the held-out ones is memorising, and only then is a worse val bpc a sign to stop (in
-        // the noisy high-learning-rate phase val bpc rises and falls again while train ≈ val).
-        let train_bpc = evaluate(self.plan, self.data, self.pg, &self.engine, Split::Train)?;
-        let step = self.state.step;
-        // Rank 0 records the evaluation (best, early-stop counts) and every rank takes its state.
-        // The sums above are all-reduced, so the others would count the same; but a rank that
-        // counts on its own is one restore, one rounding or one new field away from entering the
-        // gather below alone (issue 28).
-        let mut improved = false;
-        if self.is_main() {
-            improved = self.state.record_eval(bpc, train_bpc);
-        }
-        (self.state, improved) = from_rank0(self.pg, self.device, &(self.state.clone(), improved))?;
-        // A sharded optimizer's state is gathered by every rank; rank 0 writes it.
-        let optimizer = match self.decide_flag("save best/", improved && self.checkpoints)? {
-            true => Some(self.engine.optimizer_state(self.pg, self.is_main())?),
-            false => None,
-        };
-        if !self.is_main() {
-            return Ok(());
-        }
-        if let Some(optimizer) = optimizer {
-            let root = self.checkpoint_root()?;
-            let t0 = Instant::now();
-            let manifest = manifest_for(self.plan, &self.engine, &self.state);
-            let model = self.engine.model_state();
-            let dir = checkpoint::save(&root, checkpoint::BEST_DIR, manifest, &model, &optimizer)
-                .context("save the best checkpoint")?;
-            self.events.emit(Event::Checkpoint(events::Checkpoint {
-                step,
-                path: dir.display().to_string(),
-                kind: "best".into(),
-                seconds: t0.elapsed().as_secs_f64(),
-            }));
-        }
-        {
-            let mut p = self.shared.lock().expect("progress lock");
-            self.fill_progress(&mut p);
-        }
-        let past = charlm_contract::PAST_BEST_EVALUATIONS;
-        if self.state.evals_since_best > past {
-            let (best, at) = self.state.best.unwrap();
-            // Early stop counts only the memorising evaluations; saying how many there were
-            // tells an off (patience 0) stop from a model that is worse but not memorising.
-            eprintln!(
-                "warning: {} evaluations since the best val bpc {best:.4} at step {at}, {} of \
-                 them memorising: this training is paying for a model no better than best/ \
-                 (--early-stop-patience {}; 0 is off)",
-                self.state.evals_since_best,
-                self.state.overfit_evals,
-                self.plan.early_stop_patience
-            );
-        }
-        let note = if improved {
-            " (best)".to_string()
-        } else {
-            format!(
-                " (best {:.4} bpc at step {})",
-                self.state.best.unwrap().0,
-                self.state.best.unwrap().1
-            )
-        };
-        eprintln!("step {step:>6} | val {bpc:.4} bpc, train {train_bpc:.4} bpc{note}");
-        let (best_val_bpc, best_step) = self.state.best.unwrap_or((bpc, step));
-        self.events.emit(Event::Eval(events::Eval {
-            step,
-            val_bpc: bpc,
-            train_bpc: Some(train_bpc),
-            best: improved,
-            best_val_bpc,
-            best_step,
-        }));
-        self.tensorboard_scalars(step, &[("val/bpc", bpc), ("train/bpc", train_bpc)]);
-        Ok(())
-    }
-
     /// Rank 0's checkpoint directory (it saves only with one).
     fn checkpoint_root(&self) -> Result<PathBuf> {
         self.plan
@@ -342,7 +231,7 @@ impl Session<'_> {
     }
 
     /// Ends the session: a last evaluation when complete, a checkpoint, the summary.
-    fn finish(mut self, reason: StopReason) -> Result<()> {
+    fn finish(&mut self, reason: StopReason) -> Result<()> {
         let unmeasured = self.state.val_step != Some(self.state.step);
         if self.decide_flag("evaluate at the end", reason.is_complete() && unmeasured)? {
             self.evaluate()?;
@@ -544,86 +433,4 @@ fn train_batch(
         all
     };
     (all.narrow(1, 0, t), all.narrow(1, 1, t))
-}
-
-/// Bits per character of `split` over up to `--eval-tokens` tokens (and no more windows than the
-/// validation split has, so that both splits are measured alike), summed over ranks. Targets
-/// that are BOS are not characters and don't count.
-pub fn evaluate(
-    plan: &Plan,
-    data: &Dataset,
-    pg: &ProcessGroup,
-    engine: &Engine,
-    split: Split,
-) -> Result<f64> {
-    let device = engine.model.device();
-    let (b, t) = (plan.batch.device_batch_size, plan.batch.seq_len);
-    let windows = data
-        .windows(split)
-        .min(data.val_windows())
-        .min((plan.eval_tokens / t).max(1) as u64);
-    let mut sums = Tensor::zeros([2], (Kind::Double, device));
-    let mut buf = vec![0i64; (b * (t + 1)) as usize];
-    let world = pg.world_size() as u64;
-    let mut first = pg.rank() as u64 * b as u64;
-    let bos = crate::data::vocab::BOS as i64;
-    tch::no_grad(|| {
-        while first < windows {
-            let n = (windows - first).min(b as u64) as i64;
-            let seqs: Vec<u64> = (first..first + n as u64).collect();
-            let buf = &mut buf[..(n * (t + 1)) as usize];
-            data.fill_windows(split, &seqs, buf);
-            let all = Tensor::from_slice(buf).view([n, t + 1]).to_device(device);
-            let (x, y) = (all.narrow(1, 0, t), all.narrow(1, 1, t));
-            let y = y.masked_fill(&y.eq(bos), -1);
-            let nats = engine.model.loss_with(&x, &y, tch::Reduction::Sum, -1);
-            let count = y.ne(-1).sum(Kind::Double);
-            sums += Tensor::stack(&[nats.to_kind(Kind::Double), count], 0);
-            first += world * b as u64;
-        }
-    });
-    pg.all_reduce(std::slice::from_ref(&sums), ReduceOp::Sum)?;
-    let v = Vec::<f64>::try_from(&sums.to_device(Device::Cpu))?;
-    if v[1] == 0.0 {
-        user_bail!(
-            "the validation split has no characters to evaluate; prepare with a larger \
-             --val-fraction"
-        );
-    }
-    Ok(v[0] / v[1] / std::f64::consts::LN_2)
-}
-
-/// The step's human line (units, share of the budget, time left) and its `step` event; `total`
-/// is what is known of the last step (`/40`, `/~207` for an estimate, or nothing yet).
-fn log_step(p: &ProgressReport, total: &str, lr_mult: f64, progress: f64, events: &Events) {
-    let mfu = p
-        .mfu
-        .map_or(String::new(), |m| format!(" | mfu {:.1}%", m * 100.0));
-    let loss = p.train_loss.unwrap_or(f64::NAN);
-    let tokens_per_s = p.tokens_per_s.unwrap_or(0.0);
-    eprintln!(
-        "step {:>6}{total} {:>5.1}% | loss {loss:.4} nats | lr ×{lr_mult:.2} | {} tok/s{mfu} | \
-         epoch {:.2} | {} elapsed, {} left",
-        p.step,
-        (progress * 100.0).min(100.0),
-        grouped(tokens_per_s.max(0.0).round_ties_even() as u64),
-        p.epoch,
-        fmt_duration(p.elapsed_s),
-        p.eta_s.map_or("?".to_string(), fmt_duration),
-    );
-    events.emit(Event::Step(events::Step {
-        step: p.step,
-        total_steps_estimate: p.total_steps_estimate,
-        progress: progress.min(1.0),
-        train_loss: loss,
-        lr_mult,
-        tokens_per_s,
-        mfu: p.mfu,
-        elapsed_s: p.elapsed_s,
-        eta_s: p.eta_s,
-        epoch: p.epoch,
-        tokens: p.tokens,
-        tokens_per_epoch: p.tokens_per_epoch,
-        peak_memory_gib: p.peak_memory_gib,
-    }));
 }
