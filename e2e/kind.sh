@@ -295,7 +295,7 @@ kubectl wait -n "$ns" pvc/"$pvc" --for=delete --timeout=120s || fail "the checkp
 left="$(kubectl get pods -n "$ns" -l charlm.dev/training="$training" -o name)"
 [ -z "$left" ] || fail "worker pods left after deletion: $left"
 
-step "the in-cluster suite (e2e/tests/in_cluster.rs: PVC datasets, kill and resume, 2-pod DNS, suspend and delete)"
+step "the in-cluster suite (e2e/tests/in_cluster.rs and in_cluster/: PVC datasets, kill and resume, 2-pod DNS, suspend and delete)"
 export CHARLM_KUBECONFIG="$KUBECONFIG"
 # The node-loss case stops and starts a worker's container by its name (kind's node name).
 [ "$mode" = real-node ] || export CHARLM_KIND_CLUSTER="$cluster"

@@ -7,7 +7,6 @@
 pub mod env;
 pub mod events;
 pub mod exit;
-pub mod planner;
 mod report;
 
 pub use report::{DamagedCheckpoint, ProgressReport, StopReason, PAST_BEST_EVALUATIONS};
@@ -18,6 +17,11 @@ pub const PROGRESS_PORT: u16 = 9090;
 
 /// The rendezvous port of rank 0 (c10d's TCPStore; torchrun's default `MASTER_PORT`).
 pub const RENDEZVOUS_PORT: u16 = 29500;
+
+/// The shortest and longest sequence the trainer accepts (`--seq-len`, `spec.seqLen`): a window
+/// of 2 tokens is the least that holds an input and its next token.
+pub const MIN_SEQ_LEN: i64 = 2;
+pub const MAX_SEQ_LEN: i64 = 1 << 16;
 
 /// The progress report as JSON.
 pub const PROGRESS_PATH: &str = "/progress";

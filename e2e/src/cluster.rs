@@ -276,7 +276,7 @@ pub async fn token_kubeconfig(
         format!("{name}-kubeconfig")
     };
     let path = dir.join(file);
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
+    std::fs::write(&path, serde_norway::to_string(&kubeconfig)?)?;
     Ok(path)
 }
 
@@ -407,12 +407,12 @@ where
 
 /// Server-side applies a YAML document (e.g. an example) into `namespace` as the admin.
 pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<serde_json::Value> {
-    let value: serde_json::Value = serde_yaml::from_str(yaml)?;
+    let value: serde_json::Value = serde_norway::from_str(yaml)?;
     let name = value["metadata"]["name"]
         .as_str()
         .context("a manifest without metadata.name")?
         .to_string();
-    let api: Api<charlm_operator::crd::CharLMTraining> = Api::namespaced(client.clone(), namespace);
+    let api: Api<charlm_api::CharLMTraining> = Api::namespaced(client.clone(), namespace);
     let applied = api
         .patch(
             &name,
@@ -423,92 +423,53 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<
     Ok(serde_json::to_value(applied)?)
 }
 
-/// The operator binary: `CHARLM_OPERATOR_BIN` if set, else built from this checkout with the
-/// profile `cargo test` uses (once per test process; a no-op when it is up to date).
+/// The operator binary: `CHARLM_OPERATOR_BIN` if set, else built from this checkout.
 pub fn operator_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("CHARLM_OPERATOR_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                bin.is_file(),
-                "CHARLM_OPERATOR_BIN={} is not a file",
-                bin.display()
-            );
-            return bin;
-        }
-        // Test executables live in <target>/debug/deps; the test profile's binaries in <target>/debug.
-        let exe = std::env::current_exe().expect("the test executable's path");
-        let target = exe
-            .ancestors()
-            .nth(3)
-            .expect("a test executable inside a target directory")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                "test",
-                "-p",
-                "charlm-operator",
-            ])
-            .args(["--bin", "charlm-operator"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(repo_root())
-            .status()
-            .expect("running cargo build for the operator");
-        assert!(status.success(), "cargo build -p charlm-operator failed");
-        target.join("debug/charlm-operator")
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("CHARLM_OPERATOR_BIN", "charlm-operator"))
+        .clone()
 }
 
-/// The `kubectl-charlm` binary: `CHARLM_PLUGIN_BIN` if set, else built from this checkout with the
-/// profile of the running test executable (`cargo test --release` leaves it in target/release).
+/// The `kubectl-charlm` binary: `CHARLM_PLUGIN_BIN` if set, else built from this checkout.
 pub fn plugin_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("CHARLM_PLUGIN_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                bin.is_file(),
-                "CHARLM_PLUGIN_BIN={} is not a file",
-                bin.display()
-            );
-            return bin;
-        }
-        // Test executables live in <target>/<profile dir>/deps.
-        let exe = std::env::current_exe().expect("the test executable's path");
-        let profile_dir = exe
-            .ancestors()
-            .nth(2)
-            .expect("a test executable inside a target directory");
-        let target = profile_dir
-            .parent()
-            .expect("a target directory")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let profile = if release { "release" } else { "test" };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                profile,
-                "-p",
-                "kubectl-charlm",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(repo_root())
-            .status()
-            .expect("running cargo build for kubectl-charlm");
-        assert!(status.success(), "cargo build -p kubectl-charlm failed");
-        profile_dir.join("kubectl-charlm")
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("CHARLM_PLUGIN_BIN", "kubectl-charlm"))
+        .clone()
+}
+
+/// The binary `package` of this workspace (named as its package): the file `variable` names if
+/// set (scripts/test sets both to what its one `cargo test --no-run` built), else built from this
+/// checkout with the profile of the running test executable (`cargo test --release` leaves it in
+/// target/release; a no-op when it is up to date), once per test process. The e2e crate does not
+/// depend on the operator or the plugin: it runs them as a user would.
+fn workspace_binary(variable: &str, package: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(variable) {
+        let bin = PathBuf::from(bin);
+        assert!(bin.is_file(), "{variable}={} is not a file", bin.display());
+        return bin;
+    }
+    // Test executables live in <target>/<profile dir>/deps.
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .ancestors()
+        .nth(2)
+        .expect("a test executable inside a target directory");
+    let target = profile_dir
+        .parent()
+        .expect("a target directory")
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let profile = if release { "release" } else { "test" };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--profile", profile, "-p", package])
+        .args(["--bin", package])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(repo_root())
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {package}: {e}"));
+    assert!(status.success(), "cargo build -p {package} failed");
+    profile_dir.join(package)
 }
 
 /// `--progress-networks` of the operators the tests start: the networks `traffic` allows.
@@ -518,6 +479,27 @@ fn progress_networks() -> String {
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// SIGTERM `child` and wait for it, then SIGKILL after 20 s: the graceful stop of a process a
+/// test started (an operator, Kueue's manager).
+pub fn terminate(child: &mut std::process::Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub fn free_port() -> u16 {
@@ -633,21 +615,7 @@ impl Operator {
 
     /// SIGTERM and wait: the graceful path, which releases the lease.
     pub fn terminate(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.kill();
+        terminate(&mut self.child);
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod kueue;
+pub mod progress;
 pub mod specs;
 pub mod traffic;
 pub mod training_env;

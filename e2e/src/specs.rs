@@ -5,7 +5,7 @@ use kube::api::ListParams;
 use kube::Api;
 use serde_json::{json, Value};
 
-use charlm_operator::crd::CharLMTraining;
+use charlm_api::CharLMTraining;
 
 use crate::cluster;
 use crate::training_env::TestEnv;

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use charlm_operator::crd::{CharLMTraining, Phase};
+use charlm_api::{CharLMTraining, Phase};
 
 use crate::cluster::{
     self, admin_client, create_namespace, install_chart, run_dir, service_account_kubeconfig,
@@ -243,6 +243,18 @@ impl TestEnv {
     }
 
     /// Patches a pod's status through the status subresource, as a kubelet would report it.
+    /// Worker `pod` answers `body` on `/progress`: a stand-in for the trainer's endpoint on
+    /// 127.0.0.1 at the contract's port (9090), and the pod's address set to it, since kwok's
+    /// pod addresses lead nowhere.
+    pub async fn serve_progress_as(&self, pod: &str, body: &'static str) {
+        crate::progress::serve_progress(9090, body).await;
+        self.set_pod_status(
+            pod,
+            serde_json::json!({"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}),
+        )
+        .await;
+    }
+
     pub async fn set_pod_status(&self, pod: &str, status: serde_json::Value) {
         self.pods()
             .patch_status(

@@ -6,15 +6,15 @@
 
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::cluster;
 use charlm_e2e::specs::{
     assert_refused, condition, events_of, small_cpu, small_gpu, terminated, Mutation,
 };
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -184,6 +184,171 @@ async fn kubectl_apply_refuses_what_a_pod_or_claim_would_refuse_and_names_the_fi
     assert!(
         err.to_string()
             .contains("checkpoint.storageClassName cannot be set, unset or changed"),
+        "{err}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_with_their_messages() {
+    let env = TestEnv::new("invalid").await;
+    let base = small_cpu("bad", 1);
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        (
+            "depth 0",
+            Box::new(|v| v["spec"]["depth"] = json!(0)),
+            "depth must be between 1 and 128",
+        ),
+        (
+            "depth 129",
+            Box::new(|v| v["spec"]["depth"] = json!(129)),
+            "depth must be between 1 and 128",
+        ),
+        (
+            "hours 0",
+            Box::new(|v| v["spec"]["hours"] = json!(0)),
+            "hours must be greater than 0",
+        ),
+        (
+            "gpus 12 on 8-GPU nodes",
+            Box::new(|v| {
+                v["spec"]["gpus"] = json!(12);
+                v["spec"].as_object_mut().unwrap().remove("cpuWorkers");
+            }),
+            "gpus must be a multiple of gpusPerNode",
+        ),
+        (
+            "two dataset sources",
+            Box::new(|v| v["spec"]["dataset"]["configMap"] = json!({"name": "texts"})),
+            "set exactly one of dataset.pvc, dataset.configMap or dataset.synthetic",
+        ),
+        (
+            "no dataset source",
+            Box::new(|v| v["spec"]["dataset"] = json!({})),
+            "set exactly one of dataset.pvc, dataset.configMap or dataset.synthetic",
+        ),
+        (
+            "cpuWorkers with GPUs",
+            Box::new(|v| v["spec"]["gpus"] = json!(8)),
+            "cpuWorkers applies only to CPU training",
+        ),
+        (
+            "no budget",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("maxSteps");
+            }),
+            "set spec.hours",
+        ),
+        (
+            "indivisible batch",
+            Box::new(|v| {
+                v["spec"]["deviceBatchSize"] = json!(4);
+                v["spec"]["seqLen"] = json!(256);
+                v["spec"]["totalBatchSize"] = json!(1000);
+            }),
+            "totalBatchSize (tokens per optimizer step) must be a multiple",
+        ),
+        (
+            "dataset path escaping the volume",
+            Box::new(|v| {
+                v["spec"]["dataset"] = json!({"pvc": {"claimName": "t", "path": "../etc"}})
+            }),
+            "dataset.pvc.path must be relative",
+        ),
+        (
+            "an unknown preset",
+            Box::new(|v| v["spec"]["preset"] = json!("budget-5")),
+            r#"spec.preset: Unsupported value: "budget-5": supported values: "budget-100", "budget-1000""#,
+        ),
+        (
+            "neither depth nor a preset",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("depth");
+            }),
+            "set spec.depth (layers, 1 to 128) or spec.preset",
+        ),
+        (
+            "a micro-batch that is neither auto nor a number",
+            Box::new(|v| v["spec"]["deviceBatchSize"] = json!("max")),
+            "deviceBatchSize must be auto or a whole number between 1 and 4096",
+        ),
+        (
+            "auto with a total batch that seqLen x workers does not divide",
+            Box::new(|v| {
+                v["spec"]["cpuWorkers"] = json!(3);
+                v["spec"]["deviceBatchSize"] = json!("auto");
+                v["spec"]["seqLen"] = json!(256);
+                v["spec"]["totalBatchSize"] = json!(1024);
+            }),
+            "with deviceBatchSize auto (the default without a preset), of seqLen x workers",
+        ),
+        (
+            "the preset's micro-batch not dividing the total batch",
+            Box::new(|v| {
+                let spec = v["spec"].as_object_mut().unwrap();
+                for field in ["depth", "gpus", "cpuWorkers"] {
+                    spec.remove(field);
+                }
+                v["spec"]["preset"] = json!("budget-100");
+                v["spec"]["seqLen"] = json!(2048);
+                v["spec"]["totalBatchSize"] = json!(4 * 2048 * 2);
+            }),
+            "totalBatchSize (tokens per optimizer step) must be a multiple",
+        ),
+        (
+            "cpuWorkers with a GPU preset",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("gpus");
+                v["spec"]["preset"] = json!("budget-1000");
+            }),
+            "cpuWorkers applies only to CPU training",
+        ),
+        (
+            "seqLen 1, shorter than the trainer's shortest window",
+            Box::new(|v| v["spec"]["seqLen"] = json!(1)),
+            "seqLen must be between 2 and 65536 tokens (the trainer's --seq-len)",
+        ),
+        (
+            "an early stop with a negative patience",
+            Box::new(|v| v["spec"]["earlyStop"] = json!({"patience": -1})),
+            "earlyStop.patience must be between 0 (off) and 100000",
+        ),
+        (
+            "name too long for pod hostnames",
+            Box::new(|v| {
+                v["metadata"]["name"] = json!("a-name-that-is-much-too-long-for-worker-pods")
+            }),
+            "metadata.name must be at most 40 characters",
+        ),
+    ];
+    assert_refused(&env, &base, &cases).await;
+    // Nothing was stored.
+    assert!(env
+        .trainings()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+
+    // The shortest sequence the trainer trains on is accepted (the CRD once refused below 8).
+    let mut shortest = small_cpu("shortest", 1);
+    shortest["spec"]["seqLen"] = json!(2);
+    cluster::apply_yaml(&env.admin, &env.ns, &shortest.to_string())
+        .await
+        .expect("seqLen 2, the trainer's shortest, is accepted");
+
+    // The checkpoint volume's size is fixed once created.
+    cluster::apply_yaml(&env.admin, &env.ns, &base.to_string())
+        .await
+        .unwrap();
+    let mut grown = base.clone();
+    grown["spec"]["checkpoint"]["size"] = json!("5Gi");
+    let err = cluster::apply_yaml(&env.admin, &env.ns, &grown.to_string())
+        .await
+        .expect_err("checkpoint.size changed after creation");
+    assert!(
+        err.to_string().contains("checkpoint.size cannot change"),
         "{err}"
     );
     env.finish().await;

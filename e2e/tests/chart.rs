@@ -35,7 +35,7 @@ fn render(extra: &[&str]) -> Result<Vec<Value>, String> {
         .map_err(|e| e.to_string())?;
     Ok(out
         .split("\n---")
-        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .filter_map(|d| serde_norway::from_str::<Value>(d).ok())
         .filter(|d| d.is_object())
         .collect())
 }
@@ -142,7 +142,7 @@ resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: 1, memory: 512Mi
 /// The leaves of values.yaml, in its order, with their schema: a key whose schema has
 /// `properties` is descended into, any other is one row.
 fn value_rows(
-    values: &serde_yaml::Mapping,
+    values: &serde_norway::Mapping,
     schema: &Value,
     prefix: &str,
     rows: &mut Vec<[String; 4]>,
@@ -163,7 +163,7 @@ fn value_rows(
             continue;
         };
         match value {
-            serde_yaml::Value::Mapping(m) if s["properties"].is_object() => {
+            serde_norway::Value::Mapping(m) if s["properties"].is_object() => {
                 value_rows(m, s, &path, rows, problems)
             }
             _ => {
@@ -206,8 +206,8 @@ fn value_rows(
 #[test]
 fn the_readme_values_table_is_the_one_values_yaml_and_the_schema_make() {
     let dir = chart();
-    let values: serde_yaml::Mapping =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("values.yaml")).unwrap()).unwrap();
+    let values: serde_norway::Mapping =
+        serde_norway::from_str(&std::fs::read_to_string(dir.join("values.yaml")).unwrap()).unwrap();
     let schema: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json")).unwrap())
             .unwrap();
@@ -439,8 +439,7 @@ fn the_crd_is_rendered_from_templates_so_that_helm_upgrade_upgrades_it() {
         !chart().join("crds").exists(),
         "charts/charlm-operator/crds/ would be installed once and never upgraded by Helm"
     );
-    let generated: Value =
-        serde_json::to_value(charlm_operator::crd::crd()).expect("the CRD serialises");
+    let generated: Value = serde_json::to_value(charlm_api::crd()).expect("the CRD serialises");
     let docs = render(&[]).unwrap();
     let crd = one(
         &docs,

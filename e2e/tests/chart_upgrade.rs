@@ -39,14 +39,14 @@ fn older_chart(dir: &Path) -> PathBuf {
     let _ = std::fs::remove_dir_all(&chart);
     copy_dir(&repo_root().join("charts/charlm-operator"), &chart);
     let path = chart.join(CRD_FILE);
-    let mut crd: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut crd: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let spec = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert!(spec["properties"]
         .as_object_mut()
         .unwrap()
         .remove("tensorboard")
         .is_some());
-    std::fs::write(&path, serde_yaml::to_string(&crd).unwrap()).unwrap();
+    std::fs::write(&path, serde_norway::to_string(&crd).unwrap()).unwrap();
     let meta = chart.join("Chart.yaml");
     let text = std::fs::read_to_string(&meta).unwrap();
     std::fs::write(&meta, text.replace("version: 0.2.0", "version: 0.1.0")).unwrap();

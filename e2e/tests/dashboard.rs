@@ -25,7 +25,7 @@ fn render(extra: &[&str]) -> Vec<Value> {
     let rendered = tool("helm", &args).unwrap();
     rendered
         .split("\n---")
-        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .filter_map(|d| serde_norway::from_str::<Value>(d).ok())
         .filter(|d| d.is_object())
         .collect()
 }

@@ -12,12 +12,12 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
 use serde_json::{json, Value};
 
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::specs::{
     condition, container_state, ended, events_of, kubelet_played_by_test, small_cpu,
     trainer_running, waiting,
 };
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 /// "Within seconds": from the kubelet's status to the training's condition.

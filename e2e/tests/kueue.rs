@@ -11,12 +11,12 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
+use charlm_api::kueue::{workload_resource, PRIORITY_CLASS_LABEL, QUEUE_LABEL};
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::cluster::{tool, TEST_LABEL};
 use charlm_e2e::kueue::Kueue;
 use charlm_e2e::specs::{condition, events_of, terminated};
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
-use charlm_operator::kueue::{workload_resource, PRIORITY_CLASS_LABEL, QUEUE_LABEL};
 
 const MINUTE: Duration = Duration::from_secs(60);
 

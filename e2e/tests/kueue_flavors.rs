@@ -15,12 +15,12 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 
+use charlm_api::kueue::QUEUE_LABEL;
+use charlm_api::Phase;
 use charlm_e2e::cluster::{tool, TEST_LABEL};
 use charlm_e2e::kueue::Kueue;
 use charlm_e2e::specs::terminated;
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::Phase;
-use charlm_operator::kueue::QUEUE_LABEL;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const POOL_LABEL: &str = "charlm.dev/e2e-flavor-pool";

@@ -18,11 +18,11 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::specs::{
     container_state, ended, kubelet_played_by_test, small_cpu, trainer_running,
 };
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const LEASE_NAMESPACE: &str = "kube-node-lease";

@@ -297,28 +297,6 @@ async fn sample_export_and_logs_say_what_is_missing() {
     env.finish().await;
 }
 
-/// Serves `body` as rank 0's `/progress` on 127.0.0.1:`port` until the test ends.
-async fn serve_progress(port: u16, body: &'static str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} for a fake /progress: {e}"));
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let mut buf = [0u8; 2048];
-            let _ = sock.read(&mut buf).await;
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(reply.as_bytes()).await;
-        }
-    });
-}
-
 /// With the operator: a report of worker 0 becomes a point of `status.lossHistory`, which the
 /// plugin shows; the operator's per-training gauges carry the training and go with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,22 +304,10 @@ async fn a_live_report_reaches_the_loss_history_and_the_training_gauges() {
     let mut env = TestEnv::new("plugin-live").await;
     let op = env.start_operator("operator-1").await;
     env.apply(&small_gpu("live", 1).to_string()).await;
-    env.wait_phase(
-        "live",
-        charlm_operator::crd::Phase::Running,
-        Duration::from_secs(60),
-    )
-    .await;
-    serve_progress(
-        9090,
-        r#"{"step": 40, "total_steps_estimate": 100, "tokens": 10240, "epoch": 0.1, "train_loss": 1.75, "elapsed_s": 30.0, "eta_s": 45.0, "world_size": 1, "complete": false}"#,
-    )
-    .await;
-    env.set_pod_status(
-        "live-worker-0",
-        json!({"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}),
-    )
-    .await;
+    env.wait_phase("live", charlm_api::Phase::Running, Duration::from_secs(60))
+        .await;
+    env.serve_progress_as("live-worker-0", r#"{"step": 40, "total_steps_estimate": 100, "tokens": 10240, "epoch": 0.1, "train_loss": 1.75, "elapsed_s": 30.0, "eta_s": 45.0, "world_size": 1, "complete": false}"#)
+        .await;
     // Polls come at most every 25 s, with a requeue every 30 s while running.
     let t = env
         .wait_training(

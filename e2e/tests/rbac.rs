@@ -12,10 +12,10 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::cluster::{client_from, create_namespace, token_kubeconfig};
 use charlm_e2e::specs::small_cpu;
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 

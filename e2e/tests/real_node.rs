@@ -227,9 +227,9 @@ impl Drop for HostTmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs e2e/controlplane/up --cpu-nodes=real and the trainer image; run with --ignored"]
 async fn a_full_checkpoint_volume_fails_the_training_as_storage_full_and_keeps_its_checkpoints() {
+    use charlm_api::Phase;
     use charlm_e2e::cluster::{run_dir, tool};
     use charlm_e2e::training_env::TestEnv;
-    use charlm_operator::crd::Phase;
     use k8s_openapi::api::core::v1::PersistentVolume;
     use kube::api::DeleteParams;
     use kube::ResourceExt;

@@ -14,10 +14,10 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
+use charlm_api::{CharLMTraining, Phase};
 use charlm_e2e::cluster::{self, tool};
 use charlm_e2e::specs::{condition, events_of, small_gpu, terminated};
 use charlm_e2e::training_env::TestEnv;
-use charlm_operator::crd::{CharLMTraining, Phase};
 
 const MINUTE: Duration = Duration::from_secs(60);
 

@@ -13,8 +13,8 @@ use kube::api::{AttachParams, DeleteParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use tokio::io::AsyncWriteExt;
 
-use charlm_operator::crd::CharLMTraining;
-use charlm_operator::resources::{pod_name, TRAINER_CONTAINER};
+use charlm_api::names::{pod_name, TRAINER_CONTAINER};
+use charlm_api::CharLMTraining;
 
 use crate::cli::HelperPod;
 use crate::helper::{self, Job, Wanted, CHECKPOINT_DIR};

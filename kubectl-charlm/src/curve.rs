@@ -2,7 +2,7 @@
 //! steps. `status.lossHistory` is thinned unevenly (old points coarser than new ones), so the
 //! columns are placed by step, not by point, and filled between points by linear interpolation.
 
-use charlm_operator::crd::LossPoint;
+use charlm_api::LossPoint;
 
 const EIGHTHS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 

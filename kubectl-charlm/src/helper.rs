@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use charlm_operator::crd::CharLMTraining;
-use charlm_operator::resources::{pvc_name, TRAINER_CONTAINER};
+use charlm_api::names::{pvc_name, TRAINER_CONTAINER};
+use charlm_api::CharLMTraining;
 
 /// Where the claim is mounted: the same path as in worker 0, so the status' checkpoint paths
 /// (`/checkpoints/step-…`) mean the same files here.

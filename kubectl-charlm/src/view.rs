@@ -3,9 +3,9 @@
 
 use jiff::Timestamp;
 
-use charlm_operator::crd::{CharLMTraining, CharLMTrainingStatus};
-use charlm_operator::progress::human_duration;
-use charlm_operator::resources::pvc_name;
+use charlm_api::human_duration;
+use charlm_api::names::pvc_name;
+use charlm_api::{CharLMTraining, CharLMTrainingStatus};
 use kube::ResourceExt;
 
 use crate::curve;
@@ -262,7 +262,7 @@ mod tests {
             "0s left",
             "never negative"
         );
-        st.phase = Some(charlm_operator::crd::Phase::Succeeded);
+        st.phase = Some(charlm_api::Phase::Succeeded);
         assert_eq!(
             eta(&st, at("2026-12-03T10:00:00Z")),
             "none (the training has ended)"

@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::core::ApiResource;
 use kube::ResourceExt;
 use serde_json::{json, Value};
 
@@ -23,37 +22,12 @@ use crate::conditions::{self, FALSE, TRUE};
 use crate::crd::CharLMTraining;
 use crate::resources::{common_labels, owner_reference};
 
-/// The label Kueue's integrations read: the LocalQueue (in the training's namespace) to queue in.
-pub const QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
-/// The label naming a `WorkloadPriorityClass` (cluster-scoped), as for Kueue's own integrations.
-pub const PRIORITY_CLASS_LABEL: &str = "kueue.x-k8s.io/priority-class";
-pub const GROUP: &str = "kueue.x-k8s.io";
-/// The version Kueue v0.17 stores (v1beta1 is still served, but converted only by its webhook).
-pub const VERSION: &str = "v1beta2";
+pub use charlm_api::kueue::{
+    priority_class_resource, resource_flavor_resource, workload_resource, GROUP,
+    PRIORITY_CLASS_LABEL, QUEUE_LABEL, VERSION,
+};
 /// The Workload's one pod set: all the workers of an attempt.
 pub const PODSET: &str = "workers";
-
-pub fn workload_resource() -> ApiResource {
-    resource("Workload", "workloads")
-}
-
-pub fn priority_class_resource() -> ApiResource {
-    resource("WorkloadPriorityClass", "workloadpriorityclasses")
-}
-
-pub fn resource_flavor_resource() -> ApiResource {
-    resource("ResourceFlavor", "resourceflavors")
-}
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: GROUP.into(),
-        version: VERSION.into(),
-        api_version: format!("{GROUP}/{VERSION}"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
 
 /// The LocalQueue a training names, if it names one.
 pub fn queue_name(t: &CharLMTraining) -> Option<String> {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use charlm_contract::planner;
+use charlm_budget as planner;
 use common::{json_lines, run, s, stderr, synthetic_data, tiny_train};
 use std::process::Command;
 

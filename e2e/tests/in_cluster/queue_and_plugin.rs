@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use charlm_api::kueue::{PRIORITY_CLASS_LABEL, QUEUE_LABEL};
 use charlm_e2e::cluster::{kubeconfig_path, plugin_binary, run_dir, TEST_LABEL};
 use charlm_e2e::kueue::{self, Kueue};
-use charlm_operator::kueue::{PRIORITY_CLASS_LABEL, QUEUE_LABEL};
 
 use super::*;
 

@@ -7,7 +7,7 @@ use crate::conditions::{self, FALSE, TRUE};
 use crate::crd::{condition as cond, ProgressStatus};
 use crate::history;
 use crate::progress::human_duration;
-use charlm_contract::planner;
+use charlm_budget as planner;
 use charlm_contract::ProgressReport;
 use charlm_contract::PAST_BEST_EVALUATIONS;
 
@@ -111,7 +111,7 @@ impl Decider<'_> {
         };
         let plan = planner::plan(&budget);
         let own = planner::depth_plan(i64::from(effective.depth), &budget);
-        self.st().plan = Some(crate::crd::PlanStatus {
+        self.st().plan = Some(crate::crd::BudgetAdvice {
             epochs: own.epochs,
             recommended_depth: plan.recommended_depth,
             recommended_hours: plan.recommended_hours,

@@ -1,8 +1,7 @@
-//! Rank 0's progress: the report the trainer writes, into the status (`report`), and the HTTP
-//! poller that reads it while the training runs (`poll`).
+//! Rank 0's progress: the HTTP poller that reads its report while the training runs (`poll`); the
+//! report's conversion into the status lives with the status, in the api crate (`charlm_api::status`).
 
 mod poll;
-mod report;
 
+pub use charlm_api::human_duration;
 pub use poll::{Networks, PollError, ProgressClient, MAX_REPORT_BYTES};
-pub use report::human_duration;

@@ -10,7 +10,7 @@ mod service;
 pub use network_policy::{
     network_policy_name, parse_labels, workers_network_policy, NetworkPolicySettings,
 };
-pub use pod::{worker_pod, PodSettings, TRAINER_CONTAINER};
+pub use pod::{worker_pod, PodSettings};
 pub use pvc::{checkpoint_pvc, pvc_owner_update};
 pub use service::workers_service;
 
@@ -28,12 +28,10 @@ use kube::{Resource, ResourceExt};
 
 use crate::crd::CharLMTraining;
 
-/// Label on every object the operator creates for a training: its name.
-pub const TRAINING_LABEL: &str = "charlm.dev/training";
-/// Label of a worker pod: its index (= NODE_RANK).
-pub const WORKER_INDEX_LABEL: &str = "charlm.dev/worker-index";
-/// Label of a worker pod: the attempt it belongs to (status.attempt when it was created).
-pub const ATTEMPT_LABEL: &str = "charlm.dev/attempt";
+pub use charlm_api::names::{
+    pod_name, pvc_name, service_name, ATTEMPT_LABEL, TRAINER_CONTAINER, TRAINING_LABEL,
+    WORKER_INDEX_LABEL,
+};
 /// The rendezvous port of the trainer's TCPStore on worker 0 (MASTER_PORT).
 pub const RENDEZVOUS_PORT: i32 = charlm_contract::RENDEZVOUS_PORT as i32;
 /// The trainer's progress and metrics port (CHARLM_METRICS_PORT).
@@ -45,18 +43,6 @@ pub const REPORT_FINALIZER: &str = "charlm.dev/final-report";
 
 /// Name of that port on the pods and the headless Service, for PodMonitors and ServiceMonitors.
 pub const METRICS_PORT_NAME: &str = "metrics";
-
-pub fn pod_name(training: &str, index: i32) -> String {
-    format!("{training}-worker-{index}")
-}
-
-pub fn service_name(training: &str) -> String {
-    format!("{training}-workers")
-}
-
-pub fn pvc_name(training: &str) -> String {
-    format!("{training}-checkpoints")
-}
 
 /// DNS name of worker 0 through the headless Service (the contract's MASTER_ADDR).
 pub fn master_addr(training: &str, namespace: &str) -> String {
@@ -184,10 +170,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_fit_the_contract() {
-        assert_eq!(pod_name("demo", 3), "demo-worker-3");
-        assert_eq!(service_name("demo"), "demo-workers");
-        assert_eq!(pvc_name("demo"), "demo-checkpoints");
+    fn master_addr_names_worker_0_through_the_service() {
         assert_eq!(
             master_addr("demo", "ns"),
             "demo-worker-0.demo-workers.ns.svc"

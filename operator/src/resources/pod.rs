@@ -18,7 +18,7 @@ use super::{
 use crate::crd::{CharLMTraining, DatasetSpec, EffectiveSettings};
 use charlm_contract::METRICS_PATH;
 
-pub const TRAINER_CONTAINER: &str = "trainer";
+use charlm_api::names::TRAINER_CONTAINER;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 pub const H100_PRODUCT: &str = "NVIDIA-H100-80GB-HBM3";

@@ -2,13 +2,13 @@
 //! tokens, epochs and expected loss rank, the recommended depth and hours (early stop ends the run
 //! at its best), and the cost; then the seed's depth table: per depth the parameters and the
 //! memory one GPU needs at the micro-batch `auto` would pick on an 80 GB and a 141 GB GPU. The
-//! budget's arithmetic is `charlm_contract::planner`, which the operator's `status.plan` uses
+//! budget's arithmetic is the `charlm-budget` crate's planner, which the operator's `status.plan` uses
 //! too; the memory is `engine::memory`'s model, the one the trainer plans its steps with.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use charlm_contract::planner::{self, Budget, Plan};
+use charlm_budget::{self as planner, Budget, Plan};
 use serde::Serialize;
 
 use crate::data::format::read_manifest;

@@ -270,7 +270,7 @@ pub fn run(args: Args) -> Result<()> {
 /// The depth checks run with when `--depth` is unset: any the planner may pick will do, since
 /// none of the checks depends on it but the memory one, which runs again once it is known.
 fn planner_smallest() -> i64 {
-    charlm_contract::planner::DEPTHS[0]
+    charlm_budget::DEPTHS[0]
 }
 
 /// `charlm-trainer train …` as run starts it: its own settings, then the user's after `--`.

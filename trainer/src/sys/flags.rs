@@ -216,12 +216,12 @@ pub fn depth(s: &str) -> Result<i64, String> {
     int(1, MAX_DEPTH)(s)
 }
 
-/// The longest sequence `--seq-len` accepts.
-pub const MAX_SEQ_LEN: i64 = 1 << 16;
+/// The longest sequence `--seq-len` accepts (the contract's, which the CRD's `seqLen` rule uses).
+pub const MAX_SEQ_LEN: i64 = charlm_contract::MAX_SEQ_LEN;
 
 /// `--seq-len`: 2 to [`MAX_SEQ_LEN`] tokens.
 pub fn seq_len(s: &str) -> Result<i64, String> {
-    int(2, MAX_SEQ_LEN)(s)
+    int(charlm_contract::MIN_SEQ_LEN, MAX_SEQ_LEN)(s)
 }
 
 /// `auto` or a count of 1 or more (`--gpus`, `--nproc-per-node`).

@@ -1,4 +1,4 @@
-//! The budget planner (issue 18): for a dataset of U unique training tokens and a budget of
+//! `charlm-budget`, the budget planner (issue 18): for a dataset of U unique training tokens and a budget of
 //! GPUs × hours, what each depth would do (tokens, epochs, cost), which depth is expected to reach
 //! the lowest validation loss, and when its best model should arrive. Pure arithmetic, shared by
 //! `charlm-trainer plan` and the operator's `status.plan`, so both say the same.

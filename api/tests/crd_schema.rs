@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 fn crd() -> Value {
-    serde_json::to_value(charlm_operator::crd::crd()).unwrap()
+    serde_json::to_value(charlm_api::crd()).unwrap()
 }
 
 fn version(crd: &Value) -> &Value {
@@ -64,7 +64,7 @@ fn every_field_has_a_description_of_its_own() {
     assert!(
         bad.is_empty(),
         "fields without a description of their own (add a /// doc comment to the field in \
-         operator/src/crd.rs):\n  {}",
+         api/src):\n  {}",
         bad.join("\n  ")
     );
     let top = root["description"].as_str().unwrap();

@@ -1,4 +1,4 @@
-//! The CRD files in the repository are generated from `operator/src/crd.rs`; this fails when
+//! The CRD files in the repository are generated from the `charlm-api` types (api/src); this fails when
 //! someone changed the types and forgot to regenerate them.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ const REGENERATE: &str = "regenerate them with:\n  cargo run -p charlm-operator 
 #[test]
 fn crd_files_are_up_to_date() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let expected = charlm_operator::crd::crd_yaml();
+    let expected = charlm_api::crd_yaml();
     for file in [
         "crds/charlmtrainings.charlm.dev.yaml",
         // The chart renders it from templates/crd.yaml, so that `helm upgrade` upgrades it.

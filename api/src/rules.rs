@@ -83,6 +83,17 @@ pub fn resource_quantities() -> Rule {
     )
 }
 
+/// `seqLen`'s bounds: the trainer's (`--seq-len`), from the contract, so the API server accepts
+/// exactly what the trainer will.
+pub fn seq_len() -> Rule {
+    use charlm_contract::{MAX_SEQ_LEN, MIN_SEQ_LEN};
+    Rule::new(format!("self >= {MIN_SEQ_LEN} && self <= {MAX_SEQ_LEN}")).message(Message::Message(
+        format!(
+        "seqLen must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN} tokens (the trainer's --seq-len)"
+    ),
+    ))
+}
+
 pub fn checkpoint_size() -> Rule {
     Rule::new("isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))")
         .message("checkpoint.size must be a positive quantity, such as 10Gi or 500Mi")
