@@ -416,7 +416,6 @@ async fn objects_the_api_server_refuses_fail_the_training_once_with_its_message(
         );
     }
     // Failed for good: no retry every few seconds, no object sent again, no status rewritten.
-    let before = failed_reconciles(&env).await;
     let versions = |ts: Vec<CharLMTraining>| -> Vec<Option<String>> {
         ts.into_iter()
             .map(|t| t.metadata.resource_version)
@@ -429,8 +428,22 @@ async fn objects_the_api_server_refuses_fail_the_training_once_with_its_message(
             .unwrap()
             .items
     };
-    let before_objects = list().await;
+    // The status of a failed training settles in one or two writes (the failure, then the
+    // settings and the claim's condition from the next reconcile, which a loaded machine delays by
+    // seconds); what must not happen is a rewrite every few seconds after that, so the 15 s watch
+    // starts once two reads 3 s apart agree (at most a minute).
+    let mut before_objects = list().await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = list().await;
+        let settled = versions(now.clone()) == versions(before_objects.clone());
+        before_objects = now;
+        if settled {
+            break;
+        }
+    }
     let was = versions(before_objects.clone());
+    let before = failed_reconciles(&env).await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     let after_objects = list().await;
     assert_eq!(
