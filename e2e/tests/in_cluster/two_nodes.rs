@@ -388,7 +388,16 @@ async fn a_lost_node_stops_the_gang_saying_why_and_it_resumes_from_its_checkpoin
         seen - at
     );
     let done = case.wait_phase(name, Phase::Succeeded, 5 * MINUTE).await;
-    let last = done.status.unwrap().progress.unwrap();
+    let status = done.status.unwrap();
+    // The gang's end beside the stopped node is a lost node, not a crash counted against
+    // maxRestarts (its kubelet's Lease went silent before the survivor's collective timed out).
+    assert!(
+        status.failures.node_lost >= 1 && status.failures.error == 0 && status.restarts == 0,
+        "failures {:?}, counted restarts {}",
+        status.failures,
+        status.restarts
+    );
+    let last = status.progress.unwrap();
     assert!(
         last.complete && last.step > at && last.world_size == 2,
         "{last:?}"
