@@ -6,7 +6,8 @@
 //!
 //! Rooms: `spec` (what a user writes), `batch` (`deviceBatchSize`'s value), `storage` (dataset and checkpoint volume), `failure`
 //! (restart policy, failure reasons and their counts), `status` (what the operator writes),
-//! `condition` (condition types), `preset` (budget presets and their CEL rules), `rules` (the other
+//! `condition` (condition types), `preset` (budget presets and their CEL rules), `recipe` (the
+//! optimizer recipe and precision that spec and status share), `rules` (the other
 //! CEL rules), `schema` (the CRD and its YAML), `names` (objects and labels the operator makes),
 //! `kueue` (the Kueue labels and objects a training is queued through).
 
@@ -16,6 +17,7 @@ pub mod failure;
 pub mod kueue;
 pub mod names;
 pub mod preset;
+pub mod recipe;
 pub mod rules;
 pub mod schema;
 pub mod spec;

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use kube::{CustomResource, KubeSchema};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::DeviceBatchSize;
@@ -15,6 +14,8 @@ use crate::preset::{self, Preset};
 use crate::rules;
 use crate::status::CharLMTrainingStatus;
 use crate::storage::{CheckpointSpec, DatasetSpec};
+
+pub use crate::recipe::{Precision, Recipe};
 
 /// One training run of a character-level GPT: the model size, the hardware, the budget and the
 /// data. The operator turns it into worker pods, a headless Service and a checkpoint volume.
@@ -331,48 +332,6 @@ pub struct EarlyStopSpec {
     /// stops (the best checkpoint is kept in `best/`); 0 never stops early.
     #[x_kube(validation = Rule::new("self >= 0 && self <= 100000").message("earlyStop.patience must be between 0 (off) and 100000 evaluations"))]
     pub patience: i32,
-}
-
-/// A training recipe of the trainer (`--recipe`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Recipe {
-    /// nanochat's November 2025 optimizer settings.
-    #[serde(rename = "nanochat-2025")]
-    Nanochat2025,
-    /// nanochat's July 2026 optimizer settings (warm-up, long warm-down, cautious weight decay).
-    #[serde(rename = "nanochat-2026")]
-    Nanochat2026,
-}
-
-impl Recipe {
-    /// The trainer's name for it (`CHARLM_RECIPE`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Recipe::Nanochat2025 => "nanochat-2025",
-            Recipe::Nanochat2026 => "nanochat-2026",
-        }
-    }
-}
-
-/// The precision of the trainer's matrix products (`--precision`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Precision {
-    /// bf16 products with fp32 accumulation.
-    #[serde(rename = "bf16")]
-    Bf16,
-    /// FP8 products for the blocks' four matrices (e4m3 forward, e5m2 gradients).
-    #[serde(rename = "fp8")]
-    Fp8,
-}
-
-impl Precision {
-    /// The trainer's name for it (`CHARLM_PRECISION`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Bf16 => "bf16",
-            Precision::Fp8 => "fp8",
-        }
-    }
 }
 
 impl CharLMTrainingSpec {

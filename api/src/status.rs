@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::DeviceBatchSize;
 use crate::failure::FailureCounts;
 use crate::preset::Preset;
-use crate::spec::{Precision, Recipe};
+use crate::recipe::{Precision, Recipe};
 
 /// Where a training stands; conditions carry the detail.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
