@@ -318,18 +318,10 @@ async fn kueue_preempts_a_running_training_which_checkpoints_and_resumes_at_that
     })
     .await;
     case.finish().await;
-    for kind in ["clusterqueue", "resourceflavor", "workloadpriorityclass"] {
-        let _ = tool(
-            "kubectl",
-            &[
-                "delete",
-                kind,
-                "-l",
-                &format!("{TEST_LABEL}={ns}"),
-                "--timeout=60s",
-            ],
-        );
-    }
+    kueue.delete_test_objects(
+        &["clusterqueue", "resourceflavor", "workloadpriorityclass"],
+        &ns,
+    );
     kueue.stop();
 }
 
